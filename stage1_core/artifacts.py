@@ -1,0 +1,146 @@
+"""Atomic, schema-validated reads and writes for every artifact the pipeline produces.
+
+Every JSON document is validated against ``stage1_core/schemas/<name>.schema.json`` on write
+*and* on read, and every write goes to a temporary file in the target directory that is then
+``os.replace``-d into place, so a crash never leaves a half-written artifact behind. Tensors are
+stored with ``torch.save`` and read back with ``torch.load(weights_only=True)`` so loading a file a
+user hands us never executes code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+SCHEMA_PACKAGE = "stage1_core.schemas"
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, unreadable or does not match its schema."""
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str) -> dict[str, Any]:
+    """Return the JSON schema called ``name`` (e.g. ``"thresholds"``)."""
+    try:
+        text = resources.files(SCHEMA_PACKAGE).joinpath(f"{name}.schema.json").read_text("utf-8")
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"unknown schema {name!r}: no {name}.schema.json in {SCHEMA_PACKAGE}") from exc
+    return json.loads(text)
+
+
+def _json_path(error: jsonschema.ValidationError) -> str:
+    path = "$"
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def schema_errors(data: Any, schema: str) -> list[str]:
+    """All violations of ``schema`` in ``data`` as ``"<json path>: <message>"`` strings."""
+    validator_cls = jsonschema.validators.validator_for(load_schema(schema))
+    validator = validator_cls(load_schema(schema), format_checker=validator_cls.FORMAT_CHECKER)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{_json_path(e)}: {e.message}" for e in errors]
+
+
+def validate(data: Any, schema: str, source: str | Path = "<memory>") -> None:
+    """Raise :class:`ArtifactError` naming ``source`` and each failing JSON path."""
+    problems = schema_errors(data, schema)
+    if problems:
+        listed = "\n  ".join(problems)
+        raise ArtifactError(f"{source}: does not match {schema}.schema.json:\n  {listed}")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, data: Any, schema: str | None = None) -> Path:
+    """Validate ``data`` against ``schema`` (when given) and write it atomically as JSON."""
+    if schema is not None:
+        validate(data, schema, source=path)
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+def read_json(path: str | Path, schema: str | None = None) -> Any:
+    """Read JSON from ``path`` and validate it against ``schema`` (when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: not UTF-8 text ({exc})") from exc
+    if schema is not None:
+        validate(data, schema, source=path)
+    return data
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Any]) -> Path:
+    """``torch.save`` a dict of tensors (or plain values) atomically."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_tensors(path: str | Path) -> Any:
+    """Load a file written by :func:`save_tensors` without executing code."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ArtifactError(
+            f"{path}: refused to load: it holds objects other than tensors and plain values "
+            f"(loading it would execute code). Re-save it as a plain state_dict. Detail: {exc}"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ArtifactError(f"{path}: unreadable or truncated tensor file ({exc})") from exc
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,434 @@
+"""Run configuration: every field of the baseline ``TrainingConfig`` plus the phase fields.
+
+``Stage1ProConfig`` validates itself when built; every problem is reported at once, each naming
+the field, the value and the allowed range. Saved configs keep the baseline key names (so an old
+``config.json`` loads) and add ``seed``, ``created_at`` and ``git_commit``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import subprocess
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from stage1_core.artifacts import read_json, write_json
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_BACKBONES = ("tiny-dinov3",)
+DEFAULT_MODEL_PATH = f"{BUILTIN_PREFIX}tiny-dinov3"
+
+#: Exit policies each phase may deploy (ARCHITECTURE.md, phase gates).
+POLICIES_BY_PHASE: dict[int, tuple[str, ...]] = {
+    1: ("softmax",),
+    2: ("softmax",),
+    3: ("softmax", "gate"),
+    4: ("softmax", "gate"),
+    5: ("softmax", "gate"),
+    6: ("softmax", "gate", "scrc"),
+}
+
+#: Old field names still accepted on input, mapped to their current name.
+LEGACY_ALIASES = {"exit_threshold": "legacy_exit_threshold_for_logging"}
+
+TARGET_COVERAGE_REFUSAL = (
+    "target_coverage is not a setting of Stage-1 Pro: the only constraint is target_fnr_exit "
+    "(FNR on exited samples), and coverage is maximised under it by the certified exit policy. "
+    "Remove target_coverage and set target_fnr_exit instead."
+)
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; ``problems`` lists every violation."""
+
+    def __init__(self, problems: list[str], source: str | Path | None = None):
+        self.problems = list(problems)
+        where = f"{source}: " if source else ""
+        super().__init__(where + "invalid configuration:\n  " + "\n  ".join(self.problems))
+
+
+def _find_key(data: Any, key: str, path: str = "$") -> list[str]:
+    """JSON paths of every occurrence of ``key`` in nested dicts/lists."""
+    hits: list[str] = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            sub = f"{path}.{k}"
+            if k == key:
+                hits.append(sub)
+            hits.extend(_find_key(v, key, sub))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            hits.extend(_find_key(v, key, f"{path}[{i}]"))
+    return hits
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """Current git commit of ``cwd`` (the package directory by default), or None."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+class Stage1ProConfig(BaseModel):
+    """Everything a Stage-1 Pro run needs. Built from the CLI, a YAML/JSON file or Dagster."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False)
+
+    # Baseline TrainingConfig fields (same names, same defaults).
+    model_path: str = DEFAULT_MODEL_PATH
+    train_image_dir: str | None = None
+    train_labels_file: str | None = None
+    val_image_dir: str | None = None
+    val_labels_file: str | None = None
+    mode: Literal["extract_features", "train_cached", "train"] = "train"
+    cached_features_dir: str | None = None
+    use_extra_roadwork: bool = False
+    roadwork_iccv_dir: str | None = None
+    roadwork_extra_dir: str | None = None
+    use_kaggle_data: bool = False
+    kaggle_construction_dir: str | None = None
+    kaggle_road_issues_dir: str | None = None
+    max_batch_size: int = 64
+    fallback_batch_size: int = 32
+    grad_accum_steps: int = 2
+    epochs: int = 10
+    warmup_epochs: int = 1
+    lr_head: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 0.01
+    dropout: float = 0.3
+    label_smoothing: float = 0.1
+    max_grad_norm: float = 1.0
+    use_amp: bool = True
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    early_stop_patience: int = 3
+    legacy_exit_threshold_for_logging: float = 0.88
+    resume_checkpoint: str | None = None
+    output_dir: str = "outputs"
+    log_file: str = "training.log"
+
+    # Beyond the baseline.
+    ema_warmup: bool = True
+    num_workers: int | None = None
+    compile_head: bool | None = None
+    skip_corrupt: bool = False
+    augmentation: Literal["aggressive", "moderate"] = "moderate"
+    data_source: Literal["natix", "synthetic"] = "natix"
+    synthetic_n_train: int = 1500
+    synthetic_n_val: int = 2400
+    synthetic_seed: int = 0
+
+    # Phase fields.
+    phase: int = 1
+    seed: int = 42
+    val_select_ratio: float = 0.33
+    val_calib_ratio: float = 0.33
+    val_test_ratio: float = 0.34
+    target_fnr_exit: float = 0.02
+    fnr_confidence: float = 0.95
+    exit_policy: Literal["softmax", "gate", "scrc"] = "softmax"
+    bootstrap_samples: int = 1000
+    bootstrap_confidence: float = 0.95
+    deploy_prior: float = 0.5
+    selection_metric: Literal["accuracy", "augrc"] = "accuracy"
+    baseline_val_accuracy: float | None = None
+    peft_type: Literal["none", "lora", "dora", "doran"] = "none"
+    peft_r: int = 16
+    peft_blocks: int = 6
+    optimizer: Literal["adamw", "sam", "fsam"] = "adamw"
+    gate_loss_weight: float = 1.0
+    aux_weight: float = 0.5
+    use_dirichlet: bool = False
+    calibration_iters: int = 300
+
+    # Provenance (written by save()).
+    created_at: str | None = None
+    git_commit: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _translate_input(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        hits = _find_key(data, "target_coverage")
+        if hits:
+            raise ValueError(f"{', '.join(hits)}: {TARGET_COVERAGE_REFUSAL}")
+        data = dict(data)
+        for old, new in LEGACY_ALIASES.items():
+            if old in data:
+                if new in data and data[new] != data[old]:
+                    raise ValueError(
+                        f"both {old}={data[old]!r} (old name) and {new}={data[new]!r} are set; keep only {new}"
+                    )
+                data[new] = data.pop(old)
+        return data
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "Stage1ProConfig":
+        problems = self.range_problems()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # ----- validation -------------------------------------------------------------------
+
+    @property
+    def delta(self) -> float:
+        """Allowed probability that the certified FNR bound is wrong (1 - fnr_confidence)."""
+        return 1.0 - self.fnr_confidence
+
+    def range_problems(self) -> list[str]:
+        """Every field outside its allowed range, as ``field=value: rule`` messages."""
+        p: list[str] = []
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                p.append(f"{name}={getattr(self, name)!r} is invalid: must be {rule}")
+
+        need(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
+        need(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
+        for name in ("lr_head", "lr_backbone"):
+            need(getattr(self, name) > 0 and math.isfinite(getattr(self, name)), name, "> 0")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(self.max_grad_norm > 0, "max_grad_norm", "> 0")
+        need(self.epochs > 0, "epochs", "> 0")
+        need(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", f"in [0, epochs={self.epochs})")
+        need(self.max_batch_size > 0, "max_batch_size", "> 0")
+        need(
+            0 < self.fallback_batch_size <= self.max_batch_size,
+            "fallback_batch_size",
+            f"in [1, max_batch_size={self.max_batch_size}]",
+        )
+        need(self.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")
+        need(0.0 < self.ema_decay < 1.0, "ema_decay", "in (0, 1)")
+        need(self.early_stop_patience >= 1, "early_stop_patience", ">= 1")
+        need(0.5 <= self.legacy_exit_threshold_for_logging <= 1.0, "legacy_exit_threshold_for_logging", "in [0.5, 1]")
+        need(self.num_workers is None or self.num_workers >= 0, "num_workers", ">= 0 or null (auto)")
+        need(1 <= self.phase <= 6, "phase", "an integer in [1, 6]")
+        need(self.synthetic_n_train >= 10, "synthetic_n_train", ">= 10")
+        need(self.synthetic_n_val >= 30, "synthetic_n_val", ">= 30")
+        ratios = ("val_select_ratio", "val_calib_ratio", "val_test_ratio")
+        for name in ratios:
+            need(0.0 < getattr(self, name) < 1.0, name, "in (0, 1)")
+        total = sum(getattr(self, n) for n in ratios)
+        if abs(total - 1.0) > 1e-6:
+            p.append(
+                f"val_select_ratio + val_calib_ratio + val_test_ratio = {total:.6g} is invalid: must sum to 1"
+            )
+        need(0.0 < self.target_fnr_exit <= 0.1, "target_fnr_exit", "in (0, 0.1]")
+        need(0.5 <= self.fnr_confidence < 1.0, "fnr_confidence", "in [0.5, 1)")
+        need(self.bootstrap_samples >= 100, "bootstrap_samples", ">= 100")
+        need(0.5 <= self.bootstrap_confidence < 1.0, "bootstrap_confidence", "in [0.5, 1)")
+        need(0.0 < self.deploy_prior < 1.0, "deploy_prior", "in (0, 1)")
+        need(
+            self.baseline_val_accuracy is None or 0.0 <= self.baseline_val_accuracy <= 1.0,
+            "baseline_val_accuracy",
+            "in [0, 1] (a fraction, not a percentage) or null",
+        )
+        need(self.peft_r >= 1, "peft_r", ">= 1")
+        need(self.peft_blocks >= 0, "peft_blocks", ">= 0")
+        need(self.gate_loss_weight >= 0, "gate_loss_weight", ">= 0")
+        need(self.aux_weight >= 0, "aux_weight", ">= 0")
+        need(self.calibration_iters >= 1, "calibration_iters", ">= 1")
+        if self.model_path.startswith(BUILTIN_PREFIX):
+            name = self.model_path[len(BUILTIN_PREFIX):]
+            need(name in BUILTIN_BACKBONES, "model_path", f"a directory or one of {[BUILTIN_PREFIX + b for b in BUILTIN_BACKBONES]}")
+        allowed = POLICIES_BY_PHASE.get(self.phase, ())
+        if allowed and self.exit_policy not in allowed:
+            p.append(
+                f"exit_policy={self.exit_policy!r} is invalid for phase {self.phase}: allowed {list(allowed)} "
+                f"(phases 1-2 softmax; 3-5 softmax|gate; 6 any)"
+            )
+        return p
+
+    def dataset_paths(self) -> dict[str, str | None]:
+        """The data paths this config needs, by field name."""
+        if self.data_source == "synthetic":
+            return {}
+        paths: dict[str, str | None] = {
+            "train_image_dir": self.train_image_dir,
+            "train_labels_file": self.train_labels_file,
+            "val_image_dir": self.val_image_dir,
+            "val_labels_file": self.val_labels_file,
+        }
+        if self.use_extra_roadwork:
+            paths["roadwork_iccv_dir"] = self.roadwork_iccv_dir
+            paths["roadwork_extra_dir"] = self.roadwork_extra_dir
+        if self.use_kaggle_data:
+            paths["kaggle_construction_dir"] = self.kaggle_construction_dir
+            paths["kaggle_road_issues_dir"] = self.kaggle_road_issues_dir
+        return paths
+
+    def dataset_problems(self) -> list[str]:
+        """Every missing dataset path at once (empty when all exist)."""
+        problems = []
+        for name, value in self.dataset_paths().items():
+            if not value:
+                problems.append(f"{name} is not set (data_source='natix' needs it)")
+            elif not Path(value).exists():
+                problems.append(f"{name}={value!r} does not exist")
+        return problems
+
+    def mode_problems(self) -> list[str]:
+        """Mode compatibility: train_cached needs an existing feature cache."""
+        if self.mode != "train_cached":
+            return []
+        if not self.cached_features_dir:
+            return ["mode='train_cached' needs cached_features_dir (run mode='extract_features' first)"]
+        cache = Path(self.cached_features_dir)
+        missing = [f for f in ("train_features.pt", "train_labels.pt") if not (cache / f).is_file()]
+        if missing:
+            return [
+                f"mode='train_cached' needs an existing cache: {cache} lacks {', '.join(missing)} "
+                f"(run mode='extract_features' first)"
+            ]
+        return []
+
+    def validate_for_run(self) -> None:
+        """Check what only the file system can tell (datasets, cache); raise ConfigError listing all."""
+        problems = self.dataset_problems() + self.mode_problems()
+        if problems:
+            raise ConfigError(problems)
+
+    # ----- construction and persistence -------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> "Stage1ProConfig":
+        """Build from a plain dict; raise ConfigError with one line per problem."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(exc), source) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Stage1ProConfig":
+        """Load a YAML or JSON config file (JSON files are schema-validated)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"])
+        if path.suffix.lower() == ".json":
+            return cls.load(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError([f"not valid YAML: {exc}"], where) from None
+        if not isinstance(data, dict):
+            raise ConfigError(["top level must be a mapping of field: value"], path)
+        return cls.from_dict(data, source=path)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain dict with the baseline key names (what config.json holds)."""
+        return self.model_dump(mode="json")
+
+    def save(self, path: str | Path) -> Path:
+        """Write config.json atomically, stamped with created_at and git commit."""
+        data = self.to_json_dict()
+        data["created_at"] = data.get("created_at") or _dt.datetime.now(_dt.timezone.utc).isoformat()
+        data["git_commit"] = data.get("git_commit") or git_commit()
+        return write_json(path, data, schema="config")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Stage1ProConfig":
+        """Read config.json, validate it against config.schema.json and the model."""
+        data = read_json(path)
+        if isinstance(data, dict):
+            for old, new in LEGACY_ALIASES.items():
+                if old in data and new not in data:
+                    data[new] = data.pop(old)
+            if _find_key(data, "target_coverage"):
+                raise ConfigError([TARGET_COVERAGE_REFUSAL], path)
+        from stage1_core.artifacts import validate
+
+        validate(data, "config", source=path)
+        return cls.from_dict(data, source=path)
+
+    def with_updates(self, **changes: Any) -> "Stage1ProConfig":
+        """A validated copy with ``changes`` applied."""
+        data = self.model_dump()
+        data.update(changes)
+        return type(self).from_dict(data)
+
+
+#: Simple per-field bounds, mirrored into config.schema.json (cross-field rules stay in code).
+SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
+    "dropout": {"minimum": 0, "exclusiveMaximum": 1},
+    "label_smoothing": {"minimum": 0, "exclusiveMaximum": 1},
+    "lr_head": {"exclusiveMinimum": 0},
+    "lr_backbone": {"exclusiveMinimum": 0},
+    "weight_decay": {"minimum": 0},
+    "max_grad_norm": {"exclusiveMinimum": 0},
+    "epochs": {"minimum": 1},
+    "warmup_epochs": {"minimum": 0},
+    "max_batch_size": {"minimum": 1},
+    "fallback_batch_size": {"minimum": 1},
+    "grad_accum_steps": {"minimum": 1},
+    "ema_decay": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "early_stop_patience": {"minimum": 1},
+    "legacy_exit_threshold_for_logging": {"minimum": 0.5, "maximum": 1},
+    "phase": {"minimum": 1, "maximum": 6},
+    "val_select_ratio": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "val_calib_ratio": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "val_test_ratio": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "target_fnr_exit": {"exclusiveMinimum": 0, "maximum": 0.1},
+    "fnr_confidence": {"minimum": 0.5, "exclusiveMaximum": 1},
+    "bootstrap_samples": {"minimum": 100},
+    "bootstrap_confidence": {"minimum": 0.5, "exclusiveMaximum": 1},
+    "deploy_prior": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "peft_r": {"minimum": 1},
+    "peft_blocks": {"minimum": 0},
+    "calibration_iters": {"minimum": 1},
+}
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The JSON schema of a saved config.json, derived from the model (see schemas/config.schema.json)."""
+    schema = Stage1ProConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "stage1-pro/config.schema.json"
+    schema["description"] = "A saved Stage-1 Pro run configuration (config.json)."
+    schema["additionalProperties"] = False
+    schema["required"] = sorted(schema["properties"])
+    for name, bounds in SCHEMA_BOUNDS.items():
+        prop = schema["properties"][name]
+        prop.pop("default", None)
+        if "anyOf" in prop:
+            for option in prop["anyOf"]:
+                if option.get("type") in ("number", "integer"):
+                    option.update(bounds)
+        else:
+            prop.update(bounds)
+    for prop in schema["properties"].values():
+        prop.pop("default", None)
+    return schema
+
+
+def _format_validation_error(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        msg = err.get("msg", "")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err.get("type") == "extra_forbidden":
+            problems.append(f"{loc}: unknown field (value {err.get('input')!r}); check the spelling")
+        elif loc:
+            problems.append(f"{loc}={err.get('input')!r}: {msg}")
+        else:
+            problems.extend(part.strip() for part in msg.split("\n") if part.strip())
+    return problems

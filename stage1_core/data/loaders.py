@@ -1,0 +1,159 @@
+"""Batch-size probing and DataLoader construction.
+
+``pick_batch_size`` keeps the baseline's rule (try the maximum batch on CUDA, fall back when it
+runs out of memory, CPU uses the maximum). ``make_dataloader`` encodes the loader policy in one
+place: shuffling and ``drop_last`` only for training, pinned memory only when batches go to a
+CUDA device, persistent workers whenever there are workers, at most one worker per CPU, and a
+seeded generator so the shuffle order is reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_WORKERS = 8
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        values = list(output.values())
+    elif isinstance(output, (list, tuple)):
+        values = list(output)
+    else:
+        values = [v for v in vars(output).values()] if hasattr(output, "__dict__") else []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"model output of type {type(output).__name__} holds no tensor to backpropagate")
+
+
+def _try_batch(
+    model: torch.nn.Module,
+    batch_size: int,
+    make_batch: Callable[[int], torch.Tensor],
+    backward: bool,
+) -> None:
+    batch = make_batch(batch_size)
+    if backward:
+        output = model(batch)
+        _first_tensor(output).float().sum().backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            model(batch)
+    del batch
+
+
+def pick_batch_size(
+    model: torch.nn.Module,
+    max_batch_size: int,
+    fallback_batch_size: int,
+    device: str | torch.device,
+    sample_shape: Sequence[int] = (3, 224, 224),
+    make_batch: Callable[[int], torch.Tensor] | None = None,
+    backward: bool = False,
+) -> int:
+    """Return ``max_batch_size`` if a dummy batch of that size fits, else ``fallback_batch_size``.
+
+    On CPU (or without CUDA) no probe runs and ``max_batch_size`` is returned. On CUDA a batch of
+    zeros of ``sample_shape`` (or ``make_batch(n)``) goes through ``model`` (forward only, or
+    forward + backward when ``backward``); on ``torch.cuda.OutOfMemoryError`` the cache is freed
+    and the fallback size is probed the same way. If that also runs out of memory a
+    ``RuntimeError`` says so rather than starting a run that will crash later.
+    """
+    if max_batch_size < 1 or fallback_batch_size < 1:
+        raise ValueError(
+            f"batch sizes must be >= 1 (max_batch_size={max_batch_size}, fallback_batch_size={fallback_batch_size})"
+        )
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return max_batch_size
+    if make_batch is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+        def make_batch(n: int) -> torch.Tensor:
+            return torch.zeros((n, *sample_shape), dtype=dtype, device=device)
+
+    candidates = [max_batch_size] + ([fallback_batch_size] if fallback_batch_size < max_batch_size else [])
+    for size in candidates:
+        try:
+            _try_batch(model, size, make_batch, backward)
+        except torch.cuda.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            logger.warning("batch size %d does not fit on %s (CUDA out of memory)", size, device)
+            continue
+        torch.cuda.empty_cache()
+        if size != max_batch_size:
+            logger.warning("using fallback batch size %d instead of %d", size, max_batch_size)
+        return size
+    raise RuntimeError(
+        f"even the fallback batch size {fallback_batch_size} runs out of CUDA memory on {device} - "
+        f"lower fallback_batch_size (and raise grad_accum_steps to keep the effective batch)"
+    )
+
+
+def resolve_num_workers(num_workers: int | None = None) -> int:
+    """Worker count: ``num_workers`` (default ``min(8, CPUs)``) bounded by ``os.cpu_count()``."""
+    cpus = os.cpu_count() or 1
+    if num_workers is None:
+        return min(DEFAULT_MAX_WORKERS, cpus)
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers} must be >= 0")
+    if num_workers > cpus:
+        logger.warning("num_workers=%d exceeds the %d CPUs of this machine; using %d", num_workers, cpus, cpus)
+    return min(num_workers, cpus)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed ``random`` and NumPy in a worker from the per-worker torch seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
+    """A DataLoader following the loader policy (see the module docstring)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if train and len(dataset) < batch_size:  # type: ignore[arg-type]
+        raise ValueError(
+            f"training set has {len(dataset)} samples, fewer than batch_size={batch_size}; with "  # type: ignore[arg-type]
+            f"drop_last it would yield no batch - lower the batch size or add data"
+        )
+    workers = resolve_num_workers(num_workers)
+    pin = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        worker_init_fn=seed_worker if workers > 0 else None,
+        generator=generator,
+        collate_fn=collate_fn,
+    )

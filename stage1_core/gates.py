@@ -1,0 +1,319 @@
+"""Pure functions that decide each phase-gate criterion (see ``stage1_core.phases``).
+
+Each returns a :class:`GateVerdict` with the figures behind the decision, so the Dagster check
+that wraps it only turns the verdict into an ``AssetCheckResult``. Nothing here falls back to a
+default: a criterion that cannot be evaluated fails and says why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from stage1_core.calibration.bounds import fnr_upper_bound, positives_needed
+
+ACCURACY_TOLERANCE = 0.01
+COVERAGE_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """Outcome of one criterion: pass/fail, a one-line message, and the figures behind it."""
+
+    criterion: str
+    passed: bool
+    message: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        state = "passed" if self.passed else "FAILED"
+        return f"{self.criterion} {state}: {self.message}"
+
+
+def _finite(values: Iterable[Any]) -> bool:
+    return all(v is not None and math.isfinite(float(v)) for v in values)
+
+
+def check_training_completed(history: Sequence[Mapping[str, Any]], best_checkpoint_exists: bool) -> GateVerdict:
+    """Training ran at least one epoch, every logged loss is finite, and a best checkpoint exists."""
+    epochs = len(history)
+    train_losses = [row.get("Train_Loss") for row in history]
+    val_losses = [row.get("Val_Loss") for row in history]
+    finite = epochs > 0 and _finite(train_losses) and _finite(val_losses)
+    passed = finite and best_checkpoint_exists
+    if epochs == 0:
+        message = "no epoch was logged"
+    elif not finite:
+        bad = [i + 1 for i, (a, b) in enumerate(zip(train_losses, val_losses)) if not _finite([a, b])]
+        message = f"non-finite loss in epoch(s) {bad}"
+    elif not best_checkpoint_exists:
+        message = "no best checkpoint was written"
+    else:
+        message = f"{epochs} epoch(s), all losses finite"
+    return GateVerdict(
+        "training_completed",
+        passed,
+        message,
+        {"epochs_run": epochs, "losses_finite": finite, "best_checkpoint_exists": best_checkpoint_exists,
+         "last_train_loss": _float_or_none(train_losses[-1]) if epochs else None},
+    )
+
+
+def check_val_accuracy_vs_baseline(
+    head_accuracy: float, baseline_accuracy: float, baseline_source: str, tolerance: float = ACCURACY_TOLERANCE
+) -> GateVerdict:
+    """val_select accuracy of the head >= baseline - tolerance (1 point by default)."""
+    margin = head_accuracy - (baseline_accuracy - tolerance)
+    passed = bool(margin >= -1e-12)
+    message = (
+        f"head accuracy {head_accuracy:.4f} vs baseline {baseline_accuracy:.4f} ({baseline_source}); "
+        f"needs >= {baseline_accuracy - tolerance:.4f}"
+    )
+    return GateVerdict(
+        "val_accuracy_vs_baseline",
+        passed,
+        message,
+        {"head_accuracy": head_accuracy, "baseline_accuracy": baseline_accuracy,
+         "baseline_source": baseline_source, "tolerance": tolerance, "margin": margin},
+    )
+
+
+def check_thresholds_certified(thresholds: Mapping[str, Any] | None, schema_problems: Sequence[str]) -> GateVerdict:
+    """thresholds.json is schema-valid and its threshold is certified on val_calib."""
+    if thresholds is None or schema_problems:
+        return GateVerdict(
+            "thresholds_certified",
+            False,
+            "thresholds.json is not schema-valid: " + "; ".join(schema_problems or ["missing"]),
+            {"schema_valid": False},
+        )
+    certified = bool(thresholds.get("certified"))
+    figures = {
+        "schema_valid": True,
+        "certified": certified,
+        "exit_threshold": thresholds.get("exit_threshold"),
+        "coverage": thresholds.get("coverage"),
+        "fnr_upper_bound": thresholds.get("fnr_upper_bound"),
+        "n_exited_positives": thresholds.get("n_exited_positives"),
+        "method": thresholds.get("method"),
+    }
+    if certified:
+        message = (
+            f"threshold {thresholds['exit_threshold']:.6f} certified by {thresholds.get('method')}: coverage "
+            f"{thresholds['coverage']:.4f}, FNR bound {thresholds['fnr_upper_bound']:.4f} "
+            f"on {thresholds['n_exited_positives']} exited positives"
+        )
+    else:
+        message = f"no threshold certified on val_calib: {thresholds.get('reason')}"
+    return GateVerdict("thresholds_certified", certified, message, figures)
+
+
+def check_test_fnr_bound(n_exited_positives: int, n_false_negatives: int, target_fnr: float, delta: float) -> GateVerdict:
+    """On val_test, the one-sided Clopper-Pearson upper bound of FNR_on_exited <= target."""
+    bound = fnr_upper_bound(n_false_negatives, n_exited_positives, delta)
+    passed = bool(n_exited_positives > 0 and bound <= target_fnr)
+    needed = positives_needed(target_fnr, delta, n_false_negatives)
+    fnr = n_false_negatives / n_exited_positives if n_exited_positives else None
+    if passed:
+        message = (
+            f"val_test FNR_on_exited {fnr:.4f} ({n_false_negatives}/{n_exited_positives}), "
+            f"CP upper bound {bound:.4f} <= target {target_fnr}"
+        )
+    else:
+        message = (
+            f"val_test CP upper bound {bound:.4f} > target {target_fnr} with {n_false_negatives} false "
+            f"negatives among {n_exited_positives} exited positives; certifying needs >= {needed} exited "
+            f"positives with {n_false_negatives} errors"
+        )
+    return GateVerdict(
+        "val_test_fnr_bound",
+        passed,
+        message,
+        {"n_exited_positives": n_exited_positives, "n_false_negatives": n_false_negatives,
+         "fnr_on_exited": fnr, "fnr_upper_bound": bound, "target_fnr": target_fnr, "delta": delta,
+         "positives_needed": needed},
+    )
+
+
+def check_bundle_verified(problems: Sequence[str], n_compared: int, n_mismatched: int) -> GateVerdict:
+    """The staged bundle verified (checksums, schema, load) and reproduced every decision."""
+    passed = not problems and n_compared > 0 and n_mismatched == 0
+    if passed:
+        message = f"bundle verified; its predictor reproduced all {n_compared} val_test decisions"
+    elif problems:
+        message = "bundle verification failed: " + "; ".join(problems)
+    else:
+        message = f"{n_mismatched} of {n_compared} val_test decisions differ from the evaluation"
+    return GateVerdict(
+        "bundle_verified", passed, message,
+        {"problems": len(problems), "n_compared": n_compared, "n_mismatched": n_mismatched},
+    )
+
+
+def augrc_closed_form(confidence: np.ndarray, residuals: np.ndarray) -> float:
+    """AUGRC from its closed form (METHODS §3), independent of the curve-based implementation."""
+    from sklearn.metrics import roc_auc_score
+
+    residuals = np.asarray(residuals, dtype=float)
+    accuracy = 1.0 - residuals.mean()
+    correct = 1 - residuals.astype(int)
+    if correct.min() == correct.max():
+        auroc = 0.5
+    else:
+        auroc = float(roc_auc_score(correct, np.asarray(confidence, dtype=float)))
+    return (1.0 - auroc) * accuracy * (1.0 - accuracy) + (1.0 - accuracy) ** 2 / 2.0
+
+
+def risk_at_coverage_naive(confidence: np.ndarray, residuals: np.ndarray, coverage: float) -> float:
+    """Selective risk of the smallest tie-respecting acceptance set reaching ``coverage`` (slow, plain)."""
+    confidence = np.asarray(confidence, dtype=float)
+    residuals = np.asarray(residuals, dtype=float)
+    n = len(confidence)
+    for t in sorted(set(confidence.tolist()), reverse=True):
+        accepted = confidence >= t
+        if accepted.sum() / n >= coverage - 1e-12:
+            return float(residuals[accepted].mean())
+    return float(residuals.mean())
+
+
+def check_selective_metrics_recomputed(
+    reported: Mapping[str, float], confidence: np.ndarray, residuals: np.ndarray, tolerance: float = 1e-9
+) -> GateVerdict:
+    """Reported AUGRC and Risk@Coverage equal an independent recomputation from the saved logits."""
+    recomputed = {"augrc": augrc_closed_form(confidence, residuals)}
+    for c in (0.5, 0.6, 0.7, 0.8, 0.9):
+        recomputed[f"risk@{c}"] = risk_at_coverage_naive(confidence, residuals, c)
+    diffs = {}
+    for key, value in recomputed.items():
+        if key not in reported or reported[key] is None:
+            diffs[key] = float("inf")
+        else:
+            diffs[key] = abs(float(reported[key]) - value)
+    worst = max(diffs, key=diffs.get)
+    passed = diffs[worst] <= tolerance
+    message = (
+        f"all {len(diffs)} selective metrics match the recomputation (max |diff| {diffs[worst]:.2e})"
+        if passed
+        else f"{worst} differs: reported {reported.get(worst)} vs recomputed {recomputed[worst]:.6f}"
+    )
+    figures = {f"recomputed_{k}": v for k, v in recomputed.items()}
+    figures.update({f"reported_{k}": _float_or_none(reported.get(k)) for k in recomputed})
+    figures["max_abs_diff"] = diffs[worst]
+    return GateVerdict("selective_metrics_recomputed", passed, message, figures)
+
+
+def check_augrc_best_checkpoint(history: Sequence[Mapping[str, Any]], chosen_epoch: int) -> GateVerdict:
+    """The chosen checkpoint is the epoch with the lowest val_select AUGRC (first one on ties)."""
+    values = [(int(row["Epoch"]), float(row["AUGRC"])) for row in history if row.get("AUGRC") is not None]
+    if not values:
+        return GateVerdict("augrc_best_checkpoint", False, "the training log has no AUGRC column", {})
+    best_epoch, best_value = min(values, key=lambda item: (item[1], item[0]))
+    chosen_value = dict(values).get(chosen_epoch)
+    passed = chosen_epoch == best_epoch
+    message = (
+        f"chosen epoch {chosen_epoch} has the lowest val_select AUGRC {best_value:.6f}"
+        if passed
+        else f"chosen epoch {chosen_epoch} (AUGRC {chosen_value}) is not the AUGRC-best epoch {best_epoch} ({best_value:.6f})"
+    )
+    return GateVerdict(
+        "augrc_best_checkpoint", passed, message,
+        {"chosen_epoch": chosen_epoch, "best_epoch": best_epoch, "best_augrc": best_value,
+         "chosen_augrc": _float_or_none(chosen_value)},
+    )
+
+
+#: Valid range of every metric evaluation reports (inclusive).
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0), "balanced_accuracy": (0.0, 1.0), "mcc": (-1.0, 1.0), "ece": (0.0, 1.0),
+    "nll": (0.0, math.inf), "brier": (0.0, 2.0), "augrc": (0.0, 0.5), "coverage": (0.0, 1.0),
+    "coverage_at_deploy_prior": (0.0, 1.0), "fnr_on_exited": (0.0, 1.0), "fnr_on_exited_cp_upper": (0.0, 1.0),
+    "exit_accuracy": (0.0, 1.0),
+}
+
+
+def check_metrics_in_range(rows: Iterable[Mapping[str, Any]]) -> GateVerdict:
+    """Every reported value and CI bound lies in its metric's valid range (NaN allowed only when undefined)."""
+    problems = []
+    checked = 0
+    for row in rows:
+        name = str(row["metric"])
+        lo, hi = METRIC_RANGES.get(name, (0.0, 1.0) if name.startswith(("risk@", "coverage@")) else (-math.inf, math.inf))
+        for column in ("value", "ci_lower", "ci_upper"):
+            value = row.get(column)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            checked += 1
+            if not (lo - 1e-12 <= float(value) <= hi + 1e-12):
+                problems.append(f"{name}.{column}={value} outside [{lo}, {hi}]")
+    passed = not problems and checked > 0
+    message = f"{checked} figures within range" if passed else "; ".join(problems) or "no metric to check"
+    return GateVerdict("metrics_in_range", passed, message, {"checked": checked, "out_of_range": len(problems)})
+
+
+def check_no_regression(
+    previous: Mapping[str, float],
+    current: Mapping[str, float],
+    accuracy_tolerance: float = ACCURACY_TOLERANCE,
+    coverage_tolerance: float = COVERAGE_TOLERANCE,
+) -> GateVerdict:
+    """Accuracy not lower than the previous phase by > 1 point, certified coverage not by > 2 points."""
+    acc_drop = previous["accuracy"] - current["accuracy"]
+    cov_drop = previous["coverage"] - current["coverage"]
+    failures = []
+    if acc_drop > accuracy_tolerance + 1e-12:
+        failures.append(f"accuracy {current['accuracy']:.4f} is {acc_drop:.4f} below the previous phase's {previous['accuracy']:.4f}")
+    if cov_drop > coverage_tolerance + 1e-12:
+        failures.append(f"certified coverage {current['coverage']:.4f} is {cov_drop:.4f} below the previous phase's {previous['coverage']:.4f}")
+    passed = not failures
+    message = (
+        f"accuracy {current['accuracy']:.4f} (prev {previous['accuracy']:.4f}), coverage "
+        f"{current['coverage']:.4f} (prev {previous['coverage']:.4f})"
+        if passed else "; ".join(failures)
+    )
+    return GateVerdict(
+        "no_regression_vs_phase1", passed, message,
+        {"accuracy": current["accuracy"], "previous_accuracy": previous["accuracy"], "accuracy_drop": acc_drop,
+         "coverage": current["coverage"], "previous_coverage": previous["coverage"], "coverage_drop": cov_drop},
+    )
+
+
+@dataclass(frozen=True)
+class CheckRecord:
+    """The latest recorded evaluation of one gate check, as the cross-run guards see it."""
+
+    criterion: str
+    passed: bool | None
+    evaluated_at: float | None
+    message: str = ""
+
+
+def gate_failures(
+    expected: Sequence[str], records: Mapping[str, CheckRecord], judged_at: float | None = None
+) -> list[str]:
+    """Every reason a phase gate does not count as passed, one line per criterion.
+
+    A criterion fails when it was never evaluated, its latest evaluation failed, or that evaluation
+    is older than ``judged_at`` (the materialisation it was supposed to judge).
+    """
+    failures = []
+    for name in expected:
+        record = records.get(name)
+        if record is None or record.passed is None:
+            failures.append(f"{name}: never evaluated")
+        elif not record.passed:
+            failures.append(f"{name}: failed ({record.message})" if record.message else f"{name}: failed")
+        elif judged_at is not None and (record.evaluated_at is None or record.evaluated_at < judged_at):
+            failures.append(f"{name}: its latest evaluation predates the materialisation it must judge")
+    return failures
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,221 @@
+"""The phase table: what each of the six risk-ordered phases trains and what its gate demands.
+
+One place to read them. The Dagster layer builds its partitions, training recipes and blocking
+asset checks from this table; ``stage1_core.gates`` holds the pure functions that decide each
+criterion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stage1_core.config import Stage1ProConfig
+
+
+class PhaseUnavailableError(RuntimeError):
+    """A phase whose training recipe is not part of this release was requested."""
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One acceptance criterion of a phase gate (one blocking asset check each)."""
+
+    name: str
+    asset: str
+    description: str
+
+
+@dataclass(frozen=True)
+class PhaseRecipe:
+    """How a phase trains, selects, calibrates and what its gate checks."""
+
+    phase: int
+    title: str
+    head: str
+    loss: str
+    optimizer: str
+    backbone: str
+    exit_policies: tuple[str, ...]
+    selection_metric: str
+    criteria: tuple[Criterion, ...]
+    requires: tuple[int, ...]
+    optional: bool = False
+    available: bool = True
+    missing: str = ""
+    overrides: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"phase{self.phase}"
+
+
+PHASE1_CRITERIA = (
+    Criterion("training_completed", "checkpoint", "training ran to a best checkpoint with finite losses"),
+    Criterion(
+        "val_accuracy_vs_baseline",
+        "checkpoint",
+        "val_select accuracy >= baseline - 1 point (baseline_val_accuracy, else a class-weighted "
+        "logistic-regression probe on the same cached features)",
+    ),
+    Criterion("thresholds_certified", "exit_policy", "thresholds.json is schema-valid and certified on val_calib"),
+    Criterion(
+        "val_test_fnr_bound",
+        "evaluation",
+        "on val_test the one-sided Clopper-Pearson upper bound of FNR_on_exited <= target_fnr_exit",
+    ),
+    Criterion("bundle_verified", "bundle", "the published bundle verifies and reproduces the evaluation's decisions"),
+)
+
+PHASE2_CRITERIA = (
+    Criterion(
+        "selective_metrics_recomputed",
+        "evaluation",
+        "selective metrics equal an independent recomputation from the saved logits",
+    ),
+    Criterion("augrc_best_checkpoint", "checkpoint", "the chosen checkpoint is the AUGRC-best on val_select"),
+    Criterion("metrics_in_range", "evaluation", "every reported metric lies in its valid range"),
+    Criterion(
+        "no_regression_vs_phase1",
+        "evaluation",
+        "accuracy not lower than phase 1 by more than 1 point and certified coverage not lower by more than 2 points",
+    ),
+    Criterion("val_test_fnr_bound", "evaluation", PHASE1_CRITERIA[3].description),
+    Criterion("bundle_verified", "bundle", PHASE1_CRITERIA[4].description),
+)
+
+PHASES: dict[int, PhaseRecipe] = {
+    1: PhaseRecipe(
+        phase=1,
+        title="Baseline head with a certified softmax exit policy",
+        head="Linear(h,768)-ReLU-Dropout-Linear(768,2)",
+        loss="class-weighted cross-entropy with label smoothing",
+        optimizer="adamw",
+        backbone="frozen pretrained",
+        exit_policies=("softmax",),
+        selection_metric="accuracy",
+        criteria=PHASE1_CRITERIA,
+        requires=(),
+        overrides={"selection_metric": "accuracy", "exit_policy": "softmax"},
+    ),
+    2: PhaseRecipe(
+        phase=2,
+        title="Selective metrics every epoch; checkpoint chosen by AUGRC on val_select",
+        head="Linear(h,768)-ReLU-Dropout-Linear(768,2)",
+        loss="class-weighted cross-entropy with label smoothing",
+        optimizer="adamw",
+        backbone="frozen pretrained (features shared with phase 1)",
+        exit_policies=("softmax",),
+        selection_metric="augrc",
+        criteria=PHASE2_CRITERIA,
+        requires=(1,),
+        overrides={"selection_metric": "augrc", "exit_policy": "softmax"},
+    ),
+    3: PhaseRecipe(
+        phase=3,
+        title="Learned gate head (selective loss + aux head), gate calibrated on val_calib",
+        head="shared trunk + cls / gate / aux heads",
+        loss="CE + differentiable selective risk with FNR penalty + aux CE",
+        optimizer="adamw",
+        backbone="frozen pretrained",
+        exit_policies=("softmax", "gate"),
+        selection_metric="augrc",
+        criteria=(),
+        requires=(2,),
+        available=False,
+        missing="the phase-3 recipe (gate head, selective loss, Platt/isotonic gate calibration)",
+    ),
+    4: PhaseRecipe(
+        phase=4,
+        title="PEFT / ExPLoRA domain adaptation of the backbone",
+        head="shared trunk + cls / gate / aux heads",
+        loss="as phase 3",
+        optimizer="adamw",
+        backbone="ExPLoRA-adapted with LoRA/DoRA/DoRAN",
+        exit_policies=("softmax", "gate"),
+        selection_metric="augrc",
+        criteria=(),
+        requires=(3,),
+        available=False,
+        missing="the phase-4 recipe (ExPLoRA pre-training and PEFT adapters)",
+    ),
+    5: PhaseRecipe(
+        phase=5,
+        title="F-SAM optimiser (optional)",
+        head="shared trunk + cls / gate / aux heads",
+        loss="as phase 3",
+        optimizer="fsam",
+        backbone="as phase 4",
+        exit_policies=("softmax", "gate"),
+        selection_metric="augrc",
+        criteria=(),
+        requires=(4,),
+        optional=True,
+        available=False,
+        missing="the phase-5 recipe (SAM / F-SAM optimiser)",
+    ),
+    6: PhaseRecipe(
+        phase=6,
+        title="SCRC + conformal risk training, Dirichlet calibration",
+        head="shared trunk + cls / gate / aux heads",
+        loss="CE + conformal risk training loss",
+        optimizer="adamw or fsam",
+        backbone="as phase 4",
+        exit_policies=("softmax", "gate", "scrc"),
+        selection_metric="augrc",
+        criteria=(),
+        requires=(4, 5),
+        available=False,
+        missing="the phase-6 recipe (Dirichlet calibration, SCRC policy, conformal risk training)",
+    ),
+}
+
+PHASE_KEYS = [recipe.key for recipe in PHASES.values()]
+
+
+def phase_number(key: str | int) -> int:
+    """``"phase2"`` or ``2`` -> 2, with a clear error for anything else."""
+    if isinstance(key, int):
+        number = key
+    else:
+        text = str(key)
+        if not text.startswith("phase") or not text[5:].isdigit():
+            raise ValueError(f"unknown phase {key!r}: expected one of {PHASE_KEYS}")
+        number = int(text[5:])
+    if number not in PHASES:
+        raise ValueError(f"unknown phase {key!r}: expected one of {PHASE_KEYS}")
+    return number
+
+
+def get_recipe(key: str | int) -> PhaseRecipe:
+    """The recipe of a phase; raises PhaseUnavailableError for phases not built yet."""
+    recipe = PHASES[phase_number(key)]
+    if not recipe.available:
+        raise PhaseUnavailableError(
+            f"{recipe.key} ({recipe.title}) cannot run: {recipe.missing} is not part of this release. "
+            f"Available phases: {[r.key for r in PHASES.values() if r.available]}."
+        )
+    return recipe
+
+
+def config_for_phase(config: Stage1ProConfig, key: str | int) -> Stage1ProConfig:
+    """The run config with the phase's recipe applied (phase number, selection metric, policy)."""
+    recipe = get_recipe(key)
+    changes: dict[str, object] = {"phase": recipe.phase, **recipe.overrides}
+    if config.exit_policy in recipe.exit_policies and "exit_policy" in changes:
+        changes["exit_policy"] = config.exit_policy
+    return config.with_updates(**changes)
+
+
+def previous_phases(key: str | int, attempted: set[int] | None = None) -> list[int]:
+    """Phases whose gates must have passed before ``key`` may train.
+
+    Phase 5 is optional: phase 6 needs phase 4, and phase 5 too only if it was attempted.
+    """
+    recipe = PHASES[phase_number(key)]
+    attempted = attempted or set()
+    needed = []
+    for number in recipe.requires:
+        if PHASES[number].optional and number not in attempted:
+            continue
+        needed.append(number)
+    return needed

@@ -1,0 +1,1 @@
+"""JSON schemas of every artifact Stage-1 Pro writes (loaded by stage1_core.artifacts)."""
