@@ -205,23 +205,34 @@ def check_selective_metrics_recomputed(
     return GateVerdict("selective_metrics_recomputed", passed, message, figures)
 
 
-def check_augrc_best_checkpoint(history: Sequence[Mapping[str, Any]], chosen_epoch: int) -> GateVerdict:
-    """The chosen checkpoint is the epoch with the lowest val_select AUGRC (first one on ties)."""
-    values = [(int(row["Epoch"]), float(row["AUGRC"])) for row in history if row.get("AUGRC") is not None]
+#: Training-log column and direction of each selection metric.
+SELECTION_COLUMNS: dict[str, tuple[str, bool]] = {"accuracy": ("Val_Acc", True), "augrc": ("AUGRC", False)}
+
+
+def check_selected_checkpoint_is_best(
+    history: Sequence[Mapping[str, Any]], chosen_epoch: int, selection_metric: str
+) -> GateVerdict:
+    """The chosen checkpoint is the val_select-best epoch by ``selection_metric`` (earliest on ties)."""
+    column, higher_is_better = SELECTION_COLUMNS[selection_metric]
+    values = [(int(row["Epoch"]), float(row[column])) for row in history if row.get(column) not in (None, "")]
     if not values:
-        return GateVerdict("augrc_best_checkpoint", False, "the training log has no AUGRC column", {})
-    best_epoch, best_value = min(values, key=lambda item: (item[1], item[0]))
+        return GateVerdict(
+            "selected_checkpoint_is_best", False, f"the training log has no {column} column", {"column": column}
+        )
+    sign = -1.0 if higher_is_better else 1.0
+    best_epoch, best_value = min(values, key=lambda item: (sign * item[1], item[0]))
     chosen_value = dict(values).get(chosen_epoch)
-    passed = chosen_epoch == best_epoch
+    passed = chosen_value is not None and sign * chosen_value <= sign * best_value
     message = (
-        f"chosen epoch {chosen_epoch} has the lowest val_select AUGRC {best_value:.6f}"
+        f"chosen epoch {chosen_epoch} is the best by val_select {column} ({best_value:.6f})"
         if passed
-        else f"chosen epoch {chosen_epoch} (AUGRC {chosen_value}) is not the AUGRC-best epoch {best_epoch} ({best_value:.6f})"
+        else f"chosen epoch {chosen_epoch} ({column} {chosen_value}) is not the best epoch {best_epoch} "
+        f"({column} {best_value:.6f})"
     )
     return GateVerdict(
-        "augrc_best_checkpoint", passed, message,
-        {"chosen_epoch": chosen_epoch, "best_epoch": best_epoch, "best_augrc": best_value,
-         "chosen_augrc": _float_or_none(chosen_value)},
+        "selected_checkpoint_is_best", passed, message,
+        {"selection_metric": selection_metric, "column": column, "chosen_epoch": chosen_epoch,
+         "best_epoch": best_epoch, "best_value": best_value, "chosen_value": _float_or_none(chosen_value)},
     )
 
 
@@ -274,7 +285,7 @@ def check_no_regression(
         if passed else "; ".join(failures)
     )
     return GateVerdict(
-        "no_regression_vs_phase1", passed, message,
+        "no_regression_vs_previous_phase", passed, message,
         {"accuracy": current["accuracy"], "previous_accuracy": previous["accuracy"], "accuracy_drop": acc_drop,
          "coverage": current["coverage"], "previous_coverage": previous["coverage"], "coverage_drop": cov_drop},
     )
@@ -282,21 +293,25 @@ def check_no_regression(
 
 @dataclass(frozen=True)
 class CheckRecord:
-    """The latest recorded evaluation of one gate check, as the cross-run guards see it."""
+    """The latest recorded evaluation of one gate check, as the cross-run guards see it.
+
+    ``judged_id`` identifies the materialisation the evaluation judged and ``current_id`` the
+    latest materialisation of that asset partition; they differ when the asset was rebuilt after
+    the check ran, so the verdict no longer applies.
+    """
 
     criterion: str
     passed: bool | None
-    evaluated_at: float | None
     message: str = ""
+    judged_id: int | None = None
+    current_id: int | None = None
 
 
-def gate_failures(
-    expected: Sequence[str], records: Mapping[str, CheckRecord], judged_at: float | None = None
-) -> list[str]:
+def gate_failures(expected: Sequence[str], records: Mapping[str, CheckRecord]) -> list[str]:
     """Every reason a phase gate does not count as passed, one line per criterion.
 
     A criterion fails when it was never evaluated, its latest evaluation failed, or that evaluation
-    is older than ``judged_at`` (the materialisation it was supposed to judge).
+    judged an older materialisation than the current one.
     """
     failures = []
     for name in expected:
@@ -305,8 +320,11 @@ def gate_failures(
             failures.append(f"{name}: never evaluated")
         elif not record.passed:
             failures.append(f"{name}: failed ({record.message})" if record.message else f"{name}: failed")
-        elif judged_at is not None and (record.evaluated_at is None or record.evaluated_at < judged_at):
-            failures.append(f"{name}: its latest evaluation predates the materialisation it must judge")
+        elif record.current_id is not None and record.judged_id != record.current_id:
+            failures.append(
+                f"{name}: its latest evaluation judged materialisation {record.judged_id}, "
+                f"but the asset was rebuilt since (now {record.current_id}); re-run the check"
+            )
     return failures
 
 

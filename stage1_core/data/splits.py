@@ -210,9 +210,11 @@ def _consistency_problems(doc: Mapping[str, Any], known_ids: Iterable[str] | Non
     problems: list[str] = []
     splits = doc["splits"]
     ratios = tuple(doc["ratios"][name] for name in VAL_SPLITS)
+    ratios_ok = True
     try:
         _check_ratios(ratios)
     except SplitError as exc:
+        ratios_ok = False
         problems.append(f"$.ratios: {exc}")
     owner: dict[str, str] = {}
     for name in SPLIT_NAMES:
@@ -232,7 +234,7 @@ def _consistency_problems(doc: Mapping[str, Any], known_ids: Iterable[str] | Non
             )
         for sid in ids:
             owner.setdefault(sid, name)
-        if name != "train":
+        if name != "train" and ratios_ok:
             moved = [sid for sid in ids if assign_val_split(sid, doc["seed"], ratios) != name]
             if moved:
                 problems.append(

@@ -88,7 +88,8 @@ def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return repr(round(value, 10))
     if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_format_value(v) for v in value) + ")"
+        inner = ", ".join(_format_value(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
     if isinstance(value, dict):
         items = sorted(((str(_format_value(k)), _format_value(v)) for k, v in value.items()))
         return "{" + ", ".join(f"{k}: {v}" for k, v in items) + "}"

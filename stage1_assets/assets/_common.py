@@ -1,0 +1,72 @@
+"""Small helpers shared by the asset modules: metadata conversion and error translation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from stage1_core.phases import PhaseUnavailableError
+
+
+def metadata_value(value: Any) -> Any:
+    """Plain values as Dagster metadata: floats stay floats (so the UI plots them over time)."""
+    if isinstance(value, bool) or value is None:
+        return dg.MetadataValue.text(str(value)) if value is None else value
+    if isinstance(value, float):
+        return dg.MetadataValue.float(value) if math.isfinite(value) else dg.MetadataValue.text(str(value))
+    if isinstance(value, int):
+        return dg.MetadataValue.int(value)
+    if isinstance(value, Path):
+        return dg.MetadataValue.path(str(value))
+    if isinstance(value, (list, tuple, dict)):
+        return dg.MetadataValue.json(value)
+    return dg.MetadataValue.text(str(value))
+
+
+def to_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: metadata_value(value) for key, value in values.items()}
+
+
+def table(rows: list[Mapping[str, Any]]) -> dg.MetadataValue:
+    """A list of flat dicts as a Dagster table (the UI renders it)."""
+    if not rows:
+        return dg.MetadataValue.md("(empty)")
+    columns = list(rows[0].keys())
+    header = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
+    body = "".join(
+        "| " + " | ".join(_cell(row.get(c)) for c in columns) + " |\n" for row in rows
+    )
+    return dg.MetadataValue.md(header + body)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def figure_markdown(paths: Mapping[str, Path]) -> dg.MetadataValue:
+    """Figures embedded as Markdown images (base64 data URIs, so the UI shows them inline)."""
+    import base64
+
+    parts = []
+    for title, path in paths.items():
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        parts.append(f"**{title}**\n\n![{title}](data:image/png;base64,{data})\n")
+    return dg.MetadataValue.md("\n".join(parts))
+
+
+@contextlib.contextmanager
+def as_failure() -> Iterator[None]:
+    """Turn the library's input errors into a ``dagster.Failure`` with the full message."""
+    try:
+        yield
+    except dg.Failure:
+        raise
+    except (PhaseUnavailableError, ValueError, FileNotFoundError) as exc:
+        raise dg.Failure(description=f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,23 @@
+"""The deploy bundle: exported only after the phase gate passed, verified before it is published."""
+
+import dagster as dg
+
+from stage1_assets.assets._common import as_failure
+from stage1_assets.assets.model import _result
+from stage1_assets.assets.policy import evaluation
+from stage1_assets.guards import require_gate_for_export
+from stage1_assets.partitions import phases
+from stage1_assets.resources import Stage1Resource
+from stage1_core import pipeline
+
+
+@dg.asset(group_name="deploy", partitions_def=phases, deps=[evaluation], kinds={"folder"})
+def bundle(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
+    """Stage, verify (checksums, load, decisions equal the evaluation's), then publish the bundle."""
+    require_gate_for_export(context.instance, context.partition_key)
+    with as_failure():
+        return _result(
+            pipeline.export_phase_bundle(
+                stage1.load_config(), stage1.layout(), context.partition_key, run_id=context.run_id
+            )
+        )

@@ -1,0 +1,42 @@
+"""Cross-run guards: blocking checks only act inside one run, these act across runs."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from stage1_assets.gate_status import latest_materialization_id, phase_check_records
+from stage1_core.gates import gate_failures
+from stage1_core.phases import PHASES, phase_number, previous_phases
+
+
+def _raise_if_failing(title: str, failures: list[str]) -> None:
+    if failures:
+        raise dg.Failure(
+            description=title + ":\n  " + "\n  ".join(failures),
+            metadata={"failing_criteria": dg.MetadataValue.json(failures)},
+        )
+
+
+def require_gate_for_export(instance: dg.DagsterInstance, partition: str) -> None:
+    """``bundle[phaseN]`` exports only when phaseN's latest gate-check evaluations all passed.
+
+    Each must also have judged the current materialisation of its asset, so ``--select bundle``
+    alone cannot skip a failed or never-run gate.
+    """
+    names, records = phase_check_records(instance, partition, exclude_assets=("bundle",))
+    _raise_if_failing(f"bundle[{partition}] refused: the {partition} gate has not passed", gate_failures(names, records))
+
+
+def require_previous_phase_gates(instance: dg.DagsterInstance, partition: str) -> None:
+    """phaseN's training assets refuse to start unless phase N-1's gate passed (5 optional)."""
+    attempted = {
+        number
+        for number, recipe in PHASES.items()
+        if recipe.optional and latest_materialization_id(instance, "checkpoint", recipe.key) is not None
+    }
+    failures = []
+    for number in previous_phases(phase_number(partition), attempted):
+        key = PHASES[number].key
+        names, records = phase_check_records(instance, key)
+        failures.extend(f"{key}.{line}" for line in gate_failures(names, records))
+    _raise_if_failing(f"{partition} refused: an earlier phase's gate has not passed", failures)

@@ -1,0 +1,43 @@
+"""Classification metrics the subnet pays for: accuracy, balanced accuracy, MCC.
+
+Arguments follow scikit-learn's order, ``(labels, preds)``. All are defined on degenerate
+inputs: balanced accuracy averages the recall of the classes present in ``labels``; MCC is 0
+when a row or column of the confusion matrix is empty (scikit-learn's convention).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, matthews_corrcoef
+
+from ._inputs import as_labels
+
+__all__ = ["accuracy", "balanced_accuracy", "mcc"]
+
+
+def _pair(labels, preds) -> tuple[np.ndarray, np.ndarray]:
+    y = as_labels(labels)
+    if y.size == 0:
+        raise ValueError("classification metrics need at least one sample")
+    return y, as_labels(preds, n=y.shape[0], name="preds")
+
+
+def accuracy(labels, preds) -> float:
+    """Fraction of predictions equal to the label."""
+    y, p = _pair(labels, preds)
+    return float(accuracy_score(y, p))
+
+
+def balanced_accuracy(labels, preds) -> float:
+    """Mean recall over the classes present in ``labels``."""
+    y, p = _pair(labels, preds)
+    cm = confusion_matrix(y, p, labels=[0, 1])
+    support = cm.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(cm)[present] / support[present]))
+
+
+def mcc(labels, preds) -> float:
+    """Matthews correlation coefficient (0 when undefined)."""
+    y, p = _pair(labels, preds)
+    return float(matthews_corrcoef(y, p))

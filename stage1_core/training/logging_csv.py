@@ -1,0 +1,95 @@
+"""The per-epoch CSV log: the baseline's header and number formats first, extra columns after.
+
+Baseline columns (percentages as the baseline wrote them)::
+
+    Epoch,Train_Loss,Train_Acc,Val_Loss,Val_Acc,ECE,Exit_Coverage,Exit_Acc,Best_Val_Acc,LR
+
+``Exit_Coverage`` / ``Exit_Acc`` use ``legacy_exit_threshold_for_logging`` (monitoring only; the
+deployed exit policy is certified later on val_calib). ``Exit_Acc`` is ``nan`` when nothing
+exits (the baseline wrote 0.00, which reads like a real accuracy). ``Best_Val_Acc`` includes the
+current epoch (the baseline wrote it before updating). Extra columns: selective metrics on
+val_select (``AUGRC``, ``AURC``, ``Risk@0.5`` ... ``Coverage@0.01`` ..., raw values in [0, 1]) and
+``Epoch_Seconds``. The file is rewritten atomically from the full history after every epoch,
+so a resumed run continues the same file without duplicate rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from stage1_core.artifacts import atomic_write_text
+
+BASELINE_HEADER = (
+    "Epoch",
+    "Train_Loss",
+    "Train_Acc",
+    "Val_Loss",
+    "Val_Acc",
+    "ECE",
+    "Exit_Coverage",
+    "Exit_Acc",
+    "Best_Val_Acc",
+    "LR",
+)
+# column -> (history key, scale, format)
+_BASELINE_FORMATS: dict[str, tuple[str, float, str]] = {
+    "Epoch": ("epoch", 1.0, "d"),
+    "Train_Loss": ("train_loss", 1.0, ".4f"),
+    "Train_Acc": ("train_acc", 100.0, ".2f"),
+    "Val_Loss": ("val_loss", 1.0, ".4f"),
+    "Val_Acc": ("val_acc", 100.0, ".2f"),
+    "ECE": ("ece", 1.0, ".4f"),
+    "Exit_Coverage": ("exit_coverage", 100.0, ".1f"),
+    "Exit_Acc": ("exit_acc", 100.0, ".2f"),
+    "Best_Val_Acc": ("best_val_acc", 100.0, ".2f"),
+    "LR": ("lr", 1.0, ".2e"),
+}
+SELECTIVE_PREFIX = "sel_"
+
+
+def selective_column(key: str) -> str:
+    """Column name of a ``selective_metrics`` key: ``augrc`` -> ``AUGRC``, ``risk@0.8`` -> ``Risk@0.8``."""
+    if key in ("augrc", "aurc"):
+        return key.upper()
+    head, _, level = key.partition("@")
+    return f"{head.capitalize()}@{level}" if level else key
+
+
+def _fmt(value: Any, scale: float, spec: str) -> str:
+    if value is None:
+        return "nan"
+    if spec == "d":
+        return str(int(value))
+    value = float(value) * scale
+    if math.isnan(value):
+        return "nan"
+    return format(value, spec)
+
+
+def columns(record: Mapping[str, Any]) -> list[str]:
+    """Header for a history record: baseline columns, selective metrics, Epoch_Seconds."""
+    extra = [selective_column(k[len(SELECTIVE_PREFIX):]) for k in record if k.startswith(SELECTIVE_PREFIX)]
+    return [*BASELINE_HEADER, *extra, "Epoch_Seconds"]
+
+
+def format_row(record: Mapping[str, Any]) -> list[str]:
+    """CSV cells of one history record, in :func:`columns` order."""
+    cells = [_fmt(record.get(key), scale, spec) for key, scale, spec in _BASELINE_FORMATS.values()]
+    cells += [_fmt(v, 1.0, ".6f") for k, v in record.items() if k.startswith(SELECTIVE_PREFIX)]
+    cells.append(_fmt(record.get("epoch_seconds"), 1.0, ".1f"))
+    return cells
+
+
+def write_log(path: str | Path, history: Sequence[Mapping[str, Any]]) -> Path:
+    """Write the whole log (header + one row per epoch) atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns(history[0]) if history else list(BASELINE_HEADER))
+    for record in history:
+        writer.writerow(format_row(record))
+    return atomic_write_text(path, buffer.getvalue())

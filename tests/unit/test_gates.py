@@ -1,0 +1,123 @@
+"""Pure gate functions: each criterion passes and fails on the right figures."""
+
+import math
+
+import numpy as np
+import pytest
+
+from stage1_core import gates
+from stage1_core.gates import CheckRecord
+
+
+def history(**columns):
+    n = len(next(iter(columns.values())))
+    return [{"Epoch": i + 1, **{k: v[i] for k, v in columns.items()}} for i in range(n)]
+
+
+def test_training_completed():
+    ok = gates.check_training_completed(history(Train_Loss=[0.5, 0.4], Val_Loss=[0.6, 0.5]), True)
+    assert ok.passed and ok.figures["epochs_run"] == 2
+    nan = gates.check_training_completed(history(Train_Loss=[0.5, math.nan], Val_Loss=[0.6, 0.5]), True)
+    assert not nan.passed and "epoch(s) [2]" in nan.message
+    assert not gates.check_training_completed([], True).passed
+    assert not gates.check_training_completed(history(Train_Loss=[0.5], Val_Loss=[0.5]), False).passed
+
+
+def test_val_accuracy_vs_baseline_one_point_tolerance():
+    assert gates.check_val_accuracy_vs_baseline(0.90, 0.91, "probe").passed
+    failed = gates.check_val_accuracy_vs_baseline(0.8999, 0.91, "probe")
+    assert not failed.passed and "0.9000" in failed.message
+    assert failed.figures["baseline_source"] == "probe"
+
+
+def test_thresholds_certified():
+    doc = {"certified": True, "exit_threshold": 0.97, "coverage": 0.6, "fnr_upper_bound": 0.015,
+           "n_exited_positives": 400, "method": "ltt"}
+    assert gates.check_thresholds_certified(doc, []).passed
+    refused = gates.check_thresholds_certified({**doc, "certified": False, "reason": "too few positives"}, [])
+    assert not refused.passed and "too few positives" in refused.message
+    invalid = gates.check_thresholds_certified(doc, ["$.coverage: bad"])
+    assert not invalid.passed and "$.coverage" in invalid.message
+
+
+@pytest.mark.parametrize(
+    "n, k, passed",
+    [(149, 0, True), (148, 0, False), (236, 1, True), (235, 1, False), (523, 5, True), (0, 0, False)],
+)
+def test_test_fnr_bound_matches_methods_reference(n, k, passed):
+    verdict = gates.check_test_fnr_bound(n, k, 0.02, 0.05)
+    assert verdict.passed is passed
+    if not passed:
+        assert "needs >=" in verdict.message
+        assert verdict.figures["positives_needed"] == {0: 149, 1: 236, 5: 523}[k]
+
+
+def test_bundle_verified():
+    assert gates.check_bundle_verified([], 100, 0).passed
+    assert not gates.check_bundle_verified(["sha256 mismatch: model_best.pth"], 100, 0).passed
+    assert not gates.check_bundle_verified([], 100, 3).passed
+    assert not gates.check_bundle_verified([], 0, 0).passed
+
+
+def test_augrc_closed_form_reference_values():
+    res = np.array([0, 1, 0, 0, 1])
+    assert gates.augrc_closed_form(np.array([0.9, 0.8, 0.7, 0.6, 0.5]), res) == pytest.approx(0.160)
+    assert gates.augrc_closed_form(np.array([0.9, 0.9, 0.7, 0.7, 0.5]), res) == pytest.approx(0.180)
+
+
+def test_selective_metrics_recomputed_detects_a_wrong_value():
+    rng = np.random.default_rng(0)
+    conf = rng.random(200)
+    res = (rng.random(200) > conf).astype(float)
+    truth = {"augrc": gates.augrc_closed_form(conf, res)}
+    truth.update({f"risk@{c}": gates.risk_at_coverage_naive(conf, res, c) for c in (0.5, 0.6, 0.7, 0.8, 0.9)})
+    assert gates.check_selective_metrics_recomputed(truth, conf, res).passed
+    wrong = dict(truth, augrc=truth["augrc"] + 0.01)
+    verdict = gates.check_selective_metrics_recomputed(wrong, conf, res)
+    assert not verdict.passed and "augrc" in verdict.message
+    missing = {k: v for k, v in truth.items() if k != "risk@0.9"}
+    assert not gates.check_selective_metrics_recomputed(missing, conf, res).passed
+
+
+def test_selected_checkpoint_is_best_both_directions():
+    log = history(Val_Acc=[0.8, 0.9, 0.85], AUGRC=[0.05, 0.04, 0.03])
+    assert gates.check_selected_checkpoint_is_best(log, 2, "accuracy").passed
+    assert not gates.check_selected_checkpoint_is_best(log, 3, "accuracy").passed
+    assert gates.check_selected_checkpoint_is_best(log, 3, "augrc").passed
+    verdict = gates.check_selected_checkpoint_is_best(log, 2, "augrc")
+    assert not verdict.passed and verdict.figures["best_epoch"] == 3
+    assert not gates.check_selected_checkpoint_is_best(history(Val_Acc=[0.8]), 1, "augrc").passed
+
+
+def test_metrics_in_range():
+    rows = [{"metric": "accuracy", "value": 0.9, "ci_lower": 0.88, "ci_upper": 0.92},
+            {"metric": "mcc", "value": -0.1, "ci_lower": -0.2, "ci_upper": 0.0},
+            {"metric": "fnr_on_exited", "value": float("nan"), "ci_lower": None, "ci_upper": None}]
+    assert gates.check_metrics_in_range(rows).passed
+    bad = rows + [{"metric": "coverage", "value": 1.2, "ci_lower": 0.9, "ci_upper": 1.3}]
+    verdict = gates.check_metrics_in_range(bad)
+    assert not verdict.passed and "coverage.value=1.2" in verdict.message
+    assert not gates.check_metrics_in_range([]).passed
+
+
+def test_no_regression_tolerances():
+    prev = {"accuracy": 0.95, "coverage": 0.70}
+    assert gates.check_no_regression(prev, {"accuracy": 0.941, "coverage": 0.681}).passed
+    acc = gates.check_no_regression(prev, {"accuracy": 0.93, "coverage": 0.70})
+    assert not acc.passed and "accuracy" in acc.message
+    cov = gates.check_no_regression(prev, {"accuracy": 0.95, "coverage": 0.67})
+    assert not cov.passed and "coverage" in cov.message
+
+
+def test_gate_failures_lists_every_reason():
+    records = {
+        "a": CheckRecord("a", True, judged_id=5, current_id=5),
+        "b": CheckRecord("b", False, "bound 0.03 > 0.02", judged_id=5, current_id=5),
+        "c": CheckRecord("c", True, judged_id=4, current_id=6),
+    }
+    failures = gates.gate_failures(["a", "b", "c", "d"], records)
+    assert len(failures) == 3
+    assert "b: failed (bound 0.03 > 0.02)" in failures
+    assert any(f.startswith("c:") and "rebuilt" in f for f in failures)
+    assert "d: never evaluated" in failures
+    assert gates.gate_failures(["a"], records) == []

@@ -1,0 +1,49 @@
+"""The phase table and recipe application."""
+
+import pytest
+
+from stage1_core.config import Stage1ProConfig
+from stage1_core.phases import (
+    CRITERIA, PHASE_KEYS, PHASES, PhaseUnavailableError, config_for_phase, get_recipe, phase_number, previous_phases,
+)
+
+
+def test_six_phases_in_order():
+    assert PHASE_KEYS == [f"phase{i}" for i in range(1, 7)]
+
+
+def test_phase1_and_phase2_recipes():
+    one, two = get_recipe("phase1"), get_recipe(2)
+    assert one.selection_metric == "accuracy" and two.selection_metric == "augrc"
+    assert {c.name for c in one.criteria} >= {"training_completed", "val_accuracy_vs_baseline",
+                                              "thresholds_certified", "val_test_fnr_bound", "bundle_verified"}
+    assert "no_regression_vs_previous_phase" in {c.name for c in two.criteria}
+    assert all(c.asset in {"checkpoint", "exit_policy", "evaluation", "bundle"} for c in CRITERIA.values())
+
+
+@pytest.mark.parametrize("phase", [3, 4, 5, 6])
+def test_unbuilt_phases_fail_naming_the_missing_recipe(phase):
+    with pytest.raises(PhaseUnavailableError, match=f"phase{phase}.*recipe"):
+        get_recipe(phase)
+
+
+def test_config_for_phase_applies_recipe():
+    cfg = config_for_phase(Stage1ProConfig(), "phase2")
+    assert cfg.phase == 2 and cfg.selection_metric == "augrc" and cfg.exit_policy == "softmax"
+
+
+def test_previous_phases_with_optional_phase5():
+    assert previous_phases("phase1") == []
+    assert previous_phases("phase2") == [1]
+    assert previous_phases("phase6") == [4]
+    assert previous_phases("phase6", attempted={5}) == [4, 5]
+
+
+@pytest.mark.parametrize("bad", ["phase0", "phase7", "p1", "", 9])
+def test_phase_number_rejects_unknown(bad):
+    with pytest.raises(ValueError, match="unknown phase"):
+        phase_number(bad)
+
+
+def test_every_phase_has_a_recipe():
+    assert sorted(PHASES) == [1, 2, 3, 4, 5, 6]
