@@ -3,15 +3,18 @@
 Among the N calibration positives a policy exits, K are wrongly exited as negative. Given N,
 K ~ Binomial(N, FNR). The p-value of H0 "FNR > alpha" is ``BinomCDF(K; N, alpha)`` and the
 one-sided Clopper-Pearson upper bound at level 1 - delta is ``BetaInv(1 - delta; K + 1, N - K)``;
-``p <= delta`` exactly when the bound is ``<= alpha``. Both accept arrays.
+``p <= delta`` exactly when the bound is ``<= alpha``. Both accept arrays. They are evaluated with
+``scipy.special.bdtr`` / ``betaincinv``, the functions behind ``scipy.stats.binom.cdf`` and
+``scipy.stats.beta.ppf``, without the distribution-object overhead (the sweep calls them often).
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 __all__ = ["fnr_upper_bound", "binomial_pvalue", "positives_needed", "is_certified"]
 
@@ -40,7 +43,7 @@ def fnr_upper_bound(k, n, delta: float):
     bound = np.ones(np.broadcast(k_arr, n_arr).shape, dtype=np.float64)
     if np.any(~full):
         kk, nn = np.broadcast_arrays(k_arr, n_arr)
-        bound[~full] = stats.beta.ppf(1.0 - delta, kk[~full] + 1, nn[~full] - kk[~full])
+        bound[~full] = special.betaincinv(kk[~full] + 1.0, (nn[~full] - kk[~full]).astype(np.float64), 1.0 - delta)
     return float(bound) if bound.ndim == 0 else bound
 
 
@@ -51,8 +54,7 @@ def binomial_pvalue(k, n, alpha: float):
     k_arr = np.asarray(k, dtype=np.int64)
     n_arr = np.asarray(n, dtype=np.int64)
     _check_counts(k_arr, n_arr)
-    p = np.asarray(stats.binom.cdf(k_arr, n_arr, alpha), dtype=np.float64)
-    p = np.where(n_arr == 0, 1.0, p)
+    p = np.where(n_arr == 0, 1.0, special.bdtr(k_arr, n_arr, alpha))
     return float(p) if p.ndim == 0 else p
 
 
@@ -61,6 +63,7 @@ def is_certified(k, n, alpha: float, level: float):
     return np.asarray(binomial_pvalue(k, n, alpha)) <= level
 
 
+@lru_cache(maxsize=256)
 def positives_needed(target: float, delta: float, k: int = 0) -> int:
     """Smallest N such that K = ``k`` errors among N exited positives certify ``rate <= target``.
 

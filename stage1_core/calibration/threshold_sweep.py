@@ -7,20 +7,23 @@ permissive. For candidate t with N exited positives of which K are predicted neg
 p-value of H0 "FNR(t) > target" is ``BinomCDF(K; N, target)`` (:mod:`.bounds`). Choosing among
 many candidates needs family-wise error control; the methods (``method=``):
 
-``"multistart_fixed_sequence"`` (default)
-    Learn-then-Test fixed-sequence testing with several starts (Angelopoulos et al. 2021). The
-    ordered candidates are entered at ``n_starts`` points spread evenly in exit count between
-    the first candidate that could possibly certify (exit count >= the positives needed with
-    zero misses at the per-chain level) and the last; each chain walks towards more coverage at
-    level ``delta / n_starts`` and stops at its first non-rejection. Starts depend only on the
-    confidences, never on labels, so Bonferroni over chains gives FWER <= delta. It does not
-    stall where few positives exit (a single chain from the top does), and a later start
-    skips over an early cluster of misses.
+``"multistart_fixed_sequence"`` (default, ``n_starts=2``)
+    Learn-then-Test fixed-sequence testing with several starts (Angelopoulos et al. 2021).
+    Candidates are indexed by how many calibration samples they exit. Chain i starts at the
+    candidate exiting ``first * (n_calib / first) ** (i / n_starts)`` samples, where ``first`` is
+    1.25 x the positives needed with zero misses at the chain level (fewer exits can never
+    certify); it walks towards more coverage at level ``delta / n_starts`` and stops at its
+    first non-rejection. Start positions depend on ``n_calib`` only, never on labels, so
+    Bonferroni over chains gives FWER <= delta. A single chain from the top stalls where too few
+    positives exit; two geometric starts cover both a certifiable region near the top (poor
+    models) and one far down (good models), and a later start skips an early cluster of misses.
+    Measured on known score distributions (target 0.02, delta 0.05, n_calib 800-10000), two
+    starts gave the highest mean coverage among 1-3 starts and beat SGR in every setting.
 ``"sgr_binary_search"``
     SGR (Geifman & El-Yaniv 2017): binary search over the ordered candidates with Bonferroni
     over the ``ceil(log2(m + 1))`` tests it may make.
 ``"fixed_sequence"``
-    One chain at level ``delta`` from the first candidate that could certify.
+    One chain at level ``delta`` (``n_starts=1``).
 ``"bonferroni"``
     Every candidate tested at ``delta / m``.
 
@@ -59,8 +62,11 @@ __all__ = [
 SEED_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.95)
 METHODS: tuple[str, ...] = ("multistart_fixed_sequence", "sgr_binary_search", "fixed_sequence", "bonferroni")
 DEFAULT_METHOD = "multistart_fixed_sequence"
-DEFAULT_N_STARTS = 4
-SCHEMA_VERSION = "1.0"
+DEFAULT_N_STARTS = 2
+# The first chain starts where START_FACTOR x (positives needed with zero misses at the chain
+# level) samples exit; the other starts are spaced geometrically from there up to n_calib.
+START_FACTOR = 1.25
+SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -125,10 +131,10 @@ class Selection:
 
 
 def _first_feasible(table: CandidateTable, target: float, level: float) -> int:
-    """Index of the first candidate whose *exit count* could hold enough positives to certify.
+    """Index of the first candidate whose exit count could hold enough positives to certify.
 
     Uses no label: a candidate exiting fewer samples than the positives needed with zero misses
-    can never be rejected, so starting a chain there would only stop it.
+    can never be rejected, so testing it would only waste a test (or stop a chain).
     """
     needed = positives_needed(target, level, 0)
     return int(np.searchsorted(table.n_exited, needed, side="left"))
@@ -142,29 +148,36 @@ def _run_chain(pvalues: np.ndarray, start: int, level: float, tested: np.ndarray
         rejected[j] = True
 
 
-def _multistart(table: CandidateTable, pvalues: np.ndarray, target: float, delta: float, n_starts: int) -> Selection:
+def _start_goals(n_calib: int, first: float, n_starts: int) -> list[float]:
+    """Exit counts where chains start: geometric from ``first`` towards ``n_calib``."""
+    if first >= n_calib:
+        return [float(n_calib)]
+    ratio = (n_calib / first) ** (1.0 / n_starts)
+    return [first * ratio**i for i in range(n_starts)]
+
+
+def _multistart(
+    table: CandidateTable, pvalues: np.ndarray, target: float, delta: float, n_starts: int
+) -> Selection:
     if n_starts < 1:
         raise ValueError(f"n_starts must be >= 1, got {n_starts}")
     m = len(table)
     level = delta / n_starts
     tested = np.zeros(m, dtype=bool)
     rejected = np.zeros(m, dtype=bool)
-    first = _first_feasible(table, target, level)
-    starts: list[int] = []
-    if first < m:
-        lo = table.n_exited[first]
-        for i in range(n_starts):
-            goal = lo + i * (table.n_calib - lo) / n_starts
-            starts.append(int(np.searchsorted(table.n_exited, goal, side="left")))
-        starts = sorted(set(starts))
+    first = START_FACTOR * positives_needed(target, level, 0)
+    goals = _start_goals(table.n_calib, first, n_starts)
+    starts = sorted({int(np.searchsorted(table.n_exited, g, side="left")) for g in goals} - {m})
     for s in starts:
         _run_chain(pvalues, s, level, tested, rejected)
-    return Selection(tested, rejected, level, {"n_starts": n_starts, "start_indices": starts})
+    return Selection(
+        tested, rejected, level, {"n_starts": n_starts, "start_exit_counts": [int(table.n_exited[s]) for s in starts]}
+    )
 
 
 def _fixed_sequence(table: CandidateTable, pvalues: np.ndarray, target: float, delta: float) -> Selection:
     selection = _multistart(table, pvalues, target, delta, 1)
-    selection.params = {"start_indices": selection.params["start_indices"]}
+    selection.params.pop("n_starts")
     return selection
 
 
@@ -218,43 +231,64 @@ def select_candidates(
     return sel
 
 
-def _row(table: CandidateTable, j: int) -> dict[str, Any]:
-    n_exit = int(table.n_exited[j])
-    n_pos = int(table.n_exited_positives[j])
-    n_fn = int(table.n_false_negatives[j])
-    return {
-        "threshold": float(table.thresholds[j]),
-        "n_exited": n_exit,
-        "coverage": n_exit / table.n_calib,
-        "n_exited_positives": n_pos,
-        "n_false_negatives": n_fn,
-        "fnr_on_exits": n_fn / n_pos if n_pos else None,
-        "exit_accuracy": int(table.n_exited_correct[j]) / n_exit if n_exit else None,
-    }
+def _sweep_rows(table: CandidateTable, sel: Selection, bounds: np.ndarray) -> list[dict[str, Any]]:
+    """One JSON-ready row per candidate (plain Python types)."""
+    columns = zip(
+        table.thresholds.tolist(),
+        table.n_exited.tolist(),
+        table.n_exited_positives.tolist(),
+        table.n_false_negatives.tolist(),
+        table.n_exited_correct.tolist(),
+        sel.pvalues.tolist(),
+        bounds.tolist(),
+        sel.tested.tolist(),
+        sel.rejected.tolist(),
+    )
+    n = table.n_calib
+    return [
+        {
+            "threshold": t,
+            "n_exited": n_exit,
+            "coverage": n_exit / n,
+            "n_exited_positives": n_pos,
+            "n_false_negatives": n_fn,
+            "fnr_on_exits": n_fn / n_pos if n_pos else None,
+            "exit_accuracy": n_ok / n_exit if n_exit else None,
+            "p_value": p,
+            "fnr_upper_bound": b,
+            "tested": tested,
+            "certified": rejected,
+        }
+        for t, n_exit, n_pos, n_fn, n_ok, p, b, tested, rejected in columns
+    ]
 
 
 def _grid_rows(probs: np.ndarray, labels: np.ndarray, target: float, delta: float) -> list[dict[str, Any]]:
+    """Statistics of the seed's fixed grid, for comparison only (bound at level delta, unadjusted)."""
     conf = probs.max(axis=1)
     pred = probs.argmax(axis=1)
-    rows = []
-    for t in SEED_GRID:
-        exits = conf >= t
-        pos = exits & (labels == 1)
-        n_exit, n_pos, n_fn = int(exits.sum()), int(pos.sum()), int((pos & (pred == 0)).sum())
-        rows.append(
-            {
-                "threshold": t,
-                "n_exited": n_exit,
-                "coverage": n_exit / labels.shape[0],
-                "n_exited_positives": n_pos,
-                "n_false_negatives": n_fn,
-                "fnr_on_exits": n_fn / n_pos if n_pos else None,
-                "exit_accuracy": int((exits & (pred == labels)).sum()) / n_exit if n_exit else None,
-                "p_value": binomial_pvalue(n_fn, n_pos, target),
-                "fnr_upper_bound_unadjusted": fnr_upper_bound(n_fn, n_pos, delta),
-            }
-        )
-    return rows
+    exits = conf[None, :] >= np.asarray(SEED_GRID)[:, None]
+    pos = exits & (labels == 1)
+    n_exit, n_pos = exits.sum(axis=1), pos.sum(axis=1)
+    n_fn = (pos & (pred == 0)).sum(axis=1)
+    n_ok = (exits & (pred == labels)).sum(axis=1)
+    pvalues = binomial_pvalue(n_fn, n_pos, target)
+    bounds = fnr_upper_bound(n_fn, n_pos, delta)
+    n = labels.shape[0]
+    return [
+        {
+            "threshold": t,
+            "n_exited": int(e),
+            "coverage": int(e) / n,
+            "n_exited_positives": int(np_),
+            "n_false_negatives": int(f),
+            "fnr_on_exits": int(f) / int(np_) if np_ else None,
+            "exit_accuracy": int(ok) / int(e) if e else None,
+            "p_value": float(p),
+            "fnr_upper_bound_unadjusted": float(b),
+        }
+        for t, e, np_, f, ok, p, b in zip(SEED_GRID, n_exit, n_pos, n_fn, n_ok, pvalues, bounds)
+    ]
 
 
 @dataclass
@@ -310,19 +344,8 @@ def certify_softmax_threshold(
     y = as_labels(labels, n=p.shape[0])
     table = candidate_table(p, y)
     sel = select_candidates(table, target_fnr, delta, method=method, n_starts=n_starts)
-    pvalues = sel.pvalues
-
     bounds = np.asarray(fnr_upper_bound(table.n_false_negatives, table.n_exited_positives, sel.test_level))
-    sweep = []
-    for j in range(len(table)):
-        row = _row(table, j)
-        row.update(
-            p_value=float(pvalues[j]),
-            fnr_upper_bound=float(bounds[j]),
-            tested=bool(sel.tested[j]),
-            certified=bool(sel.rejected[j]),
-        )
-        sweep.append(row)
+    sweep = _sweep_rows(table, sel, bounds)
     common = dict(
         n_calib=table.n_calib,
         method=method,

@@ -44,7 +44,8 @@ DEFAULT_N_VAL = 2400
 TRAIN_POSITIVE_RATE = 0.80
 VAL_POSITIVE_RATE = 0.90
 DEFAULT_LABEL_NOISE = 0.01
-HARD_NEGATIVE_RATE = 0.35
+HARD_NEGATIVE_RATE = 0.25
+MIN_ROADWORK_COVERAGE = 0.05
 WIDTH_RANGE = (256, 400)
 ASPECT_RANGE = (1.2, 1.6)
 _SPLIT_CODES = {"train": 0, "val": 1}
@@ -342,23 +343,49 @@ _ROADWORK_ITEMS: dict[str, Callable[..., None]] = {
 }
 
 
-def _draw_roadwork(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> None:
-    """A work zone: a receding row of cones/barrels/beacons, plus barriers and signs."""
-    row_kind = str(rng.choice(["cone", "barrel", "beacon"], p=[0.5, 0.25, 0.25]))
-    lateral = rng.uniform(-0.7, 0.7)
-    drift = rng.uniform(-0.4, 0.4)
-    near = rng.uniform(0.65, 0.95)
+def _eval_crop_box(scene: _Scene) -> tuple[int, int, int, int]:
+    """The region kept by Resize(256) + CenterCrop(224), in original pixels."""
+    short = min(scene.width, scene.height)
+    half = short * 224 / 256 / 2
+    cx, cy = scene.width / 2, scene.height / 2
+    return int(cx - half), int(cy - half), int(math.ceil(cx + half)), int(math.ceil(cy + half))
+
+
+def _draw_roadwork(img: Image.Image, scene: _Scene, rng: np.random.Generator) -> float:
+    """Composite a work zone onto ``img``; return the fraction of the evaluation crop it covers.
+
+    A receding row of cones, barrels or striped beacons plus barriers and signs, kept inside the
+    central crop the evaluation transform sees. Items are drawn on a transparent layer so their
+    coverage can be measured; a zone covering less than ``MIN_ROADWORK_COVERAGE`` of the crop gets
+    more items near the camera (a roadwork label always comes with clearly visible roadwork).
+    """
+    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    box = _eval_crop_box(scene)
+    row_kind = str(rng.choice(["cone", "barrel", "beacon"], p=[0.4, 0.3, 0.3]))
+    lateral = rng.uniform(-0.6, 0.6)
+    drift = rng.uniform(-0.3, 0.3)
+    near = rng.uniform(0.7, 0.95)
     count = int(rng.integers(3, 8))
-    depths = sorted(near * np.geomspace(1.0, rng.uniform(0.3, 0.5), count))
-    size_scale = scene.height * rng.uniform(0.28, 0.4)
-    items: list[tuple[float, str, float]] = [(d, row_kind, lateral + drift * (near - d)) for d in depths]
+    depths = near * np.geomspace(1.0, rng.uniform(0.3, 0.5), count)
+    size_scale = scene.height * rng.uniform(0.32, 0.42)
+    items: list[tuple[float, str, float]] = [(float(d), row_kind, lateral + drift * (near - d)) for d in depths]
     for _ in range(int(rng.integers(0, 3))):
-        items.append((rng.uniform(0.4, 0.9), str(rng.choice(["barrier", "sign", "cone"])), rng.uniform(-1.3, 1.3)))
-    if all(kind == row_kind for _, kind, _ in items) and rng.random() < 0.4:
-        items.append((rng.uniform(0.45, 0.85), "sign", rng.choice([-1.2, 1.2])))
-    for depth, kind, lat in sorted(items):
-        x, y = scene.ground(depth, lat)
-        _ROADWORK_ITEMS[kind](draw, x, y, size_scale * depth, rng)
+        items.append((rng.uniform(0.45, 0.9), str(rng.choice(["barrier", "sign", "cone", "barrel"])), rng.uniform(-0.8, 0.8)))
+    if rng.random() < 0.3:
+        items.append((rng.uniform(0.5, 0.85), "sign", rng.choice([-0.85, 0.85])))
+    coverage = 0.0
+    for attempt in range(4):
+        for depth, kind, lat in sorted(items):
+            x, y = scene.ground(depth, lat)
+            _ROADWORK_ITEMS[kind](draw, x, y, size_scale * depth, rng)
+        alpha = np.asarray(layer.getchannel("A").crop(box))
+        coverage = float(np.count_nonzero(alpha)) / alpha.size
+        if coverage >= MIN_ROADWORK_COVERAGE:
+            break
+        items = [(rng.uniform(0.75, 0.95), str(rng.choice(["barrier", "barrel", "cone"])), rng.uniform(-0.5, 0.5))]
+    img.paste(layer, (0, 0), layer)
+    return coverage
 
 
 def _draw_hard_negative(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> None:
@@ -407,8 +434,8 @@ def render_scene(rng: np.random.Generator, roadwork: bool) -> Image.Image:
         width=width,
         height=height,
         horizon=height * rng.uniform(0.35, 0.5),
-        vanish_x=width * rng.uniform(0.42, 0.58),
-        road_half=width * rng.uniform(0.3, 0.5),
+        vanish_x=width * rng.uniform(0.46, 0.54),
+        road_half=height * rng.uniform(0.38, 0.5),
     )
     img = Image.new("RGB", (width, height))
     _draw_sky(img, scene, rng)
@@ -423,7 +450,7 @@ def render_scene(rng: np.random.Generator, roadwork: bool) -> Image.Image:
     for _ in range(int(rng.integers(0, 3))):
         _draw_car(draw, scene, rng)
     if roadwork:
-        _draw_roadwork(draw, scene, rng)
+        _draw_roadwork(img, scene, rng)
     elif rng.random() < HARD_NEGATIVE_RATE:
         _draw_hard_negative(draw, scene, rng)
     if rng.random() < 0.15:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def as_probs(probs, name: str = "probs") -> np.ndarray:
+def as_probs(probs, name: str = "probs", allow_empty: bool = False) -> np.ndarray:
     """``probs`` as a float64 [N, C] array of probabilities (rows sum to 1 within 1e-4)."""
     arr = np.asarray(probs, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] < 2:
         raise ValueError(f"{name} must have shape [N, C] with C >= 2, got {arr.shape}")
-    if arr.shape[0] == 0:
+    if arr.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty: need at least one sample")
     if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 1):
         raise ValueError(f"{name} must hold finite probabilities in [0, 1]")

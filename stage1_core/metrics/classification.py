@@ -8,7 +8,7 @@ when a row or column of the confusion matrix is empty (scikit-learn's convention
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, matthews_corrcoef
+from sklearn.metrics import accuracy_score, confusion_matrix
 
 from ._inputs import as_labels
 
@@ -38,6 +38,18 @@ def balanced_accuracy(labels, preds) -> float:
 
 
 def mcc(labels, preds) -> float:
-    """Matthews correlation coefficient (0 when undefined)."""
+    """Matthews correlation coefficient (0 when undefined).
+
+    scikit-learn's covariance formula on the full 2 x 2 confusion matrix, so a set with a
+    single class gives 0 without a warning.
+    """
     y, p = _pair(labels, preds)
-    return float(matthews_corrcoef(y, p))
+    cm = confusion_matrix(y, p, labels=[0, 1]).astype(np.float64)
+    t_sum, p_sum = cm.sum(axis=1), cm.sum(axis=0)
+    n, correct = cm.sum(), np.trace(cm)
+    cov_ytyp = correct * n - t_sum @ p_sum
+    cov_ypyp = n * n - p_sum @ p_sum
+    cov_ytyt = n * n - t_sum @ t_sum
+    if cov_ypyp * cov_ytyt == 0:
+        return 0.0
+    return float(cov_ytyp / np.sqrt(cov_ytyt * cov_ypyp))

@@ -101,6 +101,7 @@ def ensure_builtin_backbone(name: str, artifacts_root: str | Path) -> Path:
             torch.manual_seed(BUILTIN_SEED)
             model = DINOv3ViTModel(DINOv3ViTConfig(**BUILTIN_BACKBONES[name]))
         model.save_pretrained(tmp)
+        tmp.chmod(0o755)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -1,0 +1,333 @@
+"""Export a deploy bundle: head weights, exactly one policy file, config, splits, metrics, README.
+
+The bundle is assembled in a temporary sibling directory, sealed with ``bundle.json`` (sha256 of
+every other file), verified with :func:`~stage1_core.bundle.load.verify_bundle`, and only then
+renamed into place, so ``out_dir`` always holds either the previous bundle or the complete new one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+from stage1_core.artifacts import ArtifactError, atomic_write_bytes, atomic_write_text, load_tensors, read_json, sha256_file, write_json
+from stage1_core.bundle.load import MANIFEST_NAME, POLICY_FILE_NAMES, BundleError, verify_bundle
+from stage1_core.config import Stage1ProConfig, git_commit
+from stage1_core.model.head import HeadStateError, Stage1Head, load_head_state_dict
+from stage1_core.policies import load_policy, policy_class
+
+__all__ = ["MODEL_FILE", "BUNDLE_FILES", "code_version", "export_bundle", "render_readme"]
+
+MODEL_FILE = "model_best.pth"
+#: Fixed names of the non-policy files (as the bundle schema requires them).
+BUNDLE_FILES = {"config": "config.json", "splits": "splits.json", "metrics": "metrics.csv", "readme": "README.md"}
+DISTRIBUTION = "stage1-pro"
+
+
+def code_version() -> str:
+    """``stage1-pro <version>`` plus ``+git <commit>`` when the source tree is a git checkout."""
+    try:
+        version = metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    commit = git_commit()
+    return f"{DISTRIBUTION} {version}" + (f" +git {commit}" if commit else "")
+
+
+def _plain_state_dict(path: Path, head_info: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The head weights at ``path`` checked against ``head_info`` and re-keyed canonically."""
+    try:
+        state = load_tensors(path)
+    except ArtifactError as exc:
+        raise BundleError([f"head weights: {exc}"]) from exc
+    head = Stage1Head(int(head_info["hidden_size"]), float(head_info["dropout"]), bool(head_info["with_gate"]))
+    try:
+        load_head_state_dict(head, state, source=path)
+    except HeadStateError as exc:
+        raise BundleError([f"head weights: {exc}"]) from exc
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in head.state_dict().items()}
+
+
+def _check_extra_name(name: str, reserved: set[str]) -> str | None:
+    pure = PurePosixPath(name)
+    if not name or "\\" in name or pure.is_absolute() or ".." in pure.parts or any(p in ("", ".") for p in name.split("/")):
+        return f"extra file name {name!r} must be a relative path inside the bundle (no '..', not absolute)"
+    if pure.name in POLICY_FILE_NAMES:
+        return (
+            f"extra file {name!r} is a policy file: a bundle holds exactly one policy file, the active "
+            f"policy's; refusing to add a second"
+        )
+    if name in reserved:
+        return f"extra file name {name!r} collides with a file the bundle already holds"
+    return None
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100.0 * float(value):.2f}%"
+
+
+def _policy_section(policy_name: str, doc: Mapping[str, Any]) -> list[str]:
+    """Plain-words meaning of the policy file ``doc``."""
+    threshold_key = next((k for k in ("exit_threshold", "gate_threshold") if k in doc), None)
+    threshold = doc.get(threshold_key) if threshold_key else None
+    target, delta = doc.get("target_fnr"), doc.get("delta")
+    lines = [f"Active exit policy: **{policy_name}** (file `{policy_class(policy_name).policy_file}`).", ""]
+    if policy_name == "softmax":
+        rule = "its larger softmax probability (roadwork or no roadwork) is at least t"
+    elif policy_name == "gate":
+        rule = "its calibrated gate score (the head's estimate that its prediction is right) is at least t"
+    else:
+        rule = "the policy's prediction set for it holds a single label"
+    if doc.get("certified"):
+        lines += [
+            f"An image **exits** at Stage 1 (its label is final) when {rule}, with "
+            f"t = {_fmt(threshold, 6)} read from the policy file; every other image is **deferred** "
+            f"to Stage 2 (prediction set {{0, 1}}).",
+            "",
+            f"Certificate: on {doc.get('n_calib', 'n/a')} val_calib images, with method "
+            f"`{doc.get('method', 'n/a')}`, the false-negative rate among exited roadwork images "
+            f"(FNR on exits) is at most {_fmt(target)} with probability at least "
+            f"{_fmt(None if delta is None else 1 - delta)}: its one-sided Clopper-Pearson upper bound is "
+            f"{_fmt(doc.get('fnr_upper_bound'))} from {doc.get('n_exited_positives', 'n/a')} exited "
+            f"positives (observed FNR on exits {_fmt(doc.get('fnr_on_exits'))}).",
+            "",
+            f"Coverage (fraction of images exited) on val_calib: {_pct(doc.get('coverage'))}"
+            + (
+                f"; at the deployment prior {_fmt(doc.get('deploy_prior'))} (share of roadwork "
+                f"images): {_pct(doc.get('coverage_at_deploy_prior'))}."
+                if doc.get("coverage_at_deploy_prior") is not None
+                else "."
+            ),
+        ]
+    else:
+        lines += [
+            "Nothing was certified, so this policy **exits no image**: every image is deferred to "
+            "Stage 2 (prediction set {0, 1}). There is no default threshold.",
+            "",
+            f"Reason: {doc.get('reason') or 'not recorded'}",
+        ]
+    return lines
+
+
+def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) -> str:
+    """The bundle's README.md: contents, how to load it, what the policy means, headline figures."""
+    backbone, head = manifest["backbone"], manifest["head"]
+    files = manifest["files"]
+    descriptions = {
+        manifest["model_file"]: "head weights, a plain state_dict of tensors (load with torch.load(weights_only=True))",
+        manifest["policy_file"]: f"the exit policy ({manifest['active_exit_policy']}), fit on val_calib only",
+        files["config"]: "the run configuration",
+        files["splits"]: "sample ids of train / val_select / val_calib / val_test",
+        files["metrics"]: "evaluation on val_test: value, bootstrap mean/std/CI, n per metric",
+        files["readme"]: "this file",
+    }
+    lines = [
+        f"# Stage-1 roadwork classifier: deploy bundle (phase {manifest['phase']})",
+        "",
+        "A frozen DINOv3 backbone gives CLS features, a small head gives roadwork / no-roadwork "
+        "probabilities, and the exit policy decides which images Stage 1 answers at once.",
+        "",
+        "## What is inside",
+        "",
+        "| file | what | sha256 |",
+        "|---|---|---|",
+        f"| `{MANIFEST_NAME}` | manifest: file list and checksums, backbone, policy, provenance | - |",
+    ]
+    for name in sorted({*manifest["sha256"], files["readme"]}):
+        what = descriptions.get(name, "additional file")
+        digest = manifest["sha256"].get(name) if name != files["readme"] else None
+        lines.append(f"| `{name}` | {what} | " + (f"`{digest[:16]}...` |" if digest else "see bundle.json |"))
+    lines += [
+        "",
+        f"Backbone (not included): `{backbone['model_path']}`, hidden size {backbone['hidden_size']}, "
+        f"fingerprint `{backbone['fingerprint']}`. Loading refuses a backbone with another fingerprint.",
+        f"Preprocessing: `{backbone['transform']}`.",
+        f"Head: hidden size {head['hidden_size']}, dropout {head['dropout']}, gate head: {_fmt(head['with_gate'])}.",
+        "",
+        "## How to load",
+        "",
+        "```bash",
+        "stage1 bundle verify <this directory>",
+        "stage1 predict --bundle <this directory> image1.jpg image2.jpg [--json]",
+        "```",
+        "",
+        "```python",
+        "from stage1_core.bundle import Stage1Bundle",
+        "",
+        'bundle = Stage1Bundle.load("<this directory>", artifacts_root="<where builtin backbones live>")',
+        'bundle.predict(["image1.jpg"])',
+        '# [{"exit": True, "label": 1, "p_roadwork": 0.97, "prediction_set": [1]}]',
+        "```",
+        "",
+        "Loading checks the manifest and policy schemas, the file set, every sha256, that no path "
+        "leaves this directory and that the weights are plain tensors. `label` is set only for "
+        "exited images; a deferred image has prediction set [0, 1].",
+        "",
+        "## Exit policy",
+        "",
+        *_policy_section(manifest["active_exit_policy"], policy_doc),
+        "",
+        "## Headline figures",
+        "",
+    ]
+    if manifest["headline"]:
+        lines += ["| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in manifest["headline"].items()]
+    else:
+        lines.append("No headline figures were recorded; see metrics.csv.")
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- created: {manifest['created_at']}",
+        f"- code: {manifest['code_version']}",
+        f"- Dagster run: {manifest['dagster_run_id'] or 'none (exported outside Dagster)'}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _replace_dir(new: Path, out_dir: Path) -> None:
+    """Move the finished bundle ``new`` to ``out_dir``, replacing a previous bundle there."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        os.rename(new, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    old.rmdir()
+    os.rename(out_dir, old)
+    try:
+        os.rename(new, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(
+    out_dir: str | Path,
+    *,
+    phase: int,
+    head_state_dict_path: str | Path,
+    policy_name: str,
+    policy_file_path: str | Path,
+    config: Stage1ProConfig,
+    splits_path: str | Path,
+    metrics_csv_path: str | Path,
+    backbone_info: Mapping[str, Any],
+    head_info: Mapping[str, Any],
+    headline: Mapping[str, Any],
+    dagster_run_id: str | None = None,
+    extra_files: Mapping[str, str | Path] | None = None,
+) -> Path:
+    """Write a verified deploy bundle to ``out_dir`` atomically and return its path.
+
+    ``backbone_info``: ``model_path``, ``fingerprint``, ``hidden_size``, ``transform``
+    (``describe_transform`` of the evaluation transform) and optionally ``adapter_file``.
+    ``head_info``: ``hidden_size``, ``dropout``, ``with_gate``. ``extra_files`` maps names inside
+    the bundle (e.g. ``calibrators/platt.json``) to source files. Raises :class:`BundleError`
+    listing every problem; ``out_dir`` is left untouched then.
+    """
+    out_dir = Path(out_dir)
+    extra = dict(extra_files or {})
+    if out_dir.exists() or out_dir.is_symlink():
+        if out_dir.is_symlink() or not out_dir.is_dir():
+            raise BundleError([f"{out_dir} exists and is not a directory; refusing to replace it"])
+        if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+            raise BundleError(
+                [f"{out_dir} is a non-empty directory without {MANIFEST_NAME} (not a bundle); refusing to replace it"]
+            )
+    cls = policy_class(policy_name)
+    policy_file = cls.policy_file
+    reserved = {MANIFEST_NAME, MODEL_FILE, policy_file, *BUNDLE_FILES.values()}
+    problems = [p for name in extra if (p := _check_extra_name(name, reserved))]
+    problems += [f"extra file {name!r}: source {src} is not a file" for name, src in extra.items() if not Path(src).is_file()]
+    for label, src in (("splits", splits_path), ("metrics", metrics_csv_path), ("head weights", head_state_dict_path)):
+        if not Path(src).is_file():
+            problems.append(f"{label}: {src} is not a file")
+    if problems:
+        raise BundleError(problems)
+    try:
+        load_policy(policy_name, policy_file_path)
+        policy_doc = read_json(policy_file_path)
+        read_json(splits_path, schema="splits")
+    except (ArtifactError, ValueError) as exc:
+        raise BundleError([str(exc)]) from exc
+    state = _plain_state_dict(Path(head_state_dict_path), head_info)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(tmp / MODEL_FILE, buffer.getvalue())
+        shutil.copyfile(policy_file_path, tmp / policy_file)
+        config.save(tmp / BUNDLE_FILES["config"])
+        shutil.copyfile(splits_path, tmp / BUNDLE_FILES["splits"])
+        shutil.copyfile(metrics_csv_path, tmp / BUNDLE_FILES["metrics"])
+        for name, src in extra.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / name)
+
+        backbone = {
+            "model_path": str(backbone_info["model_path"]),
+            "fingerprint": str(backbone_info["fingerprint"]),
+            "hidden_size": int(backbone_info["hidden_size"]),
+            "transform": str(backbone_info["transform"]),
+        }
+        if backbone_info.get("adapter_file") is not None:
+            backbone["adapter_file"] = str(backbone_info["adapter_file"])
+        manifest: dict[str, Any] = {
+            "schema_version": 1,
+            "phase": int(phase),
+            "active_exit_policy": policy_name,
+            "policy_file": policy_file,
+            "model_file": MODEL_FILE,
+            "backbone": backbone,
+            "head": {
+                "hidden_size": int(head_info["hidden_size"]),
+                "dropout": float(head_info["dropout"]),
+                "with_gate": bool(head_info["with_gate"]),
+            },
+            "files": dict(BUNDLE_FILES),
+            "sha256": {},
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "code_version": code_version(),
+            "dagster_run_id": dagster_run_id,
+            "headline": dict(headline),
+        }
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        manifest["sha256"] = {name: sha256_file(tmp / name) for name in files}
+        atomic_write_text(tmp / BUNDLE_FILES["readme"], render_readme(manifest, policy_doc))
+        manifest["sha256"][BUNDLE_FILES["readme"]] = sha256_file(tmp / BUNDLE_FILES["readme"])
+        manifest["sha256"] = dict(sorted(manifest["sha256"].items()))
+        try:
+            write_json(tmp / MANIFEST_NAME, manifest, schema="bundle")
+        except ArtifactError as exc:
+            raise BundleError([str(exc)]) from exc
+        problems = verify_bundle(tmp)
+        if problems:
+            raise BundleError(problems, tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

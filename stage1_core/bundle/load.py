@@ -1,0 +1,439 @@
+"""Verify and load a deploy bundle; the loaded bundle predicts through :class:`Stage1Predictor`.
+
+:func:`verify_bundle` lists every problem of a bundle directory (manifest and policy schemas, the
+exact file set, exactly one policy file, sha256 of each file, no pointer that is absolute or
+leaves the directory, weights that are plain tensors). :meth:`Stage1Bundle.load` refuses a bundle
+with any problem, and resolves the backbone only when images are first predicted, checking that
+its fingerprint is the one recorded at export.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from stage1_core.artifacts import ArtifactError, load_schema, read_json, schema_errors, sha256_file
+from stage1_core.bundle.predictor import ImageInput, Stage1Predictor
+from stage1_core.config import ConfigError, Stage1ProConfig
+from stage1_core.data.transforms import build_eval_transform, describe_transform
+from stage1_core.model.backbone import BUILTIN_PREFIX, BackboneError, DINOv3Backbone
+from stage1_core.model.head import HeadStateError, Stage1Head, load_head_state_dict
+from stage1_core.policies import Decisions, ExitPolicy, load_policy, policy_class
+
+__all__ = [
+    "MANIFEST_NAME",
+    "POLICY_FILE_NAMES",
+    "BundleError",
+    "Stage1Bundle",
+    "default_artifacts_root",
+    "eval_transform_from_description",
+    "format_prediction",
+    "manifest_pointers",
+    "verify_bundle",
+]
+
+MANIFEST_NAME = "bundle.json"
+#: Every policy file a bundle may hold (exactly one of them), as the bundle schema lists them.
+POLICY_FILE_NAMES: tuple[str, ...] = tuple(load_schema("bundle")["properties"]["policy_file"]["enum"])
+
+
+class BundleError(ValueError):
+    """A bundle is invalid or cannot serve; ``problems`` lists every reason."""
+
+    def __init__(self, problems: Sequence[str], directory: str | Path | None = None) -> None:
+        self.problems = list(problems)
+        self.directory = None if directory is None else Path(directory)
+        where = f"{directory}: " if directory is not None else ""
+        super().__init__(where + "invalid deploy bundle:\n  " + "\n  ".join(self.problems))
+
+
+# ----- manifest pointers -----------------------------------------------------------------
+
+
+def manifest_pointers(manifest: Any) -> list[tuple[str, Any]]:
+    """Every ``(json path, value)`` in the manifest that names a file inside the bundle.
+
+    ``backbone.model_path`` is not one: it names the backbone outside the bundle (a model
+    directory or ``builtin:<name>``) and is checked by fingerprint when the backbone is loaded.
+    """
+    if not isinstance(manifest, Mapping):
+        return []
+    pointers: list[tuple[str, Any]] = []
+    for key in ("policy_file", "model_file"):
+        if key in manifest:
+            pointers.append((f"$.{key}", manifest[key]))
+    files = manifest.get("files")
+    if isinstance(files, Mapping):
+        pointers.extend((f"$.files.{k}", v) for k, v in files.items())
+    backbone = manifest.get("backbone")
+    if isinstance(backbone, Mapping) and backbone.get("adapter_file") is not None:
+        pointers.append(("$.backbone.adapter_file", backbone["adapter_file"]))
+    sha = manifest.get("sha256")
+    if isinstance(sha, Mapping):
+        pointers.extend((f"$.sha256[{k!r}]", k) for k in sha)
+    return pointers
+
+
+def pointer_problem(root: Path, value: Any) -> str | None:
+    """Why ``value`` is not a safe relative path inside ``root`` (None when it is)."""
+    if not isinstance(value, str) or not value:
+        return f"{value!r} is not a relative file path"
+    if "\\" in value or PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute() or PureWindowsPath(value).drive:
+        return f"{value!r} is an absolute path; bundle pointers must be relative to the bundle directory"
+    parts = PurePosixPath(value).parts
+    if ".." in parts:
+        return f"{value!r} leaves the bundle directory ('..'); bundle pointers must stay inside it"
+    if any(part in ("", ".") for part in value.split("/")):
+        return f"{value!r} is not a normalised relative path (empty or '.' component)"
+    resolved = (root / value).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        return f"{value!r} resolves to {resolved}, outside the bundle directory (symbolic link?)"
+    return None
+
+
+def _bundle_files(root: Path) -> tuple[set[str], list[str]]:
+    """Relative POSIX paths of every file (and link) under ``root`` except the manifest, and link problems."""
+    files: set[str] = set()
+    problems: list[str] = []
+    resolved_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for name in list(dirnames):
+            if (base / name).is_symlink():
+                dirnames.remove(name)
+                filenames.append(name)
+        for name in filenames:
+            path = base / name
+            rel = path.relative_to(root).as_posix()
+            if rel == MANIFEST_NAME:
+                continue
+            files.add(rel)
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(resolved_root):
+                    problems.append(f"{rel}: symbolic link to {target}, outside the bundle directory")
+                elif not target.is_file():
+                    problems.append(f"{rel}: symbolic link to {target}, which is not a file")
+    return files, problems
+
+
+# ----- transform -------------------------------------------------------------------------
+
+_NUMBERS = r"\(([^()]*)\)"
+
+
+def eval_transform_from_description(text: str):
+    """Rebuild the evaluation transform recorded in a manifest (``describe_transform`` text).
+
+    The parameters (resize, crop size, mean, std) are read from the text, the transform is
+    rebuilt with :func:`build_eval_transform`, and its description must equal ``text`` exactly;
+    otherwise a ``ValueError`` says the recorded preprocessing cannot be reproduced.
+    """
+    resize = re.search(r"Resize\([^()]*size=" + _NUMBERS, text)
+    crop = re.search(r"CenterCrop\([^()]*size=" + _NUMBERS, text)
+    norm = re.search(r"Normalize\([^()]*mean=" + _NUMBERS + r"[^()]*std=" + _NUMBERS, text)
+    if not (resize and crop and norm):
+        raise ValueError(
+            f"recorded transform is not an evaluation transform (Resize, CenterCrop, Normalize): {text!r}"
+        )
+    try:
+        resize_size = [int(v) for v in resize.group(1).split(",") if v.strip()]
+        crop_size = [int(v) for v in crop.group(1).split(",") if v.strip()]
+        mean = [float(v) for v in norm.group(1).split(",") if v.strip()]
+        std = [float(v) for v in norm.group(2).split(",") if v.strip()]
+    except ValueError as exc:
+        raise ValueError(f"recorded transform has unreadable parameters ({exc}): {text!r}") from None
+    if len(resize_size) != 1 or len(crop_size) != 2 or crop_size[0] != crop_size[1]:
+        raise ValueError(f"recorded transform needs Resize(size=(s,)) and a square CenterCrop: {text!r}")
+    transform = build_eval_transform(image_size=crop_size[0], resize=resize_size[0], mean=mean, std=std)
+    rebuilt = describe_transform(transform)
+    if rebuilt != text:
+        raise ValueError(
+            "recorded transform cannot be reproduced by this version of stage1_core:\n"
+            f"    recorded: {text}\n    rebuilt:  {rebuilt}"
+        )
+    return transform
+
+
+# ----- verification ----------------------------------------------------------------------
+
+
+def _weights_problems(path: Path, rel: str, head_info: Any) -> list[str]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [
+            f"{rel}: refused: it holds pickled Python objects other than tensors, and loading them "
+            f"could execute code (torch.load weights_only=True: {first}). Re-export the bundle "
+            f"from a plain state_dict."
+        ]
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        return [f"{rel}: unreadable or truncated weight file ({exc})"]
+    if not isinstance(state, Mapping):
+        return [f"{rel}: holds a {type(state).__name__}, expected a state_dict (mapping of names to tensors)"]
+    bad = sorted(f"{k!r} ({type(v).__name__})" for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor)))
+    if bad:
+        return [f"{rel}: must hold only tensors keyed by name; offending entries: {', '.join(bad)}"]
+    if isinstance(head_info, Mapping):
+        try:
+            head = Stage1Head(
+                int(head_info["hidden_size"]), float(head_info["dropout"]), bool(head_info["with_gate"])
+            )
+            load_head_state_dict(head, state, source=rel)
+        except (HeadStateError, KeyError, TypeError, ValueError) as exc:
+            return [f"{rel}: does not fit the head recorded in bundle.json ($.head): {exc}"]
+    return []
+
+
+def _metrics_problems(path: Path, rel: str) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return [f"{rel}: unreadable CSV ({exc})"]
+    if not header or "metric" not in header:
+        return [f"{rel}: line 1: expected a CSV header with a 'metric' column, got {header!r}"]
+    return []
+
+
+def verify_bundle(directory: str | Path) -> list[str]:
+    """Every problem of the bundle at ``directory`` (an empty list when it is valid)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return [f"{root}: not a directory"]
+    manifest_path = root / MANIFEST_NAME
+    if manifest_path.is_symlink():
+        return [f"{MANIFEST_NAME}: is a symbolic link; the manifest must be a regular file"]
+    try:
+        manifest = read_json(manifest_path)
+    except ArtifactError as exc:
+        return [f"{MANIFEST_NAME}: {exc}"]
+    if not isinstance(manifest, dict):
+        return [f"{MANIFEST_NAME}: top level must be a JSON object, got {type(manifest).__name__}"]
+
+    problems = [f"{MANIFEST_NAME}: {p}" for p in schema_errors(manifest, "bundle")]
+
+    # Pointers: relative, inside the directory.
+    unsafe: set[str] = set()
+    for json_path, value in manifest_pointers(manifest):
+        why = pointer_problem(root, value)
+        if why:
+            problems.append(f"{MANIFEST_NAME}: {json_path}: {why}")
+            if isinstance(value, str):
+                unsafe.add(value)
+
+    # File set: exactly the declared files, exactly one policy file.
+    sha = manifest.get("sha256") if isinstance(manifest.get("sha256"), Mapping) else {}
+    declared = {k for k in sha if isinstance(k, str)}
+    present, link_problems = _bundle_files(root)
+    problems.extend(link_problems)
+    for rel in sorted(declared - present - unsafe):
+        problems.append(f"{rel}: listed in {MANIFEST_NAME} ($.sha256) but missing from the bundle")
+    for rel in sorted(present - declared):
+        problems.append(f"{rel}: unexpected file, not listed in {MANIFEST_NAME} ($.sha256); remove it or re-export")
+    for json_path, value in manifest_pointers(manifest):
+        if not json_path.startswith("$.sha256") and isinstance(value, str) and value not in unsafe and value not in declared:
+            problems.append(f"{MANIFEST_NAME}: {json_path} names {value!r}, which has no entry in $.sha256")
+    policy_files = sorted(p for p in present | declared if PurePosixPath(p).name in POLICY_FILE_NAMES)
+    if len(policy_files) > 1:
+        problems.append(
+            f"bundle holds {len(policy_files)} policy files ({', '.join(policy_files)}): exactly one is "
+            f"allowed, the one named by $.policy_file"
+        )
+    active, policy_name = manifest.get("active_exit_policy"), manifest.get("policy_file")
+    if isinstance(active, str) and isinstance(policy_name, str):
+        try:
+            expected = policy_class(active).policy_file
+        except ValueError as exc:
+            problems.append(f"{MANIFEST_NAME}: $.active_exit_policy: {exc}")
+        else:
+            if expected != policy_name:
+                problems.append(
+                    f"{MANIFEST_NAME}: $.policy_file is {policy_name!r} but policy {active!r} is stored in {expected!r}"
+                )
+
+    # Checksums.
+    readable: set[str] = set()
+    for rel in sorted(declared & present - unsafe):
+        path = root / rel
+        if not path.is_file():
+            continue
+        digest = sha256_file(path)
+        if digest != sha[rel]:
+            problems.append(
+                f"{rel}: sha256 {digest} does not match {sha[rel]!r} recorded in {MANIFEST_NAME}: "
+                f"the file was changed after export"
+            )
+        readable.add(rel)
+
+    # Content of the files the manifest points at.
+    def target(value: Any) -> Path | None:
+        return root / value if isinstance(value, str) and value in readable else None
+
+    if (path := target(policy_name)) is not None and isinstance(active, str):
+        try:
+            load_policy(active, path)
+        except (ArtifactError, ValueError, TypeError, KeyError) as exc:
+            problems.append(f"{policy_name}: {exc}")
+    files = manifest.get("files") if isinstance(manifest.get("files"), Mapping) else {}
+    if (path := target(files.get("config"))) is not None:
+        try:
+            Stage1ProConfig.load(path)
+        except (ArtifactError, ConfigError, ValueError) as exc:
+            problems.append(f"{files['config']}: {exc}")
+    if (path := target(files.get("splits"))) is not None:
+        try:
+            read_json(path, schema="splits")
+        except ArtifactError as exc:
+            problems.append(f"{files['splits']}: {exc}")
+    if (path := target(files.get("metrics"))) is not None:
+        problems.extend(_metrics_problems(path, files["metrics"]))
+    if (path := target(manifest.get("model_file"))) is not None:
+        problems.extend(_weights_problems(path, manifest["model_file"], manifest.get("head")))
+
+    backbone, head = manifest.get("backbone"), manifest.get("head")
+    if isinstance(backbone, Mapping) and isinstance(head, Mapping):
+        if backbone.get("hidden_size") != head.get("hidden_size"):
+            problems.append(
+                f"{MANIFEST_NAME}: $.head.hidden_size={head.get('hidden_size')!r} differs from "
+                f"$.backbone.hidden_size={backbone.get('hidden_size')!r}"
+            )
+    if isinstance(backbone, Mapping) and isinstance(backbone.get("transform"), str):
+        try:
+            eval_transform_from_description(backbone["transform"])
+        except ValueError as exc:
+            problems.append(f"{MANIFEST_NAME}: $.backbone.transform: {exc}")
+    return problems
+
+
+# ----- loading ---------------------------------------------------------------------------
+
+
+def default_artifacts_root() -> Path:
+    """Where a builtin backbone is written when no artifacts root is given (a per-user cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "stage1-pro"
+
+
+class Stage1Bundle:
+    """A verified deploy bundle: its manifest, policy, config and predictor.
+
+    The backbone is loaded on the first image prediction (deciding on cached features does not
+    need it); it must have the fingerprint recorded in ``bundle.json``.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        policy: ExitPolicy,
+        config: Stage1ProConfig,
+        head: Stage1Head,
+        artifacts_root: Path | None,
+        device: str | torch.device,
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.policy = policy
+        self.config = config
+        self.head = head
+        self.artifacts_root = artifacts_root
+        self.predictor = Stage1Predictor(head, policy, device=device)
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, artifacts_root: str | Path | None = None, device: str | torch.device = "cpu"
+    ) -> "Stage1Bundle":
+        """Verify the bundle at ``directory`` and load it; raise :class:`BundleError` listing every problem."""
+        root = Path(directory)
+        problems = verify_bundle(root)
+        if problems:
+            raise BundleError(problems, root)
+        manifest = read_json(root / MANIFEST_NAME, schema="bundle")
+        policy = load_policy(manifest["active_exit_policy"], root / manifest["policy_file"])
+        config = Stage1ProConfig.load(root / manifest["files"]["config"])
+        info = manifest["head"]
+        head = Stage1Head(info["hidden_size"], info["dropout"], info["with_gate"])
+        state = torch.load(root / manifest["model_file"], map_location="cpu", weights_only=True)
+        load_head_state_dict(head, state, source=root / manifest["model_file"])
+        head.eval()
+        return cls(root, manifest, policy, config, head, None if artifacts_root is None else Path(artifacts_root), device)
+
+    @property
+    def backbone_loaded(self) -> bool:
+        return self.predictor.backbone is not None
+
+    def load_backbone(self) -> DINOv3Backbone:
+        """Resolve and load the recorded backbone (once); refuse one with another fingerprint."""
+        if self.predictor.backbone is not None:
+            return self.predictor.backbone
+        info = self.manifest["backbone"]
+        model_path = info["model_path"]
+        root = self.artifacts_root
+        if root is None and model_path.startswith(BUILTIN_PREFIX):
+            root = default_artifacts_root()
+        try:
+            backbone = DINOv3Backbone.load(model_path, artifacts_root=root, device=self.predictor.device)
+        except BackboneError as exc:
+            raise BundleError([f"backbone {model_path!r} recorded in {MANIFEST_NAME}: {exc}"], self.directory) from exc
+        problems = []
+        if backbone.hidden_size != info["hidden_size"]:
+            problems.append(
+                f"backbone {model_path!r} has hidden size {backbone.hidden_size}, bundle.json records {info['hidden_size']}"
+            )
+        found = backbone.fingerprint()
+        if found != info["fingerprint"]:
+            problems.append(
+                f"backbone {model_path!r} (loaded from {backbone.source}) has fingerprint {found}, but the "
+                f"head in this bundle was trained on features of {info['fingerprint']}: its decisions would be "
+                f"meaningless. Point the bundle at the backbone it was exported with."
+            )
+        if problems:
+            raise BundleError(problems, self.directory)
+        self.predictor.transform = eval_transform_from_description(info["transform"])
+        self.predictor.backbone = backbone
+        return backbone
+
+    def decide_features(self, features: Any) -> Decisions:
+        """Decisions for CLS features ``[N, hidden]`` (no backbone needed)."""
+        return self.predictor.decide_features(features)
+
+    def predict_proba_from_features(self, features: Any) -> np.ndarray:
+        """Softmax probabilities ``[N, 2]`` for CLS features."""
+        return self.predictor.predict_proba_from_features(features)
+
+    def predict(self, images: Sequence[ImageInput], batch_size: int | None = None) -> list[dict[str, Any]]:
+        """Per image: ``{"exit", "label" (None when deferred), "p_roadwork", "prediction_set"}``."""
+        self.load_backbone()
+        size = batch_size if batch_size is not None else self.config.max_batch_size
+        return self.predictor.predict(images, batch_size=size)
+
+    def __repr__(self) -> str:
+        return (
+            f"Stage1Bundle({str(self.directory)!r}, phase={self.manifest['phase']}, "
+            f"policy={self.policy!r})"
+        )
+
+
+def format_prediction(path: str | Path, result: Mapping[str, Any], as_json: bool = False) -> str:
+    """One line for ``stage1 predict``: human-readable, or one JSON object with the image path."""
+    if as_json:
+        return json.dumps({"image": str(path), **dict(result)}, sort_keys=False)
+    prediction_set = "{" + ", ".join(str(v) for v in result["prediction_set"]) + "}"
+    p = float(result["p_roadwork"])
+    if result["exit"]:
+        name = "roadwork" if result["label"] == 1 else "no roadwork"
+        verdict = f"exit   label={result['label']} ({name})"
+    else:
+        verdict = "defer  to Stage 2"
+    return f"{path}: {verdict}  p_roadwork={p:.4f}  prediction_set={prediction_set}"

@@ -1,0 +1,164 @@
+"""The one object that turns features or images into exit decisions.
+
+:class:`Stage1Predictor` wraps a head, an :class:`~stage1_core.policies.ExitPolicy` and, for
+images, a frozen backbone and its evaluation transform. Evaluation calls
+:meth:`Stage1Predictor.decide_features` on cached val_test features; a deploy bundle calls
+:meth:`Stage1Predictor.predict` on images, which runs the same head and the same policy after the
+backbone. Nothing here holds a threshold: every decision comes from the policy, whose numbers come
+from its policy file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from stage1_core.model.head import HeadOutput
+from stage1_core.policies.base import Decisions, ExitPolicy
+
+__all__ = ["ImageInput", "Stage1Predictor", "load_image"]
+
+ImageInput = Union[Image.Image, str, Path]
+
+#: Feature rows pushed through the head at once (the head is small; this only bounds memory).
+FEATURE_CHUNK = 8192
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a PIL image or a file path (the error names the file)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as handle:
+            return handle.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read the image ({exc}); pass a JPEG/PNG/WebP file") from exc
+
+
+class Stage1Predictor:
+    """Head + exit policy (+ backbone and transform for images): features or images in, decisions out.
+
+    ``gate_scores`` handed to the policy are the head's raw gate logits (``HeadOutput.gate``) when
+    the head has a gate, else ``None``; a gated policy applies its own calibrator to them.
+    """
+
+    def __init__(
+        self,
+        head: nn.Module,
+        policy: ExitPolicy,
+        backbone: nn.Module | None = None,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not isinstance(policy, ExitPolicy):
+            raise TypeError(f"policy must be an ExitPolicy, got {type(policy).__name__}")
+        self.device = torch.device(device)
+        self.head = head.to(self.device)
+        self.policy = policy
+        self.backbone = backbone
+        self.transform = transform
+
+    # ----- features ----------------------------------------------------------------------
+
+    def _features_tensor(self, features: Any) -> torch.Tensor:
+        tensor = torch.as_tensor(features)
+        if tensor.ndim != 2:
+            raise ValueError(f"features must have shape [N, hidden], got {tuple(tensor.shape)}")
+        expected = getattr(self.head, "hidden_size", None)
+        if expected is not None and tensor.shape[1] != expected:
+            raise ValueError(
+                f"features have {tensor.shape[1]} dimensions but the head expects {expected} "
+                f"(features from another backbone?)"
+            )
+        if not torch.is_floating_point(tensor):
+            raise ValueError(f"features must be floating point, got {tensor.dtype}")
+        return tensor
+
+    def head_outputs_from_features(self, features: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class logits ``[N, 2]`` and gate logits ``[N]`` (None without a gate), head in eval mode."""
+        tensor = self._features_tensor(features)
+        dtype = next(self.head.parameters()).dtype
+        logits, gates = [], []
+        was_training = self.head.training
+        self.head.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, tensor.shape[0], FEATURE_CHUNK):
+                    chunk = tensor[start : start + FEATURE_CHUNK].to(self.device, dtype)
+                    out = self.head(chunk)
+                    if isinstance(out, HeadOutput):
+                        logits.append(out.logits.float().cpu())
+                        gates.append(out.gate.float().cpu())
+                    else:
+                        logits.append(out.float().cpu())
+        finally:
+            self.head.train(was_training)
+        all_logits = torch.cat(logits).numpy() if logits else np.zeros((0, 2), dtype=np.float32)
+        all_gates = torch.cat(gates).numpy() if gates else None
+        return all_logits, all_gates
+
+    def predict_logits_from_features(self, features: Any) -> np.ndarray:
+        """Class logits ``[N, 2]`` for CLS features ``[N, hidden]``."""
+        return self.head_outputs_from_features(features)[0]
+
+    @staticmethod
+    def probabilities(logits: np.ndarray) -> np.ndarray:
+        """Softmax of ``logits`` in float64 (the probabilities every policy decides on)."""
+        return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
+
+    def predict_proba_from_features(self, features: Any) -> np.ndarray:
+        """Softmax probabilities ``[N, 2]`` for CLS features."""
+        return self.probabilities(self.predict_logits_from_features(features))
+
+    def decide_features(self, features: Any) -> Decisions:
+        """Exit decisions for CLS features ``[N, hidden]``: head, softmax, then the policy."""
+        logits, gates = self.head_outputs_from_features(features)
+        return self.policy.decide(self.probabilities(logits), gate_scores=gates)
+
+    # ----- images ------------------------------------------------------------------------
+
+    def extract_features(self, images: Sequence[ImageInput], batch_size: int = 32) -> torch.Tensor:
+        """CLS features ``[N, hidden]`` of ``images`` through the transform and the frozen backbone."""
+        if self.backbone is None or self.transform is None:
+            raise ValueError(
+                "this predictor has no backbone/transform, so it can only decide on features; "
+                "build it with backbone=... and transform=... (Stage1Bundle.load does) to predict on images"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        images = list(images)
+        hidden = getattr(self.head, "hidden_size", 0)
+        if not images:
+            return torch.zeros((0, hidden), dtype=torch.float32)
+        feats = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.transform(load_image(img)) for img in images[start : start + batch_size]])
+            feats.append(self._backbone_features(batch).float().cpu())
+        return torch.cat(feats)
+
+    def _backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        extract = getattr(self.backbone, "extract", None)
+        if extract is not None:
+            return extract(pixel_values.to(self.device))
+        self.backbone.eval()
+        with torch.inference_mode():
+            return self.backbone(pixel_values.to(self.device))
+
+    def decide_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> Decisions:
+        """Exit decisions for images (paths or PIL images)."""
+        return self.decide_features(self.extract_features(images, batch_size=batch_size))
+
+    def predict(self, images: Sequence[ImageInput], batch_size: int = 32) -> list[dict[str, Any]]:
+        """One dict per image: ``exit`` (bool), ``label`` (int when exited, else None),
+        ``p_roadwork`` (float, softmax probability of class 1) and ``prediction_set`` (list of int:
+        ``[label]`` when exited, ``[0, 1]`` when deferred to Stage 2)."""
+        return self.decide_images(images, batch_size=batch_size).to_records()

@@ -1,0 +1,330 @@
+"""The ``stage1`` command.
+
+Subcommands are registered in :data:`SUBCOMMANDS` with :func:`subcommand`: each is one function
+taking the parsed arguments and returning an exit code, plus a function that adds its arguments.
+
+``stage1 train --mode {extract_features,train_cached,train}`` accepts every flag of the baseline
+script ``train_stage1_head.py`` (same names, same meaning) and one ``--<field>`` flag per other
+:class:`~stage1_core.config.Stage1ProConfig` field (``--phase``, ``--exit_policy``,
+``--target_fnr_exit``, ``--seed``, ...; booleans as ``--x`` / ``--no_x``). Values come from the
+config defaults, then ``--config FILE`` (YAML or JSON), then the flags given. Differences from
+the baseline: ``--exit_threshold`` sets ``legacy_exit_threshold_for_logging`` (monitoring
+columns of the log only; the deployed exit threshold is certified on val_calib), and
+``--target_coverage`` is refused (the only constraint is ``target_fnr_exit``).
+
+``stage1 import-baseline-log training.log`` reads the best validation accuracy of a log written
+by the old script, to use as ``baseline_val_accuracy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stage1_core.training.logging_csv import BASELINE_HEADER
+
+PROG = "stage1"
+DEFAULT_ARTIFACTS_ROOT = "artifacts"
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``stage1`` subcommand: its help, argument builder and runner."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(
+    name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register the decorated function as ``stage1 <name>``."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in SUBCOMMANDS:
+            raise ValueError(f"subcommand {name!r} is registered twice")
+        SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, run)
+        return run
+
+    return register
+
+
+class CliError(ValueError):
+    """A user error: printed without a traceback, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# stage1 train
+
+
+#: Baseline flags -> (config field, type, help). Booleans are handled separately.
+BASELINE_VALUE_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--model_path": ("model_path", str, "Hugging Face model directory, or builtin:tiny-dinov3"),
+    "--train_image_dir": ("train_image_dir", str, "training image folder"),
+    "--train_labels_file": ("train_labels_file", str, "training labels CSV (image,label)"),
+    "--val_image_dir": ("val_image_dir", str, "validation image folder"),
+    "--val_labels_file": ("val_labels_file", str, "validation labels CSV (image,label)"),
+    "--cached_features_dir": ("cached_features_dir", str, "feature cache directory"),
+    "--output_dir": ("output_dir", str, "where checkpoints, logs and predictions go"),
+    "--epochs": ("epochs", int, "training epochs"),
+    "--max_batch_size": ("max_batch_size", int, "batch size to try first"),
+    "--fallback_batch_size": ("fallback_batch_size", int, "batch size when the maximum does not fit"),
+    "--grad_accum_steps": ("grad_accum_steps", int, "batches per optimiser step"),
+    "--lr_head": ("lr_head", float, "learning rate of the head"),
+    "--lr_backbone": ("lr_backbone", float, "learning rate of trainable backbone parameters"),
+    "--weight_decay": ("weight_decay", float, "AdamW weight decay"),
+    "--label_smoothing": ("label_smoothing", float, "cross-entropy label smoothing"),
+    "--dropout": ("dropout", float, "head dropout"),
+    "--max_grad_norm": ("max_grad_norm", float, "gradient clipping norm"),
+    "--warmup_epochs": ("warmup_epochs", int, "linear warm-up epochs"),
+    "--ema_decay": ("ema_decay", float, "EMA decay"),
+    "--early_stop_patience": ("early_stop_patience", int, "epochs without improvement before stopping"),
+    "--roadwork_iccv_dir": ("roadwork_iccv_dir", str, "ROADWork (ICCV) data folder"),
+    "--roadwork_extra_dir": ("roadwork_extra_dir", str, "extra roadwork data folder"),
+    "--kaggle_construction_dir": ("kaggle_construction_dir", str, "Kaggle construction data folder"),
+    "--kaggle_road_issues_dir": ("kaggle_road_issues_dir", str, "Kaggle road issues data folder"),
+    "--resume_checkpoint": ("resume_checkpoint", str, "full checkpoint to resume from"),
+    "--log_file": ("log_file", str, "CSV log file (relative to output_dir unless absolute)"),
+}
+#: Baseline on/off flags: flag -> (config field, value, help).
+BASELINE_SWITCHES: dict[str, tuple[str, bool, str]] = {
+    "--use_amp": ("use_amp", True, "mixed precision on CUDA (default)"),
+    "--no_amp": ("use_amp", False, "disable mixed precision"),
+    "--use_ema": ("use_ema", True, "evaluate and save EMA weights (default)"),
+    "--no_ema": ("use_ema", False, "disable EMA"),
+    "--use_extra_roadwork": ("use_extra_roadwork", True, "add ROADWork and extra roadwork training sources"),
+    "--use_kaggle_data": ("use_kaggle_data", True, "add the Kaggle construction / road issues training sources"),
+}
+BASELINE_FLAGS = ("--mode", *BASELINE_VALUE_FLAGS, *BASELINE_SWITCHES, "--exit_threshold")
+#: Config fields without a flag (provenance written by the program).
+UNFLAGGED_FIELDS = ("created_at", "git_commit")
+EXIT_THRESHOLD_NOTE = (
+    "--exit_threshold sets legacy_exit_threshold_for_logging: it only fills the Exit_Coverage / "
+    "Exit_Acc monitoring columns of the training log. The deployed exit threshold is chosen and "
+    "certified on val_calib so that FNR on exited samples <= target_fnr_exit."
+)
+
+
+class _RefuseTargetCoverage(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        from stage1_core.config import TARGET_COVERAGE_REFUSAL
+
+        parser.error(f"{option_string}: {TARGET_COVERAGE_REFUSAL}")
+
+
+def _field_kind(annotation: Any) -> tuple[str, Any]:
+    """('bool' | 'choice' | 'value', type or choices) for a pydantic field annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _field_kind(args[0])
+    if annotation is bool:
+        return "bool", bool
+    if origin is typing.Literal:
+        return "choice", list(typing.get_args(annotation))
+    if annotation in (int, float, str):
+        return "value", annotation
+    if origin in (typing.Union, types.UnionType) and bool in args:
+        return "bool", bool
+    return "value", str
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every baseline flag, then one flag per remaining Stage1ProConfig field."""
+    from stage1_core.config import Stage1ProConfig
+
+    suppress = argparse.SUPPRESS
+    parser.add_argument("--config", type=Path, default=None, help="YAML or JSON config file (flags override it)")
+    parser.add_argument(
+        "--artifacts_root", type=Path, default=Path(DEFAULT_ARTIFACTS_ROOT),
+        help=f"where the builtin backbone and synthetic data are kept (default: ./{DEFAULT_ARTIFACTS_ROOT})",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    base = parser.add_argument_group("baseline flags (train_stage1_head.py)")
+    base.add_argument("--mode", choices=["extract_features", "train_cached", "train"], default=suppress,
+                      help="extract_features | train_cached | train (default: train)")
+    for flag, (dest, kind, text) in BASELINE_VALUE_FLAGS.items():
+        base.add_argument(flag, dest=dest, type=kind, default=suppress, help=text)
+    for flag, (dest, value, text) in BASELINE_SWITCHES.items():
+        base.add_argument(flag, dest=dest, action="store_const", const=value, default=suppress, help=text)
+    base.add_argument("--exit_threshold", dest="legacy_exit_threshold_for_logging", type=float, default=suppress,
+                      help="monitoring only: " + EXIT_THRESHOLD_NOTE)
+    base.add_argument("--target_coverage", action=_RefuseTargetCoverage, nargs="?", help=argparse.SUPPRESS)
+
+    taken = {"mode", *(d for d, _, _ in BASELINE_VALUE_FLAGS.values()), *(d for d, _, _ in BASELINE_SWITCHES.values()),
+             *UNFLAGGED_FIELDS}
+    extra = parser.add_argument_group("Stage-1 Pro settings (one flag per config field)")
+    for name, info in Stage1ProConfig.model_fields.items():
+        if name in taken:
+            continue
+        kind, detail = _field_kind(info.annotation)
+        text = f"default: {info.default!r}"
+        if kind == "bool":
+            extra.add_argument(f"--{name}", dest=name, action="store_const", const=True, default=suppress, help=text)
+            extra.add_argument(f"--no_{name}", dest=name, action="store_const", const=False, default=suppress,
+                               help=f"turn {name} off")
+        elif kind == "choice":
+            extra.add_argument(f"--{name}", dest=name, choices=detail, default=suppress, help=text)
+        else:
+            extra.add_argument(f"--{name}", dest=name, type=detail, default=suppress, help=text)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Stage1ProConfig from defaults, ``--config`` and the flags given (in that order)."""
+    from stage1_core.config import Stage1ProConfig
+
+    values = {k: v for k, v in vars(args).items() if k in Stage1ProConfig.model_fields}
+    if args.config is not None:
+        base = Stage1ProConfig.from_file(args.config).model_dump()
+        base.update(values)
+        values = base
+    return Stage1ProConfig.from_dict(values, source=args.config)
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("stage1_core").setLevel(logging.INFO)
+
+
+@subcommand("train", "train the Stage-1 head (baseline-compatible modes)", add_train_arguments)
+def cmd_train(args: argparse.Namespace) -> int:
+    from stage1_core.training.standalone import MODES
+
+    config = config_from_args(args)
+    if "legacy_exit_threshold_for_logging" in vars(args):
+        print(f"note: {EXIT_THRESHOLD_NOTE}", file=sys.stderr)
+    _configure_logging()
+    result = MODES[config.mode](config, Path(args.artifacts_root), progress=not args.no_progress, device=args.device)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# stage1 import-baseline-log
+
+
+def read_baseline_log(path: str | Path) -> dict[str, Any]:
+    """Best validation accuracy in a CSV log of the old script.
+
+    The old script wrote ``Best_Val_Acc`` *before* updating it, so the last row can miss the
+    final epoch's improvement: the best is ``max(Best_Val_Acc, Val_Acc)`` over all rows.
+    Raises :class:`CliError` naming the file and line of anything that is not such a log.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"{path}: log file not found")
+    rows: list[dict[str, str]] = []
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header: list[str] | None = None
+        for row in reader:
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            cells = [c.strip() for c in row]
+            if cells[: len(BASELINE_HEADER)] == list(BASELINE_HEADER):
+                header = cells
+                continue
+            if header is None:
+                raise CliError(
+                    f"{path}:{reader.line_num}: expected the header {','.join(BASELINE_HEADER)} of the old "
+                    f"script's log before any data row"
+                )
+            if len(cells) != len(header):
+                raise CliError(f"{path}:{reader.line_num}: {len(cells)} fields, the header has {len(header)}")
+            rows.append({**dict(zip(header, cells)), "_line": str(reader.line_num)})
+    if not rows:
+        raise CliError(f"{path}: no epoch rows (only a header, or an empty file)")
+    best, best_epoch = -1.0, 0
+    for row in rows:
+        try:
+            val_acc, best_col, epoch = float(row["Val_Acc"]), float(row["Best_Val_Acc"]), int(row["Epoch"])
+        except ValueError:
+            raise CliError(f"{path}:{row['_line']}: Epoch/Val_Acc/Best_Val_Acc are not numbers: {row}") from None
+        if val_acc > best:
+            best, best_epoch = val_acc, epoch
+        if best_col > best:
+            best, best_epoch = best_col, 0
+    if not 0.0 <= best <= 100.0:
+        raise CliError(f"{path}: best validation accuracy {best} is not a percentage in [0, 100]")
+    return {
+        "log_file": str(path),
+        "epochs": len(rows),
+        "best_val_acc_percent": best,
+        "best_epoch": best_epoch,
+        "last_best_val_acc_column": float(rows[-1]["Best_Val_Acc"]),
+        "baseline_val_accuracy": round(best / 100.0, 6),
+    }
+
+
+def add_import_log_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("log_file", type=Path, help="CSV log written by train_stage1_head.py (training.log)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@subcommand(
+    "import-baseline-log",
+    "read the best val accuracy of the old script's training log (for baseline_val_accuracy)",
+    add_import_log_arguments,
+)
+def cmd_import_baseline_log(args: argparse.Namespace) -> int:
+    info = read_baseline_log(args.log_file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        where = f"epoch {info['best_epoch']}" if info["best_epoch"] else "Best_Val_Acc column"
+        print(
+            f"{info['log_file']}: best validation accuracy {info['best_val_acc_percent']:.2f}% ({where}, "
+            f"{info['epochs']} epochs) -> baseline_val_accuracy: {info['baseline_val_accuracy']}"
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Stage-1 Pro: train, calibrate and ship the Stage-1 head.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``stage1`` console script."""
+    from stage1_core.artifacts import ArtifactError
+    from stage1_core.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args))
+    except (CliError, ConfigError, ArtifactError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

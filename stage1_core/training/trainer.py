@@ -1,0 +1,642 @@
+"""Training the Stage-1 head: the baseline script's loop, minus its bugs, for both training modes.
+
+``train_head`` trains on either
+
+* a :class:`~stage1_core.features.TensorSplit` (``train_cached``): features stay one tensor on
+  the device, each epoch shuffles row indices with a seeded generator and slices batches (no
+  per-sample Dataset, no collate); or
+* a ``DataLoader`` of augmented images (``train``): the frozen backbone runs on every batch
+  (``no_grad``, eval mode), the head trains on its CLS features.
+
+Both modes share one step: class-weighted CE with label smoothing, ``loss / accum`` backward,
+an optimiser step every ``grad_accum_steps`` batches with gradients unscaled (AMP) then clipped
+to ``max_grad_norm``, then the LambdaLR step and the EMA update - the baseline's order. Fixes
+relative to the baseline: the schedule counts optimiser steps; a last partial accumulation
+group in an epoch steps with its gradient averaged over the batches it holds (the baseline
+carried it into the next epoch); AMP is off on CPU and uses bf16 where the GPU supports it
+(fp16 + GradScaler otherwise); EMA has a warm-up (see :mod:`stage1_core.training.ema`);
+checkpoints go to ``output_dir`` with everything an exact resume needs.
+
+Every epoch validates on ``val_select`` only, with EMA weights applied, and early-stops on the
+selection metric (``accuracy``: higher is better; ``augrc``: lower is better). Outputs in
+``output_dir``: ``model_best.pth`` (plain head state_dict = EMA weights of the best epoch),
+``model_best_accuracy.pth`` (accuracy-best, when selecting by AUGRC), ``checkpoint_last.pth``
+(full checkpoint, every epoch) and the CSV log (``config.log_file``, relative to ``output_dir``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from stage1_core.features import TensorSplit
+from stage1_core.model.head import (
+    HeadOutput,
+    Stage1Head,
+    head_logits,
+    load_head_state_dict,
+    maybe_compile,
+    normalise_head_keys,
+)
+from stage1_core.training.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_dict_file,
+    save_checkpoint,
+    save_state_dict,
+)
+from stage1_core.training.ema import EMA, check_ema_horizon
+from stage1_core.training.logging_csv import SELECTIVE_PREFIX, write_log
+from stage1_core.training.losses import build_criterion
+from stage1_core.training.optimizers import build_adamw
+from stage1_core.training.schedulers import build_scheduler, optimizer_steps_per_epoch
+from stage1_core.training.seeding import capture_rng_states, enable_tf32, restore_rng_states, seed_everything
+
+logger = logging.getLogger(__name__)
+
+BEST_FILE = "model_best.pth"
+BEST_ACCURACY_FILE = "model_best_accuracy.pth"
+LAST_CHECKPOINT_FILE = "checkpoint_last.pth"
+SELECTION_METRICS = {"accuracy": "max", "augrc": "min"}
+EVAL_CHUNK = 8192
+POSTFIX_EVERY = 10
+
+LossFn = Callable[[torch.Tensor | HeadOutput, torch.Tensor], torch.Tensor]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class AmpSettings:
+    """Mixed precision: autocast dtype (None = off) and whether a GradScaler is needed."""
+
+    dtype: torch.dtype | None
+    use_scaler: bool
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def resolve_amp(use_amp: bool, device: torch.device) -> AmpSettings:
+    """CUDA: bf16 autocast where supported (no scaler), else fp16 + GradScaler. CPU: off."""
+    if not use_amp or device.type != "cuda":
+        return AmpSettings(None, False)
+    if torch.cuda.is_bf16_supported():
+        return AmpSettings(torch.bfloat16, False)
+    return AmpSettings(torch.float16, True)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` or CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_head` produced (paths in ``output_dir``; metrics as fractions)."""
+
+    best_checkpoint: Path | None
+    last_checkpoint: Path
+    log_csv: Path
+    best_epoch: int
+    best_metric: float | None
+    selection_metric: str
+    history: list[dict[str, Any]]
+    losses_finite: bool
+    epochs_run: int
+    stopped_early: bool
+    accuracy_best_checkpoint: Path | None
+    best_val_accuracy: float
+    global_step: int
+    hidden_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("best_checkpoint", "last_checkpoint", "log_csv", "accuracy_best_checkpoint"):
+            data[key] = str(data[key]) if data[key] is not None else None
+        return data
+
+
+class _CachedBatches:
+    """Shuffled, ``drop_last`` batches of rows of tensors that live on the device."""
+
+    def __init__(self, split: TensorSplit, batch_size: int, device: torch.device, generator: torch.Generator) -> None:
+        self.features = split.features.to(device, torch.float32)
+        self.labels = split.labels.to(device)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.device = device
+        self.num_batches = len(split) // batch_size
+        if self.num_batches == 0:
+            raise TrainingError(
+                f"the training split has {len(split)} samples, fewer than one batch of {batch_size} "
+                f"(batches drop the incomplete last one, as in the baseline); lower max_batch_size"
+            )
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(self.labels.shape[0], generator=self.generator).to(self.device)
+        for i in range(self.num_batches):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.features[index], self.labels[index]
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if hasattr(config, "to_json_dict"):
+        return config.to_json_dict()
+    if hasattr(config, "model_dump"):
+        return config.model_dump(mode="json")
+    return {k: v for k, v in vars(config).items() if not k.startswith("_")}
+
+
+def _train_labels(train: TensorSplit | DataLoader) -> torch.Tensor:
+    if isinstance(train, TensorSplit):
+        return train.labels
+    labels = getattr(train.dataset, "labels", None)
+    if labels is None:
+        raise TrainingError(
+            "the training DataLoader's dataset has no .labels (needed for the class weights); "
+            "use stage1_core.data.datasets.LabelledImageDataset or add a labels attribute"
+        )
+    return torch.as_tensor(list(labels), dtype=torch.int64)
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+@dataclass
+class _State:
+    start_epoch: int = 0
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int = 0
+    best_accuracy: float = 0.0
+    patience: int = 0
+    stopped_early: bool = False
+    losses_finite: bool = True
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _validation_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, exit_threshold: float
+) -> dict[str, Any]:
+    from stage1_core.metrics.calibration import compute_ece
+    from stage1_core.metrics.selective import selective_metrics
+
+    logits = logits.float()
+    val_loss = float(criterion(logits, labels.to(logits.device)))
+    probs = torch.softmax(logits, dim=1).double().cpu().numpy()
+    y = labels.cpu().numpy()
+    pred = probs.argmax(axis=1)
+    p1 = probs[:, 1]
+    exit_mask = (p1 >= exit_threshold) | (p1 <= 1.0 - exit_threshold)
+    exit_acc = float(((p1[exit_mask] > 0.5).astype(np.int64) == y[exit_mask]).mean()) if exit_mask.any() else None
+    out: dict[str, Any] = {
+        "val_loss": val_loss,
+        "val_acc": float((pred == y).mean()),
+        "ece": float(compute_ece(probs, y, n_bins=10)),
+        "exit_coverage": float(exit_mask.mean()),
+        "exit_acc": exit_acc,
+    }
+    selective = selective_metrics(probs.max(axis=1), (pred != y).astype(np.float64))
+    out.update({f"{SELECTIVE_PREFIX}{k}": float(v) for k, v in selective.items()})
+    return out
+
+
+@torch.no_grad()
+def _head_logits(model: nn.Module, features: torch.Tensor, amp: AmpSettings, device: torch.device) -> torch.Tensor:
+    chunks = []
+    with amp.autocast(device):
+        for start in range(0, features.shape[0], EVAL_CHUNK):
+            chunks.append(head_logits(model(features[start : start + EVAL_CHUNK])).float())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def _loader_features(backbone: Any, loader: DataLoader, device: torch.device, amp: AmpSettings) -> TensorSplit:
+    feats, labels = [], []
+    with amp.autocast(device):
+        for images, targets in loader:
+            feats.append(backbone.extract(images.to(device, non_blocking=True)).float())
+            labels.append(torch.as_tensor(targets, dtype=torch.int64))
+    return TensorSplit(torch.cat(feats), torch.cat(labels).to(device), None, "val_select")
+
+
+def train_head(
+    config: Any,
+    train: TensorSplit | DataLoader,
+    val_select: TensorSplit | DataLoader,
+    output_dir: str | Path,
+    *,
+    selection_metric: str | None = None,
+    resume_checkpoint: str | Path | None = None,
+    progress: bool = True,
+    backbone: Any = None,
+    device: str | torch.device | None = None,
+    stop_after_epoch: int | None = None,
+    loss_fn: LossFn | None = None,
+    with_gate: bool = False,
+) -> TrainResult:
+    """Train a :class:`~stage1_core.model.head.Stage1Head`; see the module docstring.
+
+    ``config`` is a :class:`~stage1_core.config.Stage1ProConfig` (fields used: epochs,
+    warmup_epochs, max_batch_size, grad_accum_steps, lr_head, lr_backbone, weight_decay,
+    dropout, label_smoothing, max_grad_norm, use_amp, use_ema, ema_decay, ema_warmup,
+    early_stop_patience, legacy_exit_threshold_for_logging, compile_head, seed, log_file,
+    selection_metric). ``train`` as a DataLoader needs ``backbone``; its batch size is the
+    loader's. ``selection_metric`` defaults to ``config.selection_metric``.
+    ``resume_checkpoint`` continues a run from a full checkpoint exactly (model, optimiser,
+    scheduler, EMA, scaler, epoch, best, patience, RNG states, history).
+    ``stop_after_epoch`` ends the call after that (1-based) epoch as if interrupted - the
+    schedule still spans ``config.epochs`` - so a later call can resume. ``loss_fn(output,
+    labels)`` replaces the class-weighted CE (later phases); ``with_gate`` builds the gated head.
+    """
+    metric = selection_metric or getattr(config, "selection_metric", "accuracy")
+    if metric not in SELECTION_METRICS:
+        raise TrainingError(f"selection_metric={metric!r} is not supported: use one of {sorted(SELECTION_METRICS)}")
+    mode = SELECTION_METRICS[metric]
+    device = resolve_device(device)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = Path(config.log_file) if Path(config.log_file).is_absolute() else out / config.log_file
+    seed_everything(int(config.seed))
+    if device.type == "cuda":
+        enable_tf32()
+    amp = resolve_amp(bool(config.use_amp), device)
+
+    cached = isinstance(train, TensorSplit)
+    if not cached and backbone is None:
+        raise TrainingError("mode 'train' (a DataLoader of images) needs the backbone: pass backbone=DINOv3Backbone")
+    hidden = train.hidden_size if cached else int(backbone.hidden_size)
+    if isinstance(val_select, TensorSplit) and val_select.hidden_size != hidden:
+        raise TrainingError(f"val_select features have size {val_select.hidden_size}, train features {hidden}")
+
+    head = Stage1Head(hidden, float(config.dropout), with_gate=with_gate).to(device)
+    model = maybe_compile(head, getattr(config, "compile_head", None))
+    criterion = build_criterion(_train_labels(train), float(config.label_smoothing), device)
+    trainable_backbone = list(backbone.trainable_parameters()) if (backbone is not None and not cached) else []
+    optimizer = build_adamw(
+        head,
+        backbone.model if trainable_backbone else None,
+        lr_head=float(config.lr_head),
+        lr_backbone=float(config.lr_backbone),
+        weight_decay=float(config.weight_decay),
+    )
+    clip_params = [p for p in head.parameters() if p.requires_grad] + trainable_backbone
+
+    generators: dict[str, torch.Generator] = {}
+    if cached:
+        shuffle = torch.Generator()
+        shuffle.manual_seed(int(config.seed))
+        generators["shuffle"] = shuffle
+        batches: Any = _CachedBatches(train, int(config.max_batch_size), device, shuffle)
+    else:
+        batches = train
+        if getattr(train, "generator", None) is not None:
+            generators["loader"] = train.generator
+    num_batches = len(batches)
+    if num_batches == 0:
+        raise TrainingError("the training loader yields no batch (fewer samples than one batch with drop_last)")
+    accum = int(config.grad_accum_steps)
+    steps_per_epoch = optimizer_steps_per_epoch(num_batches, accum)
+    total_steps = int(config.epochs) * steps_per_epoch
+    warmup_steps = int(config.warmup_epochs) * steps_per_epoch
+    scheduler = build_scheduler(optimizer, warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler("cuda") if amp.use_scaler else None
+    ema = EMA(head, float(config.ema_decay), bool(getattr(config, "ema_warmup", True))) if config.use_ema else None
+    if ema is not None:
+        check_ema_horizon(ema.decay, total_steps, ema.warmup)
+
+    state = _State()
+    if resume_checkpoint is not None:
+        state = _resume(
+            Path(resume_checkpoint), config, head, optimizer, scheduler, scaler, ema, generators
+        )
+        logger.info("resumed from %s at epoch %d (global step %d)", resume_checkpoint, state.start_epoch + 1, state.global_step)
+
+    val_cache: TensorSplit | None = None
+    if isinstance(val_select, TensorSplit):
+        val_cache = TensorSplit(val_select.features.to(device, torch.float32), val_select.labels.to(device), None, "val_select")
+
+    def features_of(inputs: torch.Tensor) -> torch.Tensor:
+        if cached:
+            return inputs
+        if trainable_backbone:
+            return backbone(inputs)
+        backbone.model.eval()
+        with torch.no_grad():
+            return backbone(inputs)
+
+    def loss_of(output: torch.Tensor | HeadOutput, labels: torch.Tensor) -> torch.Tensor:
+        return loss_fn(output, labels) if loss_fn is not None else criterion(head_logits(output), labels)
+
+    best_path = out / BEST_FILE
+    best_acc_path = out / BEST_ACCURACY_FILE
+    last_path = out / LAST_CHECKPOINT_FILE
+    for epoch in range(state.start_epoch, int(config.epochs)):
+        if state.stopped_early or not state.losses_finite:
+            break
+        started = time.perf_counter()
+        train_stats = _train_epoch(
+            model, batches, features_of, loss_of, optimizer, scheduler, scaler, ema, clip_params,
+            accum, float(config.max_grad_norm), amp, device, progress, f"Epoch {epoch + 1}/{config.epochs} [Train]", state,
+        )
+        if not math.isfinite(train_stats["train_loss"]):
+            state.losses_finite = False
+            logger.error("epoch %d: non-finite training loss; stopping (no checkpoint is taken from this epoch)", epoch + 1)
+            break
+
+        if not isinstance(val_select, TensorSplit) and (val_cache is None or trainable_backbone):
+            val_cache = _loader_features(backbone, val_select, device, amp)  # type: ignore[arg-type]
+        model.eval()
+        context = ema.applied() if ema is not None else contextlib.nullcontext()
+        with context:
+            logits = _head_logits(model, val_cache.features, amp, device)
+            val = _validation_metrics(logits, val_cache.labels, criterion, float(config.legacy_exit_threshold_for_logging))
+            value = val["val_acc"] if metric == "accuracy" else val[f"{SELECTIVE_PREFIX}augrc"]
+            improved = math.isfinite(value) and _is_better(value, state.best_metric, mode)
+            accuracy_improved = val["val_acc"] > state.best_accuracy
+            if improved:
+                save_state_dict(best_path, head.state_dict())
+            if metric != "accuracy" and accuracy_improved:
+                save_state_dict(best_acc_path, head.state_dict())
+        if improved:
+            state.best_metric, state.best_epoch, state.patience = float(value), epoch + 1, 0
+        else:
+            state.patience += 1
+        if accuracy_improved:
+            state.best_accuracy = val["val_acc"]
+
+        record = {
+            "epoch": epoch + 1,
+            **train_stats,
+            **val,
+            "best_val_acc": state.best_accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+            "selection_metric": metric,
+            "selection_value": float(value),
+            "improved": bool(improved),
+            "global_step": state.global_step,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        state.history.append(record)
+        write_log(log_path, state.history)
+        exit_acc = "n/a (nothing exits)" if val["exit_acc"] is None else f"{100 * val['exit_acc']:.2f}%"
+        logger.info(
+            "epoch %d/%d: train loss %.4f acc %.2f%% | val_select loss %.4f acc %.2f%% ECE %.4f AUGRC %.4f | "
+            "legacy exit@%.2f (monitoring only): %.1f%% at %s | lr %.2e%s",
+            epoch + 1, config.epochs, train_stats["train_loss"], 100 * train_stats["train_acc"], val["val_loss"],
+            100 * val["val_acc"], val["ece"], val[f"{SELECTIVE_PREFIX}augrc"], config.legacy_exit_threshold_for_logging,
+            100 * val["exit_coverage"], exit_acc, record["lr"], " | best so far" if improved else "",
+        )
+        if state.patience >= int(config.early_stop_patience):
+            state.stopped_early = True
+            logger.info("early stopping: %d epochs without improvement of %s", state.patience, metric)
+        _save_full_checkpoint(last_path, epoch, config, head, optimizer, scheduler, scaler, ema, generators, state, metric)
+        if state.stopped_early:
+            break
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+
+    return TrainResult(
+        best_checkpoint=best_path if best_path.is_file() else None,
+        last_checkpoint=last_path,
+        log_csv=log_path,
+        best_epoch=state.best_epoch,
+        best_metric=state.best_metric,
+        selection_metric=metric,
+        history=state.history,
+        losses_finite=state.losses_finite,
+        epochs_run=len(state.history),
+        stopped_early=state.stopped_early,
+        accuracy_best_checkpoint=(best_acc_path if metric != "accuracy" and best_acc_path.is_file() else None),
+        best_val_accuracy=state.best_accuracy,
+        global_step=state.global_step,
+        hidden_size=hidden,
+    )
+
+
+def _train_epoch(
+    model: nn.Module,
+    batches: Any,
+    features_of: Callable[[torch.Tensor], torch.Tensor],
+    loss_of: Callable[[Any, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    ema: EMA | None,
+    clip_params: list[torch.Tensor],
+    accum: int,
+    max_grad_norm: float,
+    amp: AmpSettings,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+    state: _State,
+) -> dict[str, float]:
+    """One pass over ``batches`` with gradient accumulation; returns mean loss and accuracy."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    num_batches = len(batches)
+    full_groups_end = (num_batches // accum) * accum
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(total=num_batches, desc=desc, unit="batch", disable=not progress, leave=False)
+    for index, (inputs, labels) in enumerate(batches):
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        divisor = accum if index < full_groups_end else num_batches - full_groups_end
+        with amp.autocast(device):
+            output = model(features_of(inputs))
+            loss = loss_of(output, labels)
+        scaled = loss / divisor
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if (index + 1) % accum == 0 or index + 1 == num_batches:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(clip_params, max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update()
+            state.global_step += 1
+        loss_sum += loss.detach()
+        correct += (head_logits(output).detach().argmax(dim=1) == labels).sum()
+        seen += int(labels.shape[0])
+        if progress:
+            bar.update(1)
+            if (index + 1) % POSTFIX_EVERY == 0 or index + 1 == num_batches:
+                bar.set_postfix(
+                    loss=f"{float(loss_sum) / (index + 1):.4f}",
+                    acc=f"{100.0 * int(correct) / seen:.2f}%",
+                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                )
+    bar.close()
+    return {"train_loss": float(loss_sum) / num_batches, "train_acc": int(correct) / max(seen, 1)}
+
+
+def _save_full_checkpoint(
+    path: Path,
+    epoch: int,
+    config: Any,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    ema: EMA | None,
+    generators: dict[str, torch.Generator],
+    state: _State,
+    metric: str,
+) -> None:
+    checkpoint: dict[str, Any] = {
+        "epoch": epoch,
+        "model_state_dict": head.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "scheduler_state_dict": scheduler.state_dict(),
+        "best_acc": 100.0 * state.best_accuracy,
+        "patience_counter": state.patience,
+        "config": _config_dict(config),
+        "rng_states": capture_rng_states(generators),
+        "global_step": state.global_step,
+        "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
+        "selection_metric": metric,
+        "history": state.history,
+        "stopped_early": state.stopped_early,
+        "losses_finite": state.losses_finite,
+    }
+    if ema is not None:
+        checkpoint["ema_state_dict"] = ema.shadow
+        checkpoint["ema_num_updates"] = ema.num_updates
+    if scaler is not None:
+        checkpoint["scaler_state_dict"] = scaler.state_dict()
+    save_checkpoint(path, checkpoint)
+
+
+def _resume(
+    path: Path,
+    config: Any,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    ema: EMA | None,
+    generators: dict[str, torch.Generator],
+) -> _State:
+    ckpt = load_checkpoint(path)
+    load_head_state_dict(head, ckpt["model_state_dict"], source=path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        if scaler is not None and "scaler_state_dict" in ckpt:
+            scaler.load_state_dict(ckpt["scaler_state_dict"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: optimiser/scheduler state does not fit this run ({exc})") from exc
+    if ema is not None:
+        if "ema_state_dict" not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint lacks key 'ema_state_dict' but use_ema is on; resume with use_ema=False")
+        try:
+            ema.load_shadow(ckpt["ema_state_dict"], int(ckpt.get("ema_num_updates", 0)))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+    saved = ckpt.get("config") or {}
+    current = _config_dict(config)
+    changed = sorted(k for k in current if k in saved and saved[k] != current[k] and k not in ("resume_checkpoint", "created_at", "git_commit"))
+    if changed:
+        logger.warning("resuming %s with changed settings: %s", path, ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed))
+    restore_rng_states(ckpt["rng_states"], generators)
+    history = list(ckpt["history"])
+    return _State(
+        start_epoch=int(ckpt["epoch"]) + 1,
+        global_step=int(ckpt["global_step"]),
+        best_metric=None if ckpt["best_metric"] is None else float(ckpt["best_metric"]),
+        best_epoch=int(ckpt.get("best_epoch", 0)),
+        best_accuracy=float(ckpt["best_acc"]) / 100.0,
+        patience=int(ckpt["patience_counter"]),
+        stopped_early=bool(ckpt.get("stopped_early", False)),
+        losses_finite=bool(ckpt.get("losses_finite", True)),
+        history=history,
+    )
+
+
+def load_head(
+    head_state_dict_path: str | Path, hidden_size: int, dropout: float = 0.0, device: str | torch.device = "cpu"
+) -> Stage1Head:
+    """A :class:`Stage1Head` in eval mode with the weights of ``head_state_dict_path``.
+
+    The gated variant is chosen when the file holds ``gate.*`` keys.
+    """
+    state = load_state_dict_file(head_state_dict_path)
+    with_gate = "gate.weight" in normalise_head_keys(state)
+    head = Stage1Head(hidden_size, dropout, with_gate=with_gate)
+    load_head_state_dict(head, state, source=head_state_dict_path)
+    return head.to(device).eval()
+
+
+@torch.inference_mode()
+def predict_outputs(
+    head_state_dict_path: str | Path,
+    features: torch.Tensor | TensorSplit,
+    config: Any = None,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Head outputs in float32 on CPU: ``{"logits": [N, 2]}`` plus ``gate`` [N] and ``aux`` for a gated head."""
+    feats = features.features if isinstance(features, TensorSplit) else features
+    if feats.ndim != 2:
+        raise ValueError(f"features must be [N, hidden], got shape {tuple(feats.shape)}")
+    device = resolve_device(device)
+    dropout = float(getattr(config, "dropout", 0.0)) if config is not None else 0.0
+    head = load_head(head_state_dict_path, int(feats.shape[1]), dropout, device)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, feats.shape[0], EVAL_CHUNK):
+        output = head(feats[start : start + EVAL_CHUNK].to(device, torch.float32))
+        named = output._asdict() if isinstance(output, HeadOutput) else {"logits": output}
+        for name, value in named.items():
+            parts.setdefault(name, []).append(value.float().cpu())
+    if not parts:
+        return {"logits": torch.empty((0, 2))}
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def predict_logits(
+    head_state_dict_path: str | Path,
+    features: torch.Tensor | TensorSplit,
+    config: Any = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Class logits ``[N, 2]`` (float32, CPU) of the head in ``head_state_dict_path`` (e.g. model_best.pth)."""
+    return predict_outputs(head_state_dict_path, features, config, device)["logits"]

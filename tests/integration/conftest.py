@@ -1,0 +1,87 @@
+"""Helpers that drive the real ``dagster`` and ``stage1`` CLIs in a temporary DAGSTER_HOME."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+class Project:
+    """A temporary DAGSTER_HOME + artifacts root + config, and the CLIs run against them."""
+
+    def __init__(self, base: Path, config: dict):
+        self.base = base
+        self.home = base / "dagster_home"
+        self.artifacts = base / "artifacts"
+        self.config_path = base / "config.yaml"
+        self.home.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "dagster.yaml", self.home / "dagster.yaml")
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(DAGSTER_HOME=str(self.home), STAGE1_CONFIG=str(self.config_path),
+                   STAGE1_ARTIFACTS=str(self.artifacts), PYTHONUNBUFFERED="1")
+        return env
+
+    def run(self, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def materialize(self, select: str, partition: str) -> subprocess.CompletedProcess:
+        return self.run(str(BIN / "dagster"), "asset", "materialize", "-m", "stage1_assets.definitions",
+                        "--select", select, "--partition", partition)
+
+    def stage1(self, *args: str) -> subprocess.CompletedProcess:
+        return self.run(str(BIN / "stage1"), *args)
+
+    def check_records(self, partition: str) -> dict[str, bool | None]:
+        """Latest verdict of every gate check of ``partition``, read from the instance on disk."""
+        import dagster as dg
+
+        from stage1_assets.gate_status import latest_check_record
+        from stage1_core.phases import CRITERIA
+
+        old = os.environ.get("DAGSTER_HOME")
+        os.environ["DAGSTER_HOME"] = str(self.home)
+        try:
+            with dg.DagsterInstance.get() as instance:
+                return {
+                    c.name: latest_check_record(instance, c.asset, c.name, partition).passed for c in CRITERIA.values()
+                }
+        finally:
+            if old is None:
+                os.environ.pop("DAGSTER_HOME")
+            else:
+                os.environ["DAGSTER_HOME"] = old
+
+
+#: Small enough for CI on 2 cores, large enough that val_calib and val_test can certify 2% FNR.
+SMALL_CONFIG = {
+    "data_source": "synthetic",
+    "model_path": "builtin:tiny-dinov3",
+    "synthetic_n_train": 600,
+    "synthetic_n_val": 1700,
+    "bootstrap_samples": 200,
+}
+
+
+def make_project(base: Path, data_from: Project | None = None, **overrides) -> Project:
+    """A fresh project; ``data_from`` copies another project's generated synthetic data (same config)."""
+    project = Project(base, {**SMALL_CONFIG, **overrides})
+    if data_from is not None:
+        shutil.copytree(data_from.artifacts / "data", project.artifacts / "data")
+    return project
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-12000:]}"

@@ -1,0 +1,72 @@
+"""End to end through the real ``dagster`` CLI: phase 1, phase 2 and a failing gate.
+
+Marked slow; CI runs them (``make test`` runs everything).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.conftest import make_project, output
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("e2e"))
+
+
+def test_phase2_is_refused_before_phase1_passed(project):
+    result = project.materialize("+bundle", "phase2")
+    assert result.returncode != 0, output(result)
+    text = result.stdout + result.stderr
+    assert "phase2 refused" in text and "phase1.bundle_verified: never evaluated" in text, output(result)
+    assert not (project.artifacts / "cached_features" / "phase2").exists()
+
+
+def test_phase1_end_to_end(project):
+    result = project.materialize("+bundle", "phase1")
+    assert result.returncode == 0, output(result)
+    bundle = project.artifacts / "bundle" / "phase1" / "bundle"
+    verify = project.stage1("bundle", "verify", str(bundle))
+    assert verify.returncode == 0, output(verify)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["active_exit_policy"] == "softmax" and manifest["policy_file"] == "thresholds.json"
+    thresholds = json.loads((bundle / "thresholds.json").read_text())
+    assert thresholds["certified"] and thresholds["fnr_upper_bound"] <= 0.02
+    records = project.check_records("phase1")
+    assert all(records[name] is True for name in records if name != "no_regression_vs_previous_phase"), records
+    images = sorted((project.artifacts / "data" / "synthetic" / "val").iterdir())[:3]
+    predicted = project.stage1("predict", "--bundle", str(bundle), *map(str, images), "--json")
+    assert predicted.returncode == 0, output(predicted)
+    rows = [json.loads(line) for line in predicted.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 3 and all(0.0 <= r["p_roadwork"] <= 1.0 for r in rows)
+
+
+def test_phase2_after_phase1_reuses_features(project):
+    result = project.materialize("+bundle", "phase2")
+    assert result.returncode == 0, output(result)
+    cache = json.loads((project.artifacts / "cached_features" / "phase2" / "cache.json").read_text())
+    assert cache["reused"] is True and cache["forward_passes"] == 0
+    phase1 = json.loads((project.artifacts / "cached_features" / "phase1" / "cache.json").read_text())
+    assert cache["store"] == phase1["store"]
+    training = json.loads((project.artifacts / "checkpoint" / "phase2" / "training.json").read_text())
+    assert training["selection_metric"] == "augrc"
+    assert all(project.check_records("phase2").values())
+
+
+def test_failing_gate_stops_the_bundle_and_bundle_alone_is_refused(tmp_path, project):
+    # val_test holds ~10% of val: too few exited positives to certify 2% FNR on it.
+    small = make_project(tmp_path, data_from=project, val_select_ratio=0.33, val_calib_ratio=0.57, val_test_ratio=0.10)
+    result = small.materialize("+bundle", "phase1")
+    assert result.returncode != 0, output(result)
+    assert not (small.artifacts / "bundle" / "phase1" / "bundle").exists()
+    records = small.check_records("phase1")
+    assert records["val_test_fnr_bound"] is False, records
+    alone = small.materialize("bundle", "phase1")
+    assert alone.returncode != 0, output(alone)
+    text = alone.stdout + alone.stderr
+    assert "bundle[phase1] refused" in text and "val_test_fnr_bound: failed" in text, output(alone)

@@ -1,0 +1,99 @@
+"""Stage1Head: layout, shapes, parameter count, gate extension, state-dict loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from stage1_core.model.head import (
+    HeadOutput,
+    HeadStateError,
+    Stage1Head,
+    count_parameters,
+    load_head_state_dict,
+    maybe_compile,
+    unwrap,
+)
+
+PHASE1_KEYS = ["trunk.0.weight", "trunk.0.bias", "cls.weight", "cls.bias"]
+
+
+def baseline_head(hidden: int, dropout: float) -> nn.Sequential:
+    """The old script's head, for comparison."""
+    return nn.Sequential(nn.Linear(hidden, 768), nn.ReLU(), nn.Dropout(dropout), nn.Linear(768, 2))
+
+
+@pytest.mark.parametrize("hidden", [192, 384, 1280])
+def test_phase1_layout_shapes_and_parameter_count(hidden):
+    head = Stage1Head(hidden, dropout=0.3)
+    assert list(head.state_dict()) == PHASE1_KEYS
+    assert count_parameters(head) == hidden * 768 + 768 + 768 * 2 + 2
+    assert count_parameters(head) == count_parameters(baseline_head(hidden, 0.3))
+    assert [type(m) for m in head.trunk] == [nn.Linear, nn.ReLU, nn.Dropout]
+    assert head.trunk[2].p == 0.3
+    out = head(torch.randn(5, hidden))
+    assert isinstance(out, torch.Tensor) and out.shape == (5, 2)
+
+
+def test_head_computes_what_the_baseline_head_computes():
+    head = Stage1Head(16, dropout=0.0).eval()
+    old = baseline_head(16, 0.0).eval()
+    load_head_state_dict(head, old.state_dict())
+    x = torch.randn(7, 16)
+    assert torch.equal(head(x), old(x))
+
+
+def test_gated_head_extends_the_phase1_layout():
+    head = Stage1Head(32, dropout=0.1, with_gate=True)
+    keys = list(head.state_dict())
+    assert keys[:4] == PHASE1_KEYS
+    assert keys[4:] == ["gate.weight", "gate.bias", "aux.weight", "aux.bias"]
+    out = head(torch.randn(4, 32))
+    assert isinstance(out, HeadOutput)
+    assert out.logits.shape == (4, 2) and out.gate.shape == (4,) and out.aux.shape == (4, 2)
+    assert count_parameters(head) == count_parameters(Stage1Head(32)) + 768 + 1 + 768 * 2 + 2
+    with pytest.raises(HeadStateError, match=r"missing keys \['aux.bias', 'aux.weight', 'gate.bias', 'gate.weight'\]"):
+        load_head_state_dict(head, Stage1Head(32).state_dict())
+
+
+def test_state_dict_loads_with_or_without_compile_prefix():
+    source = Stage1Head(8)
+    prefixed = {f"_orig_mod.{k}": v for k, v in source.state_dict().items()}
+    target = Stage1Head(8)
+    load_head_state_dict(target, prefixed)
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
+    compiled = maybe_compile(Stage1Head(8), enabled=True, backend="eager")
+    assert list(compiled.state_dict())[0].startswith("_orig_mod.")
+    load_head_state_dict(compiled, source.state_dict())
+    assert torch.equal(unwrap(compiled).cls.weight, source.cls.weight)
+    load_head_state_dict(Stage1Head(8), compiled.state_dict())
+
+
+def test_compile_is_optional_on_cpu():
+    head = Stage1Head(8)
+    assert maybe_compile(head, enabled=False) is head
+    if not torch.cuda.is_available():
+        assert maybe_compile(head, enabled=None) is head
+
+
+def test_bad_state_dicts_name_the_offending_keys():
+    head = Stage1Head(16)
+    wrong = Stage1Head(24).state_dict()
+    with pytest.raises(HeadStateError, match=r"model_best.pth: .*trunk.0.weight: file \(768, 24\) vs head \(768, 16\)"):
+        load_head_state_dict(head, wrong, source="model_best.pth")
+    extra = {**Stage1Head(16).state_dict(), "bogus.weight": torch.zeros(1)}
+    with pytest.raises(HeadStateError, match=r"unexpected keys \['bogus.weight'\]"):
+        load_head_state_dict(head, extra)
+    partial = {k: v for k, v in Stage1Head(16).state_dict().items() if k != "cls.bias"}
+    with pytest.raises(HeadStateError, match=r"missing keys \['cls.bias'\]"):
+        load_head_state_dict(head, partial)
+    with pytest.raises(HeadStateError, match="expected a state_dict"):
+        load_head_state_dict(head, [1, 2, 3])  # type: ignore[arg-type]
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="dropout"):
+        Stage1Head(8, dropout=1.0)
+    with pytest.raises(ValueError, match="hidden_size"):
+        Stage1Head(0)

@@ -1,0 +1,198 @@
+"""Trainer: learning, gradient accumulation, exact resume, selection, early stopping, outputs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stage1_core.config import Stage1ProConfig
+from stage1_core.data.loaders import make_dataloader
+from stage1_core.features import TensorSplit
+from stage1_core.model.backbone import DINOv3Backbone
+from stage1_core.model.head import Stage1Head, load_head_state_dict
+from stage1_core.training.checkpoints import load_checkpoint, load_state_dict_file
+from stage1_core.training.logging_csv import BASELINE_HEADER
+from stage1_core.training.trainer import TrainingError, predict_logits, train_head
+from tests.unit.test_backbone import save_small_backbone
+from tests.unit.test_features import TinyImages
+
+HIDDEN = 16
+
+
+def make_config(**overrides) -> Stage1ProConfig:
+    values = dict(
+        epochs=4, warmup_epochs=1, max_batch_size=16, grad_accum_steps=2, lr_head=3e-3,
+        early_stop_patience=10, seed=7, dropout=0.3, use_amp=False,
+    )
+    values.update(overrides)
+    values.setdefault("fallback_batch_size", min(8, values["max_batch_size"]))
+    return Stage1ProConfig(**values)
+
+
+def make_split(n: int, seed: int, name: str) -> TensorSplit:
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.linspace(-1, 1, HIDDEN)
+    features = torch.randn(n, HIDDEN, generator=g)
+    labels = ((features @ direction + 0.3 * torch.randn(n, generator=g)) > -0.8).long()
+    return TensorSplit(features, labels, tuple(f"{name}{i}" for i in range(n)), name)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[TensorSplit, TensorSplit]:
+    return make_split(128, 0, "t"), make_split(64, 1, "v")
+
+
+def _without_time(history):
+    return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
+
+
+def test_head_learns_a_linear_problem(tmp_path):
+    train, val = make_split(512, 0, "t"), make_split(256, 1, "v")
+    result = train_head(make_config(epochs=6, max_batch_size=32), train, val, tmp_path, progress=False)
+    assert result.losses_finite and result.epochs_run == 6 and result.global_step == 6 * 8
+    assert result.best_metric >= 0.88, [row["val_acc"] for row in result.history]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best_checkpoint == tmp_path / "model_best.pth"
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, data):
+    train, val = data
+
+    def mean_ce(output, labels):
+        return F.cross_entropy(output, labels)
+
+    common = dict(epochs=2, dropout=0.0, use_ema=False)
+    small = train_head(make_config(max_batch_size=8, grad_accum_steps=2, **common), train, val, tmp_path / "a",
+                       progress=False, loss_fn=mean_ce)
+    big = train_head(make_config(max_batch_size=16, grad_accum_steps=1, **common), train, val, tmp_path / "b",
+                     progress=False, loss_fn=mean_ce)
+    assert small.global_step == big.global_step == 2 * 8
+    a = load_checkpoint(small.last_checkpoint)["model_state_dict"]
+    b = load_checkpoint(big.last_checkpoint)["model_state_dict"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_partial_accumulation_group_steps_at_epoch_end(tmp_path, data):
+    train, val = data
+    # 128 samples / batch 16 = 8 batches; accumulation 3 -> groups of 3, 3, 2 -> 3 steps per epoch
+    result = train_head(make_config(epochs=2, grad_accum_steps=3), train, val, tmp_path, progress=False)
+    assert result.global_step == 6
+    assert load_checkpoint(result.last_checkpoint)["scheduler_state_dict"]["last_epoch"] == 6
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data):
+    train, val = data
+    config = make_config(epochs=4)
+    full = train_head(config, train, val, tmp_path / "full", progress=False)
+    first = train_head(config, train, val, tmp_path / "resumed", progress=False, stop_after_epoch=2)
+    assert first.epochs_run == 2
+    resumed = train_head(config, train, val, tmp_path / "resumed", progress=False,
+                         resume_checkpoint=first.last_checkpoint)
+    assert resumed.epochs_run == 4 and resumed.global_step == full.global_step
+    a, b = load_checkpoint(full.last_checkpoint), load_checkpoint(resumed.last_checkpoint)
+    for key in a["model_state_dict"]:
+        assert torch.equal(a["model_state_dict"][key], b["model_state_dict"][key]), key
+        assert torch.equal(a["ema_state_dict"][key], b["ema_state_dict"][key]), key
+    for sa, sb in zip(a["optimizer_state_dict"]["state"].values(), b["optimizer_state_dict"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    best_a, best_b = load_state_dict_file(full.best_checkpoint), load_state_dict_file(resumed.best_checkpoint)
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    assert _without_time(full.history) == _without_time(resumed.history)
+    assert (resumed.best_epoch, resumed.best_metric) == (full.best_epoch, full.best_metric)
+
+    def rows(path):
+        with open(path) as handle:
+            return [r[:-1] for r in csv.reader(handle)]  # drop Epoch_Seconds
+
+    assert rows(full.log_csv) == rows(resumed.log_csv)
+
+
+def test_csv_log_keeps_the_baseline_header_first(tmp_path, data):
+    train, val = data
+    result = train_head(make_config(epochs=2), train, val, tmp_path, progress=False)
+    with open(result.log_csv) as handle:
+        header, *rows = list(csv.reader(handle))
+    assert tuple(header[: len(BASELINE_HEADER)]) == BASELINE_HEADER
+    assert {"AUGRC", "AURC", "Risk@0.8", "Coverage@0.02", "Epoch_Seconds"} <= set(header)
+    assert len(rows) == 2 and rows[1][0] == "2"
+    best = max(float(r[header.index("Val_Acc")]) for r in rows)
+    assert float(rows[-1][header.index("Best_Val_Acc")]) == pytest.approx(best)
+    assert result.log_csv == tmp_path / "training.log"
+
+
+def test_augrc_selection_keeps_the_accuracy_best_head_too(tmp_path, data):
+    train, val = data
+    result = train_head(make_config(epochs=3), train, val, tmp_path, progress=False, selection_metric="augrc")
+    assert result.selection_metric == "augrc"
+    augrcs = [row["sel_augrc"] for row in result.history]
+    assert result.best_metric == pytest.approx(min(augrcs))
+    assert result.best_epoch == 1 + augrcs.index(min(augrcs))
+    assert result.accuracy_best_checkpoint == tmp_path / "model_best_accuracy.pth"
+    assert result.accuracy_best_checkpoint.is_file()
+    with pytest.raises(TrainingError, match="selection_metric"):
+        train_head(make_config(), train, val, tmp_path, progress=False, selection_metric="loss")
+
+
+def test_early_stopping_on_no_improvement(tmp_path, data):
+    train, val = data
+    # With a negligible learning rate the EMA-evaluated accuracy never strictly improves after epoch 1.
+    config = make_config(epochs=6, lr_head=1e-9, early_stop_patience=2)
+    result = train_head(config, train, val, tmp_path, progress=False)
+    assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
+    assert load_checkpoint(result.last_checkpoint)["patience_counter"] == 2
+
+
+def test_non_finite_loss_stops_without_a_checkpoint_of_that_epoch(tmp_path, data):
+    train, val = data
+
+    def broken(output, labels):
+        return F.cross_entropy(output, labels) * float("nan")
+
+    result = train_head(make_config(epochs=3), train, val, tmp_path, progress=False, loss_fn=broken)
+    assert result.losses_finite is False and result.epochs_run == 0 and result.best_checkpoint is None
+
+
+def test_best_checkpoint_holds_ema_weights_and_predicts(tmp_path, data):
+    train, val = data
+    result = train_head(make_config(epochs=3), train, val, tmp_path, progress=False)
+    state = load_state_dict_file(result.best_checkpoint)
+    assert list(state) == ["trunk.0.weight", "trunk.0.bias", "cls.weight", "cls.bias"]
+    if result.best_epoch == result.epochs_run:
+        shadow = load_checkpoint(result.last_checkpoint)["ema_state_dict"]
+        assert all(torch.equal(state[k], shadow[k]) for k in state)
+    logits = predict_logits(result.best_checkpoint, val)
+    head = Stage1Head(HIDDEN).eval()
+    load_head_state_dict(head, state)
+    with torch.no_grad():
+        assert torch.allclose(logits, head(val.features), atol=1e-6)
+    accuracy = (logits.argmax(1) == val.labels).float().mean().item()
+    assert accuracy == pytest.approx(result.history[result.best_epoch - 1]["val_acc"])
+
+
+def test_train_mode_runs_the_frozen_backbone_each_step_and_resumes(tmp_path):
+    backbone = DINOv3Backbone.load(save_small_backbone(tmp_path / "bb"))
+    fingerprint = backbone.fingerprint()
+    train_set, val_set = TinyImages(32, seed=0), TinyImages(16, seed=1, prefix="v")
+
+    def loaders():
+        return (make_dataloader(train_set, 8, train=True, num_workers=0, seed=3),
+                make_dataloader(val_set, 8, train=False, num_workers=0))
+
+    config = make_config(epochs=3, max_batch_size=8)
+    passes = backbone.forward_passes
+    full = train_head(config, *loaders(), tmp_path / "full", backbone=backbone, progress=False)
+    assert full.losses_finite and full.global_step == 3 * 2 and full.hidden_size == 32
+    assert backbone.forward_passes - passes == 3 * 4 + 2  # train batches every epoch + val once
+    assert backbone.fingerprint(refresh=True) == fingerprint and not backbone.trainable_parameters()
+    train_head(config, *loaders(), tmp_path / "resumed", backbone=backbone, progress=False, stop_after_epoch=1)
+    resumed = train_head(config, *loaders(), tmp_path / "resumed", backbone=backbone, progress=False,
+                         resume_checkpoint=tmp_path / "resumed" / "checkpoint_last.pth")
+    a, b = load_checkpoint(full.last_checkpoint), load_checkpoint(resumed.last_checkpoint)
+    assert all(torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]) for k in a["model_state_dict"])
+    with pytest.raises(TrainingError, match="needs the backbone"):
+        train_head(config, *loaders(), tmp_path / "x", progress=False)
