@@ -21,6 +21,8 @@ from typing import Any
 import jsonschema
 
 SCHEMA_PACKAGE = "stage1_core.schemas"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class ArtifactError(ValueError):
@@ -66,6 +68,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

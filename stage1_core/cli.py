@@ -67,8 +67,6 @@ class CliError(ValueError):
     """A user error: printed without a traceback, exit status 2."""
 
 
-# --------------------------------------------------------------------------------------------
-# stage1 train
 
 
 #: Baseline flags -> (config field, type, help). Booleans are handled separately.
@@ -216,8 +214,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# stage1 import-baseline-log
 
 
 def read_baseline_log(path: str | Path) -> dict[str, Any]:
@@ -296,7 +292,6 @@ def cmd_import_baseline_log(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

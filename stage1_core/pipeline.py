@@ -254,13 +254,18 @@ def cache_features(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     return StepResult(path, {**pointer, "store": Path(store)})
 
 
+def load_split(layout: Layout, partition: str, split: str):
+    """One split of the phase's feature store as a :class:`~stage1_core.features.TensorSplit`."""
+    from stage1_core.features import load_cached_features
+
+    pointer = read_json(layout.root / "cached_features" / partition / "cache.json")
+    return load_cached_features(pointer["store"], splits=[split])[split]
+
+
 def load_split_features(layout: Layout, partition: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features, labels)`` of one split from the phase's feature store."""
-    pointer = read_json(layout.root / "cached_features" / partition / "cache.json")
-    store = Path(pointer["store"])
-    feats = load_tensors(store / f"{split}_features.pt")
-    labels = load_tensors(store / f"{split}_labels.pt")
-    return feats, labels
+    data = load_split(layout, partition, split)
+    return data.features, data.labels
 
 
 # ----- training and predictions -----------------------------------------------------------------
@@ -268,17 +273,20 @@ def load_split_features(layout: Layout, partition: str, split: str) -> tuple[tor
 
 def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:
     """Train the phase's head on cached train features; select on val_select only."""
-    from stage1_core.training.trainer import TensorSplit, train_head
+    from stage1_core.training.trainer import train_head
 
     cfg = config_for_phase(config, partition)
     require_split("train", "fit")
     require_split("val_select", "select")
-    train = TensorSplit(*load_split_features(layout, partition, "train"))
-    val_select = TensorSplit(*load_split_features(layout, partition, "val_select"))
+    train = load_split(layout, partition, "train")
+    val_select = load_split(layout, partition, "val_select")
     out_dir = layout.dir("checkpoint", partition)
     result = train_head(cfg, train, val_select, out_dir, selection_metric=cfg.selection_metric, progress=True)
+    if result.best_checkpoint is None:
+        raise ValueError(f"training of {partition} produced no best checkpoint (no epoch improved on val_select)")
     checkpoint_id = sha256_file(result.best_checkpoint)
-    best_row = next(row for row in result.history if int(row["Epoch"]) == int(result.best_epoch))
+    history = [log_row(record) for record in result.history]
+    best_row = next(row for row in history if row["Epoch"] == int(result.best_epoch))
     summary = {
         "phase": partition,
         "selection_metric": cfg.selection_metric,
@@ -291,7 +299,7 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
         "checkpoint_id": checkpoint_id,
         "best_checkpoint": Path(result.best_checkpoint).name,
         "log_csv": Path(result.log_csv).name,
-        "history": [_plain(row) for row in result.history],
+        "history": history,
     }
     cfg.save(out_dir / "config.json")
     path = write_json(out_dir / "training.json", summary)
@@ -299,6 +307,18 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
     metadata = {k: v for k, v in summary.items() if k != "history"}
     metadata["path"] = Path(result.best_checkpoint)
     return StepResult(path, metadata, tables={"history": summary["history"]}, figures=figures)
+
+
+def log_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A trainer history record under the training-log column names, as fractions (not percent)."""
+    from stage1_core.training.logging_csv import _BASELINE_FORMATS, SELECTIVE_PREFIX, selective_column
+
+    row: dict[str, Any] = {column: record.get(key) for column, (key, _, _) in _BASELINE_FORMATS.items()}
+    row["Epoch"] = int(row["Epoch"])
+    for key, value in record.items():
+        if key.startswith(SELECTIVE_PREFIX):
+            row[selective_column(key[len(SELECTIVE_PREFIX):])] = value
+    return _plain(row)
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:

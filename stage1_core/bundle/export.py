@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from stage1_core.artifacts import ArtifactError, atomic_write_bytes, atomic_write_text, load_tensors, read_json, sha256_file, write_json
-from stage1_core.bundle.load import MANIFEST_NAME, POLICY_FILE_NAMES, BundleError, verify_bundle
+from stage1_core.bundle.load import MANIFEST_NAME, POLICY_FILE_NAMES, BundleError, phase_problems, verify_bundle
 from stage1_core.config import Stage1ProConfig, git_commit
 from stage1_core.model.head import HeadStateError, Stage1Head, load_head_state_dict
 from stage1_core.policies import load_policy, policy_class
@@ -255,10 +255,22 @@ def export_bundle(
             raise BundleError(
                 [f"{out_dir} is a non-empty directory without {MANIFEST_NAME} (not a bundle); refusing to replace it"]
             )
-    cls = policy_class(policy_name)
-    policy_file = cls.policy_file
+    try:
+        policy_file = policy_class(policy_name).policy_file
+    except ValueError as exc:
+        raise BundleError([str(exc)]) from exc
+    problems = [
+        f"{label} lacks {key!r}"
+        for label, info, keys in (
+            ("backbone_info", backbone_info, ("model_path", "fingerprint", "hidden_size", "transform")),
+            ("head_info", head_info, ("hidden_size", "dropout", "with_gate")),
+        )
+        for key in keys
+        if key not in info
+    ]
+    problems += phase_problems(phase, policy_name, config.phase)
     reserved = {MANIFEST_NAME, MODEL_FILE, policy_file, *BUNDLE_FILES.values()}
-    problems = [p for name in extra if (p := _check_extra_name(name, reserved))]
+    problems += [p for name in extra if (p := _check_extra_name(name, reserved))]
     problems += [f"extra file {name!r}: source {src} is not a file" for name, src in extra.items() if not Path(src).is_file()]
     for label, src in (("splits", splits_path), ("metrics", metrics_csv_path), ("head weights", head_state_dict_path)):
         if not Path(src).is_file():
@@ -269,7 +281,7 @@ def export_bundle(
         load_policy(policy_name, policy_file_path)
         policy_doc = read_json(policy_file_path)
         read_json(splits_path, schema="splits")
-    except (ArtifactError, ValueError) as exc:
+    except (ArtifactError, ValueError, TypeError) as exc:
         raise BundleError([str(exc)]) from exc
     state = _plain_state_dict(Path(head_state_dict_path), head_info)
 

@@ -23,7 +23,7 @@ import torch
 
 from stage1_core.artifacts import ArtifactError, load_schema, read_json, schema_errors, sha256_file
 from stage1_core.bundle.predictor import ImageInput, Stage1Predictor
-from stage1_core.config import ConfigError, Stage1ProConfig
+from stage1_core.config import POLICIES_BY_PHASE, ConfigError, Stage1ProConfig
 from stage1_core.data.transforms import build_eval_transform, describe_transform
 from stage1_core.model.backbone import BUILTIN_PREFIX, BackboneError, DINOv3Backbone
 from stage1_core.model.head import HeadStateError, Stage1Head, load_head_state_dict
@@ -124,6 +124,17 @@ def _bundle_files(root: Path) -> tuple[set[str], list[str]]:
                 elif not target.is_file():
                     problems.append(f"{rel}: symbolic link to {target}, which is not a file")
     return files, problems
+
+
+def phase_problems(phase: Any, policy_name: Any, config_phase: Any) -> list[str]:
+    """Inconsistencies between the bundle's phase, its active policy and the saved config's phase."""
+    problems = []
+    allowed = POLICIES_BY_PHASE.get(phase) if isinstance(phase, int) else None
+    if allowed is not None and policy_name not in allowed:
+        problems.append(f"exit policy {policy_name!r} is not allowed in phase {phase} (allowed: {list(allowed)})")
+    if config_phase is not None and config_phase != phase:
+        problems.append(f"the bundle is for phase {phase} but its config.json says phase={config_phase}")
+    return problems
 
 
 # ----- transform -------------------------------------------------------------------------
@@ -286,11 +297,13 @@ def verify_bundle(directory: str | Path) -> list[str]:
         except (ArtifactError, ValueError, TypeError, KeyError) as exc:
             problems.append(f"{policy_name}: {exc}")
     files = manifest.get("files") if isinstance(manifest.get("files"), Mapping) else {}
+    config_phase = None
     if (path := target(files.get("config"))) is not None:
         try:
-            Stage1ProConfig.load(path)
+            config_phase = Stage1ProConfig.load(path).phase
         except (ArtifactError, ConfigError, ValueError) as exc:
             problems.append(f"{files['config']}: {exc}")
+    problems.extend(f"{MANIFEST_NAME}: {p}" for p in phase_problems(manifest.get("phase"), active, config_phase))
     if (path := target(files.get("splits"))) is not None:
         try:
             read_json(path, schema="splits")

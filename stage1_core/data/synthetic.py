@@ -45,7 +45,8 @@ TRAIN_POSITIVE_RATE = 0.80
 VAL_POSITIVE_RATE = 0.90
 DEFAULT_LABEL_NOISE = 0.01
 HARD_NEGATIVE_RATE = 0.25
-MIN_ROADWORK_COVERAGE = 0.05
+MIN_ROADWORK_COVERAGE = 0.10
+OCCLUSION_RATE = 0.15
 WIDTH_RANGE = (256, 400)
 ASPECT_RANGE = (1.2, 1.6)
 _SPLIT_CODES = {"train": 0, "val": 1}
@@ -169,15 +170,13 @@ def _draw_ground(img: Image.Image, scene: _Scene, rng: np.random.Generator) -> N
             depth = d1 + length * 1.2
 
 
-def _draw_building(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator, hard: bool) -> None:
+def _draw_building(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> None:
     w, hz = scene.width, scene.horizon
     x0 = rng.uniform(-0.1, 1.0) * w
     bw = rng.uniform(0.08, 0.3) * w
     bh = rng.uniform(0.1, 0.45) * hz
     palette = [(150, 140, 130), (180, 170, 150), (120, 110, 105), (200, 195, 185), (140, 90, 70), (170, 160, 190)]
     color = _jitter(rng, palette[rng.integers(len(palette))], 15)
-    if hard:
-        color = _jitter(rng, (225, 130, 50), 15)
     base = hz + rng.uniform(0, 0.03) * scene.height
     draw.rectangle([x0, base - bh, x0 + bw, base], fill=color)
     win = _jitter(rng, (70, 90, 110), 20)
@@ -351,7 +350,9 @@ def _eval_crop_box(scene: _Scene) -> tuple[int, int, int, int]:
     return int(cx - half), int(cy - half), int(math.ceil(cx + half)), int(math.ceil(cy + half))
 
 
-def _draw_roadwork(img: Image.Image, scene: _Scene, rng: np.random.Generator) -> float:
+def _draw_roadwork(
+    img: Image.Image, scene: _Scene, rng: np.random.Generator, occluder: tuple[float, float, float, float] | None
+) -> float:
     """Composite a work zone onto ``img``; return the fraction of the evaluation crop it covers.
 
     A receding row of cones, barrels or striped beacons plus barriers and signs, kept inside the
@@ -365,25 +366,27 @@ def _draw_roadwork(img: Image.Image, scene: _Scene, rng: np.random.Generator) ->
     row_kind = str(rng.choice(["cone", "barrel", "beacon"], p=[0.4, 0.3, 0.3]))
     lateral = rng.uniform(-0.6, 0.6)
     drift = rng.uniform(-0.3, 0.3)
-    near = rng.uniform(0.7, 0.95)
+    near = rng.uniform(0.75, 0.95)
     count = int(rng.integers(3, 8))
-    depths = near * np.geomspace(1.0, rng.uniform(0.3, 0.5), count)
-    size_scale = scene.height * rng.uniform(0.32, 0.42)
+    depths = near * np.geomspace(1.0, rng.uniform(0.35, 0.55), count)
+    size_scale = scene.height * rng.uniform(0.4, 0.55)
     items: list[tuple[float, str, float]] = [(float(d), row_kind, lateral + drift * (near - d)) for d in depths]
     for _ in range(int(rng.integers(0, 3))):
         items.append((rng.uniform(0.45, 0.9), str(rng.choice(["barrier", "sign", "cone", "barrel"])), rng.uniform(-0.8, 0.8)))
     if rng.random() < 0.3:
         items.append((rng.uniform(0.5, 0.85), "sign", rng.choice([-0.85, 0.85])))
     coverage = 0.0
-    for attempt in range(4):
+    for _ in range(4):
         for depth, kind, lat in sorted(items):
             x, y = scene.ground(depth, lat)
             _ROADWORK_ITEMS[kind](draw, x, y, size_scale * depth, rng)
+        if occluder is not None:
+            draw.rectangle(occluder, fill=(0, 0, 0, 0))
         alpha = np.asarray(layer.getchannel("A").crop(box))
         coverage = float(np.count_nonzero(alpha)) / alpha.size
         if coverage >= MIN_ROADWORK_COVERAGE:
             break
-        items = [(rng.uniform(0.75, 0.95), str(rng.choice(["barrier", "barrel", "cone"])), rng.uniform(-0.5, 0.5))]
+        items = [(rng.uniform(0.8, 0.95), str(rng.choice(["barrier", "barrel", "cone"])), rng.uniform(-0.5, 0.5))]
     img.paste(layer, (0, 0), layer)
     return coverage
 
@@ -418,12 +421,13 @@ def _photometric(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(array.astype(np.uint8), mode="RGB")
 
 
-def _draw_occluder(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> None:
+def _occluder_box(scene: _Scene, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """A foreground occluder (post, passing van, wiper) as a box in image coordinates."""
     w, h = scene.width, scene.height
-    ow, oh = rng.uniform(0.08, 0.25) * w, rng.uniform(0.1, 0.35) * h
+    ow, oh = rng.uniform(0.06, 0.2) * w, rng.uniform(0.1, 0.35) * h
     x0 = rng.uniform(0, w - ow)
     y0 = rng.uniform(0.3 * h, h - oh)
-    draw.rectangle([x0, y0, x0 + ow, y0 + oh], fill=_jitter(rng, (int(rng.integers(20, 120)),) * 3, 10))
+    return x0, y0, x0 + ow, y0 + oh
 
 
 def render_scene(rng: np.random.Generator, roadwork: bool) -> Image.Image:
@@ -442,19 +446,20 @@ def render_scene(rng: np.random.Generator, roadwork: bool) -> Image.Image:
     _draw_ground(img, scene, rng)
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(0, 5))):
-        _draw_building(draw, scene, rng, hard=False)
+        _draw_building(draw, scene, rng)
     for _ in range(int(rng.integers(0, 4))):
         _draw_tree(draw, scene, rng)
     for _ in range(int(rng.integers(0, 3))):
         _draw_pole_sign(draw, scene, rng, str(rng.choice(["blue", "green", "speed"], p=[0.45, 0.45, 0.1])))
     for _ in range(int(rng.integers(0, 3))):
         _draw_car(draw, scene, rng)
+    occluder = _occluder_box(scene, rng) if rng.random() < OCCLUSION_RATE else None
     if roadwork:
-        _draw_roadwork(img, scene, rng)
+        _draw_roadwork(img, scene, rng, occluder)
     elif rng.random() < HARD_NEGATIVE_RATE:
         _draw_hard_negative(draw, scene, rng)
-    if rng.random() < 0.15:
-        _draw_occluder(draw, scene, rng)
+    if occluder is not None:
+        draw.rectangle(occluder, fill=_jitter(rng, (int(rng.integers(20, 120)),) * 3, 10))
     return _photometric(img, rng)
 
 

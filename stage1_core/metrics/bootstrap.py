@@ -246,34 +246,39 @@ def selective_statistic(
     res_sorted = res[order]
     coverages, risks = tuple(coverages), tuple(risks)
 
+    ties = starts.shape[0] < order.shape[0]
+
     def stat(w):
         ws = w[:, order]
-        group_n = np.add.reduceat(ws, starts, axis=1)
-        group_err = np.add.reduceat(ws * res_sorted, starts, axis=1)
+        weighted_err = ws * res_sorted
+        if ties:
+            group_n = np.add.reduceat(ws, starts, axis=1)
+            group_err = np.add.reduceat(weighted_err, starts, axis=1)
+        else:
+            group_n, group_err = ws, weighted_err
         accepted = np.cumsum(group_n, axis=1)
         errors = np.cumsum(group_err, axis=1)
         total = accepted[:, -1:]
-        cov = accepted / total
-        gen_risk = errors / total
         drawn = accepted > 0
         sel_risk = np.where(drawn, errors / np.where(drawn, accepted, 1.0), 0.0)
-        first = np.argmax(drawn, axis=1)
         rows = np.arange(w.shape[0])
-        sel_risk = np.where(drawn, sel_risk, sel_risk[rows, first][:, None])
-        zeros = np.zeros((w.shape[0], 1))
-        out = {
-            f"{prefix}augrc": np.trapezoid(np.hstack([zeros, gen_risk]), np.hstack([zeros, cov]), axis=1),
-            f"{prefix}aurc": np.trapezoid(
-                np.hstack([sel_risk[rows, first][:, None], sel_risk]), np.hstack([zeros, cov]), axis=1
-            ),
-        }
+        first = np.argmax(drawn, axis=1)
+        first_risk = sel_risk[rows, first][:, None]
+        sel_risk = np.where(drawn, sel_risk, first_risk)
+        # Trapezoids in closed form: segment g spans coverage group_n/total; AUGRC's heights are
+        # errors/total and (errors - group_err)/total, AURC's the selective risks at both ends
+        # (the first drawn group's segment starts at coverage 0 with its own risk).
+        augrc_value = (group_n * (2.0 * errors - group_err)).sum(axis=1) / (2.0 * total[:, 0] ** 2)
+        previous = np.hstack([first_risk, sel_risk[:, :-1]])
+        aurc_value = (group_n * (sel_risk + previous)).sum(axis=1) / (2.0 * total[:, 0])
+        out = {f"{prefix}augrc": augrc_value, f"{prefix}aurc": aurc_value}
         last = accepted.shape[1] - 1
         for c in coverages:
             g = np.minimum(np.count_nonzero(accepted < (c - LEVEL_TOL) * total, axis=1), last)
             out[f"{prefix}risk@{c:g}"] = sel_risk[rows, g]
         for r in risks:
             ok = drawn & (errors <= (r + LEVEL_TOL) * accepted)
-            out[f"{prefix}coverage@{r:g}"] = np.where(ok, cov, 0.0).max(axis=1)
+            out[f"{prefix}coverage@{r:g}"] = np.where(ok, accepted, 0.0).max(axis=1) / total[:, 0]
         return out
 
     return stat

@@ -1,5 +1,6 @@
 """Head training: loss, optimiser, schedule, EMA, seeding, checkpoints, CSV log and the trainer."""
 
+from stage1_core.features import TensorSplit
 from stage1_core.training.checkpoints import (
     CheckpointError,
     load_checkpoint,
@@ -23,6 +24,7 @@ from stage1_core.training.trainer import (
 )
 
 __all__ = [
+    "TensorSplit",
     "CheckpointError",
     "load_checkpoint",
     "load_state_dict_file",

@@ -95,10 +95,18 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """``shadow = (1 - d) * param + d * shadow`` (the baseline's expression and order)."""
+        """``shadow = (1 - d) * param + d * shadow``.
+
+        Same roundings as the baseline's expression (two products, then their sum), done with
+        three ``torch._foreach_*`` calls over all tensors instead of a Python loop.
+        """
         d = self.current_decay()
-        for name, param in self._trainable():
-            self.shadow[name].copy_((1.0 - d) * param.data + d * self.shadow[name])
+        names, params = zip(*((n, p.data) for n, p in self._trainable())) if self.shadow else ((), ())
+        if names:
+            shadows = [self.shadow[n] for n in names]
+            scaled = torch._foreach_mul(list(params), 1.0 - d)
+            torch._foreach_mul_(shadows, d)
+            torch._foreach_add_(shadows, scaled)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -41,6 +41,14 @@ def build_adamw(
     lr_backbone: float,
     weight_decay: float,
 ) -> AdamW:
-    """``AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay)`` over :func:`param_groups`."""
+    """``AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay)`` over :func:`param_groups`.
+
+    The fused kernel (one call for all tensors; same update rule) is used when every parameter
+    lives on a device torch has it for (CPU and CUDA); otherwise the default implementation.
+    """
     groups = param_groups(head, backbone, lr_head, lr_backbone, weight_decay)
-    return AdamW(groups, lr=lr_head, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for g in groups for p in g["params"])
+    return AdamW(
+        groups, lr=lr_head, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay, fused=True if fused else None
+    )

@@ -85,7 +85,11 @@ def load_samples(config: Any, artifacts_root: Path, progress: bool = True) -> tu
         train = read_labels_csv(root / "train_labels.csv", root / "train")
         val = read_labels_csv(root / "val_labels.csv", root / "val")
     else:
-        config.validate_for_run()
+        problems = config.dataset_problems()
+        if problems:
+            from stage1_core.config import ConfigError
+
+            raise ConfigError(problems)
         sources = train_source_configs(config)
         train = read_sources(sources) if len(sources) > 1 else read_labels_csv(config.train_labels_file, config.train_image_dir)
         val = read_labels_csv(config.val_labels_file, config.val_image_dir)
@@ -107,6 +111,7 @@ def build_splits(config: Any, train: Sequence[Sample], val: Sequence[Sample], ou
 
 
 def cache_dir_of(config: Any) -> Path:
+    """``cached_features_dir``, or ``<output_dir>/cached_features`` when it is not set."""
     return Path(config.cached_features_dir) if config.cached_features_dir else Path(config.output_dir) / "cached_features"
 
 

@@ -88,3 +88,9 @@ def test_every_schema_is_a_valid_strict_schema(name):
     jsonschema.validators.validator_for(schema).check_schema(schema)
     assert schema.get("additionalProperties") is False
     assert schema.get("required")
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    path = artifacts.write_json(tmp_path / "doc.json", {"x": 1})
+    mode = path.stat().st_mode & 0o777
+    assert mode & 0o044, oct(mode)  # readable by group/others like any file the user writes

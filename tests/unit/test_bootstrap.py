@@ -8,9 +8,11 @@ from stage1_core.metrics.exit import coverage_at_prior, exit_metrics
 from stage1_core.metrics.selective import selective_metrics
 
 
-def _data(n=80, seed=0):
+def _data(n=80, seed=0, ties=True):
     rng = np.random.default_rng(seed)
-    p1 = np.round(rng.uniform(size=n), 1)  # ties and exact bin edges
+    p1 = rng.uniform(size=n)
+    if ties:
+        p1 = np.round(p1, 1)  # ties and exact bin edges
     probs = np.stack([1 - p1, p1], axis=1)
     labels = (rng.uniform(size=n) < 0.7).astype(int)
     preds = probs.argmax(axis=1)
@@ -55,8 +57,9 @@ def _slow(probs, labels, preds, conf, residuals, exits, prior=0.5):
     return out
 
 
-def test_vectorised_equals_slow_loop_with_same_indices():
-    data = _data()
+@pytest.mark.parametrize("ties", [True, False])
+def test_vectorised_equals_slow_loop_with_same_indices(ties):
+    data = _data(ties=ties)
     n = data[0].shape[0]
     indices = bs.resample_indices(n, 300, seed=3)
     vec = _statistic(*data)(bs.counts_from_indices(indices, n))

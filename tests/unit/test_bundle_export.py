@@ -234,3 +234,18 @@ def test_adapter_file_must_be_shipped_in_the_bundle(tmp_path, head, threshold):
         export_test_bundle(tmp_path, head, threshold, backbone_info=fake_backbone_info(adapter_file="adapter.safetensors"))
     assert not (tmp_path / "bundle").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_inconsistent_inputs_are_all_listed(tmp_path, head, threshold):
+    with pytest.raises(BundleError, match="unknown exit policy 'nonexistent'"):
+        export_test_bundle(tmp_path, head, threshold, policy_name="nonexistent")
+    with pytest.raises(BundleError) as info:
+        export_test_bundle(
+            tmp_path, head, threshold, phase=2,
+            backbone_info={k: v for k, v in fake_backbone_info().items() if k != "fingerprint"},
+        )
+    assert info.value.problems == [
+        "backbone_info lacks 'fingerprint'",
+        "the bundle is for phase 2 but its config.json says phase=1",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

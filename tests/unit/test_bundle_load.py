@@ -264,11 +264,11 @@ def test_every_problem_is_listed_at_once(bundle):
     (bundle / "splits.json").unlink()
     (bundle / "stray.txt").write_text("x")
     manifest = read_manifest(bundle)
-    manifest["phase"] = 9
+    manifest["created_at"] = ""
     (bundle / "bundle.json").write_text(json.dumps(manifest))
     problems = assert_refused(
         bundle,
-        "bundle.json: $.phase",
+        "bundle.json: $.created_at",
         "splits.json: listed in bundle.json ($.sha256) but missing",
         "stray.txt: unexpected file",
     )
@@ -290,6 +290,13 @@ def test_policy_file_must_match_its_schema_and_the_active_policy(bundle):
     manifest["sha256"]["thresholds.json"] = manifest["sha256"].pop("gateparams.json")
     reseal(bundle, manifest)
     assert_refused(bundle, "thresholds.json:", "'delta' is a required property")
+
+
+def test_phase_must_match_config_and_allow_the_policy(bundle):
+    manifest = read_manifest(bundle)
+    manifest["phase"] = 3
+    reseal(bundle, manifest)
+    assert_refused(bundle, "bundle.json: the bundle is for phase 3 but its config.json says phase=1")
 
 
 def test_unreproducible_transform_is_refused(bundle):

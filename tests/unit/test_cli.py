@@ -144,8 +144,8 @@ def _write_images(root: Path, name: str, n: int) -> None:
 
 
 def test_standalone_modes_end_to_end(tmp_path, capsys):
-    _write_images(tmp_path, "train", 16)
-    _write_images(tmp_path, "val", 30)
+    _write_images(tmp_path, "train", 8)
+    _write_images(tmp_path, "val", 15)
     common = [
         "--train_image_dir", str(tmp_path / "train"), "--train_labels_file", str(tmp_path / "train_labels.csv"),
         "--val_image_dir", str(tmp_path / "val"), "--val_labels_file", str(tmp_path / "val_labels.csv"),
@@ -155,7 +155,7 @@ def test_standalone_modes_end_to_end(tmp_path, capsys):
     ]
     assert main(["train", "--mode", "extract_features", *common]) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["forward_passes"] == 2 + 4
+    assert first["forward_passes"] == 1 + 2
     assert main(["train", "--mode", "extract_features", *common]) == 0
     assert json.loads(capsys.readouterr().out)["forward_passes"] == 0
     assert main(["train", "--mode", "train_cached", *common]) == 0

@@ -1,0 +1,112 @@
+"""Throughput of the feature-cache path against a bare forward pass, same model, batch and threads.
+
+Three measurements, in one process, on the builtin backbone (``builtin:tiny-dinov3``):
+
+* ``bare``: ``inference_mode`` forward over images decoded and transformed beforehand (the
+  ceiling: nothing but the transformer);
+* ``cache (tensors)``: :func:`stage1_core.features.extract_split_features` over the same
+  pre-decoded tensors (our loop, DataLoader, bookkeeping and writing the cache);
+* ``cache (JPEG files)``: the same function over the JPEG files through the evaluation transform
+  (what ``extract_features`` really does: decode, resize, crop, normalise, forward, save).
+
+Each is run ``--repeats`` times, interleaved, and the best time is kept. The ratio printed is
+images/s of each cache path divided by images/s of the bare forward (target: >= 0.8).
+
+    python benchmarks/bench_extract.py [--n 256] [--batch 64] [--num_workers N] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from stage1_core.data.datasets import LabelledImageDataset, read_labels_csv
+from stage1_core.data.loaders import resolve_num_workers
+from stage1_core.data.synthetic import generate_synthetic_dataset
+from stage1_core.data.transforms import describe_transform
+from stage1_core.features import extract_split_features
+from stage1_core.model.backbone import DINOv3Backbone
+
+
+class PreDecoded(Dataset):
+    """Already transformed images with ids and labels."""
+
+    def __init__(self, images: torch.Tensor, labels: list[int], ids: list[str]) -> None:
+        self.images, self.labels, self.sample_ids = images, labels, ids
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index]
+
+
+def bare_forward(backbone: DINOv3Backbone, images: torch.Tensor, batch: int) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, images.shape[0], batch):
+            backbone.model(pixel_values=images[i : i + batch]).last_hidden_state[:, 0]
+    return time.perf_counter() - start
+
+
+def cache_path(backbone: DINOv3Backbone, dataset: Dataset, transform: str, batch: int, workers: int) -> float:
+    out = Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    try:
+        start = time.perf_counter()
+        manifest = extract_split_features(
+            backbone, {"bench": dataset}, out, transform, batch_size=batch, device="cpu", progress=False,
+            num_workers=workers,
+        )
+        seconds = time.perf_counter() - start
+        assert manifest.forward_passes > 0
+        return seconds
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=256, help="number of images")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers of the cache path (default: the pipeline's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep data and backbone here (default: a temp dir)")
+    args = parser.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    data = work / f"synthetic_{args.n}"
+    if not (data / "train_labels.csv").is_file():
+        generate_synthetic_dataset(data, n_train=args.n, n_val=1, seed=0, progress=False)
+    samples = read_labels_csv(data / "train_labels.csv", data / "train")
+    backbone = DINOv3Backbone.load("builtin:tiny-dinov3", artifacts_root=work)
+    files = LabelledImageDataset(samples)
+    transform = describe_transform(files.transform)
+    images = torch.stack([files[i][0] for i in range(len(files))])
+    tensors = PreDecoded(images, files.labels, files.sample_ids)
+    workers = resolve_num_workers(args.num_workers)
+
+    bare_forward(backbone, images[: args.batch], args.batch)  # warm-up
+    times: dict[str, list[float]] = {"bare": [], "cache (tensors)": [], "cache (JPEG files)": []}
+    for _ in range(args.repeats):
+        times["bare"].append(bare_forward(backbone, images, args.batch))
+        times["cache (tensors)"].append(cache_path(backbone, tensors, transform, args.batch, 0))
+        times["cache (JPEG files)"].append(cache_path(backbone, files, transform, args.batch, workers))
+
+    print(f"images: {args.n}, batch: {args.batch}, torch threads: {torch.get_num_threads()}, "
+          f"cache-path DataLoader workers: {workers} (tensors: 0), repeats: {args.repeats} (best kept)")
+    rates = {name: args.n / min(values) for name, values in times.items()}
+    for name, rate in rates.items():
+        print(f"{name:>20}: {rate:8.1f} images/s  (ratio to bare {rate / rates['bare']:.3f})")
+    print(f"ratio cache(JPEG files)/bare = {rates['cache (JPEG files)'] / rates['bare']:.3f} (target >= 0.8)")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
