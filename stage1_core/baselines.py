@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from stage1_core.training.logging_csv import BASELINE_HEADER
 
 
 def class_weights(labels: np.ndarray, n_classes: int = 2) -> np.ndarray:
@@ -35,29 +38,54 @@ def logistic_probe_accuracy(
     return float((probe.predict(np.asarray(val_x, dtype=np.float64)) == np.asarray(val_y).astype(int)).mean())
 
 
-def read_baseline_log(path: str | Path) -> dict[str, float | int]:
-    """Best_Val_Acc of the old script's CSV training log (``Epoch,...,Best_Val_Acc,LR``).
+def read_baseline_log(path: str | Path) -> dict[str, Any]:
+    """Best validation accuracy in a CSV log of the old script.
 
-    Returns the best accuracy as a fraction (the old log may hold a percentage) and the epoch count.
+    The old script wrote ``Best_Val_Acc`` *before* updating it, so the last row can miss the
+    final epoch's improvement: the best is ``max(Best_Val_Acc, Val_Acc)`` over all rows.
+    Raises ``ValueError`` naming the file and line of anything that is not such a log.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: training log not found")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or "Best_Val_Acc" not in reader.fieldnames:
-            raise ValueError(
-                f"{path}:1: no Best_Val_Acc column (found {reader.fieldnames}); expected the CSV log written by "
-                f"train_stage1_head.py (header Epoch,Train_Loss,...,Best_Val_Acc,LR)"
-            )
-        values = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                values.append(float(row["Best_Val_Acc"]))
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}:{line}: Best_Val_Acc={row['Best_Val_Acc']!r} is not a number") from None
-    if not values:
-        raise ValueError(f"{path}: the log has a header but no epoch rows")
-    best = max(values)
-    fraction = best / 100.0 if best > 1.0 else best
-    return {"best_val_accuracy": fraction, "epochs": len(values), "raw_best": best}
+        raise ValueError(f"{path}: log file not found")
+    rows: list[dict[str, str]] = []
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header: list[str] | None = None
+        for row in reader:
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            cells = [c.strip() for c in row]
+            if cells[: len(BASELINE_HEADER)] == list(BASELINE_HEADER):
+                header = cells
+                continue
+            if header is None:
+                raise ValueError(
+                    f"{path}:{reader.line_num}: expected the header {','.join(BASELINE_HEADER)} of the old "
+                    f"script's log before any data row"
+                )
+            if len(cells) != len(header):
+                raise ValueError(f"{path}:{reader.line_num}: {len(cells)} fields, the header has {len(header)}")
+            rows.append({**dict(zip(header, cells)), "_line": str(reader.line_num)})
+    if not rows:
+        raise ValueError(f"{path}: no epoch rows (only a header, or an empty file)")
+    best, best_epoch = -1.0, 0
+    for row in rows:
+        try:
+            val_acc, best_col, epoch = float(row["Val_Acc"]), float(row["Best_Val_Acc"]), int(row["Epoch"])
+        except ValueError:
+            raise ValueError(f"{path}:{row['_line']}: Epoch/Val_Acc/Best_Val_Acc are not numbers: {row}") from None
+        if val_acc > best:
+            best, best_epoch = val_acc, epoch
+        if best_col > best:
+            best, best_epoch = best_col, 0
+    if not 0.0 <= best <= 100.0:
+        raise ValueError(f"{path}: best validation accuracy {best} is not a percentage in [0, 100]")
+    return {
+        "log_file": str(path),
+        "epochs": len(rows),
+        "best_val_acc_percent": best,
+        "best_epoch": best_epoch,
+        "last_best_val_acc_column": float(rows[-1]["Best_Val_Acc"]),
+        "baseline_val_accuracy": round(best / 100.0, 6),
+    }

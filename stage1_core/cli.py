@@ -19,7 +19,6 @@ by the old script, to use as ``baseline_val_accuracy``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -30,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stage1_core.training.logging_csv import BASELINE_HEADER
 
 PROG = "stage1"
 DEFAULT_ARTIFACTS_ROOT = "artifacts"
@@ -216,59 +214,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 
-def read_baseline_log(path: str | Path) -> dict[str, Any]:
-    """Best validation accuracy in a CSV log of the old script.
-
-    The old script wrote ``Best_Val_Acc`` *before* updating it, so the last row can miss the
-    final epoch's improvement: the best is ``max(Best_Val_Acc, Val_Acc)`` over all rows.
-    Raises :class:`CliError` naming the file and line of anything that is not such a log.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CliError(f"{path}: log file not found")
-    rows: list[dict[str, str]] = []
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header: list[str] | None = None
-        for row in reader:
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            cells = [c.strip() for c in row]
-            if cells[: len(BASELINE_HEADER)] == list(BASELINE_HEADER):
-                header = cells
-                continue
-            if header is None:
-                raise CliError(
-                    f"{path}:{reader.line_num}: expected the header {','.join(BASELINE_HEADER)} of the old "
-                    f"script's log before any data row"
-                )
-            if len(cells) != len(header):
-                raise CliError(f"{path}:{reader.line_num}: {len(cells)} fields, the header has {len(header)}")
-            rows.append({**dict(zip(header, cells)), "_line": str(reader.line_num)})
-    if not rows:
-        raise CliError(f"{path}: no epoch rows (only a header, or an empty file)")
-    best, best_epoch = -1.0, 0
-    for row in rows:
-        try:
-            val_acc, best_col, epoch = float(row["Val_Acc"]), float(row["Best_Val_Acc"]), int(row["Epoch"])
-        except ValueError:
-            raise CliError(f"{path}:{row['_line']}: Epoch/Val_Acc/Best_Val_Acc are not numbers: {row}") from None
-        if val_acc > best:
-            best, best_epoch = val_acc, epoch
-        if best_col > best:
-            best, best_epoch = best_col, 0
-    if not 0.0 <= best <= 100.0:
-        raise CliError(f"{path}: best validation accuracy {best} is not a percentage in [0, 100]")
-    return {
-        "log_file": str(path),
-        "epochs": len(rows),
-        "best_val_acc_percent": best,
-        "best_epoch": best_epoch,
-        "last_best_val_acc_column": float(rows[-1]["Best_Val_Acc"]),
-        "baseline_val_accuracy": round(best / 100.0, 6),
-    }
-
-
 def add_import_log_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("log_file", type=Path, help="CSV log written by train_stage1_head.py (training.log)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -280,6 +225,8 @@ def add_import_log_arguments(parser: argparse.ArgumentParser) -> None:
     add_import_log_arguments,
 )
 def cmd_import_baseline_log(args: argparse.Namespace) -> int:
+    from stage1_core.baselines import read_baseline_log
+
     info = read_baseline_log(args.log_file)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -292,6 +239,91 @@ def cmd_import_baseline_log(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    from stage1_core.data.synthetic import DEFAULT_N_TRAIN, DEFAULT_N_VAL
+
+    parser.add_argument("--out", type=Path, required=True, help="output folder (NATIX layout)")
+    parser.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN, help=f"training images (default {DEFAULT_N_TRAIN})")
+    parser.add_argument("--n-val", type=int, default=DEFAULT_N_VAL, help=f"validation images (default {DEFAULT_N_VAL})")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+
+
+@subcommand("synth", "generate the deterministic synthetic roadwork data set (NATIX layout)", add_synth_arguments)
+def cmd_synth(args: argparse.Namespace) -> int:
+    from stage1_core.data.synthetic import generate_synthetic_dataset
+
+    summary = generate_synthetic_dataset(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed)
+    print(json.dumps(summary.to_dict(), indent=2, default=str))
+    return 0
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True, help="deploy bundle directory")
+    parser.add_argument("images", nargs="+", type=Path, help="image files")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image")
+    parser.add_argument("--artifacts_root", "--artifacts-root", default=DEFAULT_ARTIFACTS_ROOT,
+                        help="where a builtin backbone is (re)built (default ./artifacts)")
+    parser.add_argument("--batch_size", type=int, default=None, help="images per forward pass")
+
+
+@subcommand("predict", "decide images with a deploy bundle (exit or defer, label, p_roadwork)", add_predict_arguments)
+def cmd_predict(args: argparse.Namespace) -> int:
+    from stage1_core.bundle.load import BundleError, Stage1Bundle, format_prediction
+
+    try:
+        bundle = Stage1Bundle.load(args.bundle, artifacts_root=args.artifacts_root)
+    except BundleError as exc:
+        raise CliError(str(exc)) from None
+    results = bundle.predict([str(p) for p in args.images], batch_size=args.batch_size)
+    for path, result in zip(args.images, results):
+        print(format_prediction(path, result, as_json=args.json))
+    return 0
+
+
+def add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["verify"], help="verify: schema, checksums, file set, pointers, weights")
+    parser.add_argument("directory", type=Path, help="deploy bundle directory")
+
+
+@subcommand("bundle", "work with deploy bundles (stage1 bundle verify DIR)", add_bundle_arguments)
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from stage1_core.bundle.load import verify_bundle
+
+    problems = verify_bundle(args.directory)
+    if problems:
+        print(f"{args.directory}: INVALID bundle, {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    manifest = json.loads((args.directory / "bundle.json").read_text(encoding="utf-8"))
+    print(
+        f"{args.directory}: valid bundle (phase {manifest['phase']}, policy {manifest['active_exit_policy']} "
+        f"from {manifest['policy_file']}, {len(manifest['sha256'])} files checksummed)"
+    )
+    return 0
+
+
+def add_summary_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--phase", default="phase1", help="phase partition (default phase1)")
+    parser.add_argument("--artifacts_root", "--artifacts-root", default=None,
+                        help="artifacts root (default $STAGE1_ARTIFACTS or ./artifacts)")
+
+
+@subcommand("summary", "print where a phase's bundle is and its headline figures", add_summary_arguments)
+def cmd_summary(args: argparse.Namespace) -> int:
+    import os
+
+    from stage1_core.pipeline import Layout, bundle_dir, read_phase_summary
+
+    root = args.artifacts_root or os.environ.get("STAGE1_ARTIFACTS", DEFAULT_ARTIFACTS_ROOT)
+    layout = Layout(root)
+    summary = read_phase_summary(layout, args.phase)
+    print(f"{args.phase}: bundle at {bundle_dir(layout, args.phase)}")
+    for line in summary:
+        print(f"  {line}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

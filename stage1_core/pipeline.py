@@ -590,6 +590,32 @@ def export_phase_bundle(config: Stage1ProConfig, layout: Layout, partition: str,
     return StepResult(final, metadata)
 
 
+def read_phase_summary(layout: Layout, partition: str) -> list[str]:
+    """Headline lines of a phase: certified coverage, val_test FNR and its bound, accuracy, MCC."""
+    directory = bundle_dir(layout, partition)
+    if not (directory / "bundle.json").is_file():
+        raise FileNotFoundError(f"{directory} holds no published bundle: materialise bundle[{partition}] first")
+    manifest = read_json(directory / "bundle.json", schema="bundle")
+    h = manifest["headline"]
+
+    def pct(value: Any) -> str:
+        return "n/a" if value is None else f"{100 * float(value):.2f}%"
+
+    fnr = "undefined (no exited positive)" if h.get("fnr_on_exited") is None else pct(h["fnr_on_exited"])
+    return [
+        f"exit threshold (certified on val_calib): {h.get('exit_threshold')}",
+        (f"certified coverage on val_calib: {pct(h.get('calib_coverage'))} "
+         f"(FNR bound {pct(h.get('calib_fnr_upper_bound'))} <= target {pct(h.get('fnr_target'))})")
+        if h.get("certified") else "NOT certified on val_calib: the policy exits nothing",
+        f"val_test coverage: {pct(h.get('coverage'))} at the calibration prior, "
+        f"{pct(h.get('coverage_at_deploy_prior'))} at deploy prior {h.get('deploy_prior')}",
+        f"val_test FNR on exits: {fnr} ({h.get('n_false_negatives')}/{h.get('n_exited_positives')}), "
+        f"Clopper-Pearson upper bound {pct(h.get('fnr_on_exited_cp_upper'))}",
+        f"val_test accuracy {pct(h.get('accuracy'))}, balanced accuracy {pct(h.get('balanced_accuracy'))}, "
+        f"MCC {float(h['mcc']):.4f}" if h.get("mcc") is not None else "val_test MCC n/a",
+    ]
+
+
 # ----- gate criteria --------------------------------------------------------------------------------
 
 

@@ -242,8 +242,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         array = np.asarray(image, dtype=np.float64)
         high = float(array.max()) if array.size else 0.0
-        if high > 255.0:
+        if high > 65535.0:
             array = array * (255.0 / high)
+        elif high > 255.0:
+            array = array / 257.0  # 16-bit range to 8 bits
         image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info) or (
         image.mode in ("L", "RGB") and "transparency" in image.info

@@ -9,6 +9,8 @@ pipeline, used to key feature caches (same text, same preprocessing).
 from __future__ import annotations
 
 import enum
+import functools
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,7 +113,8 @@ def describe_transform(transform: Any) -> str:
 
     Parameters are taken from each transform's public attributes, sorted by name, with floats
     rounded, so the text depends only on what the pipeline does, not on object ids or on how
-    ``repr`` is formatted by a given torchvision release.
+    ``repr`` is formatted by a given torchvision release. A plain function is named by its module
+    and qualified name (its body is not described: rename it when its behaviour changes).
     """
     if isinstance(transform, v2.Compose):
         return "Compose[" + "; ".join(describe_transform(t) for t in transform.transforms) + "]"
@@ -120,8 +123,9 @@ def describe_transform(transform: Any) -> str:
         params = {k: v for k, v in vars(transform).items() if k in ("p",) and _describable(v)}
         extra = ", ".join(f"{k}={_format_value(v)}" for k, v in sorted(params.items()))
         return f"{type(transform).__name__}({extra})[{inner}]"
-    if not isinstance(transform, torch.nn.Module) and callable(transform) and not hasattr(transform, "__dict__"):
-        return type(transform).__name__
+    if isinstance(transform, (types.FunctionType, types.BuiltinFunctionType, functools.partial)):
+        func = transform.func if isinstance(transform, functools.partial) else transform
+        return f"{func.__module__}.{func.__qualname__}"
     params = {
         key: value
         for key, value in sorted(vars(transform).items())

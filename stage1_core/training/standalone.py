@@ -4,7 +4,8 @@
   (the baseline's file names) plus ``manifest.json`` into ``cached_features_dir``.
 * ``train_cached``: read that cache, split ``val`` into val_select / val_calib / val_test by
   sample id (:func:`stage1_core.data.splits.make_splits`), train the head on ``train`` with
-  ``val_select`` for selection.
+  ``val_select`` for selection. A cache written by the old script (no manifest) is imported in
+  place first (:func:`import_old_cache`).
 * ``train``: the frozen backbone runs on augmented training images every step; val features
   come from the cache (extracted first, reused when present).
 
@@ -28,9 +29,11 @@ from stage1_core.data.datasets import LabelledImageDataset, Sample, find_corrupt
 from stage1_core.data.splits import VAL_SPLITS, Splits, make_splits, save_splits
 from stage1_core.data.transforms import describe_transform
 from stage1_core.features import (
+    MANIFEST_NAME,
     FeatureCacheError,
     TensorSplit,
     extract_split_features,
+    import_legacy_cache,
     load_cached_features,
     read_manifest,
 )
@@ -198,6 +201,32 @@ def _finish(
     return summary
 
 
+def import_old_cache(config: Any, cache_dir: Path, artifacts_root: Path, device: str | None = None) -> None:
+    """Add a manifest to a cache written by the old script (``train_*.pt``, ``val_*.pt``), in place.
+
+    The old script extracted NATIX train and val in the row order of their labels CSVs, so the
+    ids come from those CSVs (read without ``skip_corrupt``, as the old script had no such
+    option) and their labels are checked against the stored ones. The fingerprint is that of the
+    configured ``model_path``, which must be the backbone the old script used.
+    """
+    if config.data_source != "natix":
+        raise FeatureCacheError(f"{cache_dir}: a cache of the old script can only be imported with data_source='natix'")
+    logger.info("importing the old script's feature cache in %s (no manifest found)", cache_dir)
+    csvs = {
+        "train": read_labels_csv(config.train_labels_file, config.train_image_dir),
+        "val": read_labels_csv(config.val_labels_file, config.val_image_dir),
+    }
+    backbone = load_backbone(config, artifacts_root, resolve_device(device))
+    import_legacy_cache(
+        cache_dir,
+        cache_dir,
+        sample_ids={name: [s.sample_id for s in samples] for name, samples in csvs.items()},
+        expected_labels={name: [s.label for s in samples] for name, samples in csvs.items()},
+        backbone_fingerprint=backbone.fingerprint(),
+        transform_desc=describe_transform(LabelledImageDataset([]).transform),
+    )
+
+
 def run_train_cached(
     config: Any, artifacts_root: Path, progress: bool = True, device: str | None = None
 ) -> dict[str, Any]:
@@ -205,13 +234,12 @@ def run_train_cached(
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = cache_dir_of(config)
+    if not (cache_dir / MANIFEST_NAME).is_file() and all((cache_dir / f"{s}_features.pt").is_file() for s in CACHE_SPLITS):
+        import_old_cache(config, cache_dir, artifacts_root, device)
     try:
         manifest = read_manifest(cache_dir)
     except FeatureCacheError as exc:
-        raise FeatureCacheError(
-            f"{exc}\n  (a cache written by the old script has no manifest: import it with "
-            f"stage1_core.features.import_legacy_cache, or run --mode extract_features)"
-        ) from None
+        raise FeatureCacheError(f"{exc}\n  (run --mode extract_features first)") from None
     train, val = load_samples(config, artifacts_root, progress)
     for name, samples in (("train", train), ("val", val)):
         if name not in manifest.splits or manifest.sample_ids(name) != [s.sample_id for s in samples]:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stage1_core.cli import BASELINE_FLAGS, SUBCOMMANDS, build_parser, config_from_args, main, read_baseline_log
+from stage1_core.baselines import read_baseline_log
+from stage1_core.cli import BASELINE_FLAGS, SUBCOMMANDS, build_parser, config_from_args, main
 
 #: Every flag of train_stage1_head.py (issue 3), which must keep working.
 ISSUE_BASELINE_FLAGS = (
@@ -158,9 +159,12 @@ def test_standalone_modes_end_to_end(tmp_path, capsys):
     assert first["forward_passes"] == 1 + 2
     assert main(["train", "--mode", "extract_features", *common]) == 0
     assert json.loads(capsys.readouterr().out)["forward_passes"] == 0
+    out = tmp_path / "out"
+    (out / "cached_features" / "manifest.json").unlink()  # now it looks like a cache of the old script
     assert main(["train", "--mode", "train_cached", *common]) == 0
     summary = json.loads(capsys.readouterr().out)
-    out = tmp_path / "out"
+    imported = json.loads((out / "cached_features" / "manifest.json").read_text())
+    assert imported["source"] == "legacy-import" and imported["backbone_fingerprint"] == first["backbone_fingerprint"]
     for name in ("model_best.pth", "checkpoint_last.pth", "training.log", "splits.json", "config.json",
                  "predictions/val_select.pt", "predictions/val_calib.pt", "predictions/val_test.pt"):
         assert (out / name).is_file(), name

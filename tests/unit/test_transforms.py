@@ -1,0 +1,133 @@
+"""Training / evaluation transforms and their stable description."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from stage1_core.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_eval_transform,
+    build_train_transform,
+    describe_transform,
+)
+
+
+def _steps(transform: v2.Compose) -> dict[type, v2.Transform]:
+    return {type(t): t for t in transform.transforms}
+
+
+def _image(width: int = 333, height: int = 250, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_aggressive_recipe() -> None:
+    steps = _steps(build_train_transform("aggressive"))
+    crop = steps[v2.RandomResizedCrop]
+    assert crop.size == (224, 224) and crop.scale == (0.7, 1.0) and crop.ratio == (0.7, 1.4)
+    assert crop.interpolation == v2.InterpolationMode.BICUBIC
+    assert steps[v2.RandomHorizontalFlip].p == 0.5
+    jitter = steps[v2.ColorJitter]
+    assert jitter.brightness == (0.8, 1.2) and jitter.contrast == (0.8, 1.2)
+    assert jitter.saturation == (0.8, 1.2) and jitter.hue == (-0.1, 0.1)
+    erasing = steps[v2.RandomErasing]
+    assert erasing.p == 0.4 and erasing.scale == (0.02, 0.4)
+
+
+def test_moderate_is_the_baseline_recipe() -> None:
+    steps = _steps(build_train_transform("moderate"))
+    crop = steps[v2.RandomResizedCrop]
+    assert crop.scale == (0.8, 1.0) and crop.ratio == (0.75, 1.33)
+    assert v2.ColorJitter not in steps
+    erasing = steps[v2.RandomErasing]
+    assert erasing.p == 0.25 and erasing.scale == (0.02, 0.33) and erasing.ratio == (0.3, 3.3)
+
+
+def test_erasing_runs_after_normalisation() -> None:
+    kinds = [type(t) for t in build_train_transform("aggressive").transforms]
+    assert kinds.index(v2.RandomErasing) > kinds.index(v2.Normalize) > kinds.index(v2.ToDtype)
+
+
+def test_eval_transform_resizes_bicubic_and_centre_crops() -> None:
+    steps = _steps(build_eval_transform())
+    resize = steps[v2.Resize]
+    assert resize.size == [256] and resize.interpolation == v2.InterpolationMode.BICUBIC
+    assert steps[v2.CenterCrop].size == (224, 224)
+    out = build_eval_transform()(_image())
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    assert torch.equal(out, build_eval_transform()(_image()))
+
+
+def test_eval_transform_matches_manual_pipeline() -> None:
+    image = _image(300, 200, seed=1)
+    resized = image.resize((384, 256), Image.BICUBIC)  # shorter side 200 -> 256
+    left, top = (384 - 224) // 2, (256 - 224) // 2
+    crop = np.asarray(resized.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255
+    expected = (torch.from_numpy(crop).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
+        IMAGENET_STD
+    ).view(3, 1, 1)
+    out = build_eval_transform()(image)
+    # torchvision's antialiased bicubic and PIL's differ slightly at the pixel level.
+    assert (out - expected).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("kind", ["aggressive", "moderate"])
+def test_train_transform_output_and_randomness(kind: str) -> None:
+    transform = build_train_transform(kind)
+    torch.manual_seed(0)
+    a = transform(_image())
+    b = transform(_image())
+    assert a.shape == b.shape == (3, 224, 224) and a.dtype == torch.float32
+    assert not torch.equal(a, b)
+    torch.manual_seed(0)
+    assert torch.equal(a, transform(_image()))
+
+
+def test_custom_size_and_normalisation() -> None:
+    out = build_eval_transform(image_size=112, resize=128, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(
+        Image.new("RGB", (200, 150), (255, 255, 255))
+    )
+    assert out.shape == (3, 112, 112) and torch.allclose(out, torch.ones_like(out))
+    assert build_train_transform("moderate", image_size=96)(_image()).shape == (3, 96, 96)
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="aggressive, moderate"):
+        build_train_transform("wild")
+    with pytest.raises(ValueError, match="resize"):
+        build_eval_transform(image_size=224, resize=200)
+
+
+def test_describe_transform_is_stable_and_discriminating() -> None:
+    text = describe_transform(build_eval_transform())
+    assert text == (
+        "Compose[Resize(antialias=True, interpolation=InterpolationMode.BICUBIC, max_size=None, size=(256,)); "
+        "CenterCrop(size=(224, 224)); ToImage(); ToDtype(dtype=torch.float32, scale=True); "
+        "Normalize(inplace=False, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))]"
+    )
+    assert describe_transform(build_eval_transform()) == text
+    variants = {
+        describe_transform(build_eval_transform(resize=288)),
+        describe_transform(build_eval_transform(mean=(0.5, 0.5, 0.5))),
+        describe_transform(build_train_transform("aggressive")),
+        describe_transform(build_train_transform("moderate")),
+        text,
+    }
+    assert len(variants) == 5
+    assert "0x" not in "".join(variants)  # no object addresses
+
+
+def test_describe_transform_nested_and_plain_callables() -> None:
+    nested = v2.Compose([v2.RandomApply([v2.RandomHorizontalFlip(p=1.0)], p=0.3), v2.Lambda(lambda x: x)])
+    text = describe_transform(nested)
+    assert text.startswith("Compose[RandomApply(p=0.3)[RandomHorizontalFlip(p=1.0)]; Lambda(")
+
+    def identity(image):
+        return image
+
+    assert describe_transform(identity) == f"{__name__}.test_describe_transform_nested_and_plain_callables.<locals>.identity"
