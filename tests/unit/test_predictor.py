@@ -62,7 +62,7 @@ def thresholds_doc(exit_threshold: float, seed: int = 0) -> dict[str, Any]:
     """A schema-valid, certified thresholds.json built by the real certification code, with the
     threshold then set to ``exit_threshold`` (what a policy decides with)."""
     rng = np.random.default_rng(seed)
-    n = 300
+    n = 800
     y = (rng.random(n) < 0.8).astype(int)
     # Rounded to 2 decimals: few distinct values keep the sweep (and schema validation) short.
     conf = np.round(np.where(rng.random(n) < 0.85, rng.uniform(0.9, 1.0, n), rng.uniform(0.5, 0.9, n)), 2)
