@@ -119,7 +119,15 @@ def _parse_labels(labels_file: Path, image_dir: Path, source: str) -> tuple[list
     data_lines = 0
     header_seen = False
     reader = csv.reader(io.StringIO(text, newline=""))
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            data_lines += 1
+            problems.append(f"{name}:{reader.line_num}: unreadable CSV line ({exc}) - fix the quoting of this line")
+            continue
         lineno = reader.line_num
         fields = [f.strip() for f in row]
         if not any(fields):

@@ -1,0 +1,170 @@
+"""Pipeline steps on synthetic features (no images, no backbone): policy, evaluation, bundle, gates.
+
+Also the split rules: the exit policy may only see val_calib, evaluation only val_test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from stage1_core import pipeline
+from stage1_core.artifacts import read_json, write_json
+from stage1_core.config import Stage1ProConfig
+from stage1_core.data.datasets import Sample
+from stage1_core.data.splits import SPLIT_NAMES, SplitError, make_splits, require_split, save_splits
+from stage1_core.features import extract_split_features
+from stage1_core.phases import CRITERIA
+
+HIDDEN = 16
+FINGERPRINT = "ab" * 32
+N_TRAIN, N_VAL = 600, 2700
+
+
+class IdentityBackbone:
+    """Stands in for DINOv3: its 'images' are already feature vectors."""
+
+    hidden_size = HIDDEN
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def fingerprint(self) -> str:
+        return FINGERPRINT
+
+    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return pixel_values
+
+
+class Rows(Dataset):
+    def __init__(self, x, y, ids):
+        self.x, self.y, self.sample_ids = x, y, ids
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def make_rows(ids: list[str], labels: np.ndarray, rng: np.random.Generator) -> Rows:
+    x = rng.normal(size=(len(ids), HIDDEN)).astype(np.float32)
+    x[:, 0] += np.where(labels == 1, 2.5, -2.5)
+    return Rows(torch.from_numpy(x), labels, ids)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A layout with features, splits and backbone info, trained through phase 1's steps."""
+    root = tmp_path_factory.mktemp("artifacts")
+    layout = pipeline.Layout(root)
+    rng = np.random.default_rng(0)
+    samples = {
+        origin: [Sample(f"{origin}/{i:05d}.jpg", root / f"{origin}{i}.jpg", int(rng.random() < 0.9), "natix", i + 2)
+                 for i in range(n)]
+        for origin, n in (("train", N_TRAIN), ("val", N_VAL))
+    }
+    splits = make_splits(samples["train"], samples["val"], seed=0)
+    save_splits(splits, layout.dir("splits") / "splits.json")
+    label_of = {s.sample_id: s.label for group in samples.values() for s in group}
+    datasets = {
+        name: make_rows(list(splits.ids[name]), np.array([label_of[i] for i in splits.ids[name]]), rng)
+        for name in SPLIT_NAMES
+    }
+    store = layout.feature_store / "test"
+    ids = {name: list(splits.ids[name]) for name in SPLIT_NAMES}
+    extract_split_features(IdentityBackbone(), datasets, store, "identity", sample_ids=ids, progress=False)
+    write_json(layout.dir("cached_features", "phase1") / "cache.json",
+               {"store": str(store), "key": "test", "fingerprint": FINGERPRINT, "reused": False, "forward_passes": 4})
+    write_json(layout.dir("backbone", "phase1") / "backbone.json",
+               {"model_path": "builtin:tiny-dinov3", "fingerprint": FINGERPRINT, "hidden_size": HIDDEN})
+    config = Stage1ProConfig.from_dict(
+        {"data_source": "synthetic", "epochs": 8, "lr_head": 3e-3, "grad_accum_steps": 1, "warmup_epochs": 1,
+         "label_smoothing": 0.0, "early_stop_patience": 8, "bootstrap_samples": 200, "use_amp": False}
+    )
+    pipeline.train_phase(config, layout, "phase1")
+    pipeline.predict_splits(config, layout, "phase1")
+    pipeline.fit_exit_policy(config, layout, "phase1")
+    pipeline.evaluate_phase(config, layout, "phase1")
+    return config, layout
+
+
+def test_phase1_steps_produce_a_certified_policy_and_passing_gates(trained):
+    config, layout = trained
+    thresholds = read_json(layout.root / "exit_policy" / "phase1" / "thresholds.json", schema="thresholds")
+    assert thresholds["certified"] and 0.5 <= thresholds["exit_threshold"] <= 1.0
+    assert thresholds["checkpoint_id"] == pipeline.read_training(layout, "phase1")["checkpoint_id"]
+    pipeline.export_phase_bundle(config, layout, "phase1", run_id="test-run")
+    bundle = pipeline.bundle_dir(layout, "phase1")
+    assert (bundle / "bundle.json").is_file() and not list((layout.root / "bundle" / "phase1").glob(".staging*"))
+    verdicts = {name: pipeline.evaluate_criterion(name, config, layout, "phase1") for name in CRITERIA}
+    failed = {n: v.message for n, v in verdicts.items() if not v.passed}
+    assert not failed, failed
+    assert verdicts["no_regression_vs_previous_phase"].figures == {"applicable": False}
+    lines = pipeline.read_phase_summary(layout, "phase1")
+    assert any("certified coverage on val_calib" in line for line in lines)
+
+
+def test_evaluation_writes_metrics_with_intervals(trained):
+    _, layout = trained
+    rows = {r["metric"]: r for r in pipeline.read_metrics_csv(layout, "phase1")}
+    for name in ("accuracy", "mcc", "ece", "augrc", "coverage", "fnr_on_exited", "fnr_on_exited_cp_upper"):
+        assert name in rows
+    assert rows["accuracy"]["ci_lower"] <= rows["accuracy"]["value"] <= rows["accuracy"]["ci_upper"]
+    evaluation = read_json(layout.root / "evaluation" / "phase1" / "evaluation.json")
+    splits = read_json(layout.root / "splits" / "splits.json")
+    assert evaluation["n_test"] == len(splits["splits"]["val_test"]["sample_ids"])
+
+
+def test_exit_policy_sees_only_val_calib(trained, tmp_path):
+    config, layout = trained
+    path = layout.root / "predictions" / "phase1" / "predictions.pt"
+    original = path.read_bytes()
+    before = read_json(layout.root / "exit_policy" / "phase1" / "thresholds.json")
+    try:
+        tensors = torch.load(path, weights_only=True)
+        for split in ("val_select", "val_test"):
+            tensors[f"{split}_logits"] = torch.randn_like(tensors[f"{split}_logits"]) * 5
+        torch.save(tensors, path)
+        pipeline.fit_exit_policy(config, layout, "phase1")
+        after = read_json(layout.root / "exit_policy" / "phase1" / "thresholds.json")
+        assert after["exit_threshold"] == before["exit_threshold"] and after["coverage"] == before["coverage"]
+        tensors["val_calib_logits"] = tensors["val_calib_logits"].flip(1)
+        torch.save(tensors, path)
+        pipeline.fit_exit_policy(config, layout, "phase1")
+        changed = read_json(layout.root / "exit_policy" / "phase1" / "thresholds.json")
+        assert changed["exit_threshold"] != before["exit_threshold"] or changed["certified"] != before["certified"]
+    finally:
+        path.write_bytes(original)
+        pipeline.fit_exit_policy(config, layout, "phase1")
+
+
+def test_split_roles_are_enforced():
+    require_split("val_calib", "calibrate")
+    for split in ("train", "val_select", "val_test"):
+        with pytest.raises(SplitError):
+            require_split(split, "calibrate")
+    with pytest.raises(SplitError):
+        require_split("val_calib", "evaluate")
+    assert set(SPLIT_NAMES) == {"train", "val_select", "val_calib", "val_test"}
+
+
+def test_gate_failure_is_reported_with_figures(trained):
+    config, layout = trained
+    strict = config.with_updates(target_fnr_exit=0.0001)
+    verdict = pipeline.evaluate_criterion("val_test_fnr_bound", strict, layout, "phase1")
+    assert not verdict.passed and verdict.figures["positives_needed"] > N_VAL
+
+
+def test_bundle_check_detects_tampering(trained):
+    config, layout = trained
+    pipeline.export_phase_bundle(config, layout, "phase1", run_id="tamper")
+    bundle = pipeline.bundle_dir(layout, "phase1")
+    doc = json.loads((bundle / "thresholds.json").read_text())
+    doc["exit_threshold"] = 0.5
+    (bundle / "thresholds.json").write_text(json.dumps(doc))
+    verdict = pipeline.evaluate_criterion("bundle_verified", config, layout, "phase1")
+    assert not verdict.passed and "thresholds.json" in verdict.message
