@@ -160,6 +160,15 @@ def test_all_problems_reported_together_with_file_and_line(tmp_path: Path, natix
     assert str(info.value).startswith("7 problems")
 
 
+def test_unreadable_csv_line_reported_and_reading_goes_on(tmp_path: Path, natix_dir: Path) -> None:
+    labels = _csv(tmp_path / "l.csv", 'image,label\n"' + "x" * 200_000 + '",1\nmissing.jpg,1\na.jpg,1\n')
+    with pytest.raises(DatasetValidationError) as info:
+        read_labels_csv(labels, natix_dir)
+    assert len(info.value.problems) == 2
+    assert info.value.problems[0].startswith(f"{labels}:2: unreadable CSV line")
+    assert info.value.problems[1].startswith(f"{labels}:3: image file not found")
+
+
 def test_duplicates_detected_after_path_normalisation(tmp_path: Path, natix_dir: Path) -> None:
     labels = _csv(tmp_path / "l.csv", f"a.jpg,1\n./a.jpg,1\n{(natix_dir / 'a.jpg').absolute()},0\n")
     with pytest.raises(DatasetValidationError) as info:
