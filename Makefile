@@ -22,8 +22,8 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 ## Run the main job on the embedded default (synthetic data + builtin tiny DINOv3), phase 1.
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/dagster asset materialize -m stage1_assets.definitions --select +bundle --partition $(PHASE)
-	$(VENV)/bin/stage1 summary --phase $(PHASE)
+	@$(VENV)/bin/dagster asset materialize -m stage1_assets.definitions --select +bundle --partition $(PHASE); \
+	status=$$?; $(VENV)/bin/stage1 summary --phase $(PHASE); exit $$status
 
 ## Phase 2 after phase 1 has passed its gate.
 demo-phase2:

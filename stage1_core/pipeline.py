@@ -593,16 +593,28 @@ def export_phase_bundle(config: Stage1ProConfig, layout: Layout, partition: str,
 def read_phase_summary(layout: Layout, partition: str) -> list[str]:
     """Headline lines of a phase: certified coverage, val_test FNR and its bound, accuracy, MCC."""
     directory = bundle_dir(layout, partition)
-    if not (directory / "bundle.json").is_file():
-        raise FileNotFoundError(f"{directory} holds no published bundle: materialise bundle[{partition}] first")
-    manifest = read_json(directory / "bundle.json", schema="bundle")
-    h = manifest["headline"]
+    if (directory / "bundle.json").is_file():
+        h = read_json(directory / "bundle.json", schema="bundle")["headline"]
+        lines = []
+    else:
+        lines = [f"NO BUNDLE: {partition} did not pass its gate (the failing checks are listed above and in the UI)"]
+        h = {}
+        policy = layout.root / "exit_policy" / partition / "thresholds.json"
+        evaluation = layout.root / "evaluation" / partition / "evaluation.json"
+        if policy.is_file():
+            doc = read_json(policy)
+            h.update(certified=doc["certified"], exit_threshold=doc["exit_threshold"], calib_coverage=doc["coverage"],
+                     calib_fnr_upper_bound=doc["fnr_upper_bound"], fnr_target=doc["target_fnr"])
+        if evaluation.is_file():
+            h.update({k: v for k, v in read_json(evaluation).items() if not isinstance(v, (list, dict))})
+        if not h:
+            return lines
 
     def pct(value: Any) -> str:
         return "n/a" if value is None else f"{100 * float(value):.2f}%"
 
     fnr = "undefined (no exited positive)" if h.get("fnr_on_exited") is None else pct(h["fnr_on_exited"])
-    return [
+    return lines + [
         f"exit threshold (certified on val_calib): {h.get('exit_threshold')}",
         (f"certified coverage on val_calib: {pct(h.get('calib_coverage'))} "
          f"(FNR bound {pct(h.get('calib_fnr_upper_bound'))} <= target {pct(h.get('fnr_target'))})")
@@ -636,7 +648,9 @@ def evaluate_criterion(name: str, config: Stage1ProConfig, layout: Layout, parti
     if name == "val_accuracy_vs_baseline":
         training = read_training(layout, partition)
         baseline, source = baseline_accuracy(cfg, layout, partition)
-        return gates.check_val_accuracy_vs_baseline(training["best_val_accuracy"], baseline, source)
+        labels = load_split(layout, partition, "val_select").labels.numpy()
+        majority = float(max(labels.mean(), 1.0 - labels.mean()))
+        return gates.check_val_accuracy_vs_baseline(training["best_val_accuracy"], baseline, source, majority)
     if name == "selected_checkpoint_is_best":
         training = read_training(layout, partition)
         return gates.check_selected_checkpoint_is_best(training["history"], training["best_epoch"], cfg.selection_metric)

@@ -15,6 +15,8 @@ from stage1_core.phases import PhaseUnavailableError
 
 def metadata_value(value: Any) -> Any:
     """Plain values as Dagster metadata: floats stay floats (so the UI plots them over time)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
     if isinstance(value, bool) or value is None:
         return dg.MetadataValue.text(str(value)) if value is None else value
     if isinstance(value, float):

@@ -3,15 +3,24 @@
 import dagster as dg
 
 from stage1_assets.assets._common import as_failure
-from stage1_assets.assets.model import _result
-from stage1_assets.assets.policy import evaluation
+from stage1_assets.assets.data import dataset_index, splits
+from stage1_assets.assets.model import _result, backbone, cached_features, checkpoint, predictions
+from stage1_assets.assets.policy import evaluation, exit_policy
 from stage1_assets.guards import require_gate_for_export
 from stage1_assets.partitions import phases
 from stage1_assets.resources import Stage1Resource
 from stage1_core import pipeline
 
 
-@dg.asset(group_name="deploy", partitions_def=phases, deps=[evaluation], kinds={"folder"})
+# The bundle reads every upstream artifact (splits, config, backbone reference, head weights,
+# policy, metrics, val_test features for verification), so all of them are direct deps; that also
+# makes `--select +bundle` select the whole pipeline.
+@dg.asset(
+    group_name="deploy",
+    partitions_def=phases,
+    deps=[dataset_index, splits, backbone, cached_features, checkpoint, predictions, exit_policy, evaluation],
+    kinds={"folder"},
+)
 def bundle(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
     """Stage, verify (checksums, load, decisions equal the evaluation's), then publish the bundle."""
     require_gate_for_export(context.instance, context.partition_key)

@@ -5,8 +5,6 @@ and turns its verdict into an ``AssetCheckResult``; a failed ERROR-severity resu
 downstream asset of the run and shows red on the dashboard for that phase.
 """
 
-from __future__ import annotations
-
 import dagster as dg
 
 from stage1_assets.assets._common import to_metadata
@@ -14,7 +12,6 @@ from stage1_assets.partitions import phases
 from stage1_assets.resources import Stage1Resource
 from stage1_core import pipeline
 from stage1_core.phases import CRITERIA, Criterion
-
 
 def _make_check(criterion: Criterion) -> dg.AssetChecksDefinition:
     @dg.asset_check(
@@ -36,13 +33,12 @@ def _make_check(criterion: Criterion) -> dg.AssetChecksDefinition:
                 severity=dg.AssetCheckSeverity.ERROR,
             )
         return dg.AssetCheckResult(
-            passed=verdict.passed,
+            passed=bool(verdict.passed),
             description=verdict.message,
             metadata=to_metadata(verdict.figures),
             severity=dg.AssetCheckSeverity.ERROR,
         )
 
     return _check
-
 
 phase_gate_checks = [_make_check(criterion) for criterion in CRITERIA.values()]

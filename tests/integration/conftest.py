@@ -65,21 +65,23 @@ class Project:
                 os.environ["DAGSTER_HOME"] = old
 
 
-#: Small enough for CI on 2 cores, large enough that val_calib and val_test can certify 2% FNR.
-SMALL_CONFIG = {
-    "data_source": "synthetic",
-    "model_path": "builtin:tiny-dinov3",
-    "synthetic_n_train": 600,
-    "synthetic_n_val": 1700,
-    "bootstrap_samples": 200,
-}
+def demo_config(**overrides) -> dict:
+    """The embedded default config (configs/default.yaml) with fewer bootstrap resamples.
+
+    The data size is the default's on purpose: val_calib and val_test need enough positives to
+    certify a 2% FNR, so a smaller set would fail the gate honestly.
+    """
+    config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    config.update(bootstrap_samples=200, **overrides)
+    return config
 
 
 def make_project(base: Path, data_from: Project | None = None, **overrides) -> Project:
-    """A fresh project; ``data_from`` copies another project's generated synthetic data (same config)."""
-    project = Project(base, {**SMALL_CONFIG, **overrides})
+    """A fresh project; ``data_from`` copies another project's generated data, backbone and features."""
+    project = Project(base, demo_config(**overrides))
     if data_from is not None:
-        shutil.copytree(data_from.artifacts / "data", project.artifacts / "data")
+        for folder in ("data", "backbones", "feature_store"):
+            shutil.copytree(data_from.artifacts / folder, project.artifacts / folder)
     return project
 
 

@@ -59,14 +59,19 @@ def test_phase2_after_phase1_reuses_features(project):
 
 
 def test_failing_gate_stops_the_bundle_and_bundle_alone_is_refused(tmp_path, project):
-    # val_test holds ~10% of val: too few exited positives to certify 2% FNR on it.
-    small = make_project(tmp_path, data_from=project, val_select_ratio=0.33, val_calib_ratio=0.57, val_test_ratio=0.10)
-    result = small.materialize("+bundle", "phase1")
+    # An old-script baseline the head cannot reach within a point: the accuracy gate fails.
+    failing = make_project(tmp_path, data_from=project, baseline_val_accuracy=0.999)
+    result = failing.materialize("+bundle", "phase1")
     assert result.returncode != 0, output(result)
-    assert not (small.artifacts / "bundle" / "phase1" / "bundle").exists()
-    records = small.check_records("phase1")
-    assert records["val_test_fnr_bound"] is False, records
-    alone = small.materialize("bundle", "phase1")
+    assert "vs reference 0.9990" in result.stdout + result.stderr, output(result)
+    assert not (failing.artifacts / "bundle" / "phase1" / "bundle").exists()
+    cache = json.loads((failing.artifacts / "cached_features" / "phase1" / "cache.json").read_text())
+    assert cache["reused"] is True, cache
+    records = failing.check_records("phase1")
+    assert records["val_accuracy_vs_baseline"] is False, records
+    assert records["thresholds_certified"] is None, "downstream checks must not run after a blocking failure"
+    alone = failing.materialize("bundle", "phase1")
     assert alone.returncode != 0, output(alone)
     text = alone.stdout + alone.stderr
-    assert "bundle[phase1] refused" in text and "val_test_fnr_bound: failed" in text, output(alone)
+    assert "bundle[phase1] refused" in text and "val_accuracy_vs_baseline: failed" in text, output(alone)
+    assert not (failing.artifacts / "bundle" / "phase1" / "bundle").exists()

@@ -30,6 +30,14 @@ def test_val_accuracy_vs_baseline_one_point_tolerance():
     assert failed.figures["baseline_source"] == "probe"
 
 
+def test_val_accuracy_reference_is_at_least_the_majority_rate():
+    # A weak probe (0.79) must not let an always-"roadwork" head (0.88 on a 88% roadwork split) pass.
+    degenerate = gates.check_val_accuracy_vs_baseline(0.86, 0.79, "probe", majority_accuracy=0.88)
+    assert not degenerate.passed and "majority-class rate" in degenerate.message
+    assert degenerate.figures["reference_accuracy"] == 0.88
+    assert gates.check_val_accuracy_vs_baseline(0.96, 0.95, "probe", majority_accuracy=0.88).passed
+
+
 def test_thresholds_certified():
     doc = {"certified": True, "exit_threshold": 0.97, "coverage": 0.6, "fnr_upper_bound": 0.015,
            "n_exited_positives": 400, "method": "ltt"}
@@ -121,3 +129,9 @@ def test_gate_failures_lists_every_reason():
     assert any(f.startswith("c:") and "rebuilt" in f for f in failures)
     assert "d: never evaluated" in failures
     assert gates.gate_failures(["a"], records) == []
+
+
+def test_verdicts_hold_plain_bools():
+    verdict = gates.check_metrics_in_range([{"metric": "accuracy", "value": np.float64(0.9)}])
+    assert type(verdict.passed) is bool
+    assert type(gates.GateVerdict("x", np.bool_(True), "m").passed) is bool
