@@ -22,17 +22,23 @@ def class_weights(labels: np.ndarray, n_classes: int = 2) -> np.ndarray:
 
 
 def logistic_probe_accuracy(
-    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, seed: int = 0
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    seed: int = 0,
+    class_weighting: str = "balanced",
 ) -> float:
-    """val accuracy of a class-weighted logistic regression on standardised features.
+    """val accuracy of a logistic regression on standardised features, weighted like the head.
 
-    Same features and the head's class weights: when the MLP head cannot match this probe within
-    a point, the trainer (not the data) is at fault.
+    Same features and the head's class weighting: when the MLP head cannot match this probe
+    within a point, the trainer (not the data) is at fault.
     """
     weights = class_weights(train_y)
+    class_weight = {0: weights[0], 1: weights[1]} if class_weighting == "balanced" else None
     probe = make_pipeline(
         StandardScaler(),
-        LogisticRegression(class_weight={0: weights[0], 1: weights[1]}, max_iter=5000, random_state=seed),
+        LogisticRegression(class_weight=class_weight, max_iter=5000, random_state=seed),
     )
     probe.fit(np.asarray(train_x, dtype=np.float64), np.asarray(train_y).astype(int))
     return float((probe.predict(np.asarray(val_x, dtype=np.float64)) == np.asarray(val_y).astype(int)).mean())

@@ -111,6 +111,8 @@ class Stage1ProConfig(BaseModel):
     weight_decay: float = 0.01
     dropout: float = 0.3
     label_smoothing: float = 0.1
+    #: "balanced" = the baseline's class weights total / (k * count); "none" = plain cross-entropy.
+    class_weighting: Literal["balanced", "none"] = "balanced"
     max_grad_norm: float = 1.0
     use_amp: bool = True
     use_ema: bool = True
@@ -128,7 +130,7 @@ class Stage1ProConfig(BaseModel):
     skip_corrupt: bool = False
     augmentation: Literal["aggressive", "moderate"] = "moderate"
     data_source: Literal["natix", "synthetic"] = "natix"
-    synthetic_n_train: int = 1500
+    synthetic_n_train: int = 5000
     synthetic_n_val: int = 2400
     synthetic_seed: int = 0
 

@@ -696,5 +696,9 @@ def baseline_accuracy(config: Stage1ProConfig, layout: Layout, partition: str) -
         return float(config.baseline_val_accuracy), "baseline_val_accuracy from config"
     train_x, train_y = load_split_features(layout, partition, "train")
     val_x, val_y = load_split_features(layout, partition, "val_select")
-    accuracy = logistic_probe_accuracy(train_x.numpy(), train_y.numpy(), val_x.numpy(), val_y.numpy(), seed=config.seed)
-    return accuracy, "class-weighted logistic-regression probe on the cached features"
+    accuracy = logistic_probe_accuracy(
+        train_x.numpy(), train_y.numpy(), val_x.numpy(), val_y.numpy(), seed=config.seed,
+        class_weighting=config.class_weighting,
+    )
+    weighting = "class-weighted " if config.class_weighting == "balanced" else ""
+    return accuracy, f"{weighting}logistic-regression probe on the cached features"

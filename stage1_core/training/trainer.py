@@ -299,7 +299,12 @@ def train_head(
 
     head = Stage1Head(hidden, float(config.dropout), with_gate=with_gate).to(device)
     model = maybe_compile(head, getattr(config, "compile_head", None))
-    criterion = build_criterion(_train_labels(train), float(config.label_smoothing), device)
+    criterion = build_criterion(
+        _train_labels(train),
+        float(config.label_smoothing),
+        device,
+        weighted=getattr(config, "class_weighting", "balanced") == "balanced",
+    )
     trainable_backbone = list(backbone.trainable_parameters()) if (backbone is not None and not cached) else []
     optimizer = build_adamw(
         head,
