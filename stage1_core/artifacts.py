@@ -120,24 +120,32 @@ def save_tensors(path: str | Path, tensors: dict[str, Any]) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_tensors(path: str | Path) -> Any:
-    """Load a file written by :func:`save_tensors` without executing code."""
+def load_tensors(path: str | Path, error: type[ArtifactError] = None) -> Any:
+    """Load a file written by :func:`save_tensors` (or any torch.save) without executing code.
+
+    Failures raise ``error`` (default :class:`ArtifactError`) naming the file: missing, empty,
+    truncated, or holding objects other than tensors and plain values.
+    """
     import pickle
+    import zipfile
 
     import torch
 
+    error = error or ArtifactError
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: file not found")
+        raise error(f"{path}: file not found - check the path")
+    if path.stat().st_size == 0:
+        raise error(f"{path}: file is empty (an interrupted write?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ArtifactError(
+        raise error(
             f"{path}: refused to load: it holds objects other than tensors and plain values "
             f"(loading it would execute code). Re-save it as a plain state_dict. Detail: {exc}"
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ArtifactError(f"{path}: unreadable or truncated tensor file ({exc})") from exc
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise error(f"{path}: unreadable or truncated tensor file ({exc})") from exc
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

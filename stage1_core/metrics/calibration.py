@@ -26,12 +26,8 @@ def bin_index(values: np.ndarray, n_bins: int) -> np.ndarray:
     return np.where((values > 0.0) & (values <= 1.0), idx, -1)
 
 
-def compute_ece(probs, labels, n_bins: int = 10) -> float:
-    """Expected calibration error exactly as ``train_stage1_head.py`` computes it.
-
-    confidence = max probability, prediction = argmax, ``n_bins`` equal bins (lo, hi],
-    ECE = sum over non-empty bins of (bin count / n) * |accuracy - mean confidence|.
-    """
+def reliability_bins(probs, labels, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin (lo, hi]: sample count, number correct, sum of confidences."""
     p = as_probs(probs)
     y = as_labels(labels, n=p.shape[0], n_classes=p.shape[1])
     confidences = p.max(axis=1)
@@ -41,8 +37,19 @@ def compute_ece(probs, labels, n_bins: int = 10) -> float:
     counts = np.bincount(bins[inside], minlength=n_bins)
     acc_sum = np.bincount(bins[inside], weights=correct[inside], minlength=n_bins)
     conf_sum = np.bincount(bins[inside], weights=confidences[inside], minlength=n_bins)
+    return counts, acc_sum, conf_sum
+
+
+def compute_ece(probs, labels, n_bins: int = 10) -> float:
+    """Expected calibration error exactly as ``train_stage1_head.py`` computes it.
+
+    confidence = max probability, prediction = argmax, ``n_bins`` equal bins (lo, hi],
+    ECE = sum over non-empty bins of (bin count / n) * |accuracy - mean confidence|.
+    """
+    counts, acc_sum, conf_sum = reliability_bins(probs, labels, n_bins)
     # sum_b (count_b / n) |acc_b - conf_b| = sum_b |acc_sum_b - conf_sum_b| / n
-    return float(np.abs(acc_sum - conf_sum).sum() / p.shape[0]) if counts.any() else 0.0
+    n = as_probs(probs).shape[0]
+    return float(np.abs(acc_sum - conf_sum).sum() / n) if counts.any() else 0.0
 
 
 def classwise_ece(probs, labels, n_bins: int = 10) -> float:

@@ -16,8 +16,7 @@ import numpy as np  # noqa: E402
 
 from ..artifacts import atomic_write_bytes  # noqa: E402
 from ..metrics import bootstrap as bs  # noqa: E402
-from ..metrics._inputs import as_labels, as_probs  # noqa: E402
-from ..metrics.calibration import bin_edges, bin_index, compute_ece  # noqa: E402
+from ..metrics.calibration import bin_edges, compute_ece, reliability_bins  # noqa: E402
 from ..metrics.selective import augrc, risk_coverage_curve  # noqa: E402
 
 __all__ = ["plot_risk_coverage", "plot_reliability", "plot_threshold_sweep"]
@@ -73,15 +72,7 @@ def plot_risk_coverage(
 def plot_reliability(probs, labels, out_path: str | Path, *, n_bins: int = 10,
                      title: str = "Reliability (val_test)") -> Path:
     """Accuracy vs mean confidence per bin (the bins of :func:`compute_ece`), with bin counts."""
-    p = as_probs(probs)
-    y = as_labels(labels, n=p.shape[0], n_classes=p.shape[1])
-    conf = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
-    bins = bin_index(conf, n_bins)
-    inside = bins >= 0
-    counts = np.bincount(bins[inside], minlength=n_bins)
-    acc = np.bincount(bins[inside], weights=correct[inside], minlength=n_bins)
-    mean_conf = np.bincount(bins[inside], weights=conf[inside], minlength=n_bins)
+    counts, acc, mean_conf = reliability_bins(probs, labels, n_bins)
     filled = counts > 0
     acc[filled] /= counts[filled]
     mean_conf[filled] /= counts[filled]
@@ -101,7 +92,7 @@ def plot_reliability(probs, labels, out_path: str | Path, *, n_bins: int = 10,
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}: ECE {compute_ece(p, y, n_bins):.4f}")
+    ax.set_title(f"{title}: ECE {compute_ece(probs, labels, n_bins):.4f}")
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     ax_count.bar(edges[:-1], counts, width=width, align="edge", color="gray", edgecolor="black")

@@ -16,15 +16,13 @@ steps), ``best_metric``, ``best_epoch``, ``selection_metric``, ``history`` (one 
 from __future__ import annotations
 
 import io
-import pickle
-import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stage1_core.artifacts import ArtifactError, atomic_write_bytes
+from stage1_core.artifacts import ArtifactError, atomic_write_bytes, load_tensors
 
 FORMAT_VERSION = 1
 BASELINE_KEYS = (
@@ -66,19 +64,7 @@ def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor]) ->
 
 
 def _load(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found - check the path (resume_checkpoint / model file)")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: checkpoint file is empty (an interrupted write?) - use another checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain values, and "
-            f"weights_only=True loading never executes code. Detail: {exc}"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path}: truncated or not a torch checkpoint ({exc})") from exc
+    return load_tensors(path, error=CheckpointError)
 
 
 def load_checkpoint(path: str | Path, required_keys: Iterable[str] = REQUIRED_KEYS) -> dict[str, Any]:

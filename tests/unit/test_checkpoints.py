@@ -46,16 +46,16 @@ def test_full_checkpoint_has_baseline_and_resume_keys(trained):
 def test_missing_empty_and_truncated_files_name_the_file(tmp_path, trained):
     _, result = trained
     missing = tmp_path / "nope.pth"
-    with pytest.raises(CheckpointError, match=r"nope\.pth: checkpoint file not found"):
+    with pytest.raises(CheckpointError, match=r"nope\.pth: file not found"):
         load_checkpoint(missing)
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"empty\.pth: checkpoint file is empty"):
+    with pytest.raises(CheckpointError, match=r"empty\.pth: file is empty"):
         load_checkpoint(empty)
     data = result.last_checkpoint.read_bytes()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"truncated\.pth: truncated or not a torch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"truncated\.pth: unreadable or truncated"):
         load_checkpoint(truncated)
 
 
