@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dagster as dg
 from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from stage1_core.gates import CheckRecord
 from stage1_core.phases import PHASES, phase_number
@@ -24,8 +25,13 @@ def latest_materialization_id(instance: dg.DagsterInstance, asset: str, partitio
 
 def latest_check_record(instance: dg.DagsterInstance, asset: str, check: str, partition: str) -> CheckRecord:
     """The latest evaluation of check ``check`` on ``asset[partition]`` as a :class:`CheckRecord`."""
+    # Only completed evaluations count: a check planned in a run that stopped before it ran
+    # (a blocking failure upstream) leaves a PLANNED record with no verdict.
     history = instance.event_log_storage.get_asset_check_execution_history(
-        dg.AssetCheckKey(dg.AssetKey(asset), check), limit=1, partition_filter=PartitionKeyFilter(key=partition)
+        dg.AssetCheckKey(dg.AssetKey(asset), check),
+        limit=1,
+        status={AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED},
+        partition_filter=PartitionKeyFilter(key=partition),
     )
     current = latest_materialization_id(instance, asset, partition)
     if not history or history[0].evaluation is None:

@@ -311,9 +311,9 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
 
 def log_row(record: dict[str, Any]) -> dict[str, Any]:
     """A trainer history record under the training-log column names, as fractions (not percent)."""
-    from stage1_core.training.logging_csv import _BASELINE_FORMATS, SELECTIVE_PREFIX, selective_column
+    from stage1_core.training.logging_csv import BASELINE_FORMATS, SELECTIVE_PREFIX, selective_column
 
-    row: dict[str, Any] = {column: record.get(key) for column, (key, _, _) in _BASELINE_FORMATS.items()}
+    row: dict[str, Any] = {column: record.get(key) for column, (key, _, _) in BASELINE_FORMATS.items()}
     row["Epoch"] = int(row["Epoch"])
     for key, value in record.items():
         if key.startswith(SELECTIVE_PREFIX):

@@ -37,7 +37,7 @@ BASELINE_HEADER = (
     "LR",
 )
 # column -> (history key, scale, format)
-_BASELINE_FORMATS: dict[str, tuple[str, float, str]] = {
+BASELINE_FORMATS: dict[str, tuple[str, float, str]] = {
     "Epoch": ("epoch", 1.0, "d"),
     "Train_Loss": ("train_loss", 1.0, ".4f"),
     "Train_Acc": ("train_acc", 100.0, ".2f"),
@@ -79,7 +79,7 @@ def columns(record: Mapping[str, Any]) -> list[str]:
 
 def format_row(record: Mapping[str, Any]) -> list[str]:
     """CSV cells of one history record, in :func:`columns` order."""
-    cells = [_fmt(record.get(key), scale, spec) for key, scale, spec in _BASELINE_FORMATS.values()]
+    cells = [_fmt(record.get(key), scale, spec) for key, scale, spec in BASELINE_FORMATS.values()]
     cells += [_fmt(v, 1.0, ".6f") for k, v in record.items() if k.startswith(SELECTIVE_PREFIX)]
     cells.append(_fmt(record.get("epoch_seconds"), 1.0, ".1f"))
     return cells

@@ -87,3 +87,20 @@ def test_training_guard_needs_previous_phase(instance):
 def test_phase_check_records_excludes_bundle(instance):
     names, records = phase_check_records(instance, "phase1", exclude_assets=("bundle",))
     assert "bundle_verified" not in names and set(names) == set(records)
+
+
+def test_planned_but_never_run_checks_count_as_never_evaluated(instance):
+    """A blocking failure upstream leaves downstream checks PLANNED without a verdict."""
+
+    @dg.asset(name="checkpoint", partitions_def=phases)
+    def failing_checkpoint():
+        raise RuntimeError("training crashed")
+
+    checks = [c for c in CHECKS if c.check_keys and next(iter(c.check_keys)).asset_key == dg.AssetKey("checkpoint")]
+    result = dg.materialize([failing_checkpoint, *checks], partition_key="phase1", instance=instance,
+                            raise_on_error=False)
+    assert not result.success
+    record = latest_check_record(instance, "checkpoint", "training_completed", "phase1")
+    assert record.passed is None
+    with pytest.raises(dg.Failure, match="training_completed: never evaluated"):
+        require_gate_for_export(instance, "phase1")
