@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +36,6 @@ from stage1_core.data.datasets import Sample, find_corrupt_images, read_sources
 from stage1_core.data.splits import SPLIT_NAMES, VAL_SPLITS, load_splits, make_splits, require_split, save_splits
 from stage1_core.gates import GateVerdict
 from stage1_core.phases import PHASES, config_for_phase, get_recipe, phase_number
-
-log = logging.getLogger(__name__)
 
 TRAIN_SOURCE = "natix_train"
 VAL_SOURCE = "natix"
@@ -85,7 +81,7 @@ def ensure_synthetic_data(config: Stage1ProConfig, out_dir: Path) -> dict[str, A
     params = {"n_train": config.synthetic_n_train, "n_val": config.synthetic_n_val, "seed": config.synthetic_seed}
     marker = out_dir / "synthetic.json"
     if marker.is_file():
-        recorded = json.loads(marker.read_text())
+        recorded = read_json(marker)
         if recorded.get("params") == params and all(
             (out_dir / f).is_file() for f in ("train_labels.csv", "val_labels.csv")
         ):
