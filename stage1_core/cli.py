@@ -283,15 +283,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["verify"], help="verify: schema, checksums, file set, pointers, weights")
+    parser.add_argument("action", choices=["verify"], help="verify: schema, checksums, file set, pointers, weights, lineage")
     parser.add_argument("directory", type=Path, help="deploy bundle directory")
+    parser.add_argument("--id", dest="expected_id", default=None,
+                        help="refuse the bundle unless its id (sha256 of bundle.json) is this one")
 
 
-@subcommand("bundle", "work with deploy bundles (stage1 bundle verify DIR)", add_bundle_arguments)
+@subcommand("bundle", "work with deploy bundles (stage1 bundle verify DIR [--id ID])", add_bundle_arguments)
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from stage1_core.bundle.load import verify_bundle
+    from stage1_core.bundle.load import bundle_id, verify_bundle
 
-    problems = verify_bundle(args.directory)
+    problems = verify_bundle(args.directory, expected_id=args.expected_id)
     if problems:
         print(f"{args.directory}: INVALID bundle, {len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:
@@ -299,31 +301,45 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         return 1
     manifest = json.loads((args.directory / "bundle.json").read_text(encoding="utf-8"))
     print(
-        f"{args.directory}: valid bundle (phase {manifest['phase']}, policy {manifest['active_exit_policy']} "
-        f"from {manifest['policy_file']}, {len(manifest['sha256'])} files checksummed)"
+        f"{args.directory}: valid bundle {bundle_id(args.directory)} (phase {manifest['phase']}, policy "
+        f"{manifest['active_exit_policy']} from {manifest['policy_file']}, {len(manifest['sha256'])} files checksummed)"
     )
     return 0
 
 
 def add_summary_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase", default="phase1", help="phase partition (default phase1)")
+    parser.add_argument("--all", action="store_true", help="one table of every phase: gate verdict, bundle, figures")
     parser.add_argument("--artifacts_root", "--artifacts-root", default=None,
                         help="artifacts root (default $STAGE1_ARTIFACTS or ./artifacts)")
+    parser.add_argument("--config", default=None, help="run config (default $STAGE1_CONFIG or configs/default.yaml)")
 
 
-@subcommand("summary", "print where a phase's bundle is and its headline figures", add_summary_arguments)
+@subcommand("summary", "the gate verdicts of a phase, its current bundle and headline figures", add_summary_arguments)
 def cmd_summary(args: argparse.Namespace) -> int:
+    """Exit 0 only when the phase (every phase with --all that ran) has a current bundle."""
     import os
 
-    from stage1_core.pipeline import Layout, bundle_dir, read_phase_summary
+    from stage1_core.config import Stage1ProConfig
+    from stage1_core.steps.context import Layout
+    from stage1_core.steps.summary import format_table, phase_status, phase_summary_lines, summary_table
 
     root = args.artifacts_root or os.environ.get("STAGE1_ARTIFACTS", DEFAULT_ARTIFACTS_ROOT)
+    config_path = args.config or os.environ.get("STAGE1_CONFIG", "configs/default.yaml")
+    config = Stage1ProConfig.from_file(config_path) if Path(config_path).is_file() else Stage1ProConfig()
     layout = Layout(root)
-    summary = read_phase_summary(layout, args.phase)
-    print(f"{args.phase}: bundle at {bundle_dir(layout, args.phase)}")
-    for line in summary:
-        print(f"  {line}")
-    return 0
+    if args.all:
+        rows = summary_table(config, layout)
+        print(format_table(rows))
+        ran = [r for r in rows if r["gate"] not in ("not run", "not available")]
+        return 0 if ran and all(r["bundle_id"] for r in ran) else 1
+    status = phase_status(config, layout, args.phase)
+    for line in phase_summary_lines(status):
+        print(line)
+    log = os.environ.get("STAGE1_EVENT_LOG")
+    if log:
+        print(f"  full Dagster event log: {log}")
+    return 0 if status["bundle_current"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

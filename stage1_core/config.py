@@ -85,7 +85,7 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 class Stage1ProConfig(BaseModel):
     """Everything a Stage-1 Pro run needs. Built from the CLI, a YAML/JSON file or Dagster."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     # Baseline TrainingConfig fields (same names, same defaults).
     model_path: str = DEFAULT_MODEL_PATH
@@ -136,7 +136,10 @@ class Stage1ProConfig(BaseModel):
 
     # Phase fields.
     phase: int = 1
+    #: Training seed (weight init, shuffling). Trying seeds never redraws the validation splits.
     seed: int = 42
+    #: Seed of the val_select / val_calib / val_test assignment; fixed by default.
+    split_seed: int = 0
     val_select_ratio: float = 0.33
     val_calib_ratio: float = 0.33
     val_test_ratio: float = 0.34
@@ -146,6 +149,11 @@ class Stage1ProConfig(BaseModel):
     bootstrap_samples: int = 1000
     bootstrap_confidence: float = 0.95
     deploy_prior: float = 0.5
+    #: How val_test judges the certified policy: "confirm" fails only on significant evidence that
+    #: FNR_on_exited > target (one-sided exact binomial test at val_test_alpha); "bound" demands a
+    #: second certificate (Clopper-Pearson upper bound <= target).
+    val_test_check: Literal["confirm", "bound"] = "confirm"
+    val_test_alpha: float = 0.05
     selection_metric: Literal["accuracy", "augrc"] = "accuracy"
     baseline_val_accuracy: float | None = None
     peft_type: Literal["none", "lora", "dora", "doran"] = "none"
@@ -154,6 +162,12 @@ class Stage1ProConfig(BaseModel):
     optimizer: Literal["adamw", "sam", "fsam"] = "adamw"
     gate_loss_weight: float = 1.0
     aux_weight: float = 0.5
+    #: Weight of the penalty on the soft FNR of accepted positives above target_fnr_exit (phase 3).
+    gate_fnr_penalty: float = 50.0
+    #: Calibration of the gate score on val_calib (phase 3+).
+    gate_calibration: Literal["platt", "isotonic", "none"] = "platt"
+    #: Required val_test coverage gain of the gate policy over the softmax policy (phase 3 gate).
+    gate_min_gain: float = 0.0
     use_dirichlet: bool = False
     calibration_iters: int = 300
 
@@ -196,6 +210,11 @@ class Stage1ProConfig(BaseModel):
     def range_problems(self) -> list[str]:
         """Every field outside its allowed range, as ``field=value: rule`` messages."""
         p: list[str] = []
+        for name, value in self:
+            if isinstance(value, float) and not math.isfinite(value):
+                p.append(f"{name}={value!r} is invalid: must be a finite number")
+        if p:
+            return p
 
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
@@ -232,7 +251,7 @@ class Stage1ProConfig(BaseModel):
                 f"val_select_ratio + val_calib_ratio + val_test_ratio = {total:.6g} is invalid: must sum to 1"
             )
         need(0.0 < self.target_fnr_exit <= 0.1, "target_fnr_exit", "in (0, 0.1]")
-        need(0.5 <= self.fnr_confidence < 1.0, "fnr_confidence", "in [0.5, 1)")
+        need(0.5 < self.fnr_confidence < 1.0, "fnr_confidence", "in (0.5, 1) (delta = 1 - fnr_confidence < 0.5)")
         need(self.bootstrap_samples >= 100, "bootstrap_samples", ">= 100")
         need(0.5 <= self.bootstrap_confidence < 1.0, "bootstrap_confidence", "in [0.5, 1)")
         need(0.0 < self.deploy_prior < 1.0, "deploy_prior", "in (0, 1)")
@@ -244,6 +263,9 @@ class Stage1ProConfig(BaseModel):
         need(self.peft_r >= 1, "peft_r", ">= 1")
         need(self.peft_blocks >= 0, "peft_blocks", ">= 0")
         need(self.gate_loss_weight >= 0, "gate_loss_weight", ">= 0")
+        need(self.gate_fnr_penalty >= 0, "gate_fnr_penalty", ">= 0")
+        need(-1.0 < self.gate_min_gain < 1.0, "gate_min_gain", "in (-1, 1)")
+        need(0.0 < self.val_test_alpha < 0.5, "val_test_alpha", "in (0, 0.5)")
         need(self.aux_weight >= 0, "aux_weight", ">= 0")
         need(self.calibration_iters >= 1, "calibration_iters", ">= 1")
         if self.model_path.startswith(BUILTIN_PREFIX):
@@ -388,7 +410,9 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
     "val_calib_ratio": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
     "val_test_ratio": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
     "target_fnr_exit": {"exclusiveMinimum": 0, "maximum": 0.1},
-    "fnr_confidence": {"minimum": 0.5, "exclusiveMaximum": 1},
+    "fnr_confidence": {"exclusiveMinimum": 0.5, "exclusiveMaximum": 1},
+    "val_test_alpha": {"exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
+    "gate_fnr_penalty": {"minimum": 0},
     "bootstrap_samples": {"minimum": 100},
     "bootstrap_confidence": {"minimum": 0.5, "exclusiveMaximum": 1},
     "deploy_prior": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},

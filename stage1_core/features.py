@@ -223,6 +223,8 @@ def read_manifest(cache_dir: str | Path) -> CacheManifest:
 
 def _split_files_ok(directory: Path, entry: Mapping[str, Any]) -> bool:
     for file_key, sha_key in (("features_file", "features_sha256"), ("labels_file", "labels_sha256")):
+        if entry[file_key] is None:
+            continue
         path = directory / entry[file_key]
         if not path.is_file() or sha256_file(path) != entry[sha_key]:
             return False
@@ -267,19 +269,25 @@ def _save_tensor(path: Path, tensor: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _split_entry(split: str, ids: Sequence[str], features: torch.Tensor, labels: torch.Tensor, directory: Path) -> dict[str, Any]:
+def _split_entry(
+    split: str, ids: Sequence[str], features: torch.Tensor, labels: torch.Tensor | None, directory: Path
+) -> dict[str, Any]:
+    """Write one split's tensors; ``labels=None`` stores features only (labels live elsewhere)."""
     features_sha = _save_tensor(directory / features_file(split), features)
-    labels_sha = _save_tensor(directory / labels_file(split), labels)
-    counts = torch.bincount(labels, minlength=2).tolist() if labels.numel() else [0, 0]
-    return {
+    entry: dict[str, Any] = {
         "num_samples": int(features.shape[0]),
         "sample_ids": list(ids),
-        "label_counts": {str(c): int(n) for c, n in enumerate(counts)},
+        "label_counts": None,
         "features_file": features_file(split),
-        "labels_file": labels_file(split),
+        "labels_file": None,
         "features_sha256": features_sha,
-        "labels_sha256": labels_sha,
+        "labels_sha256": None,
     }
+    if labels is not None:
+        counts = torch.bincount(labels, minlength=2).tolist() if labels.numel() else [0, 0]
+        entry.update(label_counts={str(c): int(n) for c, n in enumerate(counts)}, labels_file=labels_file(split),
+                     labels_sha256=_save_tensor(directory / labels_file(split), labels))
+    return entry
 
 
 def _key_of(
@@ -325,6 +333,7 @@ def extract_split_features(
     max_batch_size: int = 64,
     fallback_batch_size: int = 32,
     num_workers: int | None = None,
+    store_labels: bool = True,
 ) -> CacheManifest:
     """Extract CLS features of every split in ``datasets`` into ``out_dir`` and return the manifest.
 
@@ -334,6 +343,9 @@ def extract_split_features(
     cached for the same fingerprint, transform and ids are reused without a forward pass; the
     returned manifest's ``forward_passes`` counts the batches run in this call. ``batch_size``
     ``None`` asks :func:`~stage1_core.data.loaders.pick_batch_size` (max, else fallback).
+    ``store_labels=False`` writes features only: the pipeline keys its store by image content and
+    joins labels from the dataset index at use, so relabelling never invalidates features and a
+    stale label can never be read from the cache.
     """
     from tqdm.auto import tqdm
 
@@ -389,11 +401,12 @@ def extract_split_features(
             passes += 1
             size = batch.shape[0]
             features[position : position + size] = batch.float().cpu()
-            labels[position : position + size] = torch.as_tensor(targets, dtype=torch.int64)
+            if store_labels:
+                labels[position : position + size] = torch.as_tensor(targets, dtype=torch.int64)
             position += size
         if position != n:
             raise FeatureCacheError(f"split {split!r}: the loader yielded {position} samples, expected {n}")
-        entries[split] = _split_entry(split, ids, features, labels, directory)
+        entries[split] = _split_entry(split, ids, features, labels if store_labels else None, directory)
         logger.info("extracted %s features %s -> %s", split, tuple(features.shape), directory / features_file(split))
     manifest.splits = entries
     manifest.key = _key_of(fingerprint, transform_desc, entries, ids_per_split)
@@ -414,10 +427,16 @@ def _load_tensor(path: Path) -> torch.Tensor:
     return tensor
 
 
-def load_cached_features(cache_dir: str | Path, splits: Sequence[str] | None = None, verify: bool = True) -> dict[str, TensorSplit]:
+def load_cached_features(
+    cache_dir: str | Path,
+    splits: Sequence[str] | None = None,
+    verify: bool = True,
+    labels: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, TensorSplit]:
     """Load splits (all by default) of a manifest cache as :class:`TensorSplit` with sample ids.
 
-    With ``verify`` the files' sha256 must match the manifest.
+    With ``verify`` the files' sha256 must match the manifest. ``labels`` (per split, in the
+    cache's row order) replaces the stored labels; a cache written without labels needs it.
     """
     manifest = read_manifest(cache_dir)
     names = list(manifest.splits) if splits is None else list(splits)
@@ -435,13 +454,20 @@ def load_cached_features(cache_dir: str | Path, splits: Sequence[str] | None = N
                 f"(sha256 differs from manifest.json); extract the features again"
             )
         features = _load_tensor(manifest.directory / entry["features_file"])
-        labels = _load_tensor(manifest.directory / entry["labels_file"])
+        if labels is not None and name in labels:
+            split_labels = torch.as_tensor(labels[name], dtype=torch.int64)
+        elif entry["labels_file"] is None:
+            raise FeatureCacheError(
+                f"{manifest.directory}: split {name!r} was cached without labels; join them from the dataset index"
+            )
+        else:
+            split_labels = _load_tensor(manifest.directory / entry["labels_file"])
         if features.ndim != 2 or features.shape != (entry["num_samples"], manifest.hidden_size):
             raise FeatureCacheError(
                 f"{manifest.directory / entry['features_file']}: shape {tuple(features.shape)}, manifest says "
                 f"({entry['num_samples']}, {manifest.hidden_size})"
             )
-        out[name] = TensorSplit(features.float(), labels.long(), tuple(entry["sample_ids"]), name)
+        out[name] = TensorSplit(features.float(), split_labels.long(), tuple(entry["sample_ids"]), name)
     return out
 
 

@@ -154,6 +154,74 @@ def check_test_fnr_bound(n_exited_positives: int, n_false_negatives: int, target
     )
 
 
+def val_test_fnr_figures(
+    n_exited_positives: int, n_false_negatives: int, target_fnr: float, delta: float, alpha: float
+) -> dict[str, Any]:
+    """Point estimate, one-sided exact binomial p-value of H0 "FNR <= target", and the CP bound."""
+    from scipy.stats import binom
+
+    n, k = int(n_exited_positives), int(n_false_negatives)
+    fnr = k / n if n else None
+    # P(K >= k | N = n, FNR = target): small when val_test shows more misses than the target allows.
+    p_exceeds = float(binom.sf(k - 1, n, target_fnr)) if n else None
+    return {
+        "n_exited_positives": n, "n_false_negatives": k, "fnr_on_exited": fnr, "target_fnr": float(target_fnr),
+        "delta": float(delta), "alpha": float(alpha), "p_value_fnr_above_target": p_exceeds,
+        "fnr_upper_bound": float(fnr_upper_bound(k, n, delta)) if n else 1.0,
+        "positives_needed_for_bound": positives_needed(target_fnr, delta, k),
+    }
+
+
+def check_test_fnr(
+    n_exited_positives: int,
+    n_false_negatives: int,
+    target_fnr: float,
+    delta: float,
+    mode: str = "confirm",
+    alpha: float = 0.05,
+    bootstrap_ci: Sequence[float | None] | None = None,
+) -> GateVerdict:
+    """The val_test judgement of the certified policy (``mode`` ``confirm`` or ``bound``).
+
+    ``confirm`` (default) fails when val_test gives significant evidence that FNR_on_exited >
+    target: the one-sided exact binomial p-value P(K >= k | N, target) <= ``alpha``. A policy
+    certified at maximum coverage has its true FNR just under the target, so demanding a second
+    certificate on val_test (``bound``: the Clopper-Pearson upper bound <= target) fails honest
+    policies most of the time; it stays available as the strict choice. Both modes report the
+    point estimate, the bootstrap CI and the CP bound; no exited positive fails either way.
+    """
+    figures = val_test_fnr_figures(n_exited_positives, n_false_negatives, target_fnr, delta, alpha)
+    figures["mode"] = mode
+    if bootstrap_ci is not None:
+        figures["bootstrap_ci_lower"], figures["bootstrap_ci_upper"] = (list(bootstrap_ci) + [None, None])[:2]
+    n, k = figures["n_exited_positives"], figures["n_false_negatives"]
+    bound = figures["fnr_upper_bound"]
+    if mode not in ("confirm", "bound"):
+        raise ValueError(f"val_test_check={mode!r}: use 'confirm' or 'bound'")
+    if n == 0:
+        return GateVerdict("val_test_fnr_bound", False,
+                           "no exited positive on val_test: FNR_on_exited is undefined, nothing confirms the certificate",
+                           figures)
+    described = f"val_test FNR_on_exited {k / n:.4f} ({k}/{n}), CP upper bound {bound:.4f}"
+    if mode == "confirm":
+        p = figures["p_value_fnr_above_target"]
+        passed = p > alpha
+        message = (
+            f"{described}; no significant evidence that FNR > {target_fnr} (p = {p:.3g} > alpha {alpha})"
+            if passed else
+            f"{described}; significant evidence that FNR > target {target_fnr} (p = {p:.3g} <= alpha {alpha}): "
+            f"the certificate does not hold on val_test (calibration/test shift?)"
+        )
+    else:
+        passed = bound <= target_fnr
+        message = (
+            f"{described} <= target {target_fnr}" if passed else
+            f"{described} > target {target_fnr}; a second certificate needs >= "
+            f"{figures['positives_needed_for_bound']} exited positives with {k} misses"
+        )
+    return GateVerdict("val_test_fnr_bound", bool(passed), message, figures)
+
+
 def check_bundle_verified(problems: Sequence[str], n_compared: int, n_mismatched: int) -> GateVerdict:
     """The staged bundle verified (checksums, schema, load) and reproduced every decision."""
     passed = not problems and n_compared > 0 and n_mismatched == 0
@@ -326,14 +394,19 @@ class CheckRecord:
 def gate_failures(expected: Sequence[str], records: Mapping[str, CheckRecord]) -> list[str]:
     """Every reason a phase gate does not count as passed, one line per criterion.
 
-    A criterion fails when it was never evaluated, its latest evaluation failed, or that evaluation
-    judged an older materialisation than the current one.
+    A criterion fails when it was never evaluated, its asset was never materialised, its latest
+    evaluation failed, or that evaluation judged an older materialisation than the current one. A
+    phase whose gate lists no criteria cannot pass.
     """
+    if not expected:
+        return ["the phase's gate lists no criteria, so it cannot pass"]
     failures = []
     for name in expected:
         record = records.get(name)
         if record is None or record.passed is None:
             failures.append(f"{name}: never evaluated")
+        elif record.current_id is None:
+            failures.append(f"{name}: the asset it judges has no materialisation; materialise it and re-run the check")
         elif not record.passed:
             failures.append(f"{name}: failed ({record.message})" if record.message else f"{name}: failed")
         elif record.current_id is not None and record.judged_id != record.current_id:

@@ -39,6 +39,8 @@ class PhaseRecipe:
     selection_metric: str
     criteria: tuple[Criterion, ...]
     requires: tuple[int, ...]
+    head_kind: str = "mlp"
+    loss_kind: str = "ce"
     optional: bool = False
     available: bool = True
     missing: str = ""

@@ -10,7 +10,11 @@ from typing import Any
 
 import dagster as dg
 
+from stage1_core.lineage import StaleInputError
 from stage1_core.phases import PhaseUnavailableError
+
+#: Bumped when a step's code changes what it produces; Dagster then marks the asset stale.
+CODE_VERSION = "2"
 
 
 def metadata_value(value: Any) -> Any:
@@ -64,11 +68,45 @@ def figure_markdown(paths: Mapping[str, Path]) -> dg.MetadataValue:
 
 
 @contextlib.contextmanager
-def as_failure() -> Iterator[None]:
-    """Turn the library's input errors into a ``dagster.Failure`` with the full message."""
+def as_failure(layout: Any = None, asset: str | None = None, partition: str | None = None) -> Iterator[None]:
+    """Turn the library's input errors into a ``dagster.Failure`` with the full message.
+
+    With ``layout`` and ``asset`` the failure is also recorded for ``stage1 summary`` (and
+    cleared when the step succeeds).
+    """
+    from stage1_core.steps.summary import clear_failure, record_failure
+
     try:
         yield
-    except dg.Failure:
+    except dg.Failure as exc:
+        if layout is not None and asset is not None:
+            record_failure(layout, asset, partition, exc.description or str(exc))
         raise
-    except (PhaseUnavailableError, ValueError, FileNotFoundError) as exc:
+    except (PhaseUnavailableError, StaleInputError, ValueError, FileNotFoundError) as exc:
+        if layout is not None and asset is not None:
+            record_failure(layout, asset, partition, str(exc))
         raise dg.Failure(description=f"{type(exc).__name__}: {exc}") from exc
+    else:
+        if layout is not None and asset is not None:
+            clear_failure(layout, asset, partition)
+
+
+def step_result(result: Any) -> dg.MaterializeResult:
+    """A step's result as a MaterializeResult: metadata, tables, figures and its lineage data version."""
+    metadata = to_metadata(result.metadata)
+    for name, rows in result.tables.items():
+        metadata[name] = table(rows)
+    if result.figures:
+        metadata["figures"] = figure_markdown(result.figures)
+    version = dg.DataVersion(result.data_version) if result.data_version else None
+    return dg.MaterializeResult(metadata=metadata, data_version=version)
+
+
+def run_step(context: Any, stage1: Any, asset: str, step: Any, *args: Any, **kwargs: Any) -> dg.MaterializeResult:
+    """Run a library step with the resource's config and layout, recording failures for the summary."""
+    layout = stage1.layout()
+    partition = context.partition_key if context.has_partition_key else None
+    with as_failure(layout, asset, partition):
+        config = stage1.load_config()
+        call_args = (config, layout) + ((partition,) if partition else ()) + args
+        return step_result(step(*call_args, **kwargs))

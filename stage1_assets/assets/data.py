@@ -2,29 +2,22 @@
 
 import dagster as dg
 
-from stage1_assets.assets._common import as_failure, table, to_metadata
+from stage1_assets.assets._common import CODE_VERSION, run_step
 from stage1_assets.resources import Stage1Resource
 from stage1_core import pipeline
 
 
-@dg.asset(group_name="data", kinds={"python", "csv"})
+@dg.asset(group_name="data", kinds={"python", "csv"}, code_version=CODE_VERSION)
 def dataset_index(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
-    """Validated table of every sample: id, path, label, source, split of origin.
+    """Validated table of every sample: id, path, label, source, split of origin, image sha256.
 
-    With ``data_source: synthetic`` the embedded synthetic data set is generated first.
+    With data_source synthetic the embedded synthetic data set is generated first. Every labels
+    problem is reported at once with its file and line.
     """
-    with as_failure():
-        result = pipeline.build_dataset_index(stage1.load_config(), stage1.layout())
-    return dg.MaterializeResult(
-        metadata={**to_metadata(result.metadata), "per_source": table(result.tables["per_source"])}
-    )
+    return run_step(context, stage1, "dataset_index", pipeline.build_dataset_index)
 
 
-@dg.asset(group_name="data", deps=[dataset_index], kinds={"python", "json"})
+@dg.asset(group_name="data", deps=[dataset_index], kinds={"python", "json"}, code_version=CODE_VERSION)
 def splits(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
-    """splits.json: train / val_select / val_calib / val_test, shared by all phases."""
-    with as_failure():
-        result = pipeline.build_splits(stage1.load_config(), stage1.layout())
-    return dg.MaterializeResult(
-        metadata={**to_metadata(result.metadata), "per_split": table(result.tables["per_split"])}
-    )
+    """splits.json: train / val_select / val_calib / val_test, shared by all phases (drawn with split_seed)."""
+    return run_step(context, stage1, "splits", pipeline.build_splits)

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from stage1_assets.assets._common import as_failure, figure_markdown, table, to_metadata
+from stage1_assets.assets._common import CODE_VERSION, run_step
 from stage1_assets.assets.data import splits
 from stage1_assets.guards import require_previous_phase_gates
 from stage1_assets.partitions import phases
@@ -10,41 +10,33 @@ from stage1_assets.resources import Stage1Resource
 from stage1_core import pipeline
 
 
-def _result(result: "pipeline.StepResult") -> dg.MaterializeResult:
-    metadata = to_metadata(result.metadata)
-    for name, rows in result.tables.items():
-        metadata[name] = table(rows)
-    if result.figures:
-        metadata["figures"] = figure_markdown(result.figures)
-    return dg.MaterializeResult(metadata=metadata)
-
-
-@dg.asset(group_name="model", partitions_def=phases, deps=[splits], kinds={"pytorch"})
+@dg.asset(group_name="model", partitions_def=phases, deps=[splits], kinds={"pytorch"}, code_version=CODE_VERSION)
 def backbone(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
-    """Which backbone weights this phase uses (builtin or a local DINOv3 directory) and their fingerprint."""
+    """Which backbone weights this phase uses (builtin or a local DINOv3 directory) and their fingerprint.
+
+    Waits for the previous phase's gate.
+    """
     require_previous_phase_gates(context.instance, context.partition_key)
-    with as_failure():
-        return _result(pipeline.prepare_backbone(stage1.load_config(), stage1.layout(), context.partition_key))
+    return run_step(context, stage1, "backbone", pipeline.prepare_backbone)
 
 
-@dg.asset(group_name="model", partitions_def=phases, deps=[backbone], pool="gpu", kinds={"pytorch"})
+@dg.asset(group_name="model", partitions_def=phases, deps=[backbone], pool="gpu", kinds={"pytorch"},
+          code_version=CODE_VERSION)
 def cached_features(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
-    """CLS features of every split, content-addressed: phases sharing a backbone reuse them."""
+    """CLS features of every split, keyed by backbone, transform and image content: reused across phases."""
     require_previous_phase_gates(context.instance, context.partition_key)
-    with as_failure():
-        return _result(pipeline.cache_features(stage1.load_config(), stage1.layout(), context.partition_key))
+    return run_step(context, stage1, "cached_features", pipeline.cache_features)
 
 
-@dg.asset(group_name="model", partitions_def=phases, deps=[cached_features], pool="gpu", kinds={"pytorch"})
+@dg.asset(group_name="model", partitions_def=phases, deps=[cached_features], pool="gpu", kinds={"pytorch"},
+          code_version=CODE_VERSION)
 def checkpoint(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
     """model_best.pth chosen on val_select by the phase's selection metric, plus the training log."""
     require_previous_phase_gates(context.instance, context.partition_key)
-    with as_failure():
-        return _result(pipeline.train_phase(stage1.load_config(), stage1.layout(), context.partition_key))
+    return run_step(context, stage1, "checkpoint", pipeline.train_phase)
 
 
-@dg.asset(group_name="model", partitions_def=phases, deps=[checkpoint], kinds={"pytorch"})
+@dg.asset(group_name="model", partitions_def=phases, deps=[checkpoint], kinds={"pytorch"}, code_version=CODE_VERSION)
 def predictions(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
-    """Logits of the best checkpoint (never the last epoch's) on val_select, val_calib and val_test."""
-    with as_failure():
-        return _result(pipeline.predict_splits(stage1.load_config(), stage1.layout(), context.partition_key))
+    """Logits (and gate logits) of the best checkpoint, never the last epoch's, on the three val splits."""
+    return run_step(context, stage1, "predictions", pipeline.predict_splits)

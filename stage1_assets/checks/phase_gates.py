@@ -22,14 +22,15 @@ def _make_check(criterion: Criterion) -> dg.AssetChecksDefinition:
         partitions_def=phases,
     )
     def _check(context: dg.AssetCheckExecutionContext, stage1: Stage1Resource) -> dg.AssetCheckResult:
+        # A check always yields a verdict: any exception is a failed ERROR-severity evaluation.
         try:
             verdict = pipeline.evaluate_criterion(
                 criterion.name, stage1.load_config(), stage1.layout(), context.partition_key
             )
-        except (ValueError, FileNotFoundError) as exc:
+        except Exception as exc:  # noqa: BLE001
             return dg.AssetCheckResult(
                 passed=False,
-                description=f"{criterion.name} could not be evaluated: {exc}",
+                description=f"{criterion.name} could not be evaluated: {type(exc).__name__}: {exc}",
                 severity=dg.AssetCheckSeverity.ERROR,
             )
         return dg.AssetCheckResult(

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from stage1_core.artifacts import ArtifactError, atomic_write_bytes, atomic_write_text, load_tensors, read_json, sha256_file, write_json
-from stage1_core.bundle.load import MANIFEST_NAME, POLICY_FILE_NAMES, BundleError, phase_problems, verify_bundle
+from stage1_core.bundle.load import (
+    MANIFEST_NAME,
+    POLICY_FILE_NAMES,
+    BundleError,
+    phase_problems,
+    state_dict_digest,
+    verify_bundle,
+)
 from stage1_core.config import Stage1ProConfig, git_commit
 from stage1_core.model.head import HeadStateError, Stage1Head, load_head_state_dict
 from stage1_core.policies import load_policy, policy_class
@@ -237,6 +244,7 @@ def export_bundle(
     headline: Mapping[str, Any],
     dagster_run_id: str | None = None,
     extra_files: Mapping[str, str | Path] | None = None,
+    lineage: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a verified deploy bundle to ``out_dir`` atomically and return its path.
 
@@ -326,6 +334,8 @@ def export_bundle(
             "dagster_run_id": dagster_run_id,
             "headline": dict(headline),
         }
+        if lineage is not None:
+            manifest["lineage"] = {**dict(lineage), "head_digest": state_dict_digest(state)}
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest["sha256"] = {name: sha256_file(tmp / name) for name in files}
         atomic_write_text(tmp / BUNDLE_FILES["readme"], render_readme(manifest, policy_doc))

@@ -10,6 +10,7 @@ its fingerprint is the one recorded at export.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import pickle
@@ -217,7 +218,56 @@ def _metrics_problems(path: Path, rel: str) -> list[str]:
     return []
 
 
-def verify_bundle(directory: str | Path) -> list[str]:
+def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict (independent of file format)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def bundle_id(directory: str | Path) -> str:
+    """The bundle's id: the sha256 of its bundle.json (which holds every other file's checksum)."""
+    return sha256_file(Path(directory) / MANIFEST_NAME)
+
+
+def _lineage_problems(root: Path, manifest: Mapping[str, Any], readable: set[str]) -> list[str]:
+    """The head, policy, metrics and backbone named by $.lineage belong together."""
+    lineage = manifest.get("lineage")
+    if not isinstance(lineage, Mapping):
+        return []
+    problems = []
+    backbone = manifest.get("backbone") if isinstance(manifest.get("backbone"), Mapping) else {}
+    if lineage.get("backbone_fingerprint") != backbone.get("fingerprint"):
+        problems.append(
+            f"{MANIFEST_NAME}: $.backbone.fingerprint {backbone.get('fingerprint')!r} is not the backbone the head "
+            f"was trained on ($.lineage.backbone_fingerprint {lineage.get('backbone_fingerprint')!r})"
+        )
+    policy_file = manifest.get("policy_file")
+    if isinstance(policy_file, str) and policy_file in readable:
+        try:
+            policy_checkpoint = read_json(root / policy_file).get("checkpoint_id")
+        except (ArtifactError, AttributeError):
+            policy_checkpoint = None
+        if policy_checkpoint != lineage.get("checkpoint_id"):
+            problems.append(
+                f"{policy_file}: certified for checkpoint {policy_checkpoint!r}, but the bundle's head is "
+                f"checkpoint {lineage.get('checkpoint_id')!r}"
+            )
+    model_file = manifest.get("model_file")
+    if isinstance(model_file, str) and model_file in readable:
+        try:
+            digest = state_dict_digest(torch.load(root / model_file, map_location="cpu", weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, OSError, EOFError, ValueError):
+            digest = None
+        if digest is not None and digest != lineage.get("head_digest"):
+            problems.append(f"{model_file}: its weights are not the head recorded in $.lineage.head_digest")
+    return problems
+
+
+def verify_bundle(directory: str | Path, expected_id: str | None = None) -> list[str]:
     """Every problem of the bundle at ``directory`` (an empty list when it is valid)."""
     root = Path(directory)
     if not root.is_dir():
@@ -326,6 +376,14 @@ def verify_bundle(directory: str | Path) -> list[str]:
             eval_transform_from_description(backbone["transform"])
         except ValueError as exc:
             problems.append(f"{MANIFEST_NAME}: $.backbone.transform: {exc}")
+    problems.extend(_lineage_problems(root, manifest, readable))
+    if expected_id is not None:
+        actual = bundle_id(root)
+        if actual != expected_id:
+            problems.append(
+                f"{MANIFEST_NAME}: bundle id {actual} is not the expected {expected_id}: bundle.json was edited "
+                f"or this is another bundle"
+            )
     return problems
 
 

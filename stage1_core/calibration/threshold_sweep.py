@@ -55,6 +55,8 @@ __all__ = [
     "CertificationResult",
     "CandidateTable",
     "candidate_table",
+    "score_candidate_table",
+    "certify_score_threshold",
     "Selection",
     "select_candidates",
     "certify_softmax_threshold",
@@ -99,9 +101,22 @@ def candidate_table(probs, labels) -> CandidateTable:
     p = as_probs(probs)
     if p.shape[1] != 2:
         raise ValueError(f"the softmax exit policy is binary: probs must be [N, 2], got {p.shape}")
-    y = as_labels(labels, n=p.shape[0])
-    conf = p.max(axis=1)
-    pred = p.argmax(axis=1)
+    return score_candidate_table(p.max(axis=1), p.argmax(axis=1), labels)
+
+
+def score_candidate_table(scores, predictions, labels) -> CandidateTable:
+    """Counts behind FNR_on_exited for every distinct value of an exit score (exit iff score >= t).
+
+    ``scores`` is any per-sample confidence (max softmax, a calibrated gate score, ...), and
+    ``predictions`` the label each sample would exit with. Tied scores enter or leave together.
+    """
+    conf = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if conf.size == 0 or not np.all(np.isfinite(conf)):
+        raise ValueError("exit scores must be a non-empty array of finite numbers")
+    pred = np.asarray(predictions).reshape(-1).astype(np.int64)
+    if pred.shape != conf.shape:
+        raise ValueError(f"predictions has {pred.shape[0]} entries, scores {conf.shape[0]}")
+    y = as_labels(labels, n=conf.shape[0])
     values, inverse = np.unique(-conf, return_inverse=True)
     m = values.shape[0]
 
@@ -341,13 +356,35 @@ def certify_softmax_threshold(
     Fit it on val_calib probabilities of the selected checkpoint only. ``n_starts`` applies to
     ``"multistart_fixed_sequence"``. See the module docstring for the methods.
     """
+    p = as_probs(probs)
+    if p.shape[1] != 2:
+        raise ValueError(f"the softmax exit policy is binary: probs must be [N, 2], got {p.shape}")
+    y = as_labels(labels, n=p.shape[0])
+    result = certify_score_threshold(p.max(axis=1), p.argmax(axis=1), y, target_fnr, delta, method, n_starts)
+    result.grid_results = _grid_rows(p, y, target_fnr, delta)
+    return result
+
+
+def certify_score_threshold(
+    scores,
+    predictions,
+    labels,
+    target_fnr: float,
+    delta: float,
+    method: str = DEFAULT_METHOD,
+    n_starts: int = DEFAULT_N_STARTS,
+) -> CertificationResult:
+    """Largest-coverage rule "exit iff score >= t" with FNR_on_exited certified <= ``target_fnr``.
+
+    The same family-wise-error-controlled binomial test as the softmax threshold, for any exit
+    score (the calibrated gate score in phase 3). Candidate order and chain starts use only
+    ``scores`` and ``predictions``, never the labels. ``grid_results`` is empty here.
+    """
     if not 0.0 < target_fnr < 1.0:
         raise ValueError(f"target_fnr must lie in (0, 1), got {target_fnr!r}")
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
-    p = as_probs(probs)
-    y = as_labels(labels, n=p.shape[0])
-    table = candidate_table(p, y)
+    table = score_candidate_table(scores, predictions, labels)
     sel = select_candidates(table, target_fnr, delta, method=method, n_starts=n_starts)
     bounds = np.asarray(fnr_upper_bound(table.n_false_negatives, table.n_exited_positives, sel.test_level))
     sweep = _sweep_rows(table, sel, bounds)
@@ -360,7 +397,7 @@ def certify_softmax_threshold(
         n_candidates=len(table),
         method_params=sel.params,
         sweep_results=sweep,
-        grid_results=_grid_rows(p, y, target_fnr, delta),
+        grid_results=[],
     )
     if sel.chosen is not None:
         row = sweep[sel.chosen]

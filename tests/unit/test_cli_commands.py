@@ -22,6 +22,8 @@ def test_bundle_verify_lists_problems_and_exits_nonzero(tmp_path, capsys):
     assert "INVALID bundle" in err and "bundle.json" in err
 
 
-def test_summary_without_artifacts_says_what_to_do(tmp_path, capsys):
-    assert main(["summary", "--phase", "phase1", "--artifacts_root", str(tmp_path)]) == 0
-    assert "NO BUNDLE" in capsys.readouterr().out
+def test_summary_without_artifacts_exits_nonzero_and_says_so(tmp_path, capsys):
+    assert main(["summary", "--phase", "phase1", "--artifacts_root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "not run" in out and "NO CURRENT BUNDLE" in out
+    assert "None" not in out

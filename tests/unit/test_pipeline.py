@@ -56,40 +56,79 @@ def make_rows(ids: list[str], labels: np.ndarray, rng: np.random.Generator) -> R
     return Rows(torch.from_numpy(x), labels, ids)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A layout with features, splits and backbone info, trained through phase 1's steps."""
-    root = tmp_path_factory.mktemp("artifacts")
+def fake_content_hash(sample_id: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(sample_id.encode()).hexdigest()
+
+
+def write_feature_phase(root, config, rng, partition="phase1"):
+    """Dataset index, splits, backbone and feature store with lineage records, without images."""
+    import csv
+
+    from stage1_core.steps.data import INDEX_COLUMNS, INDEX_FILE
+
     layout = pipeline.Layout(root)
-    rng = np.random.default_rng(0)
     samples = {
         origin: [Sample(f"{origin}/{i:05d}.jpg", root / f"{origin}{i}.jpg", int(rng.random() < 0.9), "natix", i + 2)
                  for i in range(n)]
         for origin, n in (("train", N_TRAIN), ("val", N_VAL))
     }
-    splits = make_splits(samples["train"], samples["val"], seed=0)
-    save_splits(splits, layout.dir("splits") / "splits.json")
-    label_of = {s.sample_id: s.label for group in samples.values() for s in group}
+    with open(layout.dir("dataset_index") / INDEX_FILE, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(INDEX_COLUMNS)
+        for origin, group in samples.items():
+            for s in group:
+                writer.writerow([s.sample_id, str(s.path), s.label, s.source, origin, s.line,
+                                 fake_content_hash(s.sample_id)])
+    ctx = pipeline.StepContext(config, layout)
+    ctx.finish("dataset_index", [INDEX_FILE], [])
+    pipeline.build_splits(config, layout)
+    splits, index = pipeline.read_splits(layout)
     datasets = {
-        name: make_rows(list(splits.ids[name]), np.array([label_of[i] for i in splits.ids[name]]), rng)
+        name: make_rows([fake_content_hash(i) for i in splits.ids[name]], index.labels(list(splits.ids[name])), rng)
         for name in SPLIT_NAMES
     }
     store = layout.feature_store / "test"
-    ids = {name: list(splits.ids[name]) for name in SPLIT_NAMES}
-    extract_split_features(IdentityBackbone(), datasets, store, "identity", sample_ids=ids, progress=False)
-    write_json(layout.dir("cached_features", "phase1") / "cache.json",
-               {"store": str(store), "key": "test", "fingerprint": FINGERPRINT, "reused": False, "forward_passes": 4})
-    write_json(layout.dir("backbone", "phase1") / "backbone.json",
+    ids = {name: [fake_content_hash(i) for i in splits.ids[name]] for name in SPLIT_NAMES}
+    extract_split_features(IdentityBackbone(), datasets, store, "identity", sample_ids=ids, progress=False,
+                           store_labels=False)
+    phase = pipeline.StepContext(config, layout, partition)
+    write_json(layout.dir("backbone", partition) / "backbone.json",
                {"model_path": "builtin:tiny-dinov3", "fingerprint": FINGERPRINT, "hidden_size": HIDDEN})
-    config = Stage1ProConfig.from_dict(
-        {"data_source": "synthetic", "epochs": 8, "lr_head": 3e-3, "grad_accum_steps": 1, "warmup_epochs": 1,
-         "label_smoothing": 0.0, "early_stop_patience": 8, "bootstrap_samples": 200, "use_amp": False}
-    )
+    backbone = phase.finish("backbone", ["backbone.json"], [], id_parts={"fingerprint": FINGERPRINT})
+    write_json(layout.dir("cached_features", partition) / "cache.json",
+               {"store": str(store), "key": "test", "fingerprint": FINGERPRINT, "reused": False, "forward_passes": 4})
+    phase.finish("cached_features", ["cache.json", store / "manifest.json"],
+                 [backbone, phase.record("splits")], id_parts={"key": "test"})
+    return layout
+
+
+CONFIG = {"data_source": "synthetic", "epochs": 8, "lr_head": 3e-3, "grad_accum_steps": 1, "warmup_epochs": 1,
+          "label_smoothing": 0.0, "early_stop_patience": 8, "bootstrap_samples": 200, "use_amp": False}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A layout with features, splits and backbone info, trained through phase 1's steps."""
+    root = tmp_path_factory.mktemp("artifacts")
+    config = Stage1ProConfig.from_dict(CONFIG)
+    layout = write_feature_phase(root, config, np.random.default_rng(0))
     pipeline.train_phase(config, layout, "phase1")
     pipeline.predict_splits(config, layout, "phase1")
     pipeline.fit_exit_policy(config, layout, "phase1")
     pipeline.evaluate_phase(config, layout, "phase1")
     return config, layout
+
+
+@pytest.fixture
+def scratch(trained, tmp_path):
+    """A private copy of the trained layout, for tests that change artifacts."""
+    import shutil
+
+    config, layout = trained
+    shutil.copytree(layout.root, tmp_path / "copy", symlinks=True)
+    return config, pipeline.Layout(tmp_path / "copy")
 
 
 def test_phase1_steps_produce_a_certified_policy_and_passing_gates(trained):
@@ -104,8 +143,8 @@ def test_phase1_steps_produce_a_certified_policy_and_passing_gates(trained):
     failed = {n: v.message for n, v in verdicts.items() if not v.passed}
     assert not failed, failed
     assert verdicts["no_regression_vs_previous_phase"].figures == {"applicable": False}
-    lines = pipeline.read_phase_summary(layout, "phase1")
-    assert any("certified coverage on val_calib" in line for line in lines)
+    lines = pipeline.read_phase_summary(layout, "phase1", config)
+    assert any("certified coverage on val_calib" in line for line in lines), lines
 
 
 def test_evaluation_writes_metrics_with_intervals(trained):
@@ -119,26 +158,40 @@ def test_evaluation_writes_metrics_with_intervals(trained):
     assert evaluation["n_test"] == len(splits["splits"]["val_test"]["sample_ids"])
 
 
-def test_exit_policy_sees_only_val_calib(trained, tmp_path):
-    config, layout = trained
+def restamp_predictions(config, layout):
+    """Re-record the predictions' lineage after a test rewrote predictions.pt."""
+    ctx = pipeline.StepContext(config, layout, "phase1")
+    inputs = ctx.require("predictions", [("checkpoint", "phase1"), ("cached_features", "phase1")])
+    ctx.finish("predictions", ["predictions.pt", "predictions.json"], inputs)
+
+
+def test_exit_policy_sees_only_val_calib(scratch):
+    config, layout = scratch
     path = layout.root / "predictions" / "phase1" / "predictions.pt"
-    original = path.read_bytes()
     before = read_json(layout.root / "exit_policy" / "phase1" / "thresholds.json")
-    try:
-        tensors = torch.load(path, weights_only=True)
-        for split in ("val_select", "val_test"):
-            tensors[f"{split}_logits"] = torch.randn_like(tensors[f"{split}_logits"]) * 5
-        torch.save(tensors, path)
-        pipeline.fit_exit_policy(config, layout, "phase1")
-        after = read_json(layout.root / "exit_policy" / "phase1" / "thresholds.json")
-        assert after["exit_threshold"] == before["exit_threshold"] and after["coverage"] == before["coverage"]
-        tensors["val_calib_logits"] = tensors["val_calib_logits"].flip(1)
-        torch.save(tensors, path)
-        pipeline.fit_exit_policy(config, layout, "phase1")
-        changed = read_json(layout.root / "exit_policy" / "phase1" / "thresholds.json")
-        assert changed["exit_threshold"] != before["exit_threshold"] or changed["certified"] != before["certified"]
-    finally:
-        path.write_bytes(original)
+    tensors = torch.load(path, weights_only=True)
+    for split in ("val_select", "val_test"):
+        tensors[f"{split}_logits"] = torch.randn_like(tensors[f"{split}_logits"]) * 5
+    torch.save(tensors, path)
+    restamp_predictions(config, layout)
+    pipeline.fit_exit_policy(config, layout, "phase1")
+    after = read_json(layout.root / "exit_policy" / "phase1" / "thresholds.json")
+    assert after["exit_threshold"] == before["exit_threshold"] and after["coverage"] == before["coverage"]
+    tensors["val_calib_logits"] = tensors["val_calib_logits"].flip(1)
+    torch.save(tensors, path)
+    restamp_predictions(config, layout)
+    pipeline.fit_exit_policy(config, layout, "phase1")
+    changed = read_json(layout.root / "exit_policy" / "phase1" / "thresholds.json")
+    assert changed["exit_threshold"] != before["exit_threshold"] or changed["certified"] != before["certified"]
+
+
+def test_a_changed_file_is_refused_by_its_consumer(scratch):
+    from stage1_core.lineage import StaleInputError
+
+    config, layout = scratch
+    path = layout.root / "predictions" / "phase1" / "predictions.pt"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(StaleInputError, match="predictions.pt changed since it was written"):
         pipeline.fit_exit_policy(config, layout, "phase1")
 
 
@@ -152,15 +205,17 @@ def test_split_roles_are_enforced():
     assert set(SPLIT_NAMES) == {"train", "val_select", "val_calib", "val_test"}
 
 
-def test_gate_failure_is_reported_with_figures(trained):
+def test_a_looser_live_target_makes_the_certificate_stale_instead_of_passing(trained):
     config, layout = trained
-    strict = config.with_updates(target_fnr_exit=0.0001)
-    verdict = pipeline.evaluate_criterion("val_test_fnr_bound", strict, layout, "phase1")
-    assert not verdict.passed and verdict.figures["positives_needed"] > N_VAL
+    loose = config.with_updates(target_fnr_exit=0.1)
+    verdict = pipeline.evaluate_criterion("val_test_fnr_bound", loose, layout, "phase1")
+    assert not verdict.passed
+    assert "exit_policy[phase1] was made with" in verdict.message and "target_fnr_exit=0.02" in verdict.message
+    assert pipeline.evaluate_criterion("val_test_fnr_bound", config, layout, "phase1").passed
 
 
-def test_bundle_check_detects_tampering(trained):
-    config, layout = trained
+def test_bundle_check_detects_tampering(scratch):
+    config, layout = scratch
     pipeline.export_phase_bundle(config, layout, "phase1", run_id="tamper")
     bundle = pipeline.bundle_dir(layout, "phase1")
     doc = json.loads((bundle / "thresholds.json").read_text())

@@ -1,0 +1,80 @@
+"""The config values each asset's result depends on, recorded in its lineage.
+
+When the live config asks for other values than an artifact was made with, that artifact is
+stale: its consumers refuse it, naming the setting (e.g. "exit_policy[phase1] was made with
+target_fnr=0.02 (config now 0.1)"). Settings that only change speed (batch size, workers) are
+left out, so changing them does not invalidate anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from stage1_core.config import Stage1ProConfig
+from stage1_core.phases import config_for_phase, get_recipe
+
+DATA_FIELDS = (
+    "data_source", "train_image_dir", "train_labels_file", "val_image_dir", "val_labels_file",
+    "use_extra_roadwork", "roadwork_iccv_dir", "roadwork_extra_dir", "use_kaggle_data",
+    "kaggle_construction_dir", "kaggle_road_issues_dir", "skip_corrupt",
+)
+SYNTHETIC_FIELDS = ("synthetic_n_train", "synthetic_n_val", "synthetic_seed")
+SPLIT_FIELDS = ("split_seed", "val_select_ratio", "val_calib_ratio", "val_test_ratio")
+TRAINING_FIELDS = (
+    "mode", "epochs", "warmup_epochs", "lr_head", "lr_backbone", "weight_decay", "dropout", "label_smoothing",
+    "class_weighting", "max_grad_norm", "use_ema", "ema_decay", "ema_warmup", "early_stop_patience",
+    "grad_accum_steps", "seed", "selection_metric", "gate_loss_weight", "aux_weight", "gate_fnr_penalty",
+    "target_fnr_exit", "optimizer", "peft_type", "peft_r", "peft_blocks",
+)
+POLICY_FIELDS = ("exit_policy", "target_fnr_exit", "fnr_confidence", "gate_calibration")
+EVALUATION_FIELDS = ("bootstrap_samples", "bootstrap_confidence", "deploy_prior", "val_test_check", "val_test_alpha")
+
+
+def _pick(cfg: Stage1ProConfig, fields: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(cfg, name) for name in fields}
+
+
+def _dataset_index(cfg: Stage1ProConfig) -> dict[str, Any]:
+    fields = DATA_FIELDS + (SYNTHETIC_FIELDS if cfg.data_source == "synthetic" else ())
+    return _pick(cfg, fields)
+
+
+def _backbone(cfg: Stage1ProConfig) -> dict[str, Any]:
+    return {"model_path": cfg.model_path, "adaptation": get_recipe(cfg.phase).backbone}
+
+
+def _checkpoint(cfg: Stage1ProConfig) -> dict[str, Any]:
+    return {**_pick(cfg, TRAINING_FIELDS), "phase": cfg.phase}
+
+
+PARAMS: dict[str, Callable[[Stage1ProConfig], dict[str, Any]]] = {
+    "dataset_index": _dataset_index,
+    "splits": lambda cfg: _pick(cfg, SPLIT_FIELDS),
+    "backbone": _backbone,
+    "cached_features": lambda cfg: {},
+    "checkpoint": _checkpoint,
+    "predictions": lambda cfg: {},
+    "exit_policy": lambda cfg: _pick(cfg, POLICY_FIELDS),
+    "evaluation": lambda cfg: _pick(cfg, EVALUATION_FIELDS),
+    "bundle": lambda cfg: {},
+}
+
+
+def params_for(asset: str, cfg: Stage1ProConfig) -> dict[str, Any]:
+    """The settings ``asset`` depends on, read from an already phase-applied config."""
+    return PARAMS[asset](cfg)
+
+
+def expected_params(name: str, config: Stage1ProConfig) -> dict[str, Any] | None:
+    """What the live config asks of the asset named ``name`` (``"checkpoint[phase1]"``)."""
+    from stage1_core.steps.context import parse_name
+
+    asset, partition = parse_name(name)
+    if asset not in PARAMS:
+        return None
+    try:
+        cfg = config_for_phase(config, partition) if partition else config
+    except Exception:  # noqa: BLE001 - a phase that cannot run asks nothing of its artifacts
+        return None
+    return params_for(asset, cfg)

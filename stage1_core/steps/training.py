@@ -1,0 +1,179 @@
+"""Training and prediction steps: train the recipe's head, then predict with its best checkpoint.
+
+Phase-agnostic: the recipe (``phases.py``) names the head kind and the loss; the loss is built
+by :func:`stage1_core.training.recipes.build_loss`. ``train`` fits weights, ``val_select``
+selects the checkpoint; predictions come from the *best* checkpoint, never the last epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stage1_core.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
+from stage1_core.config import Stage1ProConfig
+from stage1_core.data.splits import VAL_SPLITS, require_split
+from stage1_core.phases import get_recipe
+from stage1_core.steps.backbone import load_split, read_backbone
+from stage1_core.steps.context import Layout, StepContext, StepResult
+
+TRAINING_FILE = "training.json"
+PREDICTIONS_FILE = "predictions.pt"
+
+
+def runtime_environment() -> dict[str, Any]:
+    """What makes results differ across machines (recorded next to every trained artifact)."""
+    import platform
+
+    return {
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+        "python": platform.python_version(),
+    }
+
+
+def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:
+    """Train the phase's head on cached train features; select on val_select only."""
+    from stage1_core.training.recipes import build_loss
+    from stage1_core.training.trainer import train_head
+
+    ctx = StepContext(config, layout, partition)
+    inputs = ctx.require("checkpoint", [("cached_features", partition), ("splits", None), ("dataset_index", None)])
+    recipe = get_recipe(partition)
+    cfg = ctx.cfg
+    require_split("train", "fit")
+    require_split("val_select", "select")
+    train = load_split(layout, partition, "train")
+    val_select = load_split(layout, partition, "val_select")
+    out_dir = layout.dir("checkpoint", partition)
+    loss_fn = build_loss(recipe.loss_kind, cfg, train.labels)
+    result = train_head(cfg, train, val_select, out_dir, selection_metric=cfg.selection_metric, progress=True,
+                        loss_fn=loss_fn, with_gate=recipe.head_kind == "gated")
+    if result.best_checkpoint is None:
+        reason = "a non-finite loss in the first epoch" if not result.losses_finite else "no epoch improved on val_select"
+        raise ValueError(f"training of {partition} produced no best checkpoint ({reason}); see {result.log_csv}")
+    checkpoint_id = sha256_file(result.best_checkpoint)
+    history = [log_row(record) for record in result.history]
+    best_row = next(row for row in history if row["Epoch"] == int(result.best_epoch))
+    summary = {
+        "phase": partition,
+        "head_kind": recipe.head_kind,
+        "loss_kind": recipe.loss_kind,
+        "selection_metric": cfg.selection_metric,
+        "best_epoch": int(result.best_epoch),
+        "best_metric": float(result.best_metric),
+        "best_val_accuracy": float(best_row["Val_Acc"]),
+        "epochs_run": int(result.epochs_run),
+        "stopped_early": bool(result.stopped_early),
+        "losses_finite": bool(result.losses_finite),
+        "checkpoint_id": checkpoint_id,
+        "best_checkpoint": Path(result.best_checkpoint).name,
+        "log_csv": Path(result.log_csv).name,
+        "environment": runtime_environment(),
+        "history": history,
+    }
+    cfg.save(out_dir / "config.json")
+    path = write_json(out_dir / TRAINING_FILE, summary)
+    figures = {"training curves": _plot_training(history, out_dir / "training_curves.png")}
+    record = ctx.finish("checkpoint", [summary["best_checkpoint"], TRAINING_FILE], inputs,
+                        id_parts={"model_best": checkpoint_id})
+    metadata = {k: v for k, v in summary.items() if k not in ("history", "environment")}
+    metadata.update(path=Path(result.best_checkpoint), lineage_id=record.id)
+    return StepResult(path, metadata, tables={"history": history}, figures=figures, record=record)
+
+
+def log_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A trainer history record under the training-log column names, as fractions (not percent)."""
+    from stage1_core.training.logging_csv import BASELINE_FORMATS, SELECTIVE_PREFIX, selective_column
+
+    row: dict[str, Any] = {column: record.get(key) for column, (key, _, _) in BASELINE_FORMATS.items()}
+    row["Epoch"] = int(row["Epoch"])
+    for key, value in record.items():
+        if key.startswith(SELECTIVE_PREFIX):
+            row[selective_column(key[len(SELECTIVE_PREFIX):])] = value
+    return plain_row(row)
+
+
+def plain_row(row: dict[str, Any]) -> dict[str, Any]:
+    """numpy scalars to Python, non-finite floats to None (JSON-ready)."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, (np.floating, np.integer)):
+            value = value.item()
+        if isinstance(value, float) and not np.isfinite(value):
+            value = None
+        out[key] = value
+    return out
+
+
+def _plot_training(history: list[dict[str, Any]], out_path: Path) -> Path:
+    from stage1_core.reporting.training import plot_training_curves
+
+    return plot_training_curves(history, out_path)
+
+
+def read_training(layout: Layout, partition: str) -> dict[str, Any]:
+    return read_json(layout.path("checkpoint", partition) / TRAINING_FILE)
+
+
+def load_head(layout: Layout, partition: str) -> torch.nn.Module:
+    """The phase's best head in eval mode (plain state_dict, weights_only=True; gate detected)."""
+    from stage1_core.training.trainer import load_head as load_head_file
+
+    hidden = int(read_backbone(layout, partition)["hidden_size"])
+    path = layout.path("checkpoint", partition) / read_training(layout, partition)["best_checkpoint"]
+    return load_head_file(path, hidden)
+
+
+def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:
+    """Logits (and gate logits) of the best checkpoint on val_select, val_calib and val_test."""
+    from stage1_core.bundle.predictor import Stage1Predictor
+    from stage1_core.policies import SoftmaxExitPolicy
+
+    ctx = StepContext(config, layout, partition)
+    inputs = ctx.require("predictions", [("checkpoint", partition), ("cached_features", partition)])
+    predictor = Stage1Predictor(load_head(layout, partition), SoftmaxExitPolicy(None))
+    tensors: dict[str, torch.Tensor] = {}
+    rows = []
+    for split in VAL_SPLITS:
+        data = load_split(layout, partition, split)
+        logits, gates = predictor.head_outputs_from_features(data.features)
+        tensors[f"{split}_logits"] = torch.as_tensor(logits)
+        if gates is not None:
+            tensors[f"{split}_gate"] = torch.as_tensor(gates)
+        labels = data.labels.numpy()
+        accuracy = float((logits.argmax(1) == labels).mean())
+        rows.append({"split": split, "n": int(len(labels)), "accuracy": accuracy})
+    out_dir = layout.dir("predictions", partition)
+    path = save_tensors(out_dir / PREDICTIONS_FILE, tensors)
+    checkpoint_id = read_training(layout, partition)["checkpoint_id"]
+    write_json(out_dir / "predictions.json", {"checkpoint_id": checkpoint_id, "splits": rows,
+                                              "has_gate": f"{VAL_SPLITS[0]}_gate" in tensors})
+    record = ctx.finish("predictions", [PREDICTIONS_FILE, "predictions.json"], inputs)
+    metadata = {"path": path, "checkpoint_id": checkpoint_id, "lineage_id": record.id,
+                **{f"accuracy_{r['split']}": r["accuracy"] for r in rows}}
+    return StepResult(path, metadata, tables={"per_split": rows}, record=record)
+
+
+def load_predictions(layout: Layout, partition: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(probs [N,2], labels [N])`` of the best checkpoint on ``split`` (labels from the index)."""
+    probs, _, labels = load_prediction_outputs(layout, partition, split)
+    return probs, labels
+
+
+def load_prediction_outputs(layout: Layout, partition: str, split: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(probs [N,2], raw gate logits [N] or None, labels [N])`` on ``split``."""
+    from stage1_core.bundle.predictor import Stage1Predictor
+    from stage1_core.steps.data import read_splits
+
+    tensors = load_tensors(layout.path("predictions", partition) / PREDICTIONS_FILE)
+    probs = Stage1Predictor.probabilities(tensors[f"{split}_logits"].numpy())
+    gate = tensors.get(f"{split}_gate")
+    splits, index = read_splits(layout)
+    labels = index.labels(list(splits.ids[split]))
+    return probs, (gate.numpy().astype(np.float64) if gate is not None else None), labels

@@ -1,0 +1,43 @@
+"""Registry of the training losses a phase recipe can name (``PhaseRecipe.loss_kind``).
+
+A builder takes the phase config and the training labels and returns ``loss_fn(output, labels)``
+for :func:`stage1_core.training.trainer.train_head`, or ``None`` for the trainer's own
+class-weighted cross-entropy (the baseline loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+LossBuilder = Callable[[Any, torch.Tensor], Callable | None]
+LOSSES: dict[str, LossBuilder] = {}
+
+
+def register_loss(name: str) -> Callable[[LossBuilder], LossBuilder]:
+    """Register a loss builder under ``name`` (decorator)."""
+
+    def wrap(builder: LossBuilder) -> LossBuilder:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        LOSSES[name] = builder
+        return builder
+
+    return wrap
+
+
+def build_loss(name: str, config: Any, train_labels: torch.Tensor) -> Callable | None:
+    """The loss ``name`` for ``config`` (None: the trainer's class-weighted CE)."""
+    try:
+        builder = LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r} in the phase recipe; known: {sorted(LOSSES)}") from None
+    return builder(config, train_labels)
+
+
+@register_loss("ce")
+def _cross_entropy(config: Any, train_labels: torch.Tensor) -> None:
+    """The baseline: class-weighted cross-entropy with label smoothing, built by the trainer."""
+    return None
