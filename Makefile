@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
-PHASE ?= phase1
+PHASE ?=
 
 .PHONY: venv demo demo-phase2 ui test test-fast bench clean-artifacts
 
@@ -20,10 +20,10 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
-## Run the main job on the embedded default (synthetic data + builtin tiny DINOv3), phase 1.
+## Run the main job on the embedded default (synthetic data + builtin tiny DINOv3): every phase in
+## order, each its own Dagster run, stopping at the first failing gate. PHASE=phaseN runs one.
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	@$(VENV)/bin/dagster asset materialize -m stage1_assets.definitions --select +bundle --partition $(PHASE); \
-	status=$$?; $(VENV)/bin/stage1 summary --phase $(PHASE); exit $$status
+	@$(PY) -m stage1_assets.demo $(if $(PHASE),--phase $(PHASE),)
 
 ## Phase 2 after phase 1 has passed its gate.
 demo-phase2:

@@ -246,3 +246,50 @@ def baseline_accuracy(ctx: StepContext) -> tuple[float, str]:
     )
     weighting = "class-weighted " if cfg.class_weighting == "balanced" else ""
     return accuracy, f"{weighting}logistic-regression probe on the cached features"
+
+
+@criterion("gate_trains")
+def _gate_trains(ctx: StepContext) -> GateVerdict:
+    from scipy import special
+
+    from stage1_core.steps.training import load_prediction_outputs
+
+    training = _training(ctx)
+    ctx.require("checkpoint-check", [("predictions", ctx.partition)])
+    probs, raw, labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_select")
+    if raw is None:
+        return GateVerdict("gate_trains", False, "the checkpoint has no gate head", {})
+    return gates.check_gate_trains(bool(training["losses_finite"]), special.expit(raw), probs.argmax(1) == labels)
+
+
+def _gate_comparison(ctx: StepContext) -> dict[str, Any]:
+    comparison = _evaluation(ctx).get("gate_comparison")
+    if comparison is None:
+        raise ValueError(f"evaluation[{ctx.partition}] holds no gate comparison (is its policy the gate policy?)")
+    return comparison
+
+
+@criterion("gate_beats_softmax")
+def _gate_beats_softmax(ctx: StepContext) -> GateVerdict:
+    c = _gate_comparison(ctx)
+    return gates.check_gate_beats_softmax(c["gate"]["coverage"], c["softmax"]["coverage"], c["coverage_gain"],
+                                          float(ctx.cfg.gate_min_gain))
+
+
+@criterion("no_classification_regression")
+def _no_classification_regression(ctx: StepContext) -> GateVerdict:
+    from stage1_core.steps.training import read_training
+
+    c = _gate_comparison(ctx)
+    previous = reference_phase(ctx.layout, phase_number(ctx.partition))
+    if previous is None:
+        return GateVerdict("no_classification_regression", False, "no earlier phase to compare with", {})
+    current = read_training(ctx.layout, ctx.partition)["best_val_accuracy"]
+    before = read_training(ctx.layout, previous)["best_val_accuracy"]
+    return gates.check_no_classification_regression(current, before, previous, c["gate"]["exit_accuracy"],
+                                                    c["softmax"]["exit_accuracy"])
+
+
+@criterion("gate_calibration_improves")
+def _gate_calibration_improves(ctx: StepContext) -> GateVerdict:
+    return gates.check_gate_calibration_improves(_gate_comparison(ctx)["calibration"])

@@ -347,7 +347,7 @@ def extract_split_features(
     joins labels from the dataset index at use, so relabelling never invalidates features and a
     stale label can never be read from the cache.
     """
-    from tqdm.auto import tqdm
+    from stage1_core.progress import progress as tqdm
 
     from stage1_core.data.loaders import make_dataloader, pick_batch_size
 

@@ -107,51 +107,27 @@ def check_thresholds_certified(thresholds: Mapping[str, Any] | None, schema_prob
             {"schema_valid": False},
         )
     certified = bool(thresholds.get("certified"))
+    threshold = next((thresholds[k] for k in ("exit_threshold", "gate_threshold", "lambda1") if k in thresholds), None)
+    bound = thresholds.get("fnr_upper_bound", thresholds.get("fnr_bound"))
     figures = {
         "schema_valid": True,
         "certified": certified,
-        "exit_threshold": thresholds.get("exit_threshold"),
+        "policy": thresholds.get("policy"),
+        "exit_threshold": threshold,
         "coverage": thresholds.get("coverage"),
-        "fnr_upper_bound": thresholds.get("fnr_upper_bound"),
+        "fnr_upper_bound": bound,
         "n_exited_positives": thresholds.get("n_exited_positives"),
         "method": thresholds.get("method"),
     }
     if certified:
         message = (
-            f"threshold {thresholds['exit_threshold']:.6f} certified by {thresholds.get('method')}: coverage "
-            f"{thresholds['coverage']:.4f}, FNR bound {thresholds['fnr_upper_bound']:.4f} "
+            f"{thresholds.get('policy', 'softmax')} threshold {threshold:.6f} certified by {thresholds.get('method')}: "
+            f"coverage {thresholds['coverage']:.4f}, FNR bound {bound:.4f} "
             f"on {thresholds['n_exited_positives']} exited positives"
         )
     else:
         message = f"no threshold certified on val_calib: {thresholds.get('reason')}"
     return GateVerdict("thresholds_certified", certified, message, figures)
-
-
-def check_test_fnr_bound(n_exited_positives: int, n_false_negatives: int, target_fnr: float, delta: float) -> GateVerdict:
-    """On val_test, the one-sided Clopper-Pearson upper bound of FNR_on_exited <= target."""
-    bound = fnr_upper_bound(n_false_negatives, n_exited_positives, delta)
-    passed = bool(n_exited_positives > 0 and bound <= target_fnr)
-    needed = positives_needed(target_fnr, delta, n_false_negatives)
-    fnr = n_false_negatives / n_exited_positives if n_exited_positives else None
-    if passed:
-        message = (
-            f"val_test FNR_on_exited {fnr:.4f} ({n_false_negatives}/{n_exited_positives}), "
-            f"CP upper bound {bound:.4f} <= target {target_fnr}"
-        )
-    else:
-        message = (
-            f"val_test CP upper bound {bound:.4f} > target {target_fnr} with {n_false_negatives} false "
-            f"negatives among {n_exited_positives} exited positives; certifying needs >= {needed} exited "
-            f"positives with {n_false_negatives} errors"
-        )
-    return GateVerdict(
-        "val_test_fnr_bound",
-        passed,
-        message,
-        {"n_exited_positives": n_exited_positives, "n_false_negatives": n_false_negatives,
-         "fnr_on_exited": fnr, "fnr_upper_bound": bound, "target_fnr": target_fnr, "delta": delta,
-         "positives_needed": needed},
-    )
 
 
 def val_test_fnr_figures(
@@ -424,3 +400,79 @@ def _float_or_none(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def check_gate_trains(
+    losses_finite: bool, gate_scores: np.ndarray, correct: np.ndarray, min_spread: float = 0.01
+) -> GateVerdict:
+    """The gate head trained: finite losses, scores not collapsed (std >= min_spread), AUROC > 0.5."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = np.asarray(gate_scores, dtype=float)
+    correct = np.asarray(correct).astype(int)
+    spread = float(scores.std()) if scores.size else 0.0
+    auroc = float(roc_auc_score(correct, scores)) if 0 < correct.sum() < correct.size else None
+    problems = []
+    if not losses_finite:
+        problems.append("a training loss was not finite")
+    if spread < min_spread:
+        problems.append(f"the gate collapsed: its val_select scores have std {spread:.4g} < {min_spread}")
+    if auroc is None:
+        problems.append("val_select has no wrong (or no correct) prediction, so the gate's AUROC is undefined")
+    elif auroc <= 0.5:
+        problems.append(f"the gate does not separate correct from wrong predictions (AUROC {auroc:.4f} <= 0.5)")
+    message = "; ".join(problems) or f"gate scores spread (std {spread:.4f}), AUROC for 'correct' {auroc:.4f}"
+    return GateVerdict("gate_trains", not problems, message,
+                       {"losses_finite": bool(losses_finite), "gate_score_std": spread, "gate_auroc": auroc,
+                        "min_spread": min_spread})
+
+
+def check_gate_beats_softmax(gate_coverage: float, softmax_coverage: float, ci: Mapping[str, float],
+                             min_gain: float = 0.0) -> GateVerdict:
+    """On val_test the certified gate policy's coverage exceeds the softmax policy's by > ``min_gain``."""
+    gain = gate_coverage - softmax_coverage
+    passed = gain > min_gain
+    message = (
+        f"val_test coverage gate {gate_coverage:.4f} vs softmax {softmax_coverage:.4f}: gain {gain:+.4f} "
+        f"(paired bootstrap CI [{ci['ci_lower']:+.4f}, {ci['ci_upper']:+.4f}]), needs > {min_gain:+.4f}"
+    )
+    return GateVerdict("gate_beats_softmax", passed, message,
+                       {"gate_coverage": gate_coverage, "softmax_coverage": softmax_coverage, "gain": gain,
+                        "gain_ci_lower": ci["ci_lower"], "gain_ci_upper": ci["ci_upper"], "min_gain": min_gain})
+
+
+def check_no_classification_regression(
+    accuracy: float, previous_accuracy: float, previous_phase: str, gate_exit_accuracy: float | None,
+    softmax_exit_accuracy: float | None, tolerance: float = ACCURACY_TOLERANCE,
+) -> GateVerdict:
+    """cls accuracy within 1 point of the previous phase; gate exit accuracy within 1 point of softmax's."""
+    problems = []
+    if previous_accuracy - accuracy > tolerance + 1e-12:
+        problems.append(f"val_select accuracy {accuracy:.4f} is more than {tolerance} below {previous_phase}'s "
+                        f"{previous_accuracy:.4f}")
+    if gate_exit_accuracy is None:
+        problems.append("the gate policy exits nothing on val_test, so its exit accuracy is undefined")
+    elif softmax_exit_accuracy is not None and softmax_exit_accuracy - gate_exit_accuracy > tolerance + 1e-12:
+        problems.append(f"gate exit accuracy {gate_exit_accuracy:.4f} is more than {tolerance} below the softmax "
+                        f"policy's {softmax_exit_accuracy:.4f}")
+    message = "; ".join(problems) or (
+        f"val_select accuracy {accuracy:.4f} ({previous_phase} {previous_accuracy:.4f}); exit accuracy gate "
+        f"{gate_exit_accuracy:.4f} vs softmax {softmax_exit_accuracy if softmax_exit_accuracy is not None else float('nan'):.4f}"
+    )
+    return GateVerdict("no_classification_regression", not problems, message,
+                       {"accuracy": accuracy, "previous_accuracy": previous_accuracy, "previous_phase": previous_phase,
+                        "gate_exit_accuracy": gate_exit_accuracy, "softmax_exit_accuracy": softmax_exit_accuracy})
+
+
+def check_gate_calibration_improves(calibration: Mapping[str, float]) -> GateVerdict:
+    """Calibrated gate ECE and Brier on val_test are no worse than the raw sigmoid's."""
+    ece_ok = calibration["ece_calibrated"] <= calibration["ece_raw_sigmoid"] + 1e-12
+    brier_ok = calibration["brier_calibrated"] <= calibration["brier_raw_sigmoid"] + 1e-12
+    message = (
+        f"ECE {calibration['ece_calibrated']:.4f} (raw {calibration['ece_raw_sigmoid']:.4f}), Brier "
+        f"{calibration['brier_calibrated']:.4f} (raw {calibration['brier_raw_sigmoid']:.4f}) for event "
+        f"'{calibration.get('event')}'"
+    )
+    return GateVerdict("gate_calibration_improves", ece_ok and brier_ok,
+                       message if ece_ok and brier_ok else "calibration made the gate worse: " + message,
+                       dict(calibration))

@@ -104,8 +104,10 @@ def step_result(result: Any) -> dg.MaterializeResult:
 
 def run_step(context: Any, stage1: Any, asset: str, step: Any, *args: Any, **kwargs: Any) -> dg.MaterializeResult:
     """Run a library step with the resource's config and layout, recording failures for the summary."""
+    from stage1_core.steps.context import UNPARTITIONED
+
     layout = stage1.layout()
-    partition = context.partition_key if context.has_partition_key else None
+    partition = None if asset in UNPARTITIONED else context.partition_key
     with as_failure(layout, asset, partition):
         config = stage1.load_config()
         call_args = (config, layout) + ((partition,) if partition else ()) + args

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import DEFERRED_SET, Decisions, ExitPolicy
+from .gate import GateExitPolicy, fit_gate_policy, gateparams_document
+from .scrc import SCRCExitPolicy
 from .softmax import SoftmaxExitPolicy
 
 __all__ = [
@@ -16,13 +18,21 @@ __all__ = [
     "Decisions",
     "ExitPolicy",
     "SoftmaxExitPolicy",
+    "GateExitPolicy",
+    "SCRCExitPolicy",
+    "fit_gate_policy",
+    "gateparams_document",
     "POLICIES",
     "register_policy",
     "policy_class",
     "load_policy",
 ]
 
-POLICIES: dict[str, type[ExitPolicy]] = {"softmax": SoftmaxExitPolicy}
+POLICIES: dict[str, type[ExitPolicy]] = {
+    "softmax": SoftmaxExitPolicy,
+    "gate": GateExitPolicy,
+    "scrc": SCRCExitPolicy,
+}
 
 
 def register_policy(cls: type[ExitPolicy]) -> type[ExitPolicy]:

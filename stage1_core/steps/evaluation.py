@@ -48,8 +48,9 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     predictor = build_predictor(config, layout, partition)
     certificate = read_policy_document(layout, partition, cfg.exit_policy)
     target, delta = float(certificate["target_fnr"]), float(certificate["delta"])
-    decisions = predictor.decide_features(data.features)
-    probs = predictor.predict_proba_from_features(data.features)
+    logits, raw_gate = predictor.head_outputs_from_features(data.features)
+    probs = predictor.probabilities(logits)
+    decisions = predictor.policy.decide(probs, gate_scores=raw_gate)
     labels = data.labels.numpy().astype(int)
     report = evaluate_decisions(
         probs, labels, decisions, deploy_prior=cfg.deploy_prior, n_bootstrap=cfg.bootstrap_samples,
@@ -78,6 +79,12 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
         "val_test_alpha": cfg.val_test_alpha,
         "val_test_fnr_check": val_test_fnr_figures(n_pos, n_fn, target, delta, cfg.val_test_alpha),
     }
+    extra_figures = {}
+    if cfg.exit_policy == "gate":
+        from stage1_core.steps.gate_evaluation import gate_comparison
+
+        summary["gate_comparison"], extra_figures = gate_comparison(
+            certificate, probs, raw_gate, np.asarray(decisions.exit, dtype=bool), labels, cfg, out_dir)
     path = write_json(out_dir / EVALUATION_FILE, summary)
     confidence = probs.max(1)
     residuals = (probs.argmax(1) != labels).astype(float)
@@ -89,6 +96,7 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     sweep = layout.path("exit_policy", partition) / "threshold_sweep.png"
     if sweep.is_file():
         figures["threshold sweep (val_calib)"] = sweep
+    figures.update(extra_figures)
     record = ctx.finish("evaluation", [METRICS_FILE, DECISIONS_FILE, EVALUATION_FILE], inputs)
     rows = [plain_row(r) for r in report.table.to_dict(orient="records")]
     return StepResult(path, dict(summary, path=out_dir / METRICS_FILE, lineage_id=record.id),

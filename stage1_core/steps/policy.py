@@ -122,3 +122,53 @@ def build_predictor(config: Stage1ProConfig, layout: Layout, partition: str):
     ctx = StepContext(config, layout, partition)
     name = ctx.cfg.exit_policy
     return Stage1Predictor(load_head(layout, partition), load_policy(name, policy_path(layout, partition, name)))
+
+
+@register_fitter("gate")
+def fit_gate(ctx: StepContext, out_dir: Path) -> FittedPolicy:
+    """Calibrate the gate score and certify exit iff calibrated score >= t on val_calib.
+
+    The calibrator (``gate_calibration``) is fitted on val_select for isotonic (its tie blocks
+    depend on the labels it sees, so fitting them on val_calib would let val_calib's labels shape
+    the tested family) and on val_calib for Platt (a strictly increasing map leaves the family of
+    candidate exit sets unchanged). The softmax policy is certified on the same checkpoint's
+    val_calib logits for comparison.
+    """
+    from stage1_core.calibration.gate import gate_calibration_metrics
+    from stage1_core.calibration.threshold_sweep import certify_softmax_threshold
+    from stage1_core.metrics.exit import coverage_at_prior
+    from stage1_core.policies import GateExitPolicy, SoftmaxExitPolicy, fit_gate_policy, gateparams_document
+    from stage1_core.reporting.figures import plot_threshold_sweep
+
+    cfg = ctx.cfg
+    probs, raw, labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_calib")
+    if raw is None:
+        raise ValueError(f"{ctx.partition}: the checkpoint has no gate head, so the gate policy cannot be fitted")
+    fit_split = "val_select" if cfg.gate_calibration == "isotonic" else "val_calib"
+    fit_data = None
+    if fit_split == "val_select":
+        require_split("val_select", "select")
+        sel_probs, sel_raw, sel_labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_select")
+        fit_data = (sel_raw, sel_probs, sel_labels)
+    calibrator, result = fit_gate_policy(raw, probs, labels, cfg.target_fnr_exit, cfg.delta,
+                                         calibrator_method=cfg.gate_calibration, calibrator_fit_data=fit_data)
+    softmax = certify_softmax_threshold(probs, labels, cfg.target_fnr_exit, cfg.delta)
+    gate_exits = GateExitPolicy(result.exit_threshold, calibrator).decide(probs, gate_scores=raw).exit
+    soft_exits = SoftmaxExitPolicy(softmax.exit_threshold).decide(probs).exit
+    doc = gateparams_document(
+        result, calibrator, read_training(ctx.layout, ctx.partition)["checkpoint_id"], cfg.deploy_prior,
+        float(coverage_at_prior(gate_exits, labels, cfg.deploy_prior)), softmax,
+        float(coverage_at_prior(soft_exits, labels, cfg.deploy_prior)),
+        val_calib_metrics={**calib_metrics(probs, labels),
+                           **gate_calibration_metrics(raw, calibrator, probs.argmax(1), labels)},
+        calibrator_fit_split=fit_split,
+    )
+    figure = plot_threshold_sweep(result, cfg.target_fnr_exit, out_dir / "threshold_sweep.png")
+    metadata = {
+        "certified": bool(result.certified), "gate_threshold": result.exit_threshold,
+        "coverage": float(result.coverage), "fnr_upper_bound": float(result.fnr_upper_bound),
+        "n_exited_positives": int(result.n_exited_positives), "method": result.method, "reason": result.reason,
+        "calibrator": cfg.gate_calibration, "calibrator_fit_split": fit_split,
+        "softmax_coverage": float(softmax.coverage), "coverage_gain_vs_softmax": doc["coverage_gain_vs_softmax"],
+    }
+    return FittedPolicy(doc, metadata, {"gate threshold sweep (val_calib)": figure})

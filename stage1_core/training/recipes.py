@@ -41,3 +41,20 @@ def build_loss(name: str, config: Any, train_labels: torch.Tensor) -> Callable |
 def _cross_entropy(config: Any, train_labels: torch.Tensor) -> None:
     """The baseline: class-weighted cross-entropy with label smoothing, built by the trainer."""
     return None
+
+
+@register_loss("selective")
+def _gated_head_loss(config: Any, train_labels: torch.Tensor) -> Callable:
+    """Phase 3: CE on ``cls`` + soft-acceptance selective loss on the gate + CE on ``aux``.
+
+    See :class:`stage1_core.training.losses.SelectiveLoss` for the exact form (coverage reward,
+    squared penalty on the soft FNR of accepted positives above ``target_fnr_exit``).
+    """
+    from stage1_core.training.losses import GateHeadLoss, SelectiveLoss, build_criterion
+
+    cls = build_criterion(train_labels, float(config.label_smoothing), "cpu",
+                          weighted=config.class_weighting == "balanced")
+    selective = SelectiveLoss(target_fnr=float(config.target_fnr_exit), fnr_penalty=float(config.gate_fnr_penalty),
+                              aux_weight=float(config.aux_weight))
+    return GateHeadLoss(cls, selective, gate_loss_weight=float(config.gate_loss_weight),
+                        aux_weight=float(config.aux_weight))

@@ -358,6 +358,9 @@ def train_head(
         with torch.no_grad():
             return backbone(inputs)
 
+    if isinstance(loss_fn, nn.Module):
+        loss_fn = loss_fn.to(device)
+
     def loss_of(output: torch.Tensor | HeadOutput, labels: torch.Tensor) -> torch.Tensor:
         return loss_fn(output, labels) if loss_fn is not None else criterion(head_logits(output), labels)
 
@@ -466,7 +469,7 @@ def _train_epoch(
     state: _State,
 ) -> dict[str, float]:
     """One pass over ``batches`` with gradient accumulation; returns mean loss and accuracy."""
-    from tqdm.auto import tqdm
+    from stage1_core.progress import progress as tqdm
 
     model.train()
     num_batches = len(batches)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,3 +87,23 @@ def make_project(base: Path, data_from: Project | None = None, **overrides) -> P
 
 def output(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-12000:]}"
+
+
+def clone_project(source: Project, base: Path, **overrides) -> Project:
+    """A copy of ``source`` (instance, artifacts, config) to change without touching the original."""
+    config = yaml.safe_load(source.config_path.read_text())
+    config.update(overrides)
+    project = Project(base, config)
+    shutil.rmtree(project.home)
+    shutil.copytree(source.home, project.home, symlinks=True)
+    shutil.copytree(source.artifacts, project.artifacts, symlinks=True)
+    return project
+
+
+@pytest.fixture(scope="session")
+def phase1_project(tmp_path_factory) -> Project:
+    """A project whose phase 1 ran end to end through the CLI (tests clone it, never change it)."""
+    project = make_project(tmp_path_factory.mktemp("phase1"))
+    result = project.materialize("+bundle", "phase1")
+    assert result.returncode == 0, output(result)
+    return project

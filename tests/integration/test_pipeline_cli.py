@@ -1,6 +1,7 @@
 """End to end through the real ``dagster`` CLI: phase 1, phase 2 and a failing gate.
 
-Marked slow; CI runs them (``make test`` runs everything).
+Marked slow; CI runs them (``make test`` runs everything). Every test works on its own clone of
+the session's phase-1 project, so they pass in any order.
 """
 
 from __future__ import annotations
@@ -9,32 +10,32 @@ import json
 
 import pytest
 
-from tests.integration.conftest import make_project, output
+from tests.integration.conftest import clone_project, make_project, output
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return make_project(tmp_path_factory.mktemp("e2e"))
-
-
-def test_phase2_is_refused_before_phase1_passed(project):
-    result = project.materialize("+bundle", "phase2")
+def test_phase2_is_refused_before_phase1_passed(tmp_path, phase1_project):
+    fresh = make_project(tmp_path, data_from=phase1_project)
+    result = fresh.materialize("+bundle", "phase2")
     assert result.returncode != 0, output(result)
     text = result.stdout + result.stderr
     assert "phase2 refused" in text and "phase1.bundle_verified: never evaluated" in text, output(result)
-    assert not (project.artifacts / "cached_features" / "phase2").exists()
+    assert not (fresh.artifacts / "cached_features" / "phase2").exists()
 
 
-def test_phase1_end_to_end(project):
-    result = project.materialize("+bundle", "phase1")
-    assert result.returncode == 0, output(result)
+def test_phase1_end_to_end(tmp_path, phase1_project):
+    project = clone_project(phase1_project, tmp_path)
     bundle = project.artifacts / "bundle" / "phase1" / "bundle"
     verify = project.stage1("bundle", "verify", str(bundle))
     assert verify.returncode == 0, output(verify)
+    bundle_id = verify.stdout.split("valid bundle ")[1].split()[0]
+    assert len(bundle_id) == 64
+    assert project.stage1("bundle", "verify", str(bundle), "--id", bundle_id).returncode == 0
+    assert project.stage1("bundle", "verify", str(bundle), "--id", "0" * 64).returncode == 1
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["active_exit_policy"] == "softmax" and manifest["policy_file"] == "thresholds.json"
+    assert manifest["lineage"]["chain"]["dataset_index"]
     thresholds = json.loads((bundle / "thresholds.json").read_text())
     assert thresholds["certified"] and thresholds["fnr_upper_bound"] <= 0.02
     records = project.check_records("phase1")
@@ -44,9 +45,12 @@ def test_phase1_end_to_end(project):
     assert predicted.returncode == 0, output(predicted)
     rows = [json.loads(line) for line in predicted.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 3 and all(0.0 <= r["p_roadwork"] <= 1.0 for r in rows)
+    summary = project.stage1("summary", "--phase", "phase1")
+    assert summary.returncode == 0 and bundle_id in summary.stdout, output(summary)
 
 
-def test_phase2_after_phase1_reuses_features(project):
+def test_phase2_after_phase1_reuses_features(tmp_path, phase1_project):
+    project = clone_project(phase1_project, tmp_path)
     result = project.materialize("+bundle", "phase2")
     assert result.returncode == 0, output(result)
     cache = json.loads((project.artifacts / "cached_features" / "phase2" / "cache.json").read_text())
@@ -58,9 +62,9 @@ def test_phase2_after_phase1_reuses_features(project):
     assert all(project.check_records("phase2").values())
 
 
-def test_failing_gate_stops_the_bundle_and_bundle_alone_is_refused(tmp_path, project):
+def test_failing_gate_stops_the_bundle_and_bundle_alone_is_refused(tmp_path, phase1_project):
     # An old-script baseline the head cannot reach within a point: the accuracy gate fails.
-    failing = make_project(tmp_path, data_from=project, baseline_val_accuracy=0.999)
+    failing = make_project(tmp_path, data_from=phase1_project, baseline_val_accuracy=0.999)
     result = failing.materialize("+bundle", "phase1")
     assert result.returncode != 0, output(result)
     assert "vs reference 0.9990" in result.stdout + result.stderr, output(result)
@@ -75,3 +79,6 @@ def test_failing_gate_stops_the_bundle_and_bundle_alone_is_refused(tmp_path, pro
     text = alone.stdout + alone.stderr
     assert "bundle[phase1] refused" in text and "val_accuracy_vs_baseline: failed" in text, output(alone)
     assert not (failing.artifacts / "bundle" / "phase1" / "bundle").exists()
+    summary = failing.stage1("summary", "--phase", "phase1")
+    assert summary.returncode == 1, output(summary)
+    assert "GATE FAILED" in summary.stdout and "val_accuracy_vs_baseline FAILED" in summary.stdout, output(summary)

@@ -52,12 +52,37 @@ def test_thresholds_certified():
     "n, k, passed",
     [(149, 0, True), (148, 0, False), (236, 1, True), (235, 1, False), (523, 5, True), (0, 0, False)],
 )
-def test_test_fnr_bound_matches_methods_reference(n, k, passed):
-    verdict = gates.check_test_fnr_bound(n, k, 0.02, 0.05)
+def test_strict_val_test_bound_matches_methods_reference(n, k, passed):
+    verdict = gates.check_test_fnr(n, k, 0.02, 0.05, mode="bound")
     assert verdict.passed is passed
-    if not passed:
+    if not passed and n:
         assert "needs >=" in verdict.message
-        assert verdict.figures["positives_needed"] == {0: 149, 1: 236, 5: 523}[k]
+        assert verdict.figures["positives_needed_for_bound"] == {0: 149, 1: 236, 5: 523}[k]
+
+
+@pytest.mark.parametrize(
+    "n, k, passed",
+    # P(K >= k | n, 0.02) > 0.05 passes: 440 exited positives allow up to 14 misses (observed 3.2%).
+    [(440, 3, True), (440, 14, True), (440, 15, False), (100, 5, True), (100, 6, False), (0, 0, False)],
+)
+def test_confirmation_test_fails_only_on_significant_evidence_of_excess_fnr(n, k, passed):
+    from scipy.stats import binom
+
+    verdict = gates.check_test_fnr(n, k, 0.02, 0.05, mode="confirm", alpha=0.05, bootstrap_ci=[0.0, 0.01])
+    assert verdict.passed is passed
+    if n:
+        assert verdict.figures["p_value_fnr_above_target"] == pytest.approx(binom.sf(k - 1, n, 0.02))
+        assert verdict.figures["fnr_upper_bound"] > 0 and verdict.figures["bootstrap_ci_upper"] == 0.01
+    else:
+        assert "undefined" in verdict.message
+
+
+def test_an_honest_policy_at_the_boundary_passes_confirmation_but_rarely_a_second_bound():
+    rng = np.random.default_rng(0)
+    misses = rng.binomial(440, 0.018, size=2000)
+    confirm = np.mean([gates.check_test_fnr(440, int(k), 0.02, 0.05).passed for k in misses])
+    bound = np.mean([gates.check_test_fnr(440, int(k), 0.02, 0.05, mode="bound").passed for k in misses])
+    assert confirm > 0.95 and bound < 0.1
 
 
 def test_bundle_verified():
@@ -129,6 +154,12 @@ def test_gate_failures_lists_every_reason():
     assert any(f.startswith("c:") and "rebuilt" in f for f in failures)
     assert "d: never evaluated" in failures
     assert gates.gate_failures(["a"], records) == []
+
+
+def test_a_check_of_a_never_materialised_asset_or_an_empty_gate_cannot_pass():
+    records = {"a": CheckRecord("a", True, judged_id=None, current_id=None)}
+    assert "no materialisation" in gates.gate_failures(["a"], records)[0]
+    assert gates.gate_failures([], {}) == ["the phase's gate lists no criteria, so it cannot pass"]
 
 
 def test_verdicts_hold_plain_bools():

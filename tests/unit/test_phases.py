@@ -21,10 +21,27 @@ def test_phase1_and_phase2_recipes():
     assert all(c.asset in {"checkpoint", "exit_policy", "evaluation", "bundle"} for c in CRITERIA.values())
 
 
-@pytest.mark.parametrize("phase", [3, 4, 5, 6])
+@pytest.mark.parametrize("phase", [4, 5, 6])
 def test_unbuilt_phases_fail_naming_the_missing_recipe(phase):
     with pytest.raises(PhaseUnavailableError, match=f"phase{phase}.*recipe"):
         get_recipe(phase)
+
+
+def test_phase3_recipe_names_the_gated_head_its_loss_policy_and_gate_criteria():
+    three = get_recipe("phase3")
+    assert (three.head_kind, three.loss_kind, three.overrides["exit_policy"]) == ("gated", "selective", "gate")
+    names = {c.name for c in three.criteria}
+    assert {"gate_trains", "gate_beats_softmax", "no_classification_regression", "gate_calibration_improves",
+            "no_regression_vs_previous_phase", "bundle_verified"} <= names
+    assert config_for_phase(Stage1ProConfig(), "phase3").exit_policy == "gate"
+
+
+def test_every_criterion_has_a_registered_function_and_every_phase_gate_is_non_empty():
+    from stage1_core.criteria import REGISTRY
+    from stage1_core.phases import PHASES
+
+    assert set(REGISTRY) == set(CRITERIA)
+    assert all(recipe.criteria for recipe in PHASES.values() if recipe.available)
 
 
 def test_config_for_phase_applies_recipe():

@@ -52,7 +52,9 @@ class Rows(Dataset):
 
 def make_rows(ids: list[str], labels: np.ndarray, rng: np.random.Generator) -> Rows:
     x = rng.normal(size=(len(ids), HIDDEN)).astype(np.float32)
-    x[:, 0] += np.where(labels == 1, 2.5, -2.5)
+    # Easy samples (x1 < 0.3) are separated clearly, the rest barely: a gate can learn where to defer.
+    easy = x[:, 1] < 0.3
+    x[:, 0] += np.where(labels == 1, 1.0, -1.0) * np.where(easy, 3.0, 0.6)
     return Rows(torch.from_numpy(x), labels, ids)
 
 
@@ -62,7 +64,7 @@ def fake_content_hash(sample_id: str) -> str:
     return hashlib.sha256(sample_id.encode()).hexdigest()
 
 
-def write_feature_phase(root, config, rng, partition="phase1"):
+def write_feature_phase(root, config, rng, partitions=("phase1",)):
     """Dataset index, splits, backbone and feature store with lineage records, without images."""
     import csv
 
@@ -93,14 +95,16 @@ def write_feature_phase(root, config, rng, partition="phase1"):
     ids = {name: [fake_content_hash(i) for i in splits.ids[name]] for name in SPLIT_NAMES}
     extract_split_features(IdentityBackbone(), datasets, store, "identity", sample_ids=ids, progress=False,
                            store_labels=False)
-    phase = pipeline.StepContext(config, layout, partition)
-    write_json(layout.dir("backbone", partition) / "backbone.json",
-               {"model_path": "builtin:tiny-dinov3", "fingerprint": FINGERPRINT, "hidden_size": HIDDEN})
-    backbone = phase.finish("backbone", ["backbone.json"], [], id_parts={"fingerprint": FINGERPRINT})
-    write_json(layout.dir("cached_features", partition) / "cache.json",
-               {"store": str(store), "key": "test", "fingerprint": FINGERPRINT, "reused": False, "forward_passes": 4})
-    phase.finish("cached_features", ["cache.json", store / "manifest.json"],
-                 [backbone, phase.record("splits")], id_parts={"key": "test"})
+    for partition in partitions:
+        phase = pipeline.StepContext(config, layout, partition)
+        write_json(layout.dir("backbone", partition) / "backbone.json",
+                   {"model_path": "builtin:tiny-dinov3", "fingerprint": FINGERPRINT, "hidden_size": HIDDEN})
+        backbone = phase.finish("backbone", ["backbone.json"], [], id_parts={"fingerprint": FINGERPRINT})
+        write_json(layout.dir("cached_features", partition) / "cache.json",
+                   {"store": str(store), "key": "test", "fingerprint": FINGERPRINT, "reused": False,
+                    "forward_passes": 4})
+        phase.finish("cached_features", ["cache.json", store / "manifest.json"],
+                     [backbone, phase.record("splits")], id_parts={"key": "test"})
     return layout
 
 
@@ -223,3 +227,30 @@ def test_bundle_check_detects_tampering(scratch):
     (bundle / "thresholds.json").write_text(json.dumps(doc))
     verdict = pipeline.evaluate_criterion("bundle_verified", config, layout, "phase1")
     assert not verdict.passed and "thresholds.json" in verdict.message
+
+
+def test_phase3_gate_steps_certify_and_pass_the_gate_criteria(tmp_path):
+    from stage1_core.phases import PHASES
+
+    config = Stage1ProConfig.from_dict({**CONFIG, "epochs": 12, "early_stop_patience": 12})
+    layout = write_feature_phase(tmp_path, config, np.random.default_rng(1), ("phase1", "phase2", "phase3"))
+    for partition in ("phase1", "phase2", "phase3"):
+        pipeline.train_phase(config, layout, partition)
+        pipeline.predict_splits(config, layout, partition)
+        pipeline.fit_exit_policy(config, layout, partition)
+        pipeline.evaluate_phase(config, layout, partition)
+    gateparams = read_json(layout.root / "exit_policy" / "phase3" / "gateparams.json", schema="gateparams")
+    assert not (layout.root / "exit_policy" / "phase3" / "thresholds.json").exists()
+    assert gateparams["certified"] and 0.0 < gateparams["coverage"] < 1.0
+    pipeline.export_phase_bundle(config, layout, "phase3", run_id="gate")
+    manifest = read_json(pipeline.bundle_dir(layout, "phase3") / "bundle.json", schema="bundle")
+    assert manifest["active_exit_policy"] == "gate" and manifest["head"]["with_gate"] is True
+    verdicts = {c.name: pipeline.evaluate_criterion(c.name, config, layout, "phase3") for c in PHASES[3].criteria}
+    evaluation = read_json(layout.root / "evaluation" / "phase3" / "evaluation.json")
+    comparison = evaluation["gate_comparison"]
+    assert {"gate", "softmax", "coverage_gain", "calibration"} <= set(comparison)
+    for name in ("gate_trains", "gate_calibration_improves", "thresholds_certified", "bundle_verified",
+                 "training_completed"):
+        assert verdicts[name].passed, (name, verdicts[name].message)
+    # Whether the gate beats softmax here is reported, not assumed: its verdict carries the figures.
+    assert "gain" in verdicts["gate_beats_softmax"].figures
