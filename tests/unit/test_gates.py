@@ -166,3 +166,36 @@ def test_verdicts_hold_plain_bools():
     verdict = gates.check_metrics_in_range([{"metric": "accuracy", "value": np.float64(0.9)}])
     assert type(verdict.passed) is bool
     assert type(gates.GateVerdict("x", np.bool_(True), "m").passed) is bool
+
+
+def test_gate_trains_needs_finite_losses_spread_and_separation():
+    rng = np.random.default_rng(0)
+    correct = rng.random(400) < 0.8
+    good = np.where(correct, 0.8, 0.4) + rng.normal(0, 0.05, 400)
+    assert gates.check_gate_trains(True, good, correct).passed
+    assert not gates.check_gate_trains(False, good, correct).passed
+    collapsed = gates.check_gate_trains(True, np.full(400, 0.7), correct)
+    assert not collapsed.passed and "collapsed" in collapsed.message
+    inverted = gates.check_gate_trains(True, 1 - good, correct)
+    assert not inverted.passed and "AUROC" in inverted.message
+
+
+def test_gate_beats_softmax_reports_the_gain_and_its_ci():
+    ci = {"ci_lower": 0.01, "ci_upper": 0.05}
+    assert gates.check_gate_beats_softmax(0.70, 0.67, ci).passed
+    verdict = gates.check_gate_beats_softmax(0.67, 0.67, ci)
+    assert not verdict.passed and verdict.figures["gain"] == 0.0
+    assert not gates.check_gate_beats_softmax(0.70, 0.67, ci, min_gain=0.05).passed
+
+
+def test_no_classification_regression_checks_both_accuracies():
+    assert gates.check_no_classification_regression(0.95, 0.955, "phase2", 0.99, 0.995).passed
+    assert not gates.check_no_classification_regression(0.93, 0.95, "phase2", 0.99, 0.99).passed
+    assert not gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.97, 0.99).passed
+    assert not gates.check_no_classification_regression(0.95, 0.95, "phase2", None, 0.99).passed
+
+
+def test_gate_calibration_must_not_make_ece_or_brier_worse():
+    good = {"ece_raw_sigmoid": 0.1, "ece_calibrated": 0.03, "brier_raw_sigmoid": 0.2, "brier_calibrated": 0.15}
+    assert gates.check_gate_calibration_improves(good).passed
+    assert not gates.check_gate_calibration_improves({**good, "brier_calibrated": 0.25}).passed

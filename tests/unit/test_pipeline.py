@@ -254,3 +254,42 @@ def test_phase3_gate_steps_certify_and_pass_the_gate_criteria(tmp_path):
         assert verdicts[name].passed, (name, verdicts[name].message)
     # Whether the gate beats softmax here is reported, not assumed: its verdict carries the figures.
     assert "gain" in verdicts["gate_beats_softmax"].figures
+
+
+def test_bundle_id_protects_bundle_json_and_lineage_ties_head_policy_and_backbone(scratch):
+    import hashlib
+
+    from stage1_core.bundle.load import bundle_id, verify_bundle
+
+    config, layout = scratch
+    result = pipeline.export_phase_bundle(config, layout, "phase1", run_id="ids")
+    bundle = pipeline.bundle_dir(layout, "phase1")
+    the_id = result.metadata["bundle_id"]
+    assert the_id == bundle_id(bundle) and verify_bundle(bundle, expected_id=the_id) == []
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["headline"]["fnr_target"] = 0.5
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    problems = verify_bundle(bundle, expected_id=the_id)
+    assert any("is not the expected" in p for p in problems), problems
+    verdict = pipeline.evaluate_criterion("bundle_verified", config, layout, "phase1")
+    assert not verdict.passed and "is not the expected" in verdict.message
+
+    # A policy certified for another checkpoint, resealed with fresh checksums, is still refused.
+    policy = json.loads((bundle / "thresholds.json").read_text())
+    policy["checkpoint_id"] = "f" * 64
+    (bundle / "thresholds.json").write_text(json.dumps(policy))
+    manifest["sha256"]["thresholds.json"] = hashlib.sha256((bundle / "thresholds.json").read_bytes()).hexdigest()
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    assert any("certified for checkpoint" in p for p in verify_bundle(bundle)), verify_bundle(bundle)
+
+
+def test_a_stale_bundle_is_not_reported_as_current(scratch):
+    config, layout = scratch
+    pipeline.export_phase_bundle(config, layout, "phase1", run_id="stale")
+    assert pipeline.current_bundle_problems(config, layout, "phase1") == []
+    reseeded = config.with_updates(seed=3)
+    pipeline.train_phase(reseeded, layout, "phase1")
+    problems = pipeline.current_bundle_problems(reseeded, layout, "phase1")
+    assert problems and any("checkpoint[phase1]" in p for p in problems), problems
+    status = pipeline.phase_status(reseeded, layout, "phase1")
+    assert not status["bundle_current"] and status["bundle_id"] is None
