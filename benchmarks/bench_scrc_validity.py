@@ -39,6 +39,7 @@ from sklearn.linear_model import LogisticRegression
 from stage1_core.calibration.dirichlet import DirichletCalibrator
 from stage1_core.calibration.scrc import (
     ORDERS,
+    apply_gate_calibration,
     prediction_sets,
     scrc_candidate_counts,
     scrc_grid,
@@ -46,7 +47,6 @@ from stage1_core.calibration.scrc import (
     scrc_transductive,
 )
 from stage1_core.calibration.threshold_sweep import score_candidate_table, select_candidates
-from stage1_core.policies.scrc import apply_gate_calibration
 
 
 @dataclass(frozen=True)

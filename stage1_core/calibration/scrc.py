@@ -52,9 +52,11 @@ SCRC-I (inductive, PAC, :func:`scrc_inductive`)
     The grid and the order use the calibration *inputs* (never labels), like the 1-D sweep, whose
     candidates are the calibration scores themselves. ``sweep_results`` lists the whole sequence
     (or only its tested candidates when it is longer than :data:`MAX_SWEEP_ROWS`). In the benchmark
-    the frontier order certified about as much coverage as the better of the gate-only and softmax
-    policies in each scenario; ``"exit_count"`` interleaves candidates of very different shape at
-    equal exit counts, so its chains stop at the first bad one (much less coverage).
+    (n = 800, 90% roadwork, 500 draws) the frontier order certified within 0.2-0.8 points of the
+    better of the gate-only and softmax policies in each scenario, whichever of the two that was
+    (each of them fails badly in some scenario); ``"exit_count"`` interleaves candidates of very
+    different shape at equal exit counts, so its chains stop at the first bad one (0.51-0.64
+    coverage where the frontier reached 0.86 on a 40 x 40 grid).
 
 SCRC-T (transductive, in expectation, :func:`scrc_transductive`)
     For a labelled calibration set of size n and an unlabelled test batch of size m (>= the stated
@@ -81,6 +83,8 @@ from typing import Any
 
 import numpy as np
 
+from scipy.special import expit
+
 from ..metrics._inputs import as_labels, as_probs, as_scores
 from .bounds import fnr_upper_bound, positives_needed
 from .threshold_sweep import DEFAULT_METHOD, DEFAULT_N_STARTS, METHODS, CandidateTable, select_candidates
@@ -102,9 +106,13 @@ __all__ = [
     "scrc_inductive",
     "scrc_transductive",
     "scrcparams_document",
+    "GATE_METHODS",
+    "check_gate_calibrator",
+    "apply_gate_calibration",
 ]
 
 SCRC_VARIANTS: tuple[str, ...] = ("SCRC-I", "SCRC-T")
+GATE_METHODS: tuple[str, ...] = ("platt", "isotonic", "none")
 ORDERS: tuple[str, ...] = ("frontier", "exit_count")
 DEFAULT_ORDER = "frontier"
 DEFAULT_GRID_SIZE = 200
@@ -113,6 +121,81 @@ MAX_SWEEP_ROWS = 2000
 MIN_TEST_BATCH = 20
 SCHEMA_VERSION = 1
 _EPS = 1e-12
+
+
+def _finite(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def check_gate_calibrator(spec: dict[str, Any]) -> dict[str, Any]:
+    """Validated flat copy of a gate-calibrator description (plain numbers and lists).
+
+    Flat forms: ``{"method": "platt", "a", "b"}``, ``{"method": "isotonic", "x", "y"[, "input"]}``
+    (``input`` "logit", the default, or "sigmoid"), ``{"method": "none"}``. The nested
+    ``GateCalibrator.to_dict()`` form (``params`` holding ``a``/``b`` or
+    ``x_thresholds``/``y_thresholds``) is accepted and flattened; its ``event`` and ``n_fit``
+    are kept.
+    """
+    if not isinstance(spec, dict):
+        raise TypeError(f"gate calibrator must be a dict, got {type(spec).__name__}")
+    method = spec.get("method")
+    params = spec["params"] if isinstance(spec.get("params"), dict) else spec
+    extra: dict[str, Any] = {}
+    if "event" in spec:
+        if not isinstance(spec["event"], str) or not spec["event"]:
+            raise ValueError(f"gate calibrator event must be a non-empty string, got {spec['event']!r}")
+        extra["event"] = spec["event"]
+    if "n_fit" in spec:
+        n_fit = spec["n_fit"]
+        if isinstance(n_fit, bool) or not isinstance(n_fit, (int, np.integer)) or n_fit < 0:
+            raise ValueError(f"gate calibrator n_fit must be an integer >= 0, got {n_fit!r}")
+        extra["n_fit"] = int(n_fit)
+    if method == "platt":
+        return {"method": "platt", "a": _finite(params.get("a"), "platt a"), "b": _finite(params.get("b"), "platt b"),
+                **extra}
+    if method == "isotonic":
+        x = np.asarray(params.get("x", params.get("x_thresholds", [])), dtype=np.float64)
+        y = np.asarray(params.get("y", params.get("y_thresholds", [])), dtype=np.float64)
+        if x.ndim != 1 or x.shape != y.shape or x.size == 0:
+            raise ValueError(f"isotonic gate calibrator needs x and y of equal non-zero length, got {x.shape}, {y.shape}")
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))) or np.any(np.diff(x) < 0):
+            raise ValueError("isotonic gate calibrator needs finite x (non-decreasing) and y")
+        if np.any(y < 0) or np.any(y > 1):
+            raise ValueError("isotonic gate calibrator y values must lie in [0, 1]")
+        source = spec.get("input", "logit")
+        if source not in ("logit", "sigmoid"):
+            raise ValueError(f"isotonic input must be 'logit' or 'sigmoid', got {source!r}")
+        out = {"method": "isotonic", "x": x.tolist(), "y": y.tolist(), **extra}
+        if "input" in spec:
+            out["input"] = source
+        return out
+    if method == "none":
+        return {"method": "none", **extra}
+    raise ValueError(f"unknown gate calibration method {method!r}; choose one of {GATE_METHODS}")
+
+
+def apply_gate_calibration(gate_logits, spec: dict[str, Any]) -> np.ndarray:
+    """Calibrated gate score ``g`` in [0, 1] from RAW gate logits ``z`` [N].
+
+    ``"platt"``: ``sigmoid(a z + b)``; ``"isotonic"``: ``np.interp`` of ``z`` (or ``sigmoid(z)``)
+    over the stored thresholds, clipped at the ends; ``"none"``: ``sigmoid(z)``.
+    """
+    spec = check_gate_calibrator(spec)
+    z = np.asarray(gate_logits, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(z)):
+        raise ValueError("gate_scores (raw gate logits) must be finite")
+    method = spec["method"]
+    if method == "platt":
+        return expit(spec["a"] * z + spec["b"])
+    if method == "isotonic":
+        source = expit(z) if spec.get("input") == "sigmoid" else z
+        return np.interp(source, spec["x"], spec["y"])
+    return expit(z)
 
 
 def _binary_probs(q, name: str = "q", allow_empty: bool = False) -> np.ndarray:
@@ -626,7 +709,8 @@ def scrcparams_document(
     ``calibrator`` is the class-probability calibrator (``DirichletCalibrator.to_dict()`` or
     ``{"method": "none"}``), ``gate_calibrator`` the map from the raw gate logit to ``g``
     (``{"method": "platt", "a", "b"}``, ``{"method": "isotonic", "x", "y"}`` or
-    ``{"method": "none"}``), both fit off val_calib.
+    ``{"method": "none"}``, or ``GateCalibrator.to_dict()``, stored flattened), both fit off
+    val_calib.
     """
     if not checkpoint_id:
         raise ValueError("checkpoint_id must name the checkpoint the policy was fit for")
@@ -670,7 +754,7 @@ def scrcparams_document(
         "n_test": result.n_test,
         "test_coverage": result.test_coverage,
         "calibrator": dict(calibrator),
-        "gate_calibrator": dict(gate_calibrator),
+        "gate_calibrator": check_gate_calibrator(gate_calibrator),
         "sweep_results": list(result.sweep_results),
         "metrics": dict(metrics or {}),
         "version": version or _version(),

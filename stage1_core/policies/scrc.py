@@ -6,9 +6,11 @@ numbers, so the policy needs nothing else:
 
 * ``q = calibrator(p)``: a Dirichlet calibrator (``{"method": "dirichlet", "W", "b", ...}``) or
   the identity (``{"method": "none"}``), applied to the raw softmax probabilities ``p``;
-* ``g = gate_calibrator(z)`` on the RAW gate logit ``z`` (:func:`apply_gate_calibration`):
-  ``"platt"`` ``sigmoid(a * z + b)``, ``"isotonic"`` ``interp(z, x, y)`` (or of ``sigmoid(z)``
-  with ``"input": "sigmoid"``), ``"none"`` ``sigmoid(z)``.
+* ``g = gate_calibrator(z)`` on the RAW gate logit ``z``
+  (:func:`~stage1_core.calibration.scrc.apply_gate_calibration`): ``"platt"``
+  ``sigmoid(a * z + b)``, ``"isotonic"`` ``interp(z, x, y)`` (or of ``sigmoid(z)`` with
+  ``"input": "sigmoid"``), ``"none"`` ``sigmoid(z)``. ``GateCalibrator.to_dict()`` output
+  (:mod:`stage1_core.calibration.gate`) is accepted too and stored in the flat form.
 
 ``gate_scores`` are therefore required (ValueError without them). ``lambda1 = lambda2 = None``
 (nothing certified) exits nothing. :meth:`SCRCExitPolicy.decide` answers with the calibrated
@@ -18,73 +20,17 @@ argmax and reports ``p_roadwork = q_1``; deferred samples get the set (0, 1) in
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.special import expit
 
 from ..calibration.dirichlet import DirichletCalibrator
-from ..calibration.scrc import scrc_exits
+from ..calibration.scrc import _finite, apply_gate_calibration, check_gate_calibrator, scrc_exits
 from ..metrics._inputs import as_probs
 from .base import DEFERRED_SET, Decisions, ExitPolicy
 
 __all__ = ["SCRCExitPolicy", "SCRCDecisions", "apply_gate_calibration", "check_gate_calibrator"]
-
-GATE_METHODS: tuple[str, ...] = ("platt", "isotonic", "none")
-
-
-def _finite(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
-
-
-def check_gate_calibrator(spec: dict[str, Any]) -> dict[str, Any]:
-    """Validated copy of a gate-calibrator description (plain numbers and lists)."""
-    if not isinstance(spec, dict):
-        raise TypeError(f"gate calibrator must be a dict, got {type(spec).__name__}")
-    method = spec.get("method")
-    if method == "platt":
-        return {"method": "platt", "a": _finite(spec.get("a"), "platt a"), "b": _finite(spec.get("b"), "platt b")}
-    if method == "isotonic":
-        x = np.asarray(spec.get("x", []), dtype=np.float64)
-        y = np.asarray(spec.get("y", []), dtype=np.float64)
-        if x.ndim != 1 or x.shape != y.shape or x.size == 0:
-            raise ValueError(f"isotonic gate calibrator needs x and y of equal non-zero length, got {x.shape}, {y.shape}")
-        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))) or np.any(np.diff(x) < 0):
-            raise ValueError("isotonic gate calibrator needs finite x (non-decreasing) and y")
-        if np.any(y < 0) or np.any(y > 1):
-            raise ValueError("isotonic gate calibrator y values must lie in [0, 1]")
-        source = spec.get("input", "logit")
-        if source not in ("logit", "sigmoid"):
-            raise ValueError(f"isotonic input must be 'logit' or 'sigmoid', got {source!r}")
-        out = {"method": "isotonic", "x": x.tolist(), "y": y.tolist()}
-        if "input" in spec:
-            out["input"] = source
-        return out
-    if method == "none":
-        return {"method": "none"}
-    raise ValueError(f"unknown gate calibration method {method!r}; choose one of {GATE_METHODS}")
-
-
-def apply_gate_calibration(gate_logits, spec: dict[str, Any]) -> np.ndarray:
-    """Calibrated gate score ``g`` in [0, 1] from raw gate logits ``z`` [N] (see module docstring)."""
-    spec = check_gate_calibrator(spec)
-    z = np.asarray(gate_logits, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(z)):
-        raise ValueError("gate_scores (raw gate logits) must be finite")
-    method = spec["method"]
-    if method == "platt":
-        return expit(spec["a"] * z + spec["b"])
-    if method == "isotonic":
-        source = expit(z) if spec.get("input") == "sigmoid" else z
-        return np.interp(source, spec["x"], spec["y"])
-    return expit(z)
 
 
 def _class_calibrator(spec: dict[str, Any]) -> DirichletCalibrator | None:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from stage1_core.artifacts import ArtifactError, read_json, write_json
+from stage1_core.artifacts import ArtifactError, read_json, schema_errors, write_json
 from stage1_core.calibration.dirichlet import DirichletCalibrator
 from stage1_core.calibration.scrc import prediction_sets, scrc_exits, scrc_inductive, scrcparams_document
 from stage1_core.policies.base import DEFERRED_SET, Decisions, ExitPolicy
@@ -58,6 +58,26 @@ def test_gate_calibration_methods():
     np.testing.assert_allclose(apply_gate_calibration(z, iso_p), np.interp(expit(z), [0.2, 0.5, 0.8], [0.1, 0.5, 0.9]))
 
 
+@pytest.mark.parametrize("method", ["platt", "isotonic", "none"])
+def test_gate_calibrator_dicts_from_calibration_gate_are_accepted(method, fitted):
+    from stage1_core.calibration.gate import GateCalibrator
+
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=400)
+    event = (rng.uniform(size=400) < expit(2 * z)).astype(int)
+    gate_cal = GateCalibrator(method).fit(z, event)
+    spec = gate_cal.to_dict()
+    z_new = rng.normal(scale=2.0, size=200)
+    np.testing.assert_allclose(apply_gate_calibration(z_new, spec), gate_cal.predict(z_new))
+    flat = check_gate_calibrator(spec)
+    assert "params" not in flat and flat["event"] == "correct" and flat["n_fit"] == 400
+    np.testing.assert_allclose(apply_gate_calibration(z_new, flat), gate_cal.predict(z_new))
+    cal, result, _ = fitted
+    doc = scrcparams_document(result, cal.to_dict(), spec, "ckpt", 0.5, result.coverage)
+    assert doc["gate_calibrator"] == flat
+    assert schema_errors(doc, "scrcparams") == []
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [
@@ -68,6 +88,9 @@ def test_gate_calibration_methods():
         ({"method": "isotonic", "x": [1.0, 0.0], "y": [0.2, 0.5]}, "non-decreasing"),
         ({"method": "isotonic", "x": [0.0, 1.0], "y": [0.2, 1.5]}, r"\[0, 1\]"),
         ({"method": "isotonic", "x": [0.0], "y": [0.2], "input": "probit"}, "input"),
+        ({"method": "platt", "params": {"a": 1.0}}, "platt b"),
+        ({"method": "none", "n_fit": -1}, "n_fit"),
+        ("platt", "dict"),
     ],
 )
 def test_gate_calibration_rejects_bad_specs(spec, match):
