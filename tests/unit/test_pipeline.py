@@ -293,3 +293,18 @@ def test_a_stale_bundle_is_not_reported_as_current(scratch):
     assert problems and any("checkpoint[phase1]" in p for p in problems), problems
     status = pipeline.phase_status(reseeded, layout, "phase1")
     assert not status["bundle_current"] and status["bundle_id"] is None
+
+
+def test_same_config_same_machine_gives_byte_identical_artifacts(tmp_path):
+    config = Stage1ProConfig.from_dict({**CONFIG, "epochs": 3, "early_stop_patience": 3})
+    runs = []
+    for name in ("a", "b"):
+        layout = write_feature_phase(tmp_path / name, config, np.random.default_rng(5))
+        for step in (pipeline.train_phase, pipeline.predict_splits, pipeline.fit_exit_policy, pipeline.evaluate_phase):
+            step(config, layout, "phase1")
+        runs.append(layout.root)
+    for rel in ("splits/splits.json", "exit_policy/phase1/thresholds.json", "evaluation/phase1/metrics.csv",
+                "checkpoint/phase1/model_best.pth", "predictions/phase1/predictions.pt"):
+        assert (runs[0] / rel).read_bytes() == (runs[1] / rel).read_bytes(), rel
+    training = read_json(runs[0] / "checkpoint" / "phase1" / "training.json")
+    assert {"torch", "threads", "device"} <= set(training["environment"])
