@@ -342,6 +342,26 @@ class CertificationResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def certificate_fields(self) -> dict[str, Any]:
+        """The certificate as every policy file records it (method, target, delta, N, K, bound, coverage)."""
+        return {
+            "certified": self.certified,
+            "reason": self.reason,
+            "method": self.method,
+            "method_params": self.method_params,
+            "target_fnr": self.target_fnr,
+            "delta": self.delta,
+            "test_level": self.test_level,
+            "fnr_on_exits": self.fnr_on_exits,
+            "fnr_upper_bound": self.fnr_upper_bound,
+            "coverage": self.coverage,
+            "exit_accuracy": self.exit_accuracy,
+            "n_calib": self.n_calib,
+            "n_candidates": self.n_candidates,
+            "n_exited_positives": self.n_exited_positives,
+            "n_false_negatives": self.n_false_negatives,
+        }
+
 
 def certify_softmax_threshold(
     probs,
@@ -460,23 +480,9 @@ def thresholds_document(
         "policy": "softmax",
         "checkpoint_id": checkpoint_id,
         "exit_threshold": result.exit_threshold,
-        "certified": result.certified,
-        "reason": result.reason,
-        "method": result.method,
-        "method_params": result.method_params,
-        "target_fnr": result.target_fnr,
-        "delta": result.delta,
-        "test_level": result.test_level,
-        "fnr_on_exits": result.fnr_on_exits,
-        "fnr_upper_bound": result.fnr_upper_bound,
-        "coverage": result.coverage,
+        **result.certificate_fields(),
         "coverage_at_deploy_prior": float(coverage_at_deploy_prior),
         "deploy_prior": float(deploy_prior),
-        "exit_accuracy": result.exit_accuracy,
-        "n_calib": result.n_calib,
-        "n_candidates": result.n_candidates,
-        "n_exited_positives": result.n_exited_positives,
-        "n_false_negatives": result.n_false_negatives,
         "sweep_results": result.sweep_results,
         "grid_results": result.grid_results,
         "val_calib_metrics": dict(val_calib_metrics),
