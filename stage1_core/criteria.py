@@ -153,7 +153,7 @@ def _evaluation(ctx: StepContext) -> dict[str, Any]:
     from stage1_core.steps.evaluation import EVALUATION_FILE
 
     ctx.require("evaluation-check", [("evaluation", ctx.partition)])
-    return read_json(ctx.layout.path("evaluation", ctx.partition) / EVALUATION_FILE)
+    return read_json(ctx.layout.path("evaluation", ctx.partition) / EVALUATION_FILE, schema="evaluation")
 
 
 @criterion("val_test_fnr_bound")
@@ -197,7 +197,7 @@ def _no_regression(ctx: StepContext) -> GateVerdict:
         return GateVerdict("no_regression_vs_previous_phase", False,
                            f"no earlier phase of {ctx.partition} has an evaluation to compare with", {})
     cur = _evaluation(ctx)
-    prev = read_json(ctx.layout.path("evaluation", previous) / EVALUATION_FILE)
+    prev = read_json(ctx.layout.path("evaluation", previous) / EVALUATION_FILE, schema="evaluation")
     prev_cov = read_policy_document(ctx.layout, previous, prev["policy"])["coverage"]
     cur_cov = read_policy_document(ctx.layout, ctx.partition, ctx.cfg.exit_policy)["coverage"]
     verdict = gates.check_no_regression({"accuracy": prev["accuracy"], "coverage": prev_cov},

@@ -141,7 +141,7 @@ def make_record(
     own = id_parts if id_parts is not None else checksums
     rid = content_id(asset, partition, own, plain_params, dict(sorted(direct.items())))
     record = Record(asset, partition, rid, direct, chain, plain_params, checksums, directory, dict(extra or {}))
-    write_json(record_path(directory), record.to_document())
+    write_json(record_path(directory), record.to_document(), schema="lineage")
     return record
 
 
@@ -152,7 +152,7 @@ def read_record(directory: str | Path, asset: str, partition: str | None = None)
     if not path.is_file():
         raise FileNotFoundError(f"{name} has no lineage record ({path} missing): materialise {name} first")
     try:
-        doc = read_json(path)
+        doc = read_json(path, schema="lineage")
     except ArtifactError as exc:
         raise StaleInputError(name, [f"{name}: unreadable lineage record ({exc})"], [name]) from exc
     if doc.get("asset") != asset or doc.get("partition") != partition:

@@ -40,13 +40,13 @@ def prepare_backbone(config: Stage1ProConfig, layout: Layout, partition: str) ->
         "frozen_parameters": int(model.frozen_parameters),
     }
     out_dir = layout.dir("backbone", partition)
-    path = write_json(out_dir / BACKBONE_FILE, info)
+    path = write_json(out_dir / BACKBONE_FILE, info, schema="backbone")
     record = ctx.finish("backbone", [BACKBONE_FILE], [], id_parts={"fingerprint": info["fingerprint"]})
     return StepResult(path, {**info, "lineage_id": record.id}, record=record)
 
 
 def read_backbone(layout: Layout, partition: str) -> dict[str, Any]:
-    return read_json(layout.path("backbone", partition) / BACKBONE_FILE)
+    return read_json(layout.path("backbone", partition) / BACKBONE_FILE, schema="backbone")
 
 
 def eval_transform():
@@ -88,7 +88,7 @@ def cache_features(config: Stage1ProConfig, layout: Layout, partition: str) -> S
                "forward_passes": forward_passes, "transform": transform_desc,
                **{f"n_{name}": len(splits.ids[name]) for name in SPLIT_NAMES}}
     out_dir = layout.dir("cached_features", partition)
-    path = write_json(out_dir / CACHE_POINTER, pointer)
+    path = write_json(out_dir / CACHE_POINTER, pointer, schema="feature_pointer")
     manifest_file = store / features.MANIFEST_NAME
     record = ctx.finish("cached_features", [CACHE_POINTER, manifest_file], inputs, id_parts={"key": key})
     return StepResult(path, {**pointer, "lineage_id": record.id}, record=record)
@@ -98,7 +98,7 @@ def load_split(layout: Layout, partition: str, split: str):
     """One split's features (from the phase's store) with labels joined from the dataset index."""
     from stage1_core.features import TensorSplit, load_cached_features
 
-    pointer = read_json(layout.path("cached_features", partition) / CACHE_POINTER)
+    pointer = read_json(layout.path("cached_features", partition) / CACHE_POINTER, schema="feature_pointer")
     splits, index = read_splits(layout)
     ids = list(splits.ids[split])
     labels = torch.as_tensor(index.labels(ids))

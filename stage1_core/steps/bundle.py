@@ -100,7 +100,7 @@ def export_phase_bundle(config: Stage1ProConfig, layout: Layout, partition: str,
     inputs = ctx.require("bundle", [(name, partition) for name in BUNDLE_INPUTS] + [("splits", None), ("dataset_index", None)])
     cfg = ctx.cfg
     backbone_info = read_backbone(layout, partition)
-    evaluation = read_json(layout.path("evaluation", partition) / EVALUATION_FILE)
+    evaluation = read_json(layout.path("evaluation", partition) / EVALUATION_FILE, schema="evaluation")
     policy_doc = read_policy_document(layout, partition, cfg.exit_policy)
     training = read_training(layout, partition)
     _, transform_desc = eval_transform()

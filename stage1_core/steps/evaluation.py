@@ -85,7 +85,7 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
 
         summary["gate_comparison"], extra_figures = gate_comparison(
             certificate, probs, raw_gate, np.asarray(decisions.exit, dtype=bool), labels, cfg, out_dir)
-    path = write_json(out_dir / EVALUATION_FILE, summary)
+    path = write_json(out_dir / EVALUATION_FILE, summary, schema="evaluation")
     confidence = probs.max(1)
     residuals = (probs.argmax(1) != labels).astype(float)
     figures = {

@@ -78,7 +78,7 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
         "history": history,
     }
     cfg.save(out_dir / "config.json")
-    path = write_json(out_dir / TRAINING_FILE, summary)
+    path = write_json(out_dir / TRAINING_FILE, summary, schema="training")
     figures = {"training curves": _plot_training(history, out_dir / "training_curves.png")}
     record = ctx.finish("checkpoint", [summary["best_checkpoint"], TRAINING_FILE], inputs,
                         id_parts={"model_best": checkpoint_id})
@@ -118,7 +118,7 @@ def _plot_training(history: list[dict[str, Any]], out_path: Path) -> Path:
 
 
 def read_training(layout: Layout, partition: str) -> dict[str, Any]:
-    return read_json(layout.path("checkpoint", partition) / TRAINING_FILE)
+    return read_json(layout.path("checkpoint", partition) / TRAINING_FILE, schema="training")
 
 
 def load_head(layout: Layout, partition: str) -> torch.nn.Module:
@@ -153,7 +153,7 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     path = save_tensors(out_dir / PREDICTIONS_FILE, tensors)
     checkpoint_id = read_training(layout, partition)["checkpoint_id"]
     write_json(out_dir / "predictions.json", {"checkpoint_id": checkpoint_id, "splits": rows,
-                                              "has_gate": f"{VAL_SPLITS[0]}_gate" in tensors})
+                                              "has_gate": f"{VAL_SPLITS[0]}_gate" in tensors}, schema="predictions")
     record = ctx.finish("predictions", [PREDICTIONS_FILE, "predictions.json"], inputs)
     metadata = {"path": path, "checkpoint_id": checkpoint_id, "lineage_id": record.id,
                 **{f"accuracy_{r['split']}": r["accuracy"] for r in rows}}

@@ -339,6 +339,10 @@ def train_head(
         check_ema_horizon(ema.decay, total_steps, ema.warmup)
 
     state = _State()
+    if resume_checkpoint is None:
+        # A best checkpoint left by an earlier run in the same directory is never this run's best.
+        for stale in (out / BEST_FILE, out / BEST_ACCURACY_FILE):
+            stale.unlink(missing_ok=True)
     if resume_checkpoint is not None:
         state = _resume(
             Path(resume_checkpoint), config, head, optimizer, scheduler, scaler, ema, generators
@@ -433,7 +437,7 @@ def train_head(
             break
 
     return TrainResult(
-        best_checkpoint=best_path if best_path.is_file() else None,
+        best_checkpoint=best_path if (best_path.is_file() and state.best_epoch > 0) else None,
         last_checkpoint=last_path,
         log_csv=log_path,
         best_epoch=state.best_epoch,

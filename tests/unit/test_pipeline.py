@@ -98,11 +98,13 @@ def write_feature_phase(root, config, rng, partitions=("phase1",)):
     for partition in partitions:
         phase = pipeline.StepContext(config, layout, partition)
         write_json(layout.dir("backbone", partition) / "backbone.json",
-                   {"model_path": "builtin:tiny-dinov3", "fingerprint": FINGERPRINT, "hidden_size": HIDDEN})
+                   {"phase": partition, "model_path": "builtin:tiny-dinov3", "directory": str(root),
+                    "fingerprint": FINGERPRINT, "hidden_size": HIDDEN, "adaptation": "frozen pretrained"},
+                   schema="backbone")
         backbone = phase.finish("backbone", ["backbone.json"], [], id_parts={"fingerprint": FINGERPRINT})
         write_json(layout.dir("cached_features", partition) / "cache.json",
                    {"store": str(store), "key": "test", "fingerprint": FINGERPRINT, "reused": False,
-                    "forward_passes": 4})
+                    "forward_passes": 4, "transform": "identity"}, schema="feature_pointer")
         phase.finish("cached_features", ["cache.json", store / "manifest.json"],
                      [backbone, phase.record("splits")], id_parts={"key": "test"})
     return layout

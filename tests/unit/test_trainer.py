@@ -156,6 +156,18 @@ def test_non_finite_loss_stops_without_a_checkpoint_of_that_epoch(tmp_path, data
     assert result.losses_finite is False and result.epochs_run == 0 and result.best_checkpoint is None
 
 
+def test_a_leftover_best_checkpoint_is_never_taken_as_this_runs_best(tmp_path, data):
+    train, val = data
+    first = train_head(make_config(epochs=2), train, val, tmp_path, progress=False)
+    assert first.best_checkpoint is not None and first.best_checkpoint.is_file()
+
+    def broken(output, labels):
+        return F.cross_entropy(output, labels) * float("nan")
+
+    again = train_head(make_config(epochs=2), train, val, tmp_path, progress=False, loss_fn=broken)
+    assert again.best_checkpoint is None and not (tmp_path / "model_best.pth").exists()
+
+
 def test_best_checkpoint_holds_ema_weights_and_predicts(tmp_path, data):
     train, val = data
     result = train_head(make_config(epochs=3), train, val, tmp_path, progress=False)
