@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: configs/dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	cp configs/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 ## Run the main job on the embedded default (synthetic data + builtin tiny DINOv3): every phase in
 ## order, each its own Dagster run, stopping at the first failing gate. PHASE=phaseN runs one.
@@ -29,9 +29,10 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 demo-phase2:
 	$(MAKE) demo PHASE=phase2
 
-## The Dagster UI: runs made from the CLI (same DAGSTER_HOME) and their gate checks show up here.
+## The Dagster UI on http://127.0.0.1:3000: runs made from the CLI (same DAGSTER_HOME) and their gate
+## checks show up under Runs, Catalog and each asset's Checks tab.
 ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/dagster dev -w workspace.yaml
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 ## Full test suite (unit + slow end-to-end tests that drive the real Dagster CLI).
 test: $(STAMP)

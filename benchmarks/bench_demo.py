@@ -27,7 +27,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_demo_"))
     home = work / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "configs" / "dagster.yaml", home / "dagster.yaml")
     os.environ.update(DAGSTER_HOME=str(home), STAGE1_ARTIFACTS=str(work / "artifacts"),
                       STAGE1_CONFIG=str(REPO / "configs" / "default.yaml"))
     os.chdir(REPO)

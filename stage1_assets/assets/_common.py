@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,14 +19,51 @@ from stage1_core.phases import PhaseUnavailableError
 CODE_VERSION = "2"
 
 
-def metadata_value(value: Any) -> Any:
-    """Plain values as Dagster metadata: floats stay floats (so the UI plots them over time)."""
+#: Settings that are the same in every materialisation of a run config: shown once, in the
+#: asset's definition metadata (:func:`constants_metadata`), not in every event.
+CONSTANT_KEYS = frozenset({
+    "fnr_target", "target_fnr", "delta", "n_bootstrap", "deploy_prior", "bootstrap_confidence",
+    "val_test_alpha", "val_test_check", "alpha",
+})
+
+#: The figures a person compares across phases come first, in this order.
+HEADLINE_KEYS = (
+    "certified", "calib_coverage", "coverage", "coverage_at_deploy_prior", "fnr_on_exited",
+    "fnr_on_exited_cp_upper", "fnr_upper_bound", "fnr_on_exited_ci_lower", "fnr_on_exited_ci_upper",
+    "accuracy", "mcc",
+)
+
+#: Significant digits of a float shown in the UI (the files keep full precision).
+DISPLAY_DIGITS = 4
+
+#: Where figure copies are kept inside the instance's compute-log directory, which the Dagster
+#: webserver serves at ``/logs/<namespace>/<name>/<extension>``: a same-origin URL, so a
+#: Markdown image renders inline on any port.
+FIGURE_NAMESPACE = "stage1_figures"
+
+
+def display_float(value: float) -> float:
+    """``value`` rounded to :data:`DISPLAY_DIGITS` significant digits (still a float)."""
+    if not math.isfinite(value) or value == 0.0:
+        return value
+    return float(f"{value:.{DISPLAY_DIGITS}g}")
+
+
+def _plain(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        value = value.item()
-    if isinstance(value, bool) or value is None:
-        return dg.MetadataValue.text(str(value)) if value is None else value
+        return value.item()
+    return value
+
+
+def metadata_value(value: Any) -> Any:
+    """A plain value as Dagster metadata; floats rounded for display but still floats (plottable)."""
+    value = _plain(value)
+    if value is None:
+        return dg.MetadataValue.text("none")
+    if isinstance(value, bool):
+        return dg.MetadataValue.bool(value)
     if isinstance(value, float):
-        return dg.MetadataValue.float(value) if math.isfinite(value) else dg.MetadataValue.text(str(value))
+        return dg.MetadataValue.float(display_float(value)) if math.isfinite(value) else dg.MetadataValue.text(str(value))
     if isinstance(value, int):
         return dg.MetadataValue.int(value)
     if isinstance(value, Path):
@@ -34,37 +73,134 @@ def metadata_value(value: Any) -> Any:
     return dg.MetadataValue.text(str(value))
 
 
-def to_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: metadata_value(value) for key, value in values.items()}
-
-
-def table(rows: list[Mapping[str, Any]]) -> dg.MetadataValue:
-    """A list of flat dicts as a Dagster table (the UI renders it)."""
-    if not rows:
-        return dg.MetadataValue.md("(empty)")
-    columns = list(rows[0].keys())
-    header = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
-    body = "".join(
-        "| " + " | ".join(_cell(row.get(c)) for c in columns) + " |\n" for row in rows
+def _is_interval(key: str, value: Any) -> bool:
+    return (
+        key.endswith("_ci")
+        and isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(v is None or isinstance(_plain(v), (int, float)) for v in value)
     )
-    return dg.MetadataValue.md(header + body)
 
 
-def _cell(value: Any) -> str:
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Scalars of ``values`` with intervals split and nested dicts flattened; constants dropped.
+
+    ``x_ci: [lo, hi]`` becomes ``x_ci_lower`` and ``x_ci_upper``; a nested dict ``d`` becomes
+    ``d.key`` entries, leaving out keys whose value the top level already shows.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in CONSTANT_KEYS:
+            continue
+        name = f"{prefix}{key}"
+        if _is_interval(key, value):
+            flat[f"{name}_lower"], flat[f"{name}_upper"] = value
+        elif isinstance(value, Mapping):
+            for sub_key, sub_value in flatten(value, prefix=f"{name}.").items():
+                short = sub_key[len(name) + 1:]
+                if short in values and values[short] == value.get(short):
+                    continue
+                flat[sub_key] = sub_value
+        else:
+            flat[name] = value
+    return flat
+
+
+def ordered(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with :data:`HEADLINE_KEYS` first (in that order), the rest as they came."""
+    first = {key: values[key] for key in HEADLINE_KEYS if key in values}
+    return {**first, **{key: value for key, value in values.items() if key not in first}}
+
+
+def to_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's metadata dict as Dagster metadata: headline first, rounded, flat, no constants."""
+    return {key: metadata_value(value) for key, value in ordered(flatten(values)).items()}
+
+
+def _cell(value: Any) -> str | int | float | bool | None:
+    value = _plain(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return display_float(value) if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(_cell(v)) for v in value)
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
     return str(value)
 
 
-def figure_markdown(paths: Mapping[str, Path]) -> dg.MetadataValue:
-    """Figures embedded as Markdown images (base64 data URIs, so the UI shows them inline)."""
-    import base64
+def _column_type(values: list[Any]) -> str:
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return "bool"
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return "int"
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return "float"
+    return "string"
 
-    parts = []
-    for title, path in paths.items():
-        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        parts.append(f"**{title}**\n\n![{title}](data:image/png;base64,{data})\n")
-    return dg.MetadataValue.md("\n".join(parts))
+
+def table(rows: list[Mapping[str, Any]]) -> dg.TableMetadataValue:
+    """A list of flat dicts as a Dagster table (rendered inline), floats rounded for display."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(c for c in row if c not in columns)
+    cells = [{c: _cell(row.get(c)) for c in columns} for row in rows]
+    schema = dg.TableSchema(
+        columns=[dg.TableColumn(c, _column_type([r[c] for r in cells])) for c in columns]
+    )
+    return dg.MetadataValue.table(records=[dg.TableRecord(r) for r in cells], schema=schema)
+
+
+def figure_store(instance: Any) -> Path | None:
+    """The directory the webserver serves figures from, or None when its log storage cannot."""
+    manager = getattr(instance, "compute_log_manager", None)
+    if manager is None or not hasattr(manager, "get_captured_local_path"):
+        return None
+    try:
+        return Path(manager.get_captured_local_path([FIGURE_NAMESPACE, "x"], "png")).parent
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def figure_metadata(title: str, path: Path, store: Path | None) -> dg.MetadataValue:
+    """One figure as its own metadata entry.
+
+    With a ``store`` the PNG is copied there under its content hash and shown inline as a short
+    Markdown image (the UI renders Markdown under 1000 characters inline); without one, the path.
+    """
+    path = Path(path)
+    if store is None:
+        return dg.MetadataValue.path(str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    store.mkdir(parents=True, exist_ok=True)
+    target = store / f"{digest}.png"
+    if not target.is_file():
+        shutil.copyfile(path, target)
+    return dg.MetadataValue.md(f"![{title}](/logs/{FIGURE_NAMESPACE}/{digest}/png)\n\n`{path}`")
+
+
+def constants_metadata(config: Any) -> dict[str, Any]:
+    """The run config's fixed promises and settings, for an asset's definition metadata."""
+    if config is None:
+        return {}
+    values = {
+        "fnr_target": config.target_fnr_exit, "delta": config.delta, "n_bootstrap": config.bootstrap_samples,
+        "bootstrap_confidence": config.bootstrap_confidence, "deploy_prior": config.deploy_prior,
+        "val_test_check": config.val_test_check, "val_test_alpha": config.val_test_alpha,
+    }
+    return {f"config/{key}": metadata_value(value) for key, value in values.items()}
+
+
+def load_default_config() -> Any:
+    """The config the code location points at (``STAGE1_CONFIG``), or None if it cannot be read."""
+    from stage1_assets.resources import default_resource
+
+    try:
+        return default_resource().load_config()
+    except Exception:  # noqa: BLE001 - definition metadata is optional, loading must not fail
+        return None
 
 
 @contextlib.contextmanager
@@ -91,13 +227,13 @@ def as_failure(layout: Any = None, asset: str | None = None, partition: str | No
             clear_failure(layout, asset, partition)
 
 
-def step_result(result: Any) -> dg.MaterializeResult:
-    """A step's result as a MaterializeResult: metadata, tables, figures and its lineage data version."""
+def step_result(result: Any, store: Path | None = None) -> dg.MaterializeResult:
+    """A step's result as a MaterializeResult: metadata, one entry per table and per figure, data version."""
     metadata = to_metadata(result.metadata)
     for name, rows in result.tables.items():
-        metadata[name] = table(rows)
-    if result.figures:
-        metadata["figures"] = figure_markdown(result.figures)
+        metadata[name] = table(rows) if rows else dg.MetadataValue.text("(no rows)")
+    for title, path in result.figures.items():
+        metadata[f"figure: {title}"] = figure_metadata(title, path, store)
     version = dg.DataVersion(result.data_version) if result.data_version else None
     return dg.MaterializeResult(metadata=metadata, data_version=version)
 
@@ -111,4 +247,4 @@ def run_step(context: Any, stage1: Any, asset: str, step: Any, *args: Any, **kwa
     with as_failure(layout, asset, partition):
         config = stage1.load_config()
         call_args = (config, layout) + ((partition,) if partition else ()) + args
-        return step_result(step(*call_args, **kwargs))
+        return step_result(step(*call_args, **kwargs), figure_store(context.instance))

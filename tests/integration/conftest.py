@@ -24,7 +24,7 @@ class Project:
         self.artifacts = base / "artifacts"
         self.config_path = base / "config.yaml"
         self.home.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "dagster.yaml", self.home / "dagster.yaml")
+        shutil.copy(REPO / "configs" / "dagster.yaml", self.home / "dagster.yaml")
         self.config_path.write_text(yaml.safe_dump(config))
 
     @property
@@ -34,7 +34,7 @@ class Project:
                    STAGE1_ARTIFACTS=str(self.artifacts), PYTHONUNBUFFERED="1")
         return env
 
-    def run(self, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    def run(self, *args: str, timeout: int = 2400) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def materialize(self, select: str, partition: str) -> subprocess.CompletedProcess:

@@ -66,3 +66,21 @@ def test_training_seed_never_redraws_the_validation_splits(tmp_path, phase1_proj
     before = (phase1_project.artifacts / "splits" / "splits.json").read_text()
     after = (project.artifacts / "splits" / "splits.json").read_text()
     assert json.loads(before)["splits"] == json.loads(after)["splits"]
+
+
+def test_another_backbone_of_the_same_width_cannot_ship_the_old_head(tmp_path, phase1_project):
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from stage1_core.model.backbone import TINY_DINOV3_CONFIG
+
+    torch.manual_seed(1)
+    other = tmp_path / "other-dinov3"
+    DINOv3ViTModel(DINOv3ViTConfig(**TINY_DINOV3_CONFIG)).save_pretrained(other)
+    project = clone_project(phase1_project, tmp_path / "project", model_path=str(other))
+    rebuilt = project.materialize("backbone", "phase1")
+    assert rebuilt.returncode == 0, output(rebuilt)
+    stale = project.materialize("bundle", "phase1")
+    assert stale.returncode != 0, output(stale)
+    text = stale.stdout + stale.stderr
+    assert "bundle[phase1] refused" in text and "backbone[phase1]" in text, output(stale)

@@ -1,0 +1,126 @@
+"""Metadata conversion for the Dagster UI: rounding, intervals, constants, tables and figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+
+from stage1_assets.assets._common import (
+    FIGURE_NAMESPACE,
+    constants_metadata,
+    display_float,
+    figure_metadata,
+    metadata_value,
+    step_result,
+    table,
+    to_metadata,
+)
+from stage1_assets.checks.phase_gates import check_description, not_applicable_result
+from stage1_assets.partitions import PHASES_TEXT
+from stage1_core.config import Stage1ProConfig
+from stage1_core.phases import CRITERIA
+from stage1_core.steps.context import StepResult
+
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
+)
+
+
+def test_floats_are_rounded_for_display_but_stay_floats():
+    value = metadata_value(0.91234567891234)
+    assert isinstance(value, dg.FloatMetadataValue) and value.value == 0.9123
+    assert metadata_value(np.float64(1.23456789e-6)).value == 1.235e-6
+    assert display_float(0.0) == 0.0
+    assert isinstance(metadata_value(float("nan")), dg.TextMetadataValue)
+    assert isinstance(metadata_value(np.int64(7)), dg.IntMetadataValue)
+    assert isinstance(metadata_value(True), dg.BoolMetadataValue)
+
+
+def test_intervals_split_into_lower_and_upper_floats():
+    metadata = to_metadata({"fnr_on_exited_ci": [0.0123456, 0.0456789], "accuracy_ci": (None, 0.9)})
+    assert metadata["fnr_on_exited_ci_lower"].value == 0.01235
+    assert metadata["fnr_on_exited_ci_upper"].value == 0.04568
+    assert isinstance(metadata["accuracy_ci_lower"], dg.TextMetadataValue)
+    assert "fnr_on_exited_ci" not in metadata
+    assert not any(isinstance(v, dg.JsonMetadataValue) for v in metadata.values())
+
+
+def test_constants_leave_the_materialisation_and_headline_comes_first():
+    values = {"n_test": 900, "mcc": 0.8, "fnr_target": 0.02, "delta": 0.05, "n_bootstrap": 200,
+              "deploy_prior": 0.5, "accuracy": 0.9, "fnr_on_exited_cp_upper": 0.019, "fnr_on_exited": 0.01,
+              "coverage_at_deploy_prior": 0.6, "coverage": 0.61, "policy": "softmax"}
+    metadata = to_metadata(values)
+    assert not {"fnr_target", "delta", "n_bootstrap", "deploy_prior"} & set(metadata)
+    assert list(metadata)[:6] == ["coverage", "coverage_at_deploy_prior", "fnr_on_exited",
+                                  "fnr_on_exited_cp_upper", "accuracy", "mcc"]
+    assert list(metadata)[6:] == ["n_test", "policy"]
+
+
+def test_nested_dicts_are_flattened_without_repeating_the_top_level():
+    metadata = to_metadata({"n_false_negatives": 1, "val_test_fnr_check": {
+        "n_false_negatives": 1, "p_value_fnr_above_target": 0.3333333, "target_fnr": 0.02, "alpha": 0.05}})
+    assert set(metadata) == {"n_false_negatives", "val_test_fnr_check.p_value_fnr_above_target"}
+    assert metadata["val_test_fnr_check.p_value_fnr_above_target"].value == 0.3333
+
+
+def test_constants_go_to_definition_metadata():
+    metadata = constants_metadata(Stage1ProConfig())
+    assert metadata["config/fnr_target"].value == Stage1ProConfig().target_fnr_exit
+    assert {"config/delta", "config/n_bootstrap", "config/deploy_prior"} <= set(metadata)
+    assert constants_metadata(None) == {}
+
+
+def test_table_has_a_typed_schema_and_rounded_cells():
+    value = table([{"metric": "accuracy", "value": 0.912345678, "n": 900, "ok": True},
+                   {"metric": "mcc", "value": None, "n": 900, "ok": False, "grid": [0.123456, 2]}])
+    assert isinstance(value, dg.TableMetadataValue)
+    types = {c.name: c.type for c in value.schema.columns}
+    assert types == {"metric": "string", "value": "float", "n": "int", "ok": "bool", "grid": "string"}
+    records = [r.data for r in value.records]
+    assert records[0]["value"] == 0.9123 and records[0]["grid"] is None
+    assert records[1]["grid"] == "0.1235, 2"
+    json.dumps(records)
+
+
+def test_each_figure_is_its_own_short_inline_entry(tmp_path: Path):
+    figure = tmp_path / "risk_coverage.png"
+    figure.write_bytes(PNG)
+    store = tmp_path / "store"
+    value = figure_metadata("risk-coverage (val_test)", figure, store)
+    assert isinstance(value, dg.MarkdownMetadataValue)
+    assert len(value.md_str) < 1000, "the UI shows Markdown inline only under 1000 characters"
+    copies = list(store.glob("*.png"))
+    assert len(copies) == 1 and copies[0].read_bytes() == PNG
+    assert f"(/logs/{FIGURE_NAMESPACE}/{copies[0].stem}/png)" in value.md_str
+    assert isinstance(figure_metadata("x", figure, None), dg.PathMetadataValue)
+
+
+def test_step_result_has_one_entry_per_table_and_figure(tmp_path: Path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(PNG)
+    b.write_bytes(PNG + b"\0")
+    result = StepResult(tmp_path, {"accuracy": 0.95, "delta": 0.05}, tables={"metrics": [{"metric": "x", "value": 1.0}]},
+                        figures={"first": a, "second": b})
+    metadata = step_result(result, tmp_path / "store").metadata
+    assert isinstance(metadata["metrics"], dg.TableMetadataValue)
+    assert {"figure: first", "figure: second"} <= set(metadata) and "figures" not in metadata
+    assert "delta" not in metadata
+    assert len(list((tmp_path / "store").glob("*.png"))) == 2
+
+
+def test_not_applicable_check_says_so_and_blocks_nothing():
+    result = not_applicable_result(CRITERIA["no_regression_vs_previous_phase"], "phase1")
+    assert result.passed and result.description.startswith("NOT APPLICABLE to phase1")
+    assert "phase2" in result.description
+    assert result.metadata["applicable"].value is False
+
+
+def test_descriptions_are_plain_text_and_name_the_phases():
+    text = check_description(CRITERIA["no_regression_vs_previous_phase"])
+    assert "``" not in text and "phase2" in text and "phase1" not in text.split("In other phases")[0]
+    assert "phase2: " in PHASES_TEXT and "waits for the gate of phase1" in PHASES_TEXT
+    assert "``" not in PHASES_TEXT
