@@ -270,15 +270,38 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 @subcommand("predict", "decide images with a deploy bundle (exit or defer, label, p_roadwork)", add_predict_arguments)
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Decide every readable image; one error line per unreadable one; exit 1 if any failed."""
     from stage1_core.bundle.load import BundleError, Stage1Bundle, format_prediction
+    from stage1_core.bundle.predictor import load_image
 
     try:
         bundle = Stage1Bundle.load(args.bundle, artifacts_root=args.artifacts_root)
     except BundleError as exc:
         raise CliError(str(exc)) from None
-    results = bundle.predict([str(p) for p in args.images], batch_size=args.batch_size)
-    for path, result in zip(args.images, results):
-        print(format_prediction(path, result, as_json=args.json))
+    size = args.batch_size if args.batch_size is not None else bundle.config.max_batch_size
+    if size < 1:
+        raise CliError(f"--batch_size must be >= 1, got {size}")
+    paths = list(args.images)
+    failed = 0
+    for start in range(0, len(paths), size):
+        decoded = []
+        for path in paths[start : start + size]:
+            try:
+                decoded.append((path, load_image(path)))
+            except (FileNotFoundError, ValueError) as exc:
+                failed += 1
+                print(f"{PROG} predict: error: {exc}", file=sys.stderr)
+        if decoded:
+            results = bundle.predict([image for _, image in decoded], batch_size=size)
+            for (path, _), result in zip(decoded, results):
+                print(format_prediction(path, result, as_json=args.json))
+    if failed:
+        print(
+            f"{PROG} predict: {failed} of {len(paths)} image(s) could not be read and were not decided; "
+            f"the other {len(paths) - failed} were",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

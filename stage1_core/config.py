@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Literal
@@ -51,19 +52,38 @@ class ConfigError(ValueError):
         super().__init__(where + "invalid configuration:\n  " + "\n  ".join(self.problems))
 
 
-def _find_key(data: Any, key: str, path: str = "$") -> list[str]:
-    """JSON paths of every occurrence of ``key`` in nested dicts/lists."""
+def _find_key(data: Any, key: str, path: str = "$", seen: set[int] | None = None) -> list[str]:
+    """JSON paths of every occurrence of ``key`` in nested dicts/lists.
+
+    A container reached twice (YAML aliases share objects) is searched once, so a "billion
+    laughs" document costs its size in the file, not its expanded size.
+    """
+    seen = set() if seen is None else seen
+    if not isinstance(data, (dict, list)) or id(data) in seen:
+        return []
+    seen.add(id(data))
     hits: list[str] = []
     if isinstance(data, dict):
         for k, v in data.items():
             sub = f"{path}.{k}"
             if k == key:
                 hits.append(sub)
-            hits.extend(_find_key(v, key, sub))
-    elif isinstance(data, list):
+            hits.extend(_find_key(v, key, sub, seen))
+    else:
         for i, v in enumerate(data):
-            hits.extend(_find_key(v, key, f"{path}[{i}]"))
+            hits.extend(_find_key(v, key, f"{path}[{i}]", seen))
     return hits
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a hostile value may be huge or self-similar)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, limit, limit
+    short.maxlong = 40
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -209,15 +229,11 @@ class Stage1ProConfig(BaseModel):
 
     def range_problems(self) -> list[str]:
         """Every field outside its allowed range, as ``field=value: rule`` messages."""
-        p: list[str] = []
-        for name, value in self:
-            if isinstance(value, float) and not math.isfinite(value):
-                p.append(f"{name}={value!r} is invalid: must be a finite number")
-        if p:
-            return p
+        nonfinite = [name for name, value in self if isinstance(value, float) and not math.isfinite(value)]
+        p: list[str] = [f"{name}={getattr(self, name)!r} is invalid: must be a finite number" for name in nonfinite]
 
         def need(ok: bool, name: str, rule: str) -> None:
-            if not ok:
+            if not ok and name not in nonfinite:
                 p.append(f"{name}={getattr(self, name)!r} is invalid: must be {rule}")
 
         need(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
@@ -246,7 +262,7 @@ class Stage1ProConfig(BaseModel):
         for name in ratios:
             need(0.0 < getattr(self, name) < 1.0, name, "in (0, 1)")
         total = sum(getattr(self, n) for n in ratios)
-        if abs(total - 1.0) > 1e-6:
+        if not any(n in nonfinite for n in ratios) and abs(total - 1.0) > 1e-6:
             p.append(
                 f"val_select_ratio + val_calib_ratio + val_test_ratio = {total:.6g} is invalid: must sum to 1"
             )
@@ -336,7 +352,22 @@ class Stage1ProConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(_format_validation_error(exc), source) from None
+            problems = _format_validation_error(exc)
+            bad = {str(err["loc"][0]) for err in exc.errors() if err.get("loc")}
+        except (ValueError, TypeError, RecursionError) as exc:  # a value pydantic cannot even inspect
+            raise ConfigError([f"unreadable configuration ({type(exc).__name__}: {exc})"], source) from None
+        if bad and isinstance(data, dict):
+            # Range rules run only on a fully typed config: check the other fields on their own,
+            # leaving out rules that mention a field already reported.
+            rest = {k: v for k, v in data.items() if k not in bad}
+            try:
+                cls.model_validate(rest)
+            except ValidationError as again:
+                mentions = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, sorted(bad))) + r")\b")
+                problems += [q for q in _format_validation_error(again) if q not in problems and not mentions.search(q)]
+            except (ValueError, TypeError, RecursionError):
+                pass
+        raise ConfigError(problems, source) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Stage1ProConfig":
@@ -352,6 +383,8 @@ class Stage1ProConfig(BaseModel):
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
             raise ConfigError([f"not valid YAML: {exc}"], where) from None
+        except (ValueError, RecursionError, UnicodeDecodeError) as exc:  # e.g. an int with > 4300 digits
+            raise ConfigError([f"unreadable YAML ({type(exc).__name__}: {_short_repr(str(exc), 200)})"], path) from None
         if not isinstance(data, dict):
             raise ConfigError(["top level must be a mapping of field: value"], path)
         return cls.from_dict(data, source=path)
@@ -370,16 +403,34 @@ class Stage1ProConfig(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> "Stage1ProConfig":
         """Read config.json, validate it against config.schema.json and the model."""
-        data = read_json(path)
+        from stage1_core.artifacts import ArtifactError
+
+        try:
+            data = read_json(path)
+        except ArtifactError:
+            raise
+        except (ValueError, RecursionError) as exc:  # e.g. an int with > 4300 digits, nesting too deep
+            raise ConfigError([f"unreadable JSON ({type(exc).__name__}: {_short_repr(str(exc), 200)})"], path) from None
         if isinstance(data, dict):
             for old, new in LEGACY_ALIASES.items():
                 if old in data and new not in data:
                     data[new] = data.pop(old)
             if _find_key(data, "target_coverage"):
                 raise ConfigError([TARGET_COVERAGE_REFUSAL], path)
-        from stage1_core.artifacts import validate
+        from stage1_core.artifacts import schema_errors
 
-        validate(data, "config", source=path)
+        problems = schema_errors(data, "config")
+        if problems:
+            # The schema knows types and simple bounds; the model also knows finiteness and
+            # cross-field rules. Report both, so one reading names every bad field.
+            if isinstance(data, dict):
+                named = {re.split(r"[.\[:]", q.removeprefix("$."), maxsplit=1)[0] for q in problems}
+                try:
+                    cls.from_dict(data)
+                except ConfigError as exc:
+                    problems += [q for q in exc.problems if re.split(r"[=:]", q, maxsplit=1)[0] not in named]
+            listed = "\n  ".join(problems)
+            raise ArtifactError(f"{path}: does not match config.schema.json:\n  {listed}")
         return cls.from_dict(data, source=path)
 
     def with_updates(self, **changes: Any) -> "Stage1ProConfig":
@@ -452,9 +503,9 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if err.get("type") == "extra_forbidden":
-            problems.append(f"{loc}: unknown field (value {err.get('input')!r}); check the spelling")
+            problems.append(f"{loc}: unknown field (value {_short_repr(err.get('input'))}); check the spelling")
         elif loc:
-            problems.append(f"{loc}={err.get('input')!r}: {msg}")
+            problems.append(f"{loc}={_short_repr(err.get('input'))}: {msg}")
         else:
             problems.extend(part.strip() for part in msg.split("\n") if part.strip())
     return problems

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stage1_core.artifacts import ArtifactError, load_schema, read_json, schema_errors, sha256_file
+from stage1_core.artifacts import ArtifactError, load_schema, schema_errors, sha256_file
+from stage1_core.artifacts import read_json as _read_json_unguarded
 from stage1_core.bundle.predictor import ImageInput, Stage1Predictor
 from stage1_core.config import POLICIES_BY_PHASE, ConfigError, Stage1ProConfig
 from stage1_core.data.transforms import build_eval_transform, describe_transform
@@ -55,6 +56,21 @@ class BundleError(ValueError):
         self.directory = None if directory is None else Path(directory)
         where = f"{directory}: " if directory is not None else ""
         super().__init__(where + "invalid deploy bundle:\n  " + "\n  ".join(self.problems))
+
+
+def read_json(path: str | Path, schema: str | None = None) -> Any:
+    """:func:`stage1_core.artifacts.read_json`, with every unreadable document an :class:`ArtifactError`.
+
+    ``json.loads`` raises a plain ``ValueError`` for an integer with more digits than Python's
+    ``int`` accepts and ``RecursionError`` for too deeply nested arrays; a bundle file must be
+    refused with a message, not crash the loader.
+    """
+    try:
+        return _read_json_unguarded(path, schema=schema)
+    except ArtifactError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from None
 
 
 # ----- manifest pointers -----------------------------------------------------------------
@@ -189,8 +205,8 @@ def _weights_problems(path: Path, rel: str, head_info: Any) -> list[str]:
             f"could execute code (torch.load weights_only=True: {first}). Re-export the bundle "
             f"from a plain state_dict."
         ]
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        return [f"{rel}: unreadable or truncated weight file ({exc})"]
+    except Exception as exc:  # noqa: BLE001 - weights_only=True runs no code; corrupt bytes raise anything
+        return [f"{rel}: unreadable or truncated weight file ({type(exc).__name__}: {exc})"]
     if not isinstance(state, Mapping):
         return [f"{rel}: holds a {type(state).__name__}, expected a state_dict (mapping of names to tensors)"]
     bad = sorted(f"{k!r} ({type(v).__name__})" for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor)))
@@ -260,7 +276,7 @@ def _lineage_problems(root: Path, manifest: Mapping[str, Any], readable: set[str
     if isinstance(model_file, str) and model_file in readable:
         try:
             digest = state_dict_digest(torch.load(root / model_file, map_location="cpu", weights_only=True))
-        except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, OSError, EOFError, ValueError):
+        except Exception:  # noqa: BLE001 - reported by _weights_problems
             digest = None
         if digest is not None and digest != lineage.get("head_digest"):
             problems.append(f"{model_file}: its weights are not the head recorded in $.lineage.head_digest")
@@ -344,14 +360,14 @@ def verify_bundle(directory: str | Path, expected_id: str | None = None) -> list
     if (path := target(policy_name)) is not None and isinstance(active, str):
         try:
             load_policy(active, path)
-        except (ArtifactError, ValueError, TypeError, KeyError) as exc:
+        except (ArtifactError, ValueError, TypeError, KeyError, RecursionError) as exc:
             problems.append(f"{policy_name}: {exc}")
     files = manifest.get("files") if isinstance(manifest.get("files"), Mapping) else {}
     config_phase = None
     if (path := target(files.get("config"))) is not None:
         try:
             config_phase = Stage1ProConfig.load(path).phase
-        except (ArtifactError, ConfigError, ValueError) as exc:
+        except (ArtifactError, ConfigError, ValueError, RecursionError) as exc:
             problems.append(f"{files['config']}: {exc}")
     problems.extend(f"{MANIFEST_NAME}: {p}" for p in phase_problems(manifest.get("phase"), active, config_phase))
     if (path := target(files.get("splits"))) is not None:

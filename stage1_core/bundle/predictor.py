@@ -16,9 +16,10 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
+from stage1_core.data.datasets import CorruptImageError, load_rgb, to_rgb
 from stage1_core.model.head import HeadOutput
 from stage1_core.policies.base import Decisions, ExitPolicy
 
@@ -31,17 +32,23 @@ FEATURE_CHUNK = 8192
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """An RGB PIL image from a PIL image or a file path (the error names the file)."""
+    """An RGB PIL image from a PIL image or a file path, decoded exactly as the data layer does.
+
+    :func:`~stage1_core.data.datasets.to_rgb` applies EXIF orientation and converts every mode
+    (CMYK, 16-bit, palette, alpha) the way training and evaluation images are converted, so a
+    deployed decision sees the pixels the evaluation saw. A file that cannot be decoded (empty,
+    truncated, not an image, larger than PIL's decompression-bomb limit) raises ``ValueError``
+    naming it; a missing file raises ``FileNotFoundError``.
+    """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
     try:
-        with Image.open(path) as handle:
-            return handle.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read the image ({exc}); pass a JPEG/PNG/WebP file") from exc
+        return load_rgb(path)
+    except CorruptImageError as exc:
+        raise ValueError(f"{path}: cannot read the image ({exc.reason}); pass a JPEG/PNG/WebP file") from exc
 
 
 class Stage1Predictor:

@@ -56,7 +56,7 @@ def test_phase2_after_phase1_reuses_features(tmp_path, phase1_project):
     cache = json.loads((project.artifacts / "cached_features" / "phase2" / "cache.json").read_text())
     assert cache["reused"] is True and cache["forward_passes"] == 0
     phase1 = json.loads((project.artifacts / "cached_features" / "phase1" / "cache.json").read_text())
-    assert cache["store"] == phase1["store"]
+    assert cache["key"] == phase1["key"]
     training = json.loads((project.artifacts / "checkpoint" / "phase2" / "training.json").read_text())
     assert training["selection_metric"] == "augrc"
     assert all(project.check_records("phase2").values())

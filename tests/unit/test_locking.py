@@ -1,0 +1,121 @@
+"""asset_lock: two real processes writing the same asset partition cannot interleave."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stage1_core.locking import AssetLockedError, asset_lock, lock_path
+
+pytestmark = pytest.mark.timeout(120)
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: A child that takes the lock, says so, then holds it for ``hold`` seconds while appending lines.
+HOLDER = """
+import sys, time
+from stage1_core.locking import asset_lock, AssetLockedError
+root, asset, partition, hold, timeout, tag, log = sys.argv[1:8]
+try:
+    with asset_lock(root, asset, partition, timeout=float(timeout)):
+        print("locked", flush=True)
+        for i in range(5):
+            with open(log, "a") as f:
+                f.write(f"{tag} {i}\\n")
+            time.sleep(float(hold) / 5)
+except AssetLockedError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def spawn(root: Path, hold: float, timeout: float = 0.0, tag: str = "a", log: Path | None = None, partition: str = "phase1"):
+    log = log or root / "log.txt"
+    args = [sys.executable, "-c", HOLDER, str(root), "checkpoint", partition, str(hold), str(timeout), tag, str(log)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_locked(proc: subprocess.Popen) -> None:
+    line = proc.stdout.readline()
+    assert line.strip() == "locked", (line, proc.stderr.read() if proc.poll() is not None else "")
+
+
+def test_second_process_is_refused_naming_asset_partition_and_holder(tmp_path):
+    holder = spawn(tmp_path, hold=5.0)
+    try:
+        wait_locked(holder)
+        second = spawn(tmp_path, hold=0.0, tag="b")
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 3, err
+        assert "checkpoint[phase1] is being written by another run" in err
+        assert f"pid {holder.pid} " in err
+        assert str(lock_path(tmp_path, "checkpoint", "phase1")) in err
+        with pytest.raises(AssetLockedError, match=rf"checkpoint\[phase1\].*pid {holder.pid} "):
+            with asset_lock(tmp_path, "checkpoint", "phase1"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "b " not in (tmp_path / "log.txt").read_text()
+
+
+def test_other_partitions_and_assets_are_independent(tmp_path):
+    holder = spawn(tmp_path, hold=5.0)
+    try:
+        wait_locked(holder)
+        with asset_lock(tmp_path, "checkpoint", "phase2"), asset_lock(tmp_path, "predictions", "phase1"):
+            pass
+        with asset_lock(tmp_path, "splits"):
+            assert (tmp_path / "splits" / ".lock").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_waiting_writer_runs_after_the_holder_without_interleaving(tmp_path):
+    log = tmp_path / "log.txt"
+    first = spawn(tmp_path, hold=1.5, tag="a", log=log)
+    wait_locked(first)
+    second = spawn(tmp_path, hold=0.5, timeout=30.0, tag="b", log=log)
+    assert first.wait(timeout=60) == 0
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    tags = [line.split()[0] for line in log.read_text().splitlines()]
+    assert tags == ["a"] * 5 + ["b"] * 5, tags
+
+
+def test_waiting_gives_up_after_the_timeout(tmp_path):
+    holder = spawn(tmp_path, hold=10.0)
+    try:
+        wait_locked(holder)
+        start = time.monotonic()
+        with pytest.raises(AssetLockedError, match=r"after waiting \d"):
+            with asset_lock(tmp_path, "checkpoint", "phase1", timeout=0.5):
+                pass
+        assert 0.4 < time.monotonic() - start < 5
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    holder = spawn(tmp_path, hold=30.0)
+    wait_locked(holder)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with asset_lock(tmp_path, "checkpoint", "phase1") as path:
+        assert f"pid {os.getpid()} " in path.read_text()
+    assert path.read_text() == "", "the holder line is cleared on release"
+
+
+def test_names_must_be_single_path_components(tmp_path):
+    for asset, partition in (("..", "phase1"), ("checkpoint", "../x"), ("a/b", None), ("", None)):
+        with pytest.raises(ValueError, match="single path component"):
+            lock_path(tmp_path, asset, partition)
