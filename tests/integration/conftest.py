@@ -37,9 +37,10 @@ class Project:
     def run(self, *args: str, timeout: int = 2400) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
 
-    def materialize(self, select: str, partition: str) -> subprocess.CompletedProcess:
-        return self.run(str(BIN / "dagster"), "asset", "materialize", "-m", "stage1_assets.definitions",
-                        "--select", select, "--partition", partition)
+    def materialize(self, select: str, partition: str | None) -> subprocess.CompletedProcess:
+        """``dagster asset materialize``; ``partition=None`` for a selection of unpartitioned assets."""
+        args = [str(BIN / "dagster"), "asset", "materialize", "-m", "stage1_assets.definitions", "--select", select]
+        return self.run(*args, *(["--partition", partition] if partition else []))
 
     def stage1(self, *args: str) -> subprocess.CompletedProcess:
         return self.run(str(BIN / "stage1"), *args)

@@ -26,7 +26,7 @@ def test_relabelled_csv_is_used_and_features_are_reused(tmp_path, phase1_project
             row[1], flipped = "1", flipped + 1
     with labels.open("w", newline="") as handle:
         csv.writer(handle, lineterminator="\n").writerows(rows)
-    rebuilt = project.materialize("dataset_index,splits", "phase1")
+    rebuilt = project.materialize("dataset_index,splits", None)
     assert rebuilt.returncode == 0, output(rebuilt)
     stale = project.materialize("bundle", "phase1")
     assert stale.returncode != 0, output(stale)
@@ -61,7 +61,7 @@ def test_rebuilt_model_without_a_new_policy_is_refused(tmp_path, phase1_project)
 
 def test_training_seed_never_redraws_the_validation_splits(tmp_path, phase1_project):
     project = clone_project(phase1_project, tmp_path, seed=7)
-    result = project.materialize("splits", "phase1")
+    result = project.materialize("splits", None)
     assert result.returncode == 0, output(result)
     before = (phase1_project.artifacts / "splits" / "splits.json").read_text()
     after = (project.artifacts / "splits" / "splits.json").read_text()
