@@ -250,16 +250,22 @@ def baseline_accuracy(ctx: StepContext) -> tuple[float, str]:
 
 @criterion("gate_trains")
 def _gate_trains(ctx: StepContext) -> GateVerdict:
+    """Judged on the checkpoint itself (predictions do not exist yet when checkpoint checks run)."""
     from scipy import special
 
-    from stage1_core.steps.training import load_prediction_outputs
+    from stage1_core.bundle.predictor import Stage1Predictor
+    from stage1_core.policies import SoftmaxExitPolicy
+    from stage1_core.steps.backbone import load_split
+    from stage1_core.steps.training import load_head
 
     training = _training(ctx)
-    ctx.require("checkpoint-check", [("predictions", ctx.partition)])
-    probs, raw, labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_select")
+    data = load_split(ctx.layout, ctx.partition, "val_select")
+    predictor = Stage1Predictor(load_head(ctx.layout, ctx.partition), SoftmaxExitPolicy(None))
+    logits, raw = predictor.head_outputs_from_features(data.features)
     if raw is None:
         return GateVerdict("gate_trains", False, "the checkpoint has no gate head", {})
-    return gates.check_gate_trains(bool(training["losses_finite"]), special.expit(raw), probs.argmax(1) == labels)
+    correct = logits.argmax(1) == data.labels.numpy()
+    return gates.check_gate_trains(bool(training["losses_finite"]), special.expit(raw), correct)
 
 
 def _gate_comparison(ctx: StepContext) -> dict[str, Any]:
