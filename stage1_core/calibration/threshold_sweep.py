@@ -96,11 +96,16 @@ class CandidateTable:
         return int(self.thresholds.shape[0])
 
 
-def candidate_table(probs, labels) -> CandidateTable:
-    """Counts behind FNR_on_exited for every distinct max-probability of ``probs``."""
+def _binary_probs(probs) -> np.ndarray:
     p = as_probs(probs)
     if p.shape[1] != 2:
         raise ValueError(f"the softmax exit policy is binary: probs must be [N, 2], got {p.shape}")
+    return p
+
+
+def candidate_table(probs, labels) -> CandidateTable:
+    """Counts behind FNR_on_exited for every distinct max-probability of ``probs``."""
+    p = _binary_probs(probs)
     return score_candidate_table(p.max(axis=1), p.argmax(axis=1), labels)
 
 
@@ -376,9 +381,7 @@ def certify_softmax_threshold(
     Fit it on val_calib probabilities of the selected checkpoint only. ``n_starts`` applies to
     ``"multistart_fixed_sequence"``. See the module docstring for the methods.
     """
-    p = as_probs(probs)
-    if p.shape[1] != 2:
-        raise ValueError(f"the softmax exit policy is binary: probs must be [N, 2], got {p.shape}")
+    p = _binary_probs(probs)
     y = as_labels(labels, n=p.shape[0])
     result = certify_score_threshold(p.max(axis=1), p.argmax(axis=1), y, target_fnr, delta, method, n_starts)
     result.grid_results = _grid_rows(p, y, target_fnr, delta)

@@ -13,7 +13,7 @@ from typing import Any
 from stage1_core.artifacts import read_json, write_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.phases import PHASES, phase_number
-from stage1_core.steps.context import Layout, StepContext
+from stage1_core.steps.context import Layout
 
 FAILURE_FILE = "failure.json"
 STEP_ORDER = ("dataset_index", "splits", "backbone", "cached_features", "checkpoint", "predictions",
@@ -158,5 +158,5 @@ def read_phase_summary(layout: Layout, partition: str, config: Stage1ProConfig |
     return phase_summary_lines(phase_status(config, layout, partition))
 
 
-__all__ = ["StepContext", "phase_status", "phase_summary_lines", "read_phase_summary", "record_failure",
+__all__ = ["phase_status", "phase_summary_lines", "read_phase_summary", "record_failure",
            "clear_failure", "summary_table", "format_table"]

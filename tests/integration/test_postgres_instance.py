@@ -107,8 +107,11 @@ class Cluster:
 def cluster() -> Iterator[Cluster]:
     bin_dir = postgres_bin()
     if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed: apt-get install postgresql (.ci/run does)")
-    pytest.importorskip("dagster_postgres", reason="dagster-postgres is not installed (see .ci/run)")
+        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not installed: apt-get install postgresql (.ci/run does)")
+    try:
+        import dagster_postgres  # noqa: F401
+    except ImportError:
+        pytest.fail("dagster-postgres is not installed: .ci/run installs it (pip install --no-deps dagster-postgres)")
     server = Cluster(bin_dir)
     try:
         server.start()
