@@ -9,8 +9,9 @@ from stage1_assets.assets.data import dataset_index, splits
 from stage1_assets.assets.model import backbone, cached_features, checkpoint, predictions
 from stage1_assets.assets.policy import evaluation, exit_policy
 from stage1_assets.checks.phase_gates import CHECKS_BY_PHASE, phase_gate_checks
-from stage1_assets.partitions import phase_line, phases
+from stage1_assets.partitions import phase_job_name, phase_line, phases
 from stage1_assets.resources import default_resource
+from stage1_assets.skips import skip_jobs
 from stage1_core.phases import PHASES
 
 #: One process per step, started from a forkserver that has already imported torch, transformers
@@ -19,11 +20,6 @@ from stage1_core.phases import PHASES
 executor = dg.multiprocess_executor.configured(
     {"start_method": {"forkserver": {"preload_modules": ["stage1_assets.definitions"]}}}
 )
-
-
-def phase_job_name(key: str) -> str:
-    """``phase1`` -> ``phase1_train_gate_bundle``: the run name the UI shows for that phase."""
-    return f"{key}_train_gate_bundle"
 
 
 def phase_job(number: int) -> Any:
@@ -49,7 +45,7 @@ phase_jobs = [phase_job(number) for number, recipe in PHASES.items() if recipe.a
 defs = dg.Definitions(
     assets=[dataset_index, splits, backbone, cached_features, checkpoint, predictions, exit_policy, evaluation, bundle],
     asset_checks=phase_gate_checks,
-    jobs=phase_jobs,
+    jobs=[*phase_jobs, *skip_jobs],
     resources={"stage1": default_resource()},
     executor=executor,
 )

@@ -1,17 +1,19 @@
 """``make demo``: run every available phase in order, each as its own Dagster run, and summarise.
 
-Each phase is ``dagster asset materialize -m stage1_assets.definitions --select +bundle
---partition phaseN``. The full event log goes to ``$DAGSTER_HOME/logs/<phase>.log``; the
-terminal gets one line per step and per gate check with its verdict. The demo stops at the first
-phase whose run fails (a gate, a step or data validation) and ends with the per-phase table of
-``stage1 summary --all``.
+Each phase is its job, ``dagster job execute -m stage1_assets.definitions -j phaseN_train_gate_bundle
+--tags '{"dagster/partition": "phaseN"}'``: every asset of the phase with that phase's gate checks,
+a run the UI lists under the job's name. The full event log goes to
+``$DAGSTER_HOME/logs/<phase>.log``; the terminal gets one line per step and per gate check with
+its verdict. The demo stops at the first phase whose run fails (a gate, a step or data validation)
+and ends with the per-phase table of ``stage1 summary --all``.
 
-    python -m stage1_assets.demo [--phase phaseN] [--from-phase phaseN]
+    python -m stage1_assets.demo [--phase phaseN]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -19,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from stage1_core.phases import PHASES, phase_number
+from stage1_core.phases import PHASES, PhaseUnavailableError, get_recipe, phase_number
 
 BIN = Path(sys.executable).parent
 EVENT = re.compile(r" - (?P<step>[\w\[\]]+) - (?P<event>STEP_SUCCESS|STEP_FAILURE|ASSET_CHECK_EVALUATION|STEP_SKIPPED)"
@@ -33,11 +35,18 @@ def step_seconds(text: str) -> dict[str, float]:
     return {m["step"]: float(m["value"]) * scale[m["unit"]] for m in DURATION.finditer(text)}
 
 
+def phase_command(partition: str) -> list[str]:
+    """The ``dagster job execute`` command that runs ``partition``'s job for that partition."""
+    from stage1_assets.partitions import phase_job_name
+
+    return [str(BIN / "dagster"), "job", "execute", "-m", "stage1_assets.definitions", "-j",
+            phase_job_name(partition), "--tags", json.dumps({"dagster/partition": partition})]
+
+
 def run_phase(partition: str, log_dir: Path) -> tuple[int, float, dict[str, float]]:
-    """Materialise ``+bundle`` for one phase; print one line per step/check; return (rc, wall s, step s)."""
+    """Run the phase job for one phase; print one line per step/check; return (rc, wall s, step s)."""
     log_path = log_dir / f"{partition}.log"
-    command = [str(BIN / "dagster"), "asset", "materialize", "-m", "stage1_assets.definitions",
-               "--select", "+bundle", "--partition", partition]
+    command = phase_command(partition)
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -62,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     if args.phase:
-        phases = [PHASES[phase_number(args.phase)].key]
+        try:
+            phases = [get_recipe(args.phase).key]
+        except PhaseUnavailableError as exc:
+            print(exc)
+            return 1
     else:
         phases = [r.key for r in PHASES.values() if r.available]
     status = 0

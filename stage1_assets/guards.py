@@ -6,6 +6,8 @@ import dagster as dg
 
 from stage1_assets.gate_status import latest_materialization_id, phase_check_records
 from stage1_core.gates import gate_failures
+from stage1_core.phase_state import read_skip
+from stage1_core.steps.context import Layout
 from stage1_core.phases import PHASES, phase_number, previous_phases
 
 
@@ -27,16 +29,29 @@ def require_gate_for_export(instance: dg.DagsterInstance, partition: str) -> Non
     _raise_if_failing(f"bundle[{partition}] refused: the {partition} gate has not passed", gate_failures(names, records))
 
 
-def require_previous_phase_gates(instance: dg.DagsterInstance, partition: str) -> None:
-    """phaseN's training assets refuse to start unless phase N-1's gate passed (5 optional)."""
+def require_previous_phase_gates(instance: dg.DagsterInstance, partition: str, layout: Layout | None = None) -> None:
+    """phaseN's training assets refuse to start unless the gates of the phases it builds on passed.
+
+    An optional phase (5) counts when it was attempted (it has a checkpoint materialisation) and
+    is not skipped (``stage1 phase skip``); the refusal then names both ways out.
+    """
+    skipped = {
+        number for number, recipe in PHASES.items()
+        if recipe.optional and layout is not None and read_skip(layout, recipe.key) is not None
+    }
     attempted = {
         number
         for number, recipe in PHASES.items()
-        if recipe.optional and latest_materialization_id(instance, "checkpoint", recipe.key) is not None
+        if recipe.optional and number not in skipped
+        and latest_materialization_id(instance, "checkpoint", recipe.key) is not None
     }
     failures = []
     for number in previous_phases(phase_number(partition), attempted):
         key = PHASES[number].key
         names, records = phase_check_records(instance, key)
-        failures.extend(f"{key}.{line}" for line in gate_failures(names, records))
+        lines = [f"{key}.{line}" for line in gate_failures(names, records)]
+        if lines and PHASES[number].optional:
+            lines.append(f"{key} is optional and was attempted: make its gate pass (make demo PHASE={key}), or "
+                         f"skip it explicitly: stage1 phase skip {key} --reason TEXT (or the skip_{key} job)")
+        failures.extend(lines)
     _raise_if_failing(f"{partition} refused: an earlier phase's gate has not passed", failures)

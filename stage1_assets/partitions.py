@@ -7,6 +7,11 @@ from stage1_core.phases import PHASE_KEYS, PHASES
 phases = dg.StaticPartitionsDefinition(PHASE_KEYS)
 
 
+def phase_job_name(key: str) -> str:
+    """``phase1`` -> ``phase1_train_gate_bundle``: the job that runs that phase, and the run name the UI shows."""
+    return f"{key}_train_gate_bundle"
+
+
 def phase_line(number: int) -> str:
     """One plain-text line naming a phase, what it trains and what it waits for."""
     recipe = PHASES[number]

@@ -5,6 +5,16 @@ Every JSON document is validated against ``stage1_core/schemas/<name>.schema.jso
 ``os.replace``-d into place, so a crash never leaves a half-written artifact behind. Tensors are
 stored with ``torch.save`` and read back with ``torch.load(weights_only=True)`` so loading a file a
 user hands us never executes code.
+
+Fault injection (tests only): with ``STAGE1_FAULT_INJECT`` set, the atomic writers (and the
+bundle publish, through :func:`fault_point`) SIGKILL their own process at a chosen point of a
+chosen write, so a test can check that a crash at that point never leaves a partial file under a
+final name. The value is ``<glob>:<when>[:<n>][:group]``: ``<glob>`` is matched (``fnmatch``)
+against the target's absolute path, ``<when>`` is one of :data:`FAULT_POINTS` (``mid-write``
+writes half the bytes into the temporary file, fsyncs them, then dies), ``<n>`` kills at the
+n-th matching write of the process (default 1) and ``group`` kills the process group instead (a
+``dagster asset materialize`` and its step processes, when started as their own group). Several
+specs are separated by ``;``. Unset, each write costs one ``os.environ`` look-up.
 """
 
 from __future__ import annotations
@@ -12,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import tempfile
+from fnmatch import fnmatch
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -27,6 +39,50 @@ os.umask(_UMASK)
 
 class ArtifactError(ValueError):
     """An artifact is missing, unreadable or does not match its schema."""
+
+
+FAULT_ENV = "STAGE1_FAULT_INJECT"
+#: Where a write can be killed: before anything is written, with half the bytes in the
+#: temporary file, with the whole temporary file written but not renamed, after the rename.
+FAULT_POINTS = ("before-write", "mid-write", "before-rename", "after-rename")
+_fault_hits: dict[str, int] = {}
+
+
+def _fault_specs(text: str) -> list[tuple[str, str, int, bool]]:
+    specs = []
+    for raw in filter(None, (part.strip() for part in text.split(";"))):
+        pattern, _, rest = raw.partition(":")
+        fields = rest.split(":") if rest else []
+        when = fields[0] if fields else ""
+        nth, group = 1, False
+        for extra in fields[1:]:
+            if extra == "group":
+                group = True
+            elif extra.isdigit() and int(extra) >= 1:
+                nth = int(extra)
+            else:
+                raise ValueError(f"{FAULT_ENV}={text!r}: {extra!r} is neither a count >= 1 nor 'group'")
+        if not pattern or when not in FAULT_POINTS:
+            raise ValueError(f"{FAULT_ENV}={text!r}: expected <glob>:<when>[:<n>][:group], <when> one of {FAULT_POINTS}")
+        specs.append((pattern, when, nth, group))
+    return specs
+
+
+def fault_point(path: str | Path, when: str) -> None:
+    """Test hook: SIGKILL this process (or its group) if ``STAGE1_FAULT_INJECT`` names this write."""
+    text = os.environ.get(FAULT_ENV)
+    if not text:
+        return
+    target = str(Path(path).absolute())
+    for pattern, point, nth, group in _fault_specs(text):
+        if point != when or not fnmatch(target, pattern):
+            continue
+        key = f"{pattern}:{point}"
+        _fault_hits[key] = _fault_hits.get(key, 0) + 1
+        if _fault_hits[key] == nth:
+            if group:
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @lru_cache(maxsize=None)
@@ -65,18 +121,32 @@ def validate(data: Any, schema: str, source: str | Path = "<memory>") -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same directory."""
     path = Path(path)
+    inject = bool(os.environ.get(FAULT_ENV))
+    if inject:
+        fault_point(path, "before-write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
+            if inject:
+                half = len(data) // 2
+                handle.write(data[:half])
+                handle.flush()
+                os.fsync(handle.fileno())
+                fault_point(path, "mid-write")
+                data = data[half:]
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if inject:
+            fault_point(path, "before-rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if inject:
+        fault_point(path, "after-rename")
     return path
 
 

@@ -266,6 +266,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts_root", "--artifacts-root", default=DEFAULT_ARTIFACTS_ROOT,
                         help="where a builtin backbone is (re)built (default ./artifacts)")
     parser.add_argument("--batch_size", type=int, default=None, help="images per forward pass")
+    parser.add_argument("--transductive", action="store_true",
+                        help="decide all images as one batch (required by, and only for, an SCRC-T bundle, which "
+                             "recomputes its thresholds from the batch; too small a batch is refused)")
 
 
 @subcommand("predict", "decide images with a deploy bundle (exit or defer, label, p_roadwork)", add_predict_arguments)
@@ -282,17 +285,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if size < 1:
         raise CliError(f"--batch_size must be >= 1, got {size}")
     paths = list(args.images)
+    try:
+        bundle.check_transductive(len(paths), args.transductive)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    step = len(paths) if args.transductive else size  # SCRC-T decides every image in one batch
     failed = 0
-    for start in range(0, len(paths), size):
+    for start in range(0, len(paths), step):
         decoded = []
-        for path in paths[start : start + size]:
+        for path in paths[start : start + step]:
             try:
                 decoded.append((path, load_image(path)))
             except (FileNotFoundError, ValueError) as exc:
                 failed += 1
                 print(f"{PROG} predict: error: {exc}", file=sys.stderr)
+        if decoded and args.transductive:
+            try:
+                bundle.check_transductive(len(decoded), True)
+            except ValueError as exc:
+                raise CliError(f"{exc} ({failed} image(s) could not be read)") from None
         if decoded:
-            results = bundle.predict([image for _, image in decoded], batch_size=size)
+            results = bundle.predict([image for _, image in decoded], batch_size=size, transductive=args.transductive)
             for (path, _), result in zip(decoded, results):
                 print(format_prediction(path, result, as_json=args.json))
     if failed:
@@ -332,7 +345,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 def add_summary_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase", default="phase1", help="phase partition (default phase1)")
-    parser.add_argument("--all", action="store_true", help="one table of every phase: gate verdict, bundle, figures")
+    parser.add_argument("--all", action="store_true", help="one table of every phase: state (passed / failed / not run / skipped / not available), "
+                             "headline figures, current bundle")
     parser.add_argument("--artifacts_root", "--artifacts-root", default=None,
                         help="artifacts root (default $STAGE1_ARTIFACTS or ./artifacts)")
     parser.add_argument("--config", default=None, help="run config (default $STAGE1_CONFIG or configs/default.yaml)")
@@ -354,7 +368,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.all:
         rows = summary_table(config, layout)
         print(format_table(rows))
-        ran = [r for r in rows if r["gate"] not in ("not run", "not available")]
+        ran = [r for r in rows if r["state"] in ("passed", "failed")]
         return 0 if ran and all(r["bundle_id"] for r in ran) else 1
     status = phase_status(config, layout, args.phase)
     for line in phase_summary_lines(status):
@@ -363,6 +377,33 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if log:
         print(f"  full Dagster event log: {log}")
     return 0 if status["bundle_current"] else 1
+
+
+def add_phase_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["skip", "unskip"], help="skip: record that an optional phase is skipped; "
+                        "unskip: remove that record")
+    parser.add_argument("phase", help="the optional phase, e.g. phase5")
+    parser.add_argument("--reason", default=None, help="why it is skipped (required for skip; shown in the UI and summary)")
+    parser.add_argument("--artifacts_root", "--artifacts-root", default=None,
+                        help="artifacts root (default $STAGE1_ARTIFACTS or ./artifacts)")
+
+
+@subcommand("phase", "skip an optional phase (stage1 phase skip phase5 --reason TEXT) or undo it", add_phase_arguments)
+def cmd_phase(args: argparse.Namespace) -> int:
+    """Later phases build on a skipped phase's predecessor and no longer wait for its gate."""
+    import os
+
+    from stage1_core.phase_state import skip_phase, unskip_phase
+
+    root = Path(args.artifacts_root or os.environ.get("STAGE1_ARTIFACTS", DEFAULT_ARTIFACTS_ROOT))
+    if args.action == "skip":
+        record = skip_phase(root, args.phase, args.reason or "")
+        print(f"{record['phase']} skipped by {record['by']} at {record['at']}: {record['reason']}\n"
+              f"later phases no longer wait for its gate; undo with `{PROG} phase unskip {record['phase']}`")
+        return 0
+    existed = unskip_phase(root, args.phase)
+    print(f"{args.phase}: skip record removed" if existed else f"{args.phase} was not skipped")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -190,6 +190,51 @@ class Stage1ProConfig(BaseModel):
     gate_min_gain: float = 0.0
     use_dirichlet: bool = False
     calibration_iters: int = 300
+    #: Memory budget of a training step (peak RSS; CUDA max allocated on a GPU), judged by the
+    #: phase 4/5 gates.
+    memory_budget_gb: float = 16.0
+
+    # Phase 4: ExPLoRA continued pre-training of the backbone, then PEFT fine-tuning on images.
+    #: Extra unlabeled images for ExPLoRA (besides the train split's images, labels unused).
+    unlabeled_image_dir: str | None = None
+    explora_epochs: int = 2
+    explora_r: int = 8
+    explora_unfrozen_blocks: int = 1
+    explora_mask_ratio: float = 0.75
+    explora_lr: float = 2e-4
+    explora_batch_size: int = 32
+    #: Cap on pre-training images (a fixed random subset; null = all).
+    explora_max_images: int | None = None
+    #: Held-out train images for the reconstruction-gain criterion (never val images).
+    explora_held_out_images: int = 64
+    #: Relative held-out reconstruction-loss reduction the phase-4 gate requires.
+    explora_min_gain: float = 0.05
+    #: Epochs of image-based fine-tuning (adapters + heads) in phases 4-5 (``mode: train``).
+    finetune_epochs: int = 3
+    #: Cap on fine-tuning train images per epoch (a fixed random subset; null = all).
+    finetune_max_images: int | None = None
+    gradient_checkpointing: bool = False
+
+    # Phase 5: SAM / Friendly-SAM.
+    sam_rho: float = 0.05
+    sam_adaptive: bool = False
+    fsam_sigma: float = 1.0
+    fsam_lmbda: float = 0.9
+    #: Layer-wise learning-rate decay for backbone adapters (1.0 = off).
+    layer_lr_decay: float = 1.0
+    #: A training loss above this factor times the running median counts as a spike (phase 5 gate).
+    loss_spike_factor: float = 3.0
+
+    # Phase 6: conformal risk training, Dirichlet calibration, SCRC.
+    crt_weight: float = 1.0
+    crt_temperature: float = 0.1
+    crt_fraction: float = 0.5
+    #: Batch of cached features for conformal risk training: each half needs enough positives for the
+    #: in-batch FNR calibration (only the ``crt`` loss uses it; other losses use max_batch_size).
+    crt_batch_size: int = 512
+    dirichlet_lambda: float = 1e-3
+    dirichlet_mu: float = 1e-3
+    scrc_variant: Literal["I", "T"] = "I"
 
     # Provenance (written by save()).
     created_at: str | None = None
@@ -284,6 +329,29 @@ class Stage1ProConfig(BaseModel):
         need(0.0 < self.val_test_alpha < 0.5, "val_test_alpha", "in (0, 0.5)")
         need(self.aux_weight >= 0, "aux_weight", ">= 0")
         need(self.calibration_iters >= 1, "calibration_iters", ">= 1")
+        need(self.memory_budget_gb > 0, "memory_budget_gb", "> 0")
+        need(self.explora_epochs >= 1, "explora_epochs", ">= 1")
+        need(self.explora_r >= 0, "explora_r", ">= 0 (0 = no LoRA, unfrozen blocks only)")
+        need(self.explora_unfrozen_blocks >= 0, "explora_unfrozen_blocks", ">= 0")
+        need(0.0 < self.explora_mask_ratio < 1.0, "explora_mask_ratio", "in (0, 1)")
+        need(self.explora_lr > 0, "explora_lr", "> 0")
+        need(self.explora_batch_size >= 1, "explora_batch_size", ">= 1")
+        need(self.explora_max_images is None or self.explora_max_images >= 1, "explora_max_images", ">= 1 or null")
+        need(self.explora_held_out_images >= 1, "explora_held_out_images", ">= 1")
+        need(0.0 <= self.explora_min_gain < 1.0, "explora_min_gain", "in [0, 1)")
+        need(self.finetune_epochs >= 1, "finetune_epochs", ">= 1")
+        need(self.finetune_max_images is None or self.finetune_max_images >= 1, "finetune_max_images", ">= 1 or null")
+        need(self.sam_rho > 0, "sam_rho", "> 0")
+        need(self.fsam_sigma >= 0, "fsam_sigma", ">= 0")
+        need(0.0 <= self.fsam_lmbda < 1.0, "fsam_lmbda", "in [0, 1)")
+        need(0.0 < self.layer_lr_decay <= 1.0, "layer_lr_decay", "in (0, 1] (1.0 = off)")
+        need(self.loss_spike_factor > 1.0, "loss_spike_factor", "> 1")
+        need(self.crt_weight >= 0, "crt_weight", ">= 0")
+        need(self.crt_temperature > 0, "crt_temperature", "> 0")
+        need(0.0 < self.crt_fraction < 1.0, "crt_fraction", "in (0, 1)")
+        need(self.crt_batch_size >= 2, "crt_batch_size", ">= 2")
+        need(self.dirichlet_lambda >= 0, "dirichlet_lambda", ">= 0")
+        need(self.dirichlet_mu >= 0, "dirichlet_mu", ">= 0")
         if self.model_path.startswith(BUILTIN_PREFIX):
             name = self.model_path[len(BUILTIN_PREFIX):]
             need(name in BUILTIN_BACKBONES, "model_path", f"a directory or one of {[BUILTIN_PREFIX + b for b in BUILTIN_BACKBONES]}")
@@ -470,6 +538,29 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
     "peft_r": {"minimum": 1},
     "peft_blocks": {"minimum": 0},
     "calibration_iters": {"minimum": 1},
+    "memory_budget_gb": {"exclusiveMinimum": 0},
+    "explora_epochs": {"minimum": 1},
+    "explora_r": {"minimum": 0},
+    "explora_unfrozen_blocks": {"minimum": 0},
+    "explora_mask_ratio": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "explora_lr": {"exclusiveMinimum": 0},
+    "explora_batch_size": {"minimum": 1},
+    "explora_max_images": {"minimum": 1},
+    "explora_held_out_images": {"minimum": 1},
+    "explora_min_gain": {"minimum": 0, "exclusiveMaximum": 1},
+    "finetune_epochs": {"minimum": 1},
+    "finetune_max_images": {"minimum": 1},
+    "sam_rho": {"exclusiveMinimum": 0},
+    "fsam_sigma": {"minimum": 0},
+    "fsam_lmbda": {"minimum": 0, "exclusiveMaximum": 1},
+    "layer_lr_decay": {"exclusiveMinimum": 0, "maximum": 1},
+    "loss_spike_factor": {"exclusiveMinimum": 1},
+    "crt_weight": {"minimum": 0},
+    "crt_temperature": {"exclusiveMinimum": 0},
+    "crt_fraction": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "crt_batch_size": {"minimum": 2},
+    "dirichlet_lambda": {"minimum": 0},
+    "dirichlet_mu": {"minimum": 0},
 }
 
 

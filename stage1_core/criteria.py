@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import math
+
 import numpy as np
 
 from stage1_core import gates
@@ -206,14 +208,20 @@ def _no_regression(ctx: StepContext) -> GateVerdict:
                        {**verdict.figures, "previous_phase": previous})
 
 
-def reference_phase(layout: Layout, number: int) -> str | None:
-    """The phase a regression is measured against: the latest earlier phase with an evaluation.
+def reference_phase(layout: Layout, number: int, asset: str = "evaluation") -> str | None:
+    """The phase a regression is measured against: the latest earlier phase with that asset.
 
-    Phase 5 is optional, so phase 6 compares with phase 5 only when phase 5 was evaluated.
+    Phase 5 is optional, so phase 6 compares with phase 5 only when phase 5 was evaluated and is
+    not skipped (a skipped phase is never a reference, whatever it left behind).
     """
+    from stage1_core.lineage import record_path
+    from stage1_core.phase_state import read_skip
+
     for earlier in range(number - 1, 0, -1):
         key = PHASES[earlier].key
-        if (layout.path("evaluation", key) / "evaluation.json").is_file():
+        if PHASES[earlier].optional and read_skip(layout, key) is not None:
+            continue
+        if record_path(layout.path(asset, key)).is_file():
             return key
     return None
 
@@ -299,3 +307,199 @@ def _no_classification_regression(ctx: StepContext) -> GateVerdict:
 @criterion("gate_calibration_improves")
 def _gate_calibration_improves(ctx: StepContext) -> GateVerdict:
     return gates.check_gate_calibration_improves(_gate_comparison(ctx)["calibration"])
+
+
+# ----- phase 4 and 5 -----------------------------------------------------------------------------
+
+
+@criterion("explora_pretraining_completed")
+def _explora_pretraining(ctx: StepContext) -> GateVerdict:
+    from stage1_core.steps.backbone import read_backbone
+
+    ctx.require("backbone-check", [("backbone", ctx.partition)])
+    explora = read_backbone(ctx.layout, ctx.partition).get("explora")
+    if explora is None:
+        return GateVerdict("explora_pretraining_completed", False,
+                           f"backbone[{ctx.partition}] was not adapted with ExPLoRA (no record of it)", {})
+    return gates.check_explora_pretraining(bool(explora["losses_finite"]), explora["gain"])
+
+
+@criterion("peft_applied_correctly")
+def _peft_applied(ctx: StepContext) -> GateVerdict:
+    peft = _training(ctx).get("peft")
+    if peft is None:
+        return GateVerdict("peft_applied_correctly", False,
+                           f"checkpoint[{ctx.partition}] did not fine-tune backbone adapters (no PEFT record)", {})
+    return gates.check_peft_applied(peft["init"], peft["final"])
+
+
+def _certified_coverage(ctx: StepContext, partition: str) -> float:
+    from stage1_core.steps.evaluation import EVALUATION_FILE
+    from stage1_core.steps.policy import read_policy_document
+
+    policy = read_json(ctx.layout.path("evaluation", partition) / EVALUATION_FILE, schema="evaluation")["policy"]
+    return float(read_policy_document(ctx.layout, partition, policy)["coverage"])
+
+
+@criterion("performance_maintained")
+def _performance_maintained(ctx: StepContext) -> GateVerdict:
+    from stage1_core.steps.training import read_training
+
+    _evaluation(ctx)
+    previous = reference_phase(ctx.layout, phase_number(ctx.partition))
+    if previous is None:
+        return GateVerdict("performance_maintained", False, f"no earlier phase of {ctx.partition} to compare with", {})
+    current = {"accuracy": _training(ctx)["best_val_accuracy"], "coverage": _certified_coverage(ctx, ctx.partition)}
+    before = {"accuracy": read_training(ctx.layout, previous)["best_val_accuracy"],
+              "coverage": _certified_coverage(ctx, previous)}
+    return gates.check_performance_maintained(current, before, previous)
+
+
+@criterion("no_memory_issues")
+def _no_memory_issues(ctx: StepContext) -> GateVerdict:
+    from stage1_core.steps.training import read_training
+
+    training = _training(ctx)
+    memory = training.get("memory") or {}
+    peak = memory.get("peak_cuda_gb") if memory.get("peak_cuda_gb") is not None else memory.get("peak_rss_gb")
+    reference = None
+    previous = reference_phase(ctx.layout, phase_number(ctx.partition), asset="checkpoint")
+    if previous is not None:
+        ref_memory = read_training(ctx.layout, previous).get("memory") or {}
+        ref_peak = ref_memory.get("peak_cuda_gb") if ref_memory.get("peak_cuda_gb") is not None else ref_memory.get("peak_rss_gb")
+        reference = {"phase": previous, "peak_gb": ref_peak}
+    return gates.check_no_memory_issues(training.get("oom_fallback"), peak, float(memory.get("budget_gb", math.inf)),
+                                        reference)
+
+
+@criterion("training_stable")
+def _training_stable(ctx: StepContext) -> GateVerdict:
+    training = _training(ctx)
+    return gates.check_training_stable(training.get("step_losses", []), training.get("grad_norms", []),
+                                       float(training["loss_spike_factor"]))
+
+
+@criterion("improves_over_adamw")
+def _improves_over_adamw(ctx: StepContext) -> GateVerdict:
+    from stage1_core.steps.training import read_training
+    from stage1_core.training.trainer import SELECTION_METRICS
+
+    _evaluation(ctx)
+    training = _training(ctx)
+    previous = reference_phase(ctx.layout, phase_number(ctx.partition))
+    if previous is None:
+        return GateVerdict("improves_over_adamw", False, f"no AdamW reference phase of {ctx.partition} was evaluated", {})
+    before = read_training(ctx.layout, previous)
+    if before.get("optimizer", "adamw") != "adamw" or before["selection_metric"] != training["selection_metric"]:
+        return GateVerdict("improves_over_adamw", False,
+                           f"{previous} is not an AdamW run with the same selection metric, so it is no reference", {})
+    metric = training["selection_metric"]
+    current = {"selection_value": training["best_metric"], "coverage": _certified_coverage(ctx, ctx.partition),
+               "optimizer": training.get("optimizer")}
+    reference = {"selection_value": before["best_metric"], "coverage": _certified_coverage(ctx, previous),
+                 "phase": previous, "optimizer": before.get("optimizer", "adamw")}
+    return gates.check_improves_over_adamw(current, reference, metric, SELECTION_METRICS[metric])
+
+
+# ----- phase 6 ---------------------------------------------------------------------------------
+
+
+def crt_reference_phase(layout: Layout) -> str:
+    """The phase whose model phase 6's conformal risk training is compared with (``risk_training_works``).
+
+    The issue: phase 5 when it was attempted and passed, else phase 4. Until that resolution is
+    wired, phase 4. Swap this one function to change it.
+    """
+    return PHASES[4].key
+
+
+def _scrc_policy(ctx: StepContext):
+    """``(scrcparams document, SCRCExitPolicy)`` of the phase; ValueError when its policy is not SCRC."""
+    from stage1_core.policies import load_policy
+    from stage1_core.steps.policy import policy_path, read_policy_document
+
+    if ctx.cfg.exit_policy != "scrc":
+        raise ValueError(f"{ctx.partition} deploys the {ctx.cfg.exit_policy!r} policy, not SCRC")
+    return (read_policy_document(ctx.layout, ctx.partition, "scrc"),
+            load_policy("scrc", policy_path(ctx.layout, ctx.partition, "scrc")))
+
+
+def _scrc_comparison(ctx: StepContext) -> dict[str, Any]:
+    comparison = _evaluation(ctx).get("scrc_comparison")
+    if comparison is None:
+        raise ValueError(f"evaluation[{ctx.partition}] holds no SCRC comparison (is its policy SCRC?)")
+    return comparison
+
+
+def deployed_probabilities(ctx: StepContext, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(probs, labels)`` the deployed policy answers from on ``split``: SCRC's calibrated q, else the softmax."""
+    from stage1_core.steps.training import load_prediction_outputs
+
+    probs, raw, labels = load_prediction_outputs(ctx.layout, ctx.partition, split)
+    if ctx.cfg.exit_policy == "scrc":
+        probs = _scrc_policy(ctx)[1].calibrated(probs, raw)[0]
+    return probs, labels
+
+
+@criterion("selective_metrics_recomputed")
+def _selective_recomputed_deployed(ctx: StepContext) -> GateVerdict:
+    """Supersedes ``_selective_recomputed`` above (same check): recomputes from the probabilities the
+    deployed policy answers from, which for SCRC are the Dirichlet-calibrated q that evaluation reports."""
+    from stage1_core.steps.evaluation import read_metrics_csv
+
+    _evaluation(ctx)
+    rows = {r["metric"]: r["value"] for r in read_metrics_csv(ctx.layout, ctx.partition)}
+    probs, labels = deployed_probabilities(ctx, "val_test")
+    residuals = (probs.argmax(1) != labels).astype(float)
+    return gates.check_selective_metrics_recomputed(rows, probs.max(1), residuals)
+
+
+@criterion("risk_training_works")
+def _risk_training_works(ctx: StepContext) -> GateVerdict:
+    from stage1_core.steps.training import read_training
+
+    _evaluation(ctx)
+    training = read_training(ctx.layout, ctx.partition)
+    previous = crt_reference_phase(ctx.layout)
+    if not (ctx.layout.path("evaluation", previous) / "evaluation.json").is_file():
+        return GateVerdict("risk_training_works", False,
+                           f"{previous} has no evaluation, so there is no model to compare conformal risk training with", {})
+    return gates.check_risk_training_works(training["history"], bool(training["losses_finite"]),
+                                           _certified_coverage(ctx, ctx.partition), _certified_coverage(ctx, previous),
+                                           previous)
+
+
+@criterion("coverage_maximised")
+def _coverage_maximised(ctx: StepContext) -> GateVerdict:
+    from stage1_core.artifacts import load_tensors
+    from stage1_core.steps.evaluation import DECISIONS_FILE
+    from stage1_core.steps.training import load_prediction_outputs
+
+    comparison = _scrc_comparison(ctx)
+    doc, policy = _scrc_policy(ctx)
+    probs, raw, labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_calib")
+    q, g = policy.calibrated(probs, raw)
+    if doc["scrc_variant"] == "SCRC-I":
+        recomputed = gates.recompute_scrc_inductive(doc, g, q, labels)
+    else:
+        t_probs, t_raw, _ = load_prediction_outputs(ctx.layout, ctx.partition, "val_test")
+        q_t, g_t = policy.calibrated(t_probs, t_raw)
+        exits = load_tensors(ctx.layout.path("evaluation", ctx.partition) / DECISIONS_FILE)["exit"].numpy()
+        recomputed = gates.recompute_scrc_transductive(doc, g, q, labels, g_t, q_t, exits)
+    return gates.check_coverage_maximised(recomputed, comparison)
+
+
+@criterion("prediction_sets_valid")
+def _prediction_sets_valid(ctx: StepContext) -> GateVerdict:
+    from stage1_core.artifacts import load_tensors
+    from stage1_core.steps.evaluation import DECISIONS_FILE
+    from stage1_core.steps.training import load_prediction_outputs
+
+    comparison = _scrc_comparison(ctx)
+    _, policy = _scrc_policy(ctx)
+    probs, raw, _ = load_prediction_outputs(ctx.layout, ctx.partition, "val_test")
+    q, g = policy.calibrated(probs, raw)
+    exits = load_tensors(ctx.layout.path("evaluation", ctx.partition) / DECISIONS_FILE)["exit"].numpy()
+    sets = comparison["sets"]
+    return gates.check_prediction_sets_valid(q, g, comparison["lambda1"], comparison["lambda2"], exits,
+                                             sets["positive_set_coverage"], sets["positive_set_coverage_target"])

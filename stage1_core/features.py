@@ -347,12 +347,38 @@ def extract_split_features(
     joins labels from the dataset index at use, so relabelling never invalidates features and a
     stale label can never be read from the cache.
     """
+    from stage1_core.locking import LOCK_NAME, default_timeout, path_lock
+
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    # One writer per cache directory (phases sharing a backbone share it); a second one waits
+    # (STAGE1_LOCK_TIMEOUT) or is refused, and once in, reuses what the first one wrote.
+    with path_lock(directory / LOCK_NAME, f"feature cache {directory}", timeout=default_timeout()):
+        return _extract_locked(
+            backbone, datasets, directory, transform_desc, sample_ids, batch_size, device, progress,
+            max_batch_size, fallback_batch_size, num_workers, store_labels,
+        )
+
+
+def _extract_locked(
+    backbone: Any,
+    datasets: Mapping[str, Dataset],
+    directory: Path,
+    transform_desc: str,
+    sample_ids: Mapping[str, Sequence[str]] | None,
+    batch_size: int | None,
+    device: str | torch.device | None,
+    progress: bool,
+    max_batch_size: int,
+    fallback_batch_size: int,
+    num_workers: int | None,
+    store_labels: bool,
+) -> CacheManifest:
+    """:func:`extract_split_features` once the cache directory's lock is held."""
     from stage1_core.progress import progress as tqdm
 
     from stage1_core.data.loaders import make_dataloader, pick_batch_size
 
-    directory = Path(out_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     fingerprint = backbone.fingerprint()
     ids_per_split = {split: _dataset_ids(split, ds, sample_ids) for split, ds in datasets.items()}
     previous = _try_manifest(directory)
@@ -394,10 +420,15 @@ def extract_split_features(
         n = len(ids)
         features = torch.empty((n, backbone.hidden_size), dtype=torch.float32)
         labels = torch.empty((n,), dtype=torch.int64)
-        loader = make_dataloader(dataset, batch_size, train=False, num_workers=num_workers, device=device)
+        # The evaluation transform runs as uint8 decode/resize/crop in the workers and one
+        # normalisation per batch on the device (bit-identical to the per-image transform).
+        fast = dataset.eval_pixels() if hasattr(dataset, "eval_pixels") else None
+        source, pipeline = fast if fast is not None else (dataset, None)
+        loader = make_dataloader(source, batch_size, train=False, num_workers=num_workers, device=device)
         position = 0
         for images, targets in tqdm(loader, desc=f"extract {split}", unit="batch", disable=not progress):
-            batch = backbone.extract(images.to(device, non_blocking=True))
+            images = images.to(device, non_blocking=True)
+            batch = backbone.extract(pipeline.normalise(images) if pipeline is not None else images)
             passes += 1
             size = batch.shape[0]
             features[position : position + size] = batch.float().cpu()

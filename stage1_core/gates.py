@@ -476,3 +476,370 @@ def check_gate_calibration_improves(calibration: Mapping[str, float]) -> GateVer
     return GateVerdict("gate_calibration_improves", ece_ok and brier_ok,
                        message if ece_ok and brier_ok else "calibration made the gate worse: " + message,
                        dict(calibration))
+
+
+# ----- phase 4 and 5: adapted backbone, PEFT, memory, SAM / F-SAM -----------------------------
+
+PERFORMANCE_ACCURACY_TOLERANCE = 0.005
+
+
+def check_explora_pretraining(losses_finite: bool, gain: Mapping[str, Any]) -> GateVerdict:
+    """ExPLoRA ran with finite losses and cut the held-out masked-reconstruction loss by >= the margin.
+
+    ``gain`` is :func:`stage1_core.domain_adaptation.explora.reconstruction_gain` with a
+    decoder-only control: the reduction from the start must reach ``margin`` and the adapted
+    backbone must end below the control (a decoder trained from scratch lowers the loss by itself).
+    """
+    problems = []
+    if not losses_finite:
+        problems.append("a pre-training loss was not finite")
+    start, end, relative = gain.get("start"), gain.get("end"), gain.get("relative_reduction")
+    margin = float(gain.get("margin", 0.0))
+    if relative is None:
+        problems.append("the held-out loss was not measured at both start and end")
+    elif relative < margin:
+        problems.append(f"held-out reconstruction loss fell {100 * relative:.1f}% ({start:.4f} -> {end:.4f}), "
+                        f"less than the required {100 * margin:.1f}%")
+    over_control = gain.get("relative_to_control")
+    if over_control is not None and over_control <= 0:
+        problems.append(f"the adapted backbone ends at {end:.4f}, not below the decoder-only control's "
+                        f"{gain.get('control_end'):.4f}: the gain is the decoder's, not the backbone's")
+    message = "; ".join(problems) or (
+        f"held-out reconstruction loss {start:.4f} -> {end:.4f} (-{100 * relative:.1f}%, needs "
+        f">= {100 * margin:.1f}%); decoder-only control ends at {gain.get('control_end'):.4f} "
+        f"({100 * over_control:+.1f}% for the adapted backbone)"
+    )
+    return GateVerdict("explora_pretraining_completed", not problems, message,
+                       {"losses_finite": bool(losses_finite), **{k: v for k, v in gain.items() if k != "passed"}})
+
+
+def check_peft_applied(init: Mapping[str, Any], final: Mapping[str, Any]) -> GateVerdict:
+    """Adapters sit exactly on the expected modules, start as the identity, merge exactly, and only they train.
+
+    ``init`` is :func:`stage1_core.model.peft.verify_peft` right after the adapters were applied,
+    ``final`` the same after training (its ``init_max_abs_diff`` then measures how far training
+    moved the output, so only the merged and adapters-off differences are judged there).
+    """
+    problems = []
+    if init.get("missing_modules") or init.get("unexpected_modules") or not init.get("adapted_modules"):
+        problems.append(f"adapters on the wrong modules: missing {init.get('missing_modules')}, unexpected "
+                        f"{init.get('unexpected_modules')}")
+    atol = float(init.get("atol", 1e-4))
+    for label, value in (("output at initialisation vs base", init.get("init_max_abs_diff")),
+                         ("merged vs unmerged at initialisation", init.get("merged_max_abs_diff")),
+                         ("merged vs unmerged after training", final.get("merged_max_abs_diff")),
+                         ("adapters switched off vs base after training", final.get("disabled_max_abs_diff"))):
+        if value is None or not math.isfinite(float(value)) or float(value) > atol:
+            problems.append(f"{label}: max |diff| {value} > {atol}")
+    if init.get("non_adapter_trainable"):
+        problems.append(f"non-adapter backbone parameters train: {list(init['non_adapter_trainable'])[:5]}")
+    message = "; ".join(problems) or (
+        f"{init.get('kind')} on {len(init['adapted_modules'])} modules as expected; init diff "
+        f"{init['init_max_abs_diff']:.2e}, merged diff {final['merged_max_abs_diff']:.2e} (atol {atol:g}); "
+        f"trainable {init['trainable']} of {init['total']} backbone parameters ({100 * init['trainable_fraction']:.2f}%)"
+    )
+    figures = {"kind": init.get("kind"), "adapted_modules": len(init.get("adapted_modules") or []),
+               "init_max_abs_diff": init.get("init_max_abs_diff"), "merged_max_abs_diff": final.get("merged_max_abs_diff"),
+               "disabled_max_abs_diff": final.get("disabled_max_abs_diff"), "trainable": init.get("trainable"),
+               "total": init.get("total"), "trainable_fraction": init.get("trainable_fraction"), "atol": atol}
+    return GateVerdict("peft_applied_correctly", not problems, message, figures)
+
+
+def check_performance_maintained(current: Mapping[str, float], previous: Mapping[str, float], previous_phase: str,
+                                 accuracy_tolerance: float = PERFORMANCE_ACCURACY_TOLERANCE,
+                                 coverage_tolerance: float = COVERAGE_TOLERANCE) -> GateVerdict:
+    """val_select accuracy >= previous - 0.5 point and certified val_calib coverage >= previous - 2 points."""
+    problems = []
+    acc_drop = previous["accuracy"] - current["accuracy"]
+    cov_drop = previous["coverage"] - current["coverage"]
+    if acc_drop > accuracy_tolerance + 1e-12:
+        problems.append(f"val_select accuracy {current['accuracy']:.4f} is {acc_drop:.4f} below {previous_phase}'s "
+                        f"{previous['accuracy']:.4f} (allowed {accuracy_tolerance})")
+    if cov_drop > coverage_tolerance + 1e-12:
+        problems.append(f"certified coverage {current['coverage']:.4f} is {cov_drop:.4f} below {previous_phase}'s "
+                        f"{previous['coverage']:.4f} (allowed {coverage_tolerance})")
+    message = "; ".join(problems) or (
+        f"val_select accuracy {current['accuracy']:.4f} ({previous_phase} {previous['accuracy']:.4f}), certified "
+        f"coverage {current['coverage']:.4f} ({previous_phase} {previous['coverage']:.4f})")
+    return GateVerdict("performance_maintained", not problems, message,
+                       {"accuracy": current["accuracy"], "previous_accuracy": previous["accuracy"],
+                        "coverage": current["coverage"], "previous_coverage": previous["coverage"],
+                        "previous_phase": previous_phase, "accuracy_tolerance": accuracy_tolerance,
+                        "coverage_tolerance": coverage_tolerance})
+
+
+def check_no_memory_issues(oom_fallback: bool | None, peak_gb: float | None, budget_gb: float,
+                           reference: Mapping[str, Any] | None = None) -> GateVerdict:
+    """No out-of-memory batch-size fallback and peak memory within the budget (reference phase beside it)."""
+    problems = []
+    if oom_fallback:
+        problems.append("the out-of-memory fallback batch size was needed")
+    if peak_gb is None or not math.isfinite(float(peak_gb)):
+        problems.append("peak memory was not measured")
+    elif peak_gb > budget_gb:
+        problems.append(f"peak memory {peak_gb:.2f} GiB exceeds memory_budget_gb {budget_gb:.2f}")
+    ref = dict(reference or {})
+    beside = f"; {ref['phase']} peaked at {ref['peak_gb']:.2f} GiB" if ref.get("peak_gb") is not None else ""
+    message = "; ".join(problems) or f"peak {peak_gb:.2f} GiB <= budget {budget_gb:.2f} GiB, no OOM fallback{beside}"
+    return GateVerdict("no_memory_issues", not problems, message,
+                       {"oom_fallback": bool(oom_fallback), "peak_gb": peak_gb, "budget_gb": budget_gb,
+                        "reference_phase": ref.get("phase"), "reference_peak_gb": ref.get("peak_gb")})
+
+
+def loss_spikes(step_losses: Sequence[float], factor: float, window: int = 20, warmup: int = 5) -> list[int]:
+    """1-based steps whose loss exceeds ``factor`` x the median of the previous ``window`` steps.
+
+    The first ``warmup`` steps only seed the median (early losses fall fast and are noisy).
+    """
+    losses = [float(v) for v in step_losses]
+    spikes = []
+    for i in range(warmup, len(losses)):
+        median = float(np.median(losses[max(0, i - window):i]))
+        if median > 0 and losses[i] > factor * median:
+            spikes.append(i + 1)
+    return spikes
+
+
+def check_training_stable(step_losses: Sequence[float], grad_norms: Sequence[float], factor: float) -> GateVerdict:
+    """No loss spike above ``factor`` x the running median and no non-finite loss or gradient norm."""
+    problems = []
+    bad_norms = [i + 1 for i, v in enumerate(grad_norms) if not math.isfinite(float(v))]
+    bad_losses = [i + 1 for i, v in enumerate(step_losses) if not math.isfinite(float(v))]
+    if not step_losses:
+        problems.append("no optimiser step was recorded")
+    if bad_norms:
+        problems.append(f"non-finite gradient norm at step(s) {bad_norms[:10]}")
+    if bad_losses:
+        problems.append(f"non-finite training loss at step(s) {bad_losses[:10]}")
+    finite = [v if math.isfinite(float(v)) else 0.0 for v in step_losses]
+    spikes = loss_spikes(finite, factor)
+    if spikes:
+        problems.append(f"{len(spikes)} loss spike(s) above {factor:g}x the running median, at step(s) {spikes[:10]}")
+    finite_norms = [float(v) for v in grad_norms if math.isfinite(float(v))]
+    message = "; ".join(problems) or (
+        f"{len(step_losses)} steps, no loss spike above {factor:g}x the running median, gradient norms finite "
+        f"(max {max(finite_norms):.3g}, median {float(np.median(finite_norms)):.3g})")
+    return GateVerdict("training_stable", not problems, message,
+                       {"steps": len(step_losses), "spikes": len(spikes), "spike_factor": factor,
+                        "non_finite_grad_norms": len(bad_norms),
+                        "max_grad_norm": max(finite_norms) if finite_norms else None,
+                        "median_grad_norm": float(np.median(finite_norms)) if finite_norms else None})
+
+
+def check_improves_over_adamw(current: Mapping[str, Any], reference: Mapping[str, Any], metric: str, mode: str,
+                              coverage_tolerance: float = COVERAGE_TOLERANCE) -> GateVerdict:
+    """The SAM/F-SAM run's selection metric beats the AdamW reference's; certified coverage within 2 points.
+
+    ``mode`` is ``"min"`` (AUGRC: lower is better) or ``"max"`` (accuracy).
+    """
+    value, ref_value = float(current["selection_value"]), float(reference["selection_value"])
+    better = value < ref_value if mode == "min" else value > ref_value
+    cov_drop = float(reference["coverage"]) - float(current["coverage"])
+    problems = []
+    if not better:
+        problems.append(f"val_select {metric} {value:.5f} is not better than {reference['phase']}'s {ref_value:.5f} "
+                        f"({'lower' if mode == 'min' else 'higher'} is better)")
+    if cov_drop > coverage_tolerance + 1e-12:
+        problems.append(f"certified coverage {current['coverage']:.4f} is {cov_drop:.4f} below {reference['phase']}'s "
+                        f"{reference['coverage']:.4f}")
+    message = "; ".join(problems) or (
+        f"val_select {metric} {value:.5f} vs {reference['phase']} (AdamW) {ref_value:.5f}; certified coverage "
+        f"{current['coverage']:.4f} vs {reference['coverage']:.4f}")
+    return GateVerdict("improves_over_adamw", not problems, message,
+                       {"metric": metric, "value": value, "reference_value": ref_value, "reference_phase": reference["phase"],
+                        "coverage": float(current["coverage"]), "reference_coverage": float(reference["coverage"]),
+                        "optimizer": current.get("optimizer"), "reference_optimizer": reference.get("optimizer")})
+
+
+# ----- phase 6: conformal risk training, SCRC ---------------------------------------------------
+
+
+def check_risk_training_works(
+    history: Sequence[Mapping[str, Any]], losses_finite: bool, coverage: float, previous_coverage: float,
+    previous_phase: str, tolerance: float = ACCURACY_TOLERANCE,
+) -> GateVerdict:
+    """Conformal risk training ran with finite losses, and its model's certified coverage on val_calib is
+    >= the previous phase's - ``tolerance`` (1 point); the gain is reported either way."""
+    train_losses = [row.get("Train_Loss") for row in history]
+    val_losses = [row.get("Val_Loss") for row in history]
+    finite = bool(losses_finite) and len(history) > 0 and _finite(train_losses) and _finite(val_losses)
+    gain = float(coverage) - float(previous_coverage)
+    problems = []
+    if not finite:
+        problems.append("no epoch was logged" if not history else "a training or validation loss was not finite")
+    if gain < -tolerance - 1e-12:
+        problems.append(f"certified coverage {coverage:.4f} is {-gain:.4f} below {previous_phase}'s "
+                        f"{previous_coverage:.4f} (tolerance {tolerance})")
+    message = "; ".join(problems) or (
+        f"{len(history)} epoch(s), finite losses; certified coverage {coverage:.4f} vs {previous_phase}'s "
+        f"{previous_coverage:.4f}: gain {gain:+.4f}")
+    return GateVerdict("risk_training_works", not problems, message,
+                       {"losses_finite": finite, "epochs_run": len(history), "coverage": float(coverage),
+                        "previous_coverage": float(previous_coverage), "previous_phase": previous_phase,
+                        "coverage_gain": gain, "tolerance": tolerance})
+
+
+def scrc_exits_plain(g: np.ndarray, q: np.ndarray, lambda1: float | None, lambda2: float | None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(exit, answer, set_size)`` of the SCRC rule written out plainly (no code shared with the fitter).
+
+    Selected iff g >= lambda1; set = {y : q_y >= 1 - lambda2}; exit iff selected and the set has one
+    label, which is the answer (argmax q elsewhere). ``None`` thresholds exit nothing.
+    """
+    g = np.asarray(g, dtype=float).reshape(-1)
+    q = np.asarray(q, dtype=float)
+    if lambda1 is None or lambda2 is None:
+        return np.zeros(g.shape[0], dtype=bool), q.argmax(1), np.zeros(g.shape[0], dtype=int)
+    members = q >= 1.0 - float(lambda2)
+    size = members.sum(axis=1) * (g >= float(lambda1))
+    exit_ = size == 1
+    answer = np.where(exit_, members[:, 1].astype(int), q.argmax(1))
+    return exit_, answer, size
+
+
+def _binom_pvalue(k: int, n: int, target: float) -> float:
+    from scipy.stats import binom
+
+    return float(binom.cdf(k, n, target)) if n > 0 else 1.0
+
+
+def recompute_scrc_inductive(policy: Mapping[str, Any], g: np.ndarray, q: np.ndarray, labels: np.ndarray
+                             ) -> dict[str, Any]:
+    """Recompute every recorded SCRC-I candidate on val_calib: counts, p-values, and the max-coverage certified one.
+
+    Returns the number of rows whose counts differ from the record, rows marked certified whose
+    recomputed p-value exceeds the test level (or tested-and-not-certified rows below it), the
+    certified row with the most exits, and whether it is the deployed pair.
+    """
+    y = np.asarray(labels).astype(int)
+    target, level = float(policy["target_fnr"]), float(policy["test_level"])
+    mismatched, wrong_verdicts = [], []
+    best: tuple[int, float, float] | None = None
+    for i, row in enumerate(policy.get("sweep_results") or []):
+        exits, answer, _ = scrc_exits_plain(g, q, row["lambda1"], row["lambda2"])
+        pos = exits & (y == 1)
+        n_exit, n_pos, n_fn = int(exits.sum()), int(pos.sum()), int((pos & (answer == 0)).sum())
+        if (n_exit, n_pos, n_fn) != (row["n_exited"], row["n_exited_positives"], row["n_false_negatives"]):
+            mismatched.append(i)
+        p = _binom_pvalue(n_fn, n_pos, target)
+        if row["certified"] and p > level * (1 + 1e-9):
+            wrong_verdicts.append(i)
+        elif row["tested"] and not row["certified"] and p <= level * (1 - 1e-9):
+            wrong_verdicts.append(i)
+        if row["certified"] and (best is None or n_exit > best[0]):
+            best = (n_exit, float(row["lambda1"]), float(row["lambda2"]))
+    deployed_exits, _, _ = scrc_exits_plain(g, q, policy.get("lambda1"), policy.get("lambda2"))
+    deployed = int(deployed_exits.sum())
+    return {
+        "n_rows": len(policy.get("sweep_results") or []), "rows_with_other_counts": len(mismatched),
+        "rows_with_wrong_verdict": len(wrong_verdicts), "best_certified_exits": None if best is None else best[0],
+        "best_certified": None if best is None else [best[1], best[2]], "deployed_exits": deployed,
+        "deployed_coverage": deployed / max(len(y), 1), "recorded_coverage": float(policy["coverage"]),
+        "deployed_is_best": best is not None and deployed == best[0],
+    }
+
+
+def recompute_scrc_transductive(
+    policy: Mapping[str, Any], g_calib: np.ndarray, q_calib: np.ndarray, y_calib: np.ndarray,
+    g_batch: np.ndarray, q_batch: np.ndarray, deployed_exits: np.ndarray,
+) -> dict[str, Any]:
+    """Recompute SCRC-T's thresholds for a batch from the stated formulas (plain loops) and its exits.
+
+    lambda1 = the ceil(rate (n + m))-th largest pooled gate score; on the selected calibration
+    positives, lambda2 = the smallest l >= 0.5 over {0.5} and the values 1 - q_1 with
+    n_s/(n_s+1) R(l) + 1/(n_s+1) <= target, R(l) = share of them with q_1 < 1 - l (the most
+    permissive feasible set threshold, i.e. the max-coverage one).
+    """
+    import math
+
+    rate, target = float(policy["transductive"]["selection_rate"]), float(policy["target_fnr"])
+    pooled = np.sort(np.concatenate([np.asarray(g_calib, float), np.asarray(g_batch, float)]))[::-1]
+    lambda1 = float(pooled[max(1, math.ceil(rate * pooled.size - 1e-9)) - 1])
+    y = np.asarray(y_calib).astype(int)
+    q1 = np.asarray(q_calib, float)[(np.asarray(g_calib) >= lambda1) & (y == 1), 1]
+    n_s = q1.size
+    lambda2 = None
+    values = [float(v) for v in 1.0 - q1 if v >= 0.5]
+    candidates = {0.5, *values, *(float(np.nextafter(v, 2.0)) for v in values)}  # float rounding at the boundary
+    for lam in sorted(c for c in candidates if c <= 1.0):
+        misses = int(np.sum(q1 < 1.0 - lam))
+        if n_s and (misses + 1.0) / (n_s + 1.0) <= target + 1e-12:
+            lambda2 = lam
+            break
+    exits, _, _ = scrc_exits_plain(g_batch, q_batch, lambda1 if lambda2 is not None else None, lambda2)
+    deployed = np.asarray(deployed_exits, dtype=bool)
+    return {"lambda1": lambda1, "lambda2": lambda2, "n_selected_positives": int(n_s),
+            "exits_differing": int((exits != deployed).sum()), "recomputed_exits": int(exits.sum()),
+            "deployed_exits": int(deployed.sum()), "deployed_is_best": bool(np.array_equal(exits, deployed))}
+
+
+def check_coverage_maximised(recomputed: Mapping[str, Any], comparison: Mapping[str, Any]) -> GateVerdict:
+    """The deployed (lambda1, lambda2) is the max-coverage certified candidate, and SCRC's val_test coverage is
+    not below the certified gate and softmax policies' (its special cases) on the same checkpoint.
+
+    ``recomputed``: :func:`recompute_scrc_inductive` or :func:`recompute_scrc_transductive`;
+    ``comparison``: the evaluation's ``scrc_comparison``. SCRC's coverage counts as lower than a
+    special case's only when the paired bootstrap CI of the difference lies below 0 (significant
+    loss); a point estimate below it with a CI reaching 0 passes and is reported.
+    """
+    problems = []
+    if not recomputed.get("deployed_is_best"):
+        problems.append(f"the deployed thresholds are not the max-coverage certified candidate "
+                        f"(recomputed: {dict(recomputed)})")
+    for key in ("rows_with_other_counts", "rows_with_wrong_verdict", "exits_differing"):
+        if recomputed.get(key):
+            problems.append(f"{recomputed[key]} {key.replace('_', ' ')} in the recomputation")
+    scrc = float(comparison["scrc"]["coverage"])
+    figures: dict[str, Any] = {"scrc_coverage": scrc, **{f"recomputed_{k}": v for k, v in recomputed.items()
+                                                           if not isinstance(v, (list, dict))}}
+    parts = []
+    for name in ("gate", "softmax"):
+        other = float(comparison[name]["coverage"])
+        ci = comparison[f"coverage_gain_vs_{name}"]
+        figures.update({f"{name}_coverage": other, f"gain_vs_{name}": scrc - other,
+                        f"gain_vs_{name}_ci_lower": ci["ci_lower"], f"gain_vs_{name}_ci_upper": ci["ci_upper"]})
+        parts.append(f"{name} {other:.4f} (gain {scrc - other:+.4f}, CI [{ci['ci_lower']:+.4f}, {ci['ci_upper']:+.4f}])")
+        if scrc < other and ci["ci_upper"] < 0:
+            problems.append(f"SCRC's val_test coverage {scrc:.4f} is significantly below the {name} policy's "
+                            f"{other:.4f} (paired bootstrap CI of the gain [{ci['ci_lower']:+.4f}, {ci['ci_upper']:+.4f}])")
+    message = "; ".join(problems) or (
+        f"deployed thresholds are the max-coverage certified candidate; val_test coverage SCRC {scrc:.4f} vs "
+        + ", ".join(parts))
+    return GateVerdict("coverage_maximised", not problems, message, figures)
+
+
+def check_prediction_sets_valid(
+    q: np.ndarray, g: np.ndarray, lambda1: float | None, lambda2: float | None, exits: np.ndarray,
+    positive_set_coverage: Mapping[str, Any], target: float, n_grid: int = 101,
+) -> GateVerdict:
+    """Prediction sets on val_test: nested in lambda2, singleton sets exactly the exits, and the set coverage
+    of selected positives not significantly below the target ``1 - target_fnr`` the sets were built for
+    (its bootstrap CI reaches the target)."""
+    q = np.asarray(q, dtype=float)
+    grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, n_grid), [] if lambda2 is None else [float(lambda2)]]))
+    members = q[None, :, :] >= 1.0 - grid[:, None, None]
+    not_nested = int(np.sum(members[:-1] & ~members[1:]))
+    recomputed, _, _ = scrc_exits_plain(g, q, lambda1, lambda2)
+    exits = np.asarray(exits, dtype=bool)
+    mismatched = int(np.sum(recomputed != exits))
+    value, lo, hi = (positive_set_coverage.get(k) for k in ("value", "ci_lower", "ci_upper"))
+    problems = []
+    if lambda1 is None or lambda2 is None:
+        problems.append("no thresholds: the policy exits nothing, so it builds no prediction set")
+    if not_nested:
+        problems.append(f"{not_nested} set memberships are lost when lambda2 grows (sets must be nested)")
+    if mismatched:
+        problems.append(f"{mismatched} samples where 'selected with a singleton set' and 'exited' disagree")
+    if value is None:
+        problems.append("no selected positive on val_test: the set coverage is undefined")
+    elif hi < target - 1e-12:
+        problems.append(f"set coverage of selected positives {value:.4f} is significantly below the target "
+                        f"{target:.4f} (bootstrap CI [{lo:.4f}, {hi:.4f}])")
+    message = "; ".join(problems) or (
+        f"sets nested over {grid.size} values of lambda2; singleton sets are exactly the {int(exits.sum())} exits; "
+        f"set coverage of selected positives {value:.4f} (CI [{lo:.4f}, {hi:.4f}]) vs target {target:.4f}")
+    return GateVerdict("prediction_sets_valid", not problems, message,
+                       {"lambda2_grid": int(grid.size), "not_nested": not_nested, "singleton_exit_mismatches": mismatched,
+                        "n_exits": int(exits.sum()), "set_coverage": value, "set_coverage_ci_lower": lo,
+                        "set_coverage_ci_upper": hi, "target": float(target),
+                        "target_within_ci": None if value is None else bool(lo <= target <= hi)})

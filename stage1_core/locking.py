@@ -15,6 +15,12 @@ The lock is ``fcntl.flock`` on a file inside the partition's directory:
 * it is advisory and per open file: it guards writers that use :func:`asset_lock`, on a local
   file system (not every network file system implements ``flock``), and it is not re-entrant
   within a process (a second ``asset_lock`` on the same partition refuses too).
+
+:func:`step_locks` is what a pipeline step holds for its whole duration: the exclusive lock of
+the asset partition it writes and a *shared* lock of every input it reads, so a second run can
+neither rewrite an input while a step reads it nor write the same partition at the same time.
+Its default wait comes from ``STAGE1_LOCK_TIMEOUT`` (seconds, default 0: refuse at once).
+:func:`path_lock` locks any other shared directory (the content-addressed feature store).
 """
 
 from __future__ import annotations
@@ -25,26 +31,35 @@ import fcntl
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "AssetLockedError", "asset_lock", "lock_path"]
+__all__ = ["LOCK_NAME", "LOCK_TIMEOUT_ENV", "AssetLockedError", "asset_lock", "default_timeout", "lock_path",
+           "path_lock", "step_locks"]
 
 LOCK_NAME = ".lock"
 POLL_SECONDS = 0.1
+LOCK_TIMEOUT_ENV = "STAGE1_LOCK_TIMEOUT"
 
 
 class AssetLockedError(RuntimeError):
     """Another process is writing this asset partition."""
 
-    def __init__(self, asset: str, partition: str | None, path: Path, holder: str, waited: float) -> None:
+    def __init__(
+        self, asset: str, partition: str | None, path: Path, holder: str, waited: float, shared: bool = False
+    ) -> None:
         self.asset, self.partition, self.path, self.holder = asset, partition, Path(path), holder
         wait = f" after waiting {waited:.1f} s" if waited > 0 else ""
         name = f"{asset}[{partition}]" if partition else asset
+        if holder:
+            doing, who = "being written", holder
+        else:
+            doing, who = "being read", "a step of another run that uses it as input"
+        action = "read it while it changes" if shared else "write it concurrently"
         super().__init__(
-            f"{name} is being written by another run ({holder}); refusing to write it "
-            f"concurrently{wait}. Wait for that run to finish, or stop it, then run again "
-            f"(lock file {path}; the lock is released when the holder exits)."
+            f"{name} is {doing} by another run ({who}); refusing to {action}{wait}. Wait for that run "
+            f"to finish, or stop it, then run again (lock file {path}; the lock is released when the "
+            f"holder exits; set {LOCK_TIMEOUT_ENV}=<seconds> to wait instead of refusing)."
         )
 
 
@@ -60,44 +75,104 @@ def lock_path(root: str | Path, asset: str, partition: str | None = None) -> Pat
 
 
 def _holder(handle) -> str:
+    """The exclusive holder's line ("" while only shared holders hold the lock)."""
     handle.seek(0)
-    text = handle.read().strip()
-    return text or "holder unknown"
+    return handle.read().strip()
+
+
+def default_timeout() -> float:
+    """Seconds a step waits for a lock: ``STAGE1_LOCK_TIMEOUT`` (default 0, refuse at once)."""
+    text = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not text:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={text!r} must be >= 0 seconds")
+    return value
 
 
 @contextlib.contextmanager
-def asset_lock(root: str | Path, asset: str, partition: str | None = None, timeout: float = 0.0) -> Iterator[Path]:
-    """Hold the write lock of ``asset[partition]`` for the ``with`` block; yield the lock file.
+def path_lock(
+    path: str | Path, name: str, partition: str | None = None, timeout: float = 0.0, shared: bool = False
+) -> Iterator[Path]:
+    """Hold the ``flock`` of the file ``path`` (created when missing) for the ``with`` block.
 
-    ``partition=None`` locks an unpartitioned asset (``dataset_index``, ``splits``).
-    ``timeout=0`` (the default) refuses at once when another process holds it; a positive
-    ``timeout`` waits up to that many seconds. Raises :class:`AssetLockedError`.
+    ``shared=True`` takes a shared (read) lock: any number of readers, no writer. ``name`` and
+    ``partition`` only name the locked thing in the error. Raises :class:`AssetLockedError`
+    when the lock is not free within ``timeout`` seconds.
     """
-    path = lock_path(root, asset, partition)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+", encoding="utf-8")
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         start = time.monotonic()
         while True:
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle.fileno(), mode | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 waited = time.monotonic() - start
                 if waited >= timeout:
-                    raise AssetLockedError(asset, partition, path, _holder(handle), waited) from None
+                    raise AssetLockedError(name, partition, path, _holder(handle), waited, shared) from None
                 time.sleep(min(POLL_SECONDS, max(timeout - waited, 0.0)))
-        handle.seek(0)
-        handle.truncate()
-        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n")
-        handle.flush()
+        if not shared:
+            handle.seek(0)
+            handle.truncate()
+            stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n")
+            handle.flush()
         try:
             yield path
         finally:
-            handle.seek(0)
-            handle.truncate()
-            handle.flush()
+            if not shared:
+                handle.seek(0)
+                handle.truncate()
+                handle.flush()
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+@contextlib.contextmanager
+def asset_lock(
+    root: str | Path, asset: str, partition: str | None = None, timeout: float = 0.0, shared: bool = False
+) -> Iterator[Path]:
+    """Hold the write lock of ``asset[partition]`` for the ``with`` block; yield the lock file.
+
+    ``partition=None`` locks an unpartitioned asset (``dataset_index``, ``splits``).
+    ``timeout=0`` (the default) refuses at once when another process holds it; a positive
+    ``timeout`` waits up to that many seconds. ``shared=True`` takes the read lock instead.
+    Raises :class:`AssetLockedError`.
+    """
+    with path_lock(lock_path(root, asset, partition), asset, partition, timeout, shared) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def step_locks(
+    root: str | Path,
+    asset: str,
+    partition: str | None,
+    inputs: Iterable[tuple[str, str | None]] = (),
+    timeout: float | None = None,
+) -> Iterator[None]:
+    """Hold the write lock of ``asset[partition]`` and read locks of ``inputs`` for the ``with`` block.
+
+    Locks are taken in one global order (sorted lock paths), so two steps waiting for each
+    other's locks cannot deadlock. ``timeout=None`` reads :func:`default_timeout`; it bounds
+    the wait for each lock.
+    """
+    wait = default_timeout() if timeout is None else timeout
+    wanted = {lock_path(root, asset, partition): (asset, partition, False)}
+    for name, part in inputs:
+        path = lock_path(root, name, part)
+        wanted.setdefault(path, (name, part, True))
+    with contextlib.ExitStack() as stack:
+        for path in sorted(wanted):
+            name, part, shared = wanted[path]
+            stack.enter_context(path_lock(path, name, part, wait, shared))
+        yield

@@ -41,6 +41,13 @@ class PhaseRecipe:
     requires: tuple[int, ...]
     head_kind: str = "mlp"
     loss_kind: str = "ce"
+    #: Where the phase's backbone weights come from: ``source`` (``model_path``), ``explora``
+    #: (ExPLoRA continued pre-training of the source) or ``previous`` (the fine-tuned, merged
+    #: backbone of the phase it builds on: phase 5 when attempted and passed, else phase 4).
+    backbone_kind: str = "source"
+    #: ``cached``: the head trains on cached CLS features; ``finetune``: PEFT adapters on the
+    #: backbone and the heads train together on images.
+    train_mode: str = "cached"
     optional: bool = False
     available: bool = True
     missing: str = ""
@@ -112,6 +119,60 @@ CRITERIA: dict[str, Criterion] = {
             "on val_test the calibrated gate score has ECE and Brier <= those of the raw sigmoid",
         ),
         Criterion(
+            "explora_pretraining_completed",
+            "backbone",
+            "ExPLoRA pre-training ran with finite losses and lowered the masked-reconstruction loss on held-out "
+            "train images by at least explora_min_gain (relative), with a decoder-only control reported",
+        ),
+        Criterion(
+            "peft_applied_correctly",
+            "checkpoint",
+            "the expected backbone modules carry adapters, the adapted model at initialisation equals the base, "
+            "merged equals unmerged, only adapter and head parameters train (trainable fraction reported)",
+        ),
+        Criterion(
+            "performance_maintained",
+            "evaluation",
+            "val_select accuracy >= the previous phase's - 0.5 point and certified coverage on val_calib >= the "
+            "previous phase's - 2 points (figures of both phases)",
+        ),
+        Criterion(
+            "no_memory_issues",
+            "checkpoint",
+            "training needed no out-of-memory batch-size fallback and its peak memory stayed within "
+            "memory_budget_gb (the reference phase's peak reported beside it)",
+        ),
+        Criterion(
+            "training_stable",
+            "checkpoint",
+            "no training-loss spike above loss_spike_factor times the running median and no non-finite gradient "
+            "norm (gradient-norm trace in the metadata)",
+        ),
+        Criterion(
+            "improves_over_adamw",
+            "evaluation",
+            "the SAM/F-SAM run's val_select selection metric is better than the AdamW reference phase's, and its "
+            "certified coverage on val_calib is not lower by more than 2 points",
+        ),
+        Criterion(
+            "risk_training_works",
+            "evaluation",
+            "conformal risk training ran with finite losses and its model's certified coverage on val_calib is "
+            ">= the previous phase's - 1 point (gain reported)",
+        ),
+        Criterion(
+            "coverage_maximised",
+            "evaluation",
+            "the deployed (lambda1, lambda2) is the max-coverage certified candidate (independent recomputation) "
+            "and the SCRC val_test coverage >= the certified softmax and gate policies' on the same checkpoint",
+        ),
+        Criterion(
+            "prediction_sets_valid",
+            "evaluation",
+            "prediction sets are nested in lambda2, singleton sets are exactly the exits, and the empirical set "
+            "coverage on val_test lies within its bootstrap CI of the target the sets were built for",
+        ),
+        Criterion(
             "bundle_verified",
             "bundle",
             "the published bundle verifies (schema, checksums, file set, load) and its predictor reproduces "
@@ -130,9 +191,16 @@ def _criteria(*names: str) -> tuple[Criterion, ...]:
     return tuple(CRITERIA[name] for name in CRITERIA if name in names)
 
 
+GATE4 = ("explora_pretraining_completed", "peft_applied_correctly", "performance_maintained", "no_memory_issues")
+GATE5 = ("training_stable", "improves_over_adamw", "no_memory_issues")
+GATE6 = ("risk_training_works", "coverage_maximised", "prediction_sets_valid")
+
 PHASE1_CRITERIA = _criteria(*(n for n in STANDING if n != "no_regression_vs_previous_phase"))
 PHASE2_CRITERIA = _criteria(*STANDING)
 PHASE3_CRITERIA = _criteria(*STANDING, *GATE)
+PHASE4_CRITERIA = _criteria(*STANDING, *GATE4)
+PHASE5_CRITERIA = _criteria(*STANDING, *GATE5)
+PHASE6_CRITERIA = _criteria(*STANDING, *GATE6)
 
 PHASES: dict[int, PhaseRecipe] = {
     1: PhaseRecipe(
@@ -178,46 +246,56 @@ PHASES: dict[int, PhaseRecipe] = {
     ),
     4: PhaseRecipe(
         phase=4,
-        title="PEFT / ExPLoRA domain adaptation of the backbone",
+        title="ExPLoRA domain pre-training of the backbone, then PEFT (DoRA) fine-tuning with the gated heads",
         head="shared trunk + cls / gate / aux heads",
-        loss="as phase 3",
+        loss="as phase 3 (CE + selective + aux), adapters and heads trained together on images",
         optimizer="adamw",
-        backbone="ExPLoRA-adapted with LoRA/DoRA/DoRAN",
+        backbone="ExPLoRA-adapted (LoRA on q/v + last block unfrozen, masked-image pre-training, merged)",
         exit_policies=("softmax", "gate"),
         selection_metric="augrc",
-        criteria=(),
+        criteria=PHASE4_CRITERIA,
         requires=(3,),
-        available=False,
-        missing="the phase-4 recipe (ExPLoRA pre-training and PEFT adapters)",
+        head_kind="gated",
+        loss_kind="selective",
+        backbone_kind="explora",
+        train_mode="finetune",
+        overrides={"selection_metric": "augrc", "exit_policy": "gate", "optimizer": "adamw"},
     ),
     5: PhaseRecipe(
         phase=5,
-        title="F-SAM optimiser (optional)",
+        title="Phase 4's recipe trained with Friendly-SAM instead of AdamW (optional)",
         head="shared trunk + cls / gate / aux heads",
-        loss="as phase 3",
+        loss="as phase 4",
         optimizer="fsam",
-        backbone="as phase 4",
+        backbone="as phase 4 (the same ExPLoRA-adapted backbone)",
         exit_policies=("softmax", "gate"),
         selection_metric="augrc",
-        criteria=(),
+        criteria=PHASE5_CRITERIA,
         requires=(4,),
+        head_kind="gated",
+        loss_kind="selective",
+        backbone_kind="explora",
+        train_mode="finetune",
         optional=True,
-        available=False,
-        missing="the phase-5 recipe (SAM / F-SAM optimiser)",
+        overrides={"selection_metric": "augrc", "exit_policy": "gate", "optimizer": "fsam"},
     ),
     6: PhaseRecipe(
         phase=6,
-        title="SCRC + conformal risk training, Dirichlet calibration",
+        title="Conformal risk training, Dirichlet calibration and the SCRC exit policy with prediction sets",
         head="shared trunk + cls / gate / aux heads",
-        loss="CE + conformal risk training loss",
-        optimizer="adamw or fsam",
-        backbone="as phase 4",
+        loss="CE + aux + conformal risk training (smoothed in-batch FNR calibration)",
+        optimizer="adamw",
+        backbone="the fine-tuned backbone of phase 5 when it passed, else phase 4's (merged adapters)",
         exit_policies=("softmax", "gate", "scrc"),
         selection_metric="augrc",
-        criteria=(),
+        criteria=PHASE6_CRITERIA,
         requires=(4, 5),
+        head_kind="gated",
+        loss_kind="crt",
+        backbone_kind="previous",
+        overrides={"selection_metric": "augrc", "exit_policy": "scrc", "use_dirichlet": True},
         available=False,
-        missing="the phase-6 recipe (Dirichlet calibration, SCRC policy, conformal risk training)",
+        missing="the phase-6 pipeline wiring (conformal risk training, Dirichlet, SCRC policy)",
     ),
 }
 

@@ -19,7 +19,7 @@ _WAITS = (
           description="Which backbone weights this phase uses (builtin or a local DINOv3 directory) and their "
                       f"fingerprint.\n\n{_WAITS}\n\n{PHASES_TEXT}")
 def backbone(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
-    require_previous_phase_gates(context.instance, context.partition_key)
+    require_previous_phase_gates(context.instance, context.partition_key, stage1.layout())
     return run_step(context, stage1, "backbone", pipeline.prepare_backbone)
 
 
@@ -30,7 +30,7 @@ def cached_features(context: dg.AssetExecutionContext, stage1: Stage1Resource) -
 
     Refused until the previous phase passed its gate.
     """
-    require_previous_phase_gates(context.instance, context.partition_key)
+    require_previous_phase_gates(context.instance, context.partition_key, stage1.layout())
     return run_step(context, stage1, "cached_features", pipeline.cache_features)
 
 
@@ -43,7 +43,7 @@ def checkpoint(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.
     its gate. Gate checks here: training completed, accuracy against the baseline, and that the
     chosen checkpoint is the best epoch.
     """
-    require_previous_phase_gates(context.instance, context.partition_key)
+    require_previous_phase_gates(context.instance, context.partition_key, stage1.layout())
     return run_step(context, stage1, "checkpoint", pipeline.train_phase)
 
 

@@ -104,6 +104,8 @@ def _policy_section(policy_name: str, doc: Mapping[str, Any]) -> list[str]:
         rule = "its calibrated gate score (the head's estimate that its prediction is right) is at least t"
     else:
         rule = "the policy's prediction set for it holds a single label"
+    if policy_name == "scrc":
+        return lines + _scrc_section(doc)
     if doc.get("certified"):
         lines += [
             f"An image **exits** at Stage 1 (its label is final) when {rule}, with "
@@ -133,6 +135,46 @@ def _policy_section(policy_name: str, doc: Mapping[str, Any]) -> list[str]:
             f"Reason: {doc.get('reason') or 'not recorded'}",
         ]
     return lines
+
+
+def _scrc_section(doc: Mapping[str, Any]) -> list[str]:
+    """Plain-words meaning of ``scrcparams.json`` (two-stage selective conformal risk control)."""
+    rule = (
+        "Stage 1 selects an image when its calibrated gate score g (a Platt/isotonic map of the gate logit) "
+        "is at least lambda1; it then builds the set C = {y : q_y >= 1 - lambda2} from the Dirichlet-calibrated "
+        "probabilities q. The image **exits** iff it is selected and C holds a single label, which is its answer; "
+        "every other image is **deferred** to Stage 2 (prediction set {0, 1})."
+    )
+    if doc.get("scrc_variant") == "SCRC-T":
+        t = doc.get("transductive") or {}
+        lines = [
+            rule, "",
+            f"Variant SCRC-T (transductive): lambda1 and lambda2 are recomputed for every batch from val_calib's "
+            f"outputs (`{t.get('calibration_file')}`) and the batch itself, so images must be predicted together "
+            f"(`stage1 predict --transductive`, `Stage1Bundle.predict(images, transductive=True)`), at least "
+            f"{t.get('min_test')} at once. Stage 1 selects the top {_pct(t.get('selection_rate'))} of the pooled "
+            f"gate scores. Guarantee (in expectation, not with a confidence level): the share of selected roadwork "
+            f"images whose set misses roadwork is at most {_fmt(doc.get('target_fnr'))}.",
+        ]
+        if not doc.get("certified"):
+            lines += ["", f"On val_calib alone the target is out of reach: {doc.get('reason')}"]
+        return lines
+    if not doc.get("certified"):
+        return ["Nothing was certified, so this policy **exits no image**: every image is deferred to Stage 2 "
+                "(prediction set {0, 1}). There is no default threshold.", "", f"Reason: {doc.get('reason') or 'not recorded'}"]
+    delta = doc.get("delta")
+    return [
+        rule, "",
+        f"Variant SCRC-I: lambda1 = {_fmt(doc.get('lambda1'), 6)}, lambda2 = {_fmt(doc.get('lambda2'), 6)}, read from "
+        f"the policy file. Certificate: on {doc.get('n_calib', 'n/a')} val_calib images (method "
+        f"`{doc.get('method')}` over {doc.get('n_candidates')} candidate pairs), the FNR on exits is at most "
+        f"{_fmt(doc.get('target_fnr'))} with probability at least {_fmt(None if delta is None else 1 - delta)}: its "
+        f"one-sided Clopper-Pearson bound is {_fmt(doc.get('fnr_bound'))} from {doc.get('n_exited_positives')} exited "
+        f"positives.",
+        "",
+        f"Coverage on val_calib: {_pct(doc.get('coverage'))}; at the deployment prior {_fmt(doc.get('deploy_prior'))}: "
+        f"{_pct(doc.get('coverage_at_deploy_prior'))}.",
+    ]
 
 
 def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) -> str:
@@ -165,8 +207,10 @@ def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) ->
         lines.append(f"| `{name}` | {what} | " + (f"`{digest[:16]}...` |" if digest else "see bundle.json |"))
     lines += [
         "",
-        f"Backbone (not included): `{backbone['model_path']}`, hidden size {backbone['hidden_size']}, "
-        f"fingerprint `{backbone['fingerprint']}`. Loading refuses a backbone with another fingerprint.",
+        (f"Backbone (included, adapted from `{backbone['model_path']}`): `{backbone['directory']}/`"
+         if backbone.get("directory") else f"Backbone (not included): `{backbone['model_path']}`")
+        + f", hidden size {backbone['hidden_size']}, fingerprint `{backbone['fingerprint']}`. "
+        "Loading refuses a backbone with another fingerprint.",
         f"Preprocessing: `{backbone['transform']}`.",
         f"Head: hidden size {head['hidden_size']}, dropout {head['dropout']}, gate head: {_fmt(head['with_gate'])}.",
         "",
@@ -286,11 +330,15 @@ def export_bundle(
     if problems:
         raise BundleError(problems)
     try:
-        load_policy(policy_name, policy_file_path)
+        policy = load_policy(policy_name, policy_file_path)
         policy_doc = read_json(policy_file_path)
         read_json(splits_path, schema="splits")
     except (ArtifactError, ValueError, TypeError) as exc:
         raise BundleError([str(exc)]) from exc
+    for name, src in policy.companion_files().items():  # e.g. SCRC-T's val_calib outputs, beside the policy file
+        if name in extra or name in reserved:
+            raise BundleError([f"the policy's companion file {name!r} collides with another bundle file"])
+        extra[name] = src
     state = _plain_state_dict(Path(head_state_dict_path), head_info)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +363,8 @@ def export_bundle(
         }
         if backbone_info.get("adapter_file") is not None:
             backbone["adapter_file"] = str(backbone_info["adapter_file"])
+        if backbone_info.get("directory") is not None:
+            backbone["directory"] = str(backbone_info["directory"])
         manifest: dict[str, Any] = {
             "schema_version": 1,
             "phase": int(phase),

@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "bundle.json"
+#: A backbone carried in the bundle (phases that adapt it): exactly these files, safetensors only,
+#: so loading it never unpickles anything.
+BUNDLED_BACKBONE_FILES = ("config.json", "model.safetensors")
 #: Every policy file a bundle may hold (exactly one of them), as the bundle schema lists them.
 POLICY_FILE_NAMES: tuple[str, ...] = tuple(load_schema("bundle")["properties"]["policy_file"]["enum"])
 
@@ -94,6 +97,11 @@ def manifest_pointers(manifest: Any) -> list[tuple[str, Any]]:
     backbone = manifest.get("backbone")
     if isinstance(backbone, Mapping) and backbone.get("adapter_file") is not None:
         pointers.append(("$.backbone.adapter_file", backbone["adapter_file"]))
+    if isinstance(backbone, Mapping) and backbone.get("directory") is not None:
+        directory = backbone["directory"]
+        for name in BUNDLED_BACKBONE_FILES:
+            value = f"{directory}/{name}" if isinstance(directory, str) else directory
+            pointers.append((f"$.backbone.directory ({name})", value))
     sha = manifest.get("sha256")
     if isinstance(sha, Mapping):
         pointers.extend((f"$.sha256[{k!r}]", k) for k in sha)
@@ -321,6 +329,15 @@ def verify_bundle(directory: str | Path, expected_id: str | None = None) -> list
     for json_path, value in manifest_pointers(manifest):
         if not json_path.startswith("$.sha256") and isinstance(value, str) and value not in unsafe and value not in declared:
             problems.append(f"{MANIFEST_NAME}: {json_path} names {value!r}, which has no entry in $.sha256")
+    backbone_info = manifest.get("backbone") if isinstance(manifest.get("backbone"), Mapping) else {}
+    carried = backbone_info.get("directory")
+    if isinstance(carried, str) and carried:
+        inside = sorted(p for p in present | declared if p.startswith(carried.rstrip("/") + "/"))
+        allowed = {f"{carried}/{name}" for name in BUNDLED_BACKBONE_FILES}
+        for rel in inside:
+            if rel not in allowed:
+                problems.append(f"{rel}: a bundled backbone holds exactly {list(BUNDLED_BACKBONE_FILES)} "
+                                f"(safetensors weights only); refusing other files")
     policy_files = sorted(p for p in present | declared if PurePosixPath(p).name in POLICY_FILE_NAMES)
     if len(policy_files) > 1:
         problems.append(
@@ -467,7 +484,10 @@ class Stage1Bundle:
         info = self.manifest["backbone"]
         model_path = info["model_path"]
         root = self.artifacts_root
-        if root is None and model_path.startswith(BUILTIN_PREFIX):
+        if info.get("directory"):
+            # The adapted backbone travels with the bundle (its files are checksummed above).
+            model_path = str(self.directory / info["directory"])
+        elif root is None and model_path.startswith(BUILTIN_PREFIX):
             root = default_artifacts_root()
         try:
             backbone = DINOv3Backbone.load(model_path, artifacts_root=root, device=self.predictor.device)
@@ -499,8 +519,40 @@ class Stage1Bundle:
         """Softmax probabilities ``[N, 2]`` for CLS features."""
         return self.predictor.predict_proba_from_features(features)
 
-    def predict(self, images: Sequence[ImageInput], batch_size: int | None = None) -> list[dict[str, Any]]:
-        """Per image: ``{"exit", "label" (None when deferred), "p_roadwork", "prediction_set"}``."""
+    @property
+    def transductive(self) -> bool:
+        """True when the policy recomputes its thresholds from each batch (SCRC-T): predict with transductive=True."""
+        return getattr(self.policy, "variant", None) == "SCRC-T"
+
+    def check_transductive(self, n_images: int, transductive: bool) -> None:
+        """Refuse a call that does not match the policy: SCRC-T needs ``transductive=True`` and a large enough batch."""
+        if self.transductive and not transductive:
+            raise ValueError(
+                f"{self.directory}: this bundle's policy is SCRC-T, whose thresholds are recomputed from the batch it "
+                f"decides; predict the images together with transductive=True (stage1 predict --transductive), at "
+                f"least {self.policy.min_batch} at once"
+            )
+        if transductive and not self.transductive:
+            raise ValueError(
+                f"{self.directory}: transductive prediction needs an SCRC-T policy; this bundle's policy "
+                f"({self.manifest['active_exit_policy']}) decides each image on its own - drop transductive"
+            )
+        if transductive and n_images < self.policy.min_batch:
+            raise ValueError(
+                f"{self.directory}: SCRC-T recomputes its thresholds from the batch and needs at least "
+                f"{self.policy.min_batch} images together, got {n_images}; predict a larger batch at once"
+            )
+
+    def predict(self, images: Sequence[ImageInput], batch_size: int | None = None,
+                transductive: bool = False) -> list[dict[str, Any]]:
+        """Per image: ``{"exit", "label" (None when deferred), "p_roadwork", "prediction_set"}``.
+
+        ``transductive=True`` (required by, and only allowed for, an SCRC-T policy) decides all
+        ``images`` as one batch, from which the policy recomputes its thresholds; a batch smaller
+        than the policy's minimum is refused. ``batch_size`` only bounds the backbone's forward passes.
+        """
+        images = list(images)
+        self.check_transductive(len(images), transductive)
         self.load_backbone()
         size = batch_size if batch_size is not None else self.config.max_batch_size
         return self.predictor.predict(images, batch_size=size)

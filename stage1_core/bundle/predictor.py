@@ -10,7 +10,9 @@ from its policy file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -20,10 +22,12 @@ from PIL import Image
 from torch import nn
 
 from stage1_core.data.datasets import CorruptImageError, load_rgb, to_rgb
+from stage1_core.data.loaders import ordered_thread_map
+from stage1_core.data.transforms import eval_pipeline
 from stage1_core.model.head import HeadOutput
 from stage1_core.policies.base import Decisions, ExitPolicy
 
-__all__ = ["ImageInput", "Stage1Predictor", "load_image"]
+__all__ = ["FeatureBatch", "ImageInput", "Stage1Predictor", "load_image"]
 
 ImageInput = Union[Image.Image, str, Path]
 
@@ -49,6 +53,15 @@ def load_image(image: ImageInput) -> Image.Image:
         return load_rgb(path)
     except CorruptImageError as exc:
         raise ValueError(f"{path}: cannot read the image ({exc.reason}); pass a JPEG/PNG/WebP file") from exc
+
+
+@dataclass
+class FeatureBatch:
+    """One batch of :meth:`Stage1Predictor.iter_features`: input positions, their features, failures."""
+
+    indices: list[int]
+    features: torch.Tensor
+    failures: list[tuple[int, Exception]]
 
 
 class Stage1Predictor:
@@ -133,23 +146,80 @@ class Stage1Predictor:
 
     # ----- images ------------------------------------------------------------------------
 
-    def extract_features(self, images: Sequence[ImageInput], batch_size: int = 32) -> torch.Tensor:
-        """CLS features ``[N, hidden]`` of ``images`` through the transform and the frozen backbone."""
+    def _image_path(self) -> tuple[Callable[[ImageInput], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """``(per-image function, per-batch function)`` of the image path.
+
+        With the evaluation transform (what a bundle records) the per-image part decodes,
+        resizes and crops to ``uint8`` and the batch part normalises on the device, bit-identical
+        to applying the transform image by image; any other transform runs image by image.
+        """
         if self.backbone is None or self.transform is None:
             raise ValueError(
                 "this predictor has no backbone/transform, so it can only decide on features; "
                 "build it with backbone=... and transform=... (Stage1Bundle.load does) to predict on images"
             )
+        pipeline = eval_pipeline(self.transform)
+        if pipeline is not None:
+            return (lambda image: pipeline.pixels(load_image(image))), pipeline.normalise
+        transform = self.transform
+        return (lambda image: transform(load_image(image))), (lambda batch: batch)
+
+    def iter_features(
+        self, images: Iterable[ImageInput], batch_size: int = 32, num_workers: int | None = None
+    ) -> Iterator[FeatureBatch]:
+        """CLS features batch by batch, images decoded ahead in ``num_workers`` threads.
+
+        Each :class:`FeatureBatch` covers up to ``batch_size`` consecutive inputs: the positions
+        and features of those that decoded, and ``(position, error)`` of those that did not
+        (``FileNotFoundError``, or ``ValueError`` naming the file). ``images`` may be any
+        iterable (a stream of paths); at most a few batches are decoded ahead.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        images = list(images)
-        hidden = getattr(self.head, "hidden_size", 0)
-        if not images:
-            return torch.zeros((0, hidden), dtype=torch.float32)
+        per_image, per_batch = self._image_path()
+        hidden = int(getattr(self.head, "hidden_size", 0))
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        decoded = ordered_thread_map(per_image, images, num_workers, in_flight=2 * batch_size)
+        position = 0
+        while True:
+            chunk = list(itertools.islice(decoded, batch_size))
+            if not chunk:
+                return
+            indices, pixels, failures = [], [], []
+            for offset, (_, value, error) in enumerate(chunk):
+                if error is not None:
+                    if not isinstance(error, (FileNotFoundError, ValueError)):
+                        raise error
+                    failures.append((position + offset, error))
+                else:
+                    indices.append(position + offset)
+                    pixels.append(value)
+            position += len(chunk)
+            if pixels:
+                batch = torch.stack(pixels)
+                if pin:
+                    batch = batch.pin_memory()
+                batch = per_batch(batch.to(self.device, non_blocking=pin))
+                features = self._backbone_features(batch).float().cpu()
+            else:
+                features = torch.zeros((0, hidden), dtype=torch.float32)
+            yield FeatureBatch(indices, features, failures)
+
+    def extract_features(
+        self, images: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None
+    ) -> torch.Tensor:
+        """CLS features ``[N, hidden]`` of ``images`` (batched, decoded in parallel threads).
+
+        The first image that cannot be read raises (``FileNotFoundError`` or ``ValueError``
+        naming the file); use :meth:`iter_predict` to decide the readable ones and report the rest.
+        """
         feats = []
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([self.transform(load_image(img)) for img in images[start : start + batch_size]])
-            feats.append(self._backbone_features(batch).float().cpu())
+        for batch in self.iter_features(images, batch_size=batch_size, num_workers=num_workers):
+            if batch.failures:
+                raise batch.failures[0][1]
+            feats.append(batch.features)
+        if not feats:
+            return torch.zeros((0, int(getattr(self.head, "hidden_size", 0))), dtype=torch.float32)
         return torch.cat(feats)
 
     def _backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -160,12 +230,30 @@ class Stage1Predictor:
         with torch.inference_mode():
             return self.backbone(pixel_values.to(self.device))
 
-    def decide_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> Decisions:
+    def decide_images(
+        self, images: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None
+    ) -> Decisions:
         """Exit decisions for images (paths or PIL images)."""
-        return self.decide_features(self.extract_features(images, batch_size=batch_size))
+        return self.decide_features(self.extract_features(images, batch_size=batch_size, num_workers=num_workers))
 
-    def predict(self, images: Sequence[ImageInput], batch_size: int = 32) -> list[dict[str, Any]]:
+    def predict(
+        self, images: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None
+    ) -> list[dict[str, Any]]:
         """One dict per image: ``exit`` (bool), ``label`` (int when exited, else None),
         ``p_roadwork`` (float, softmax probability of class 1) and ``prediction_set`` (list of int:
         ``[label]`` when exited, ``[0, 1]`` when deferred to Stage 2)."""
-        return self.decide_images(images, batch_size=batch_size).to_records()
+        return self.decide_images(images, batch_size=batch_size, num_workers=num_workers).to_records()
+
+    def iter_predict(
+        self, images: Iterable[ImageInput], batch_size: int = 32, num_workers: int | None = None
+    ) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
+        """``(position, record)`` per input in input order, batch by batch (a stream in, a stream out).
+
+        ``record`` is what :meth:`predict` returns for that image, or the exception that kept it
+        from being read (``FileNotFoundError``, or ``ValueError`` naming the file).
+        """
+        for batch in self.iter_features(images, batch_size=batch_size, num_workers=num_workers):
+            records = self.decide_features(batch.features).to_records() if batch.indices else []
+            results: dict[int, dict[str, Any] | Exception] = dict(zip(batch.indices, records))
+            results.update(batch.failures)
+            yield from sorted(results.items())

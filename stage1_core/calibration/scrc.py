@@ -7,6 +7,19 @@ threshold formulas are unverified here; the formulas below are ours, and
 Rule (both variants). ``g(x)`` in [0, 1] is the calibrated gate score, ``q(x)`` the calibrated
 class probabilities (Dirichlet), both from calibrators fit *off* val_calib.
 
+Which split fits the calibrators (the pipeline, ``steps/policy.py``). SCRC-I's certificate holds
+when the tested sequence - grid, order and chain starts - is fixed by the val_calib *inputs*
+without their labels. The grid and the frontier order use the calibrated values of ``g`` and
+``q`` themselves (not only their ranks: the error proxy multiplies odds), and a Dirichlet map is
+not monotone in max p (it moves the decision boundary), so calibrators fit on val_calib labels
+would let those labels shape the tested family. Both calibrators - Dirichlet for ``q`` (L-BFGS,
+``calibration_iters`` iterations) and the gate calibrator for ``g`` - are therefore fit on
+val_select, and only the certificate uses val_calib; ``require_split`` enforces the roles.
+val_select also chose the checkpoint, which can make the calibrators a little optimistic but
+never touches the certificate's validity. SCRC-T's conformal argument needs the same: the
+calibrators and its selection rate (:func:`choose_selection_rate`, also on val_select) are fixed
+before val_calib and the test batch are seen.
+
 * Stage 1 selects ``x`` iff ``g(x) >= lambda1``.
 * Stage 2 builds ``C(x) = {y : q_y(x) >= 1 - lambda2}`` (:func:`prediction_sets`); the sets grow
   with ``lambda2``.
@@ -57,6 +70,19 @@ SCRC-I (inductive, PAC, :func:`scrc_inductive`)
     (each of them fails badly in some scenario); ``"exit_count"`` interleaves candidates of very
     different shape at equal exit counts, so its chains stop at the first bad one (0.51-0.64
     coverage where the frontier reached 0.86 on a 40 x 40 grid).
+    ``"gate"`` / ``"softmax"``
+        SCRC's special cases as one-parameter families at full resolution: ``lambda2 = 0.5`` with
+        ``lambda1`` over every calibration gate score (the gate policy, exit iff g >= lambda1), or
+        ``lambda1 = min g`` with ``lambda2`` over every calibration max q (the softmax policy on q),
+        by exit count. Certifying them through this function gives the same result as the 1-D
+        sweep on the same scores.
+
+    Which order (family) to certify is a label-free choice as far as val_calib is concerned when
+    it is made on another split: :func:`choose_order` certifies each family on val_select and keeps
+    the one with the most certified coverage (the frontier on ties). SCRC then never does much
+    worse than its better special case, which the frontier alone does in some scenarios
+    (``bench_scrc_validity.py``: 0.8 points below the gate policy where the gate is strict on
+    false negatives), and it costs no level: only one family is tested on val_calib.
 
 SCRC-T (transductive, in expectation, :func:`scrc_transductive`)
     For a labelled calibration set of size n and an unlabelled test batch of size m (>= the stated
@@ -92,7 +118,9 @@ from .threshold_sweep import DEFAULT_METHOD, DEFAULT_N_STARTS, METHODS, Candidat
 __all__ = [
     "SCRC_VARIANTS",
     "ORDERS",
+    "CHOICE_ORDERS",
     "DEFAULT_ORDER",
+    "choose_order",
     "DEFAULT_GRID_SIZE",
     "MIN_TEST_BATCH",
     "SCHEMA_VERSION",
@@ -106,6 +134,8 @@ __all__ = [
     "scrc_inductive",
     "scrc_transductive",
     "scrcparams_document",
+    "SELECTION_RATES",
+    "choose_selection_rate",
     "GATE_METHODS",
     "check_gate_calibrator",
     "apply_gate_calibration",
@@ -113,7 +143,9 @@ __all__ = [
 
 SCRC_VARIANTS: tuple[str, ...] = ("SCRC-I", "SCRC-T")
 GATE_METHODS: tuple[str, ...] = ("platt", "isotonic", "none")
-ORDERS: tuple[str, ...] = ("frontier", "exit_count")
+ORDERS: tuple[str, ...] = ("frontier", "exit_count", "gate", "softmax")
+#: Families :func:`choose_order` compares on val_select (first wins ties).
+CHOICE_ORDERS: tuple[str, ...] = ("frontier", "gate", "softmax")
 DEFAULT_ORDER = "frontier"
 DEFAULT_GRID_SIZE = 200
 _CHUNK_ELEMENTS = 4_000_000  # bounds the [7, n2, N] feature block of one lambda2 chunk
@@ -384,7 +416,7 @@ def scrc_candidate_counts(g, q, labels, lambda1s, lambda2s) -> SCRCGrid:
 
 def _candidate_order(grid: SCRCGrid, order: str) -> np.ndarray:
     """Indices of the tested sequence, most conservative (fewest exits) first; uses no label."""
-    if order == "exit_count":
+    if order in ("exit_count", "gate", "softmax"):
         return np.lexsort((grid.proxy_fnr, grid.n_exited))
     if order != "frontier":
         raise ValueError(f"unknown SCRC order {order!r}; choose one of {ORDERS}")
@@ -393,6 +425,34 @@ def _candidate_order(grid: SCRCGrid, order: str) -> np.ndarray:
     proxy = grid.proxy_fnr[by_exits_desc]
     best_so_far = np.concatenate([[np.inf], np.minimum.accumulate(proxy)[:-1]])
     return by_exits_desc[proxy < best_so_far][::-1]
+
+
+def _family_grid(g: np.ndarray, p: np.ndarray, order: str, n_lambda1: int, n_lambda2: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate values of the family ``order`` (label-free): the 2-D grid, or one of the 1-D special cases."""
+    n = g.shape[0]
+    if order == "gate":
+        return scrc_grid(g, p, n, 1)[0], np.array([0.5])
+    if order == "softmax":
+        return np.array([float(g.min())]), scrc_grid(g, p, 1, n)[1]
+    return scrc_grid(g, p, n_lambda1, n_lambda2)
+
+
+def choose_order(g, q, labels, target_fnr: float, delta: float, orders: tuple[str, ...] = CHOICE_ORDERS,
+                 **kwargs: Any) -> tuple[str, list[dict[str, Any]]]:
+    """The family SCRC-I certifies on val_calib, chosen on a labelled split disjoint from it (val_select).
+
+    Each family in ``orders`` is certified on this split with :func:`scrc_inductive` (``kwargs``
+    passed on); the one with the largest certified coverage wins, the first listed on ties (and
+    when nothing certifies). Returns ``(order, rows)`` with each family's figures.
+    """
+    rows = []
+    for order in orders:
+        r = scrc_inductive(g, q, labels, target_fnr, delta, order=order, **kwargs)
+        rows.append({"order": order, "certified": bool(r.certified), "coverage": float(r.coverage),
+                     "lambda1": r.lambda1, "lambda2": r.lambda2, "fnr_bound": float(r.fnr_bound)})
+    best = max(rows, key=lambda row: (row["coverage"], -orders.index(row["order"])))
+    return str(best["order"]), rows
 
 
 @dataclass
@@ -499,7 +559,7 @@ def scrc_inductive(
     if order not in ORDERS:
         raise ValueError(f"unknown SCRC order {order!r}; choose one of {ORDERS}")
     scores, p, y = _inputs(g, q, labels)
-    lambda1s, lambda2s = scrc_grid(scores, p, n_lambda1, n_lambda2)
+    lambda1s, lambda2s = _family_grid(scores, p, order, n_lambda1, n_lambda2)
     grid = scrc_candidate_counts(scores, p, y, lambda1s, lambda2s)
     seq = _candidate_order(grid, order)
     n = int(y.shape[0])
@@ -600,19 +660,23 @@ def scrc_transductive(
     target_fnr: float,
     selection_rate: float,
     min_test: int = MIN_TEST_BATCH,
+    delta: float | None = None,
 ) -> SCRCResult:
     """SCRC-T: thresholds from val_calib plus the unlabelled test batch (CRC, in expectation).
 
     ``selection_rate`` in (0, 1] is the pooled fraction stage 1 selects; choose it without
-    val_calib labels (config, or another split). Refuses a test batch smaller than ``min_test``.
-    See the module docstring for what is and is not guaranteed.
+    val_calib labels (:func:`choose_selection_rate` on val_select). Refuses a test batch smaller
+    than ``min_test``; ``min_test=0`` with an empty batch gives the *reference* thresholds of
+    val_calib alone (what ``scrcparams.json`` records; deployment always recomputes them with its
+    batch). ``delta`` is only recorded (the level of the Clopper-Pearson figures reported beside
+    the expectation guarantee), never used. See the module docstring for what is guaranteed.
     """
-    _check_rates(target_fnr, None)
+    _check_rates(target_fnr, delta)
     rate = _check_unit(selection_rate, "selection_rate")
     if rate <= 0.0:
         raise ValueError("selection_rate must be > 0")
-    if min_test < 1:
-        raise ValueError(f"min_test must be >= 1, got {min_test}")
+    if min_test < 0:
+        raise ValueError(f"min_test must be >= 0, got {min_test}")
     scores, p, y = _inputs(g_calib, q_calib, y_calib)
     q_t = _binary_probs(q_test, name="q_test", allow_empty=True)
     if q_t.shape[0] < min_test:
@@ -620,7 +684,7 @@ def scrc_transductive(
             f"SCRC-T needs a test batch of at least {min_test} samples, got {q_t.shape[0]}: thresholds "
             f"from a tiny batch are unstable; use SCRC-I (scrc_inductive) instead"
         )
-    g_t = as_scores(g_test, "g_test", n=q_t.shape[0])
+    g_t = as_scores(g_test, "g_test", n=q_t.shape[0]) if q_t.shape[0] else np.zeros(0)
     pooled = np.sort(np.concatenate([scores, g_t]))[::-1]
     k = max(1, math.ceil(rate * pooled.shape[0] - 1e-9))
     lam1 = float(pooled[k - 1])
@@ -632,13 +696,13 @@ def scrc_transductive(
     common = dict(
         variant="SCRC-T",
         target_fnr=float(target_fnr),
-        delta=None,
+        delta=None if delta is None else float(delta),
         method="crc",
         guarantee="expectation",
         test_level=None,
         n_calib=n,
         n_candidates=1,
-        n_test=int(q_t.shape[0]),
+        n_test=int(q_t.shape[0]) or None,
     )
     params = {"selection_rate": rate, "n_selected_positives": n_s, "allowed_misses": max(allowed, -1), "B": 1}
     if allowed < 0:
@@ -655,7 +719,7 @@ def scrc_transductive(
                 f"the policy exits nothing."
             ),
             method_params=params,
-            test_coverage=0.0,
+            test_coverage=0.0 if q_t.shape[0] else None,
             **summary,
             **common,
         )
@@ -672,7 +736,7 @@ def scrc_transductive(
     r_hat = misses(lam2) / n_s if n_s else 0.0
     bound = n_s / (n_s + 1) * r_hat + 1.0 / (n_s + 1)
     summary = _calib_summary(scores, p, y, lam1, lam2)
-    test_exits, _, _ = scrc_exits(g_t, q_t, lam1, lam2)
+    test_exits, _, _ = scrc_exits(g_t, q_t, lam1, lam2) if q_t.shape[0] else (np.zeros(0, dtype=bool), None, None)
     params.update(lambda_hat=lam_hat, r_hat=r_hat)
     return SCRCResult(
         certified=True,
@@ -681,10 +745,37 @@ def scrc_transductive(
         fnr_bound=float(bound),
         reason=None,
         method_params=params,
-        test_coverage=float(test_exits.mean()),
+        test_coverage=float(test_exits.mean()) if test_exits.size else None,
         **summary,
         **common,
     )
+
+
+#: Selection rates :func:`choose_selection_rate` tries by default.
+SELECTION_RATES: tuple[float, ...] = tuple(round(i / 20, 4) for i in range(1, 21))
+
+
+def choose_selection_rate(g, q, labels, target_fnr: float, rates=SELECTION_RATES) -> tuple[float, list[dict[str, Any]]]:
+    """SCRC-T's stage-1 selection rate, chosen on a labelled split disjoint from val_calib (val_select).
+
+    For each rate, SCRC-T's reference thresholds on this split alone (:func:`scrc_transductive`
+    with an empty batch) and the coverage they give on it; the rate with the most coverage wins
+    (ties: the larger rate). Choosing it here keeps it independent of val_calib and of the test
+    batch, as the CRC argument needs. When no rate can meet the target (too few positives), the
+    largest rate is returned: it selects the most positives. Returns ``(rate, rows)``.
+    """
+    _check_rates(target_fnr, None)
+    scores, p, y = _inputs(g, q, labels, name="select")
+    values = sorted({_check_unit(r, "selection rate") for r in rates})
+    if not values or values[0] <= 0.0:
+        raise ValueError(f"selection rates must lie in (0, 1], got {list(rates)!r}")
+    rows = []
+    for rate in values:
+        r = scrc_transductive(scores, p, y, scores[:0], p[:0], target_fnr, rate, min_test=0)
+        rows.append({"selection_rate": rate, "feasible": bool(r.certified), "coverage": float(r.coverage),
+                     "lambda1": r.lambda1, "lambda2": r.lambda2})
+    best = max(rows, key=lambda row: (row["coverage"], row["selection_rate"]))
+    return float(best["selection_rate"]), rows
 
 
 def _version() -> str:
@@ -703,6 +794,9 @@ def scrcparams_document(
     coverage_at_deploy_prior: float,
     metrics: dict[str, Any] | None = None,
     version: str | None = None,
+    calibrator_fit_split: str | None = None,
+    special_cases: dict[str, Any] | None = None,
+    transductive: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``scrcparams.json`` content (schema ``scrcparams``) for an SCRC result.
 
@@ -710,15 +804,20 @@ def scrcparams_document(
     ``{"method": "none"}``), ``gate_calibrator`` the map from the raw gate logit to ``g``
     (``{"method": "platt", "a", "b"}``, ``{"method": "isotonic", "x", "y"}`` or
     ``{"method": "none"}``, or ``GateCalibrator.to_dict()``, stored flattened), both fit off
-    val_calib.
+    val_calib (``calibrator_fit_split`` names the split). ``special_cases`` holds the gate-only
+    and softmax policies certified on the same calibrated scores for comparison;
+    ``transductive`` (SCRC-T only, required there) the selection rate, the smallest batch and
+    the file holding the val_calib outputs the thresholds are recomputed from at prediction time.
     """
+    if result.variant == "SCRC-T" and not transductive:
+        raise ValueError("an SCRC-T policy needs its transductive settings (selection_rate, min_test, calibration_file)")
     if not checkpoint_id:
         raise ValueError("checkpoint_id must name the checkpoint the policy was fit for")
     if not 0.0 <= deploy_prior <= 1.0:
         raise ValueError(f"deploy_prior must lie in [0, 1], got {deploy_prior!r}")
     if not 0.0 <= coverage_at_deploy_prior <= 1.0:
         raise ValueError(f"coverage_at_deploy_prior must lie in [0, 1], got {coverage_at_deploy_prior!r}")
-    return {
+    doc = {
         "schema_version": SCHEMA_VERSION,
         "policy": "scrc",
         "scrc_variant": result.variant,
@@ -759,3 +858,10 @@ def scrcparams_document(
         "metrics": dict(metrics or {}),
         "version": version or _version(),
     }
+    if calibrator_fit_split is not None:
+        doc["calibrator_fit_split"] = calibrator_fit_split
+    if special_cases is not None:
+        doc["special_cases"] = dict(special_cases)
+    if transductive is not None:
+        doc["transductive"] = dict(transductive)
+    return doc

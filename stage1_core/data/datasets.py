@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from stage1_core.data.transforms import (
@@ -43,6 +43,8 @@ NATIX_SOURCE = "natix"
 HEADER_FIRST_FIELDS = frozenset({"image", "images", "image_path", "path", "file", "filename"})
 HEADER_LABEL_FIELDS = frozenset({"label", "labels", "class", "target", "y"})
 LABEL_HELP = "use 1 for roadwork and 0 for no roadwork"
+#: EXIF orientations that flip or rotate the stored pixels (1 and anything else leave them).
+EXIF_TRANSPOSING = frozenset(range(2, 9))
 
 
 @dataclass(frozen=True)
@@ -242,9 +244,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Return an RGB copy of ``image`` whatever its mode (CMYK, grayscale, 16-bit, palette, alpha).
 
     EXIF orientation is applied. Transparent pixels are composited onto white, so a palette PNG
-    with a transparent colour does not show its arbitrary hidden palette entry.
+    with a transparent colour does not show its arbitrary hidden palette entry. An RGB image
+    without a rotating EXIF orientation is returned as it is (no copy): nothing here or in the
+    transforms modifies an image in place.
     """
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in EXIF_TRANSPOSING:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -265,9 +270,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully and return it as RGB; raise :class:`CorruptImageError` if it cannot."""
+    """Decode ``path`` fully and return it as RGB; raise :class:`CorruptImageError` if it cannot.
+
+    The file is opened by us, not by PIL, so the decoded image stays valid after the file is
+    closed and :func:`to_rgb` need not copy it.
+    """
     try:
-        with Image.open(path) as image:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
             image.load()
             return to_rgb(image)
     except FileNotFoundError:
@@ -341,6 +351,19 @@ class LabelledImageDataset(Dataset):
         sample = self.samples[index]
         return self.transform(load_rgb(sample.path)), sample.label
 
+    def eval_pixels(self) -> tuple["PixelDataset", Any] | None:
+        """``(dataset of (uint8 pixels, label), EvalPipeline)`` when the transform is the evaluation one.
+
+        The loader workers then decode, resize and crop only, and ship ``uint8`` (a quarter of
+        the float bytes); the consumer normalises each batch with ``pipeline.normalise`` on its
+        device. The result equals this dataset's own output bit for bit. None for any other
+        transform (training augmentation, a custom callable).
+        """
+        from stage1_core.data.transforms import eval_pipeline
+
+        pipeline = eval_pipeline(self.transform)
+        return None if pipeline is None else (PixelDataset(self.samples, pipeline), pipeline)
+
     @property
     def sample_ids(self) -> list[str]:
         return [s.sample_id for s in self.samples]
@@ -367,6 +390,28 @@ class LabelledImageDataset(Dataset):
                 "skipped_corrupt": skipped_by_source[source],
             }
         return stats
+
+
+class PixelDataset(Dataset):
+    """``(uint8 [3, H, W] pixels, label)`` per sample: decode, EXIF/mode handling, resize and crop.
+
+    See :meth:`LabelledImageDataset.eval_pixels`; ``pipeline.normalise`` finishes a batch.
+    """
+
+    def __init__(self, samples: Sequence[Sample], pipeline: Any) -> None:
+        self.samples = list(samples)
+        self.pipeline = pipeline
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        return self.pipeline.pixels(load_rgb(sample.path)), sample.label
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [s.sample_id for s in self.samples]
 
 
 class NATIXDataset(LabelledImageDataset):

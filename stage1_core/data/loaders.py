@@ -9,10 +9,13 @@ seeded generator so the shuffle order is reproducible.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -157,3 +160,45 @@ def make_dataloader(
         generator=generator,
         collate_fn=collate_fn,
     )
+
+
+def ordered_thread_map(
+    fn: Callable[[Any], Any], items: Iterable[Any], workers: int | None = None, in_flight: int | None = None
+) -> Iterator[tuple[Any, Any, BaseException | None]]:
+    """Yield ``(item, fn(item), None)`` - or ``(item, None, error)`` - in input order, computed ahead in threads.
+
+    For image decoding: PIL releases the GIL while it decodes and resamples, so threads overlap
+    decoding with each other and with a forward pass, without worker processes to start or
+    batches to ship between processes. At most ``in_flight`` items (default ``4 * workers``)
+    are computed ahead of the consumer, so memory stays bounded on an endless stream.
+    ``workers=0`` computes each item when it is consumed. ``workers=None`` uses
+    :func:`resolve_num_workers`. Exceptions (``Exception`` subclasses) are returned, not
+    raised, so the consumer decides per item.
+    """
+    workers = resolve_num_workers(workers)
+
+    def call(item: Any) -> tuple[Any, BaseException | None]:
+        try:
+            return fn(item), None
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer with its item
+            return None, exc
+
+    if workers == 0:
+        for item in items:
+            yield (item, *call(item))
+        return
+    depth = max(1, in_flight if in_flight is not None else 4 * workers)
+    iterator = iter(items)
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage1-decode") as pool:
+        try:
+            for item in itertools.islice(iterator, depth):
+                pending.append((item, pool.submit(call, item)))
+            while pending:
+                item, future = pending.popleft()
+                for following in itertools.islice(iterator, 1):
+                    pending.append((following, pool.submit(call, following)))
+                yield (item, *future.result())
+        finally:
+            for _, future in pending:
+                future.cancel()

@@ -6,30 +6,51 @@ Layout written under ``out_dir``::
     val/val_000000.jpg ...       val_labels.csv
 
 Each image is a road in perspective (sky, horizon, road with lane marks, verges, buildings, trees,
-cars, ordinary traffic signs). Roadwork scenes (label 1) add traffic cones, barrels, striped
-barriers, striped beacon boards and roadwork signs at varied depth, so their size follows the
-perspective. Negative scenes include hard negatives: orange vehicles, red and orange signs,
-plain (unstriped) obstacles. Lighting, colour casts, blur, sensor noise, occluders and JPEG
-quality vary, and a small fraction of labels is flipped (label noise). Class balance follows
-NATIX (train ~80%, val ~90% roadwork) and image sizes vary (256-400 px wide, landscape), so the
-evaluation resize is exercised.
+cars, ordinary traffic signs). Roadwork scenes (label 1) add a work zone: traffic cones, barrels,
+striped barriers, striped beacon boards and roadwork signs at varied depth, so their size follows
+the perspective. Class balance follows NATIX (train ~80%, val ~90% roadwork) and image sizes vary
+(256-400 px wide, landscape), so the evaluation resize is exercised.
+
+Why it is hard, and in which ways (generator version 2). A frozen backbone meets roadwork photos
+where the work zone is often small, far away, half hidden, at night or in bad weather, next to
+things that share its colours. Each image draws :class:`Conditions` up front:
+
+* visibility tier of a work zone (:data:`POSITIVE_TIERS`): ``clear`` (a large saturated zone near
+  the camera, at least :data:`MIN_CLEAR_COVERAGE` of the evaluation crop), ``distant`` (a row of
+  small items near the horizon), ``sparse`` (one sign, one barrier or a couple of cones) and
+  ``partial`` (a clear zone mostly hidden behind a lorry, hedge or wall);
+* lighting (:data:`LIGHTING`): day, dusk (warm cast) or night (dark scene, retroreflective items
+  only dimly lit, sodium or LED street lamps, head- and tail-lights, amber warning lights on many
+  work zones and on some service vehicles);
+* weather (:data:`WEATHER`): rain (streaks, lower contrast, softer image) or fog (washes out
+  whatever is far away - distant zones first);
+* a foreground occluder (post, van, wiper) in :data:`OCCLUSION_RATE` of scenes.
+
+No-roadwork scenes are ``plain`` or, for :data:`HARD_NEGATIVE_RATE` of them, ``hard``: orange
+cars and service trucks, red and orange signs, plain obstacles (boxes, concrete barriers,
+bollards), autumn trees, red-and-white chevron boards and barrier arms. :data:`DECOY_RATE` of
+roadwork scenes hold one of those too, so an orange car is no shortcut. Lighting, weather and
+occlusion are drawn with the same rates for both classes, so they never give the label away.
+A small fraction of labels is flipped (:data:`DEFAULT_LABEL_NOISE`).
+
+What this leaves for each phase: a frozen random backbone (its CLS token mostly carries colour
+and texture statistics) separates clear zones from plain scenes with confidence, so those exit;
+small, hidden, night and fog scenes and hard negatives land near the decision boundary, so they
+are deferred. The ambiguity is structured - mostly roadwork that looks like a plain scene, and
+hard negatives that look like roadwork - so a learned gate can be strict on "no roadwork" (the
+FNR event) and lenient on "roadwork" where the symmetric max-softmax rule defers both; the small
+items keep their shape and stripes, which a backbone adapted on the training images can learn.
+``benchmarks/check_synthetic_learnability.py`` measures all of this on val_select and val_calib.
 
 Every image is drawn from its own generator seeded by ``(seed, split, index)``, so the output is
-byte-identical for a given seed whatever the number of worker processes.
-
-Why work zones are large and saturated: the builtin backbone is a randomly initialised, frozen
-tiny DINOv3 whose CLS token mostly carries colour and texture statistics, not object shape. For
-the task to be learnable by it (and for confidently missed roadwork to stay rare, which the
-certified exit policy needs), a work zone always covers at least ``MIN_ROADWORK_COVERAGE`` of the
-evaluation crop with saturated orange/red-and-white items, while hard negatives stay a minority
-of the negatives. ``benchmarks/check_synthetic_learnability.py`` measures this.
+byte-identical for a given seed whatever the number of worker processes. :data:`GENERATOR_VERSION`
+changes whenever the same seed draws different images; the pipeline regenerates a cached data
+set made by another version.
 
 Default size: ``n_val = 2400`` at 90% roadwork gives ~2160 positives; with the .33/.33/.34
 hash split val_calib and val_test each hold ~713 and ~735 positives (standard deviation ~22),
 comfortably above the 600 needed to certify a 2% FNR. ``n_train = 5000`` (~4000 positives,
-~1000 negatives). Hard negatives are 10% of the negatives and the label-noise rate is 0.5%: with
-the 2% FNR target certified on ~700 exited positives, each confidently missed positive (a
-negative image labelled 1 is one) costs a visible share of the budget.
+~1000 negatives).
 """
 
 from __future__ import annotations
@@ -45,24 +66,58 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageStat
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageStat
 
 from stage1_core.artifacts import atomic_write_text
 
+#: Bump whenever the same seed would draw different images (cached data sets are then regenerated).
+GENERATOR_VERSION = 2
 DEFAULT_N_TRAIN = 5000
 DEFAULT_N_VAL = 2400
 TRAIN_POSITIVE_RATE = 0.80
 VAL_POSITIVE_RATE = 0.90
-DEFAULT_LABEL_NOISE = 0.005
-HARD_NEGATIVE_RATE = 0.10
-MIN_ROADWORK_COVERAGE = 0.30
+DEFAULT_LABEL_NOISE = 0.01
+#: Visibility tier of a work zone and its share of roadwork scenes.
+POSITIVE_TIERS: dict[str, float] = {"clear": 0.50, "distant": 0.20, "sparse": 0.15, "partial": 0.15}
+#: Share of no-roadwork scenes holding a hard negative (the others are "plain").
+HARD_NEGATIVE_RATE = 0.45
+NEGATIVE_TIERS = ("plain", "hard")
+#: Share of roadwork scenes that also hold a hard-negative object.
+DECOY_RATE = 0.15
+LIGHTING: dict[str, float] = {"day": 0.70, "dusk": 0.12, "night": 0.18}
+WEATHER: dict[str, float] = {"clear": 0.70, "rain": 0.15, "fog": 0.15}
 OCCLUSION_RATE = 0.15
+#: A "clear" work zone covers at least this share of the evaluation crop.
+MIN_CLEAR_COVERAGE = 0.25
+#: Every other work zone keeps at least this share visible (small, never absent).
+MIN_SMALL_COVERAGE = 0.004
+#: Visible share of a "partial" zone left beside its occluder.
+PARTIAL_VISIBLE = (0.02, 0.08)
 WIDTH_RANGE = (256, 400)
 ASPECT_RANGE = (1.2, 1.6)
 _SPLIT_CODES = {"train": 0, "val": 1}
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 Color = tuple[int, int, int]
+Box = tuple[float, float, float, float]
+#: A light source to render at night: ``(x, y, radius, colour, strength)``.
+Light = tuple[float, float, float, Color, float]
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """How one image is made hard: visibility tier, lighting, weather, foreground occluder.
+
+    ``tier`` is one of :data:`POSITIVE_TIERS` for roadwork and ``"plain"`` or ``"hard"`` otherwise.
+    """
+
+    tier: str
+    light: str
+    weather: str
+    occluded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -78,6 +133,7 @@ class SyntheticSummary:
     train_flipped: tuple[str, ...]
     val_flipped: tuple[str, ...]
     seconds: float
+    generator_version: int = GENERATOR_VERSION
 
     @property
     def train_dir(self) -> Path:
@@ -149,10 +205,12 @@ def _draw_sky(img: Image.Image, scene: _Scene, rng: np.random.Generator) -> None
         "dusk": ((70, 80, 130), (190, 175, 170)),
     }[str(kind)]
     top, bottom = _jitter(rng, top, 20), _jitter(rng, bottom, 20)
-    draw = ImageDraw.Draw(img)
+    # A vertical gradient, one rounded colour per row (as drawing row lines would give).
     h = max(1, int(scene.horizon))
-    for y in range(h + 1):
-        draw.line([(0, y), (scene.width, y)], fill=_mix(top, bottom, y / h))
+    rows = min(h + 1, scene.height)
+    t = (np.arange(rows) / h)[:, None]
+    colors = np.rint(np.asarray(top, dtype=np.float64) + (np.asarray(bottom) - np.asarray(top)) * t).astype(np.uint8)
+    img.paste(Image.fromarray(np.repeat(colors[:, None, :], scene.width, axis=1), mode="RGB"), (0, 0))
 
 
 def _draw_ground(img: Image.Image, scene: _Scene, rng: np.random.Generator) -> None:
@@ -204,13 +262,13 @@ def _draw_building(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Gene
         y += step * 0.9
 
 
-def _draw_tree(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> None:
+def _draw_tree(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator, foliage: Color | None = None) -> None:
     depth = rng.uniform(0.05, 0.6)
     side = rng.choice([-1.0, 1.0]) * rng.uniform(1.5, 3.5)
     x, y = scene.ground(depth, side)
     size = scene.height * (0.15 + 0.5 * depth)
     draw.rectangle([x - size * 0.05, y - size * 0.6, x + size * 0.05, y], fill=_jitter(rng, (90, 65, 45), 10))
-    green = _jitter(rng, (50, 110, 50), 25)
+    green = _jitter(rng, (50, 110, 50), 25) if foliage is None else foliage
     draw.ellipse([x - size * 0.3, y - size * 1.1, x + size * 0.3, y - size * 0.45], fill=green)
 
 
@@ -364,65 +422,360 @@ def _eval_crop_box(scene: _Scene) -> tuple[int, int, int, int]:
     return int(cx - half), int(cy - half), int(math.ceil(cx + half)), int(math.ceil(cy + half))
 
 
-def _draw_roadwork(
-    img: Image.Image, scene: _Scene, rng: np.random.Generator, occluder: tuple[float, float, float, float] | None
-) -> float:
-    """Composite a work zone onto ``img``; return the fraction of the evaluation crop it covers.
 
-    A receding row of cones, barrels or striped beacons plus barriers and signs, kept inside the
-    central crop the evaluation transform sees. Items are drawn on a transparent layer so their
-    coverage can be measured; a zone covering less than ``MIN_ROADWORK_COVERAGE`` of the crop gets
-    more items near the camera (a roadwork label always comes with clearly visible roadwork).
+def _crop_coverage(layer: Image.Image, box: tuple[int, int, int, int]) -> float:
+    """Share of the evaluation crop covered by the opaque pixels of ``layer``."""
+    alpha = np.asarray(layer.getchannel("A").crop(box))
+    return float(np.count_nonzero(alpha)) / alpha.size
+
+
+def _zone_items(scene: _Scene, rng: np.random.Generator, tier: str) -> tuple[list[tuple[float, str, float]], float]:
+    """``(depth, kind, lateral)`` of the items of a work zone of visibility ``tier``, and their size scale."""
+    size_scale = scene.height * rng.uniform(0.4, 0.55)
+    if tier in ("clear", "partial"):
+        row_kind = str(rng.choice(["cone", "barrel", "beacon"], p=[0.4, 0.3, 0.3]))
+        lateral, drift = rng.uniform(-0.6, 0.6), rng.uniform(-0.3, 0.3)
+        near = rng.uniform(0.75, 0.95)
+        depths = near * np.geomspace(1.0, rng.uniform(0.35, 0.55), int(rng.integers(3, 8)))
+        items = [(float(d), row_kind, lateral + drift * (near - d)) for d in depths]
+        for _ in range(int(rng.integers(0, 3))):
+            items.append((rng.uniform(0.45, 0.9), str(rng.choice(["barrier", "sign", "cone", "barrel"])), rng.uniform(-0.8, 0.8)))
+        if rng.random() < 0.3:
+            items.append((rng.uniform(0.5, 0.85), "sign", rng.choice([-0.85, 0.85])))
+        return items, size_scale
+    if tier == "distant":
+        row_kind = str(rng.choice(["cone", "barrel", "beacon", "barrier"], p=[0.35, 0.25, 0.25, 0.15]))
+        lateral, drift = rng.uniform(-0.7, 0.7), rng.uniform(-0.3, 0.3)
+        near = rng.uniform(0.12, 0.3)
+        depths = near * np.geomspace(1.0, rng.uniform(0.5, 0.75), int(rng.integers(3, 9)))
+        items = [(float(d), row_kind, lateral + drift * (near - d) / near) for d in depths]
+        if rng.random() < 0.4:
+            items.append((near * rng.uniform(0.9, 1.05), str(rng.choice(["sign", "barrier"])), lateral + rng.uniform(-0.5, 0.5)))
+        return items, size_scale
+    if tier != "sparse":
+        raise ValueError(f"unknown roadwork tier {tier!r}: use one of {sorted(POSITIVE_TIERS)}")
+    depth = rng.uniform(0.3, 0.6)
+    kind = str(rng.choice(["sign", "cones", "barrier", "barrel"], p=[0.35, 0.3, 0.2, 0.15]))
+    if kind == "sign":
+        return [(depth, "sign", float(rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 1.3)))], size_scale
+    if kind == "cones":
+        lateral = rng.uniform(-0.8, 0.8)
+        cones = [(depth, "cone", lateral), (depth * rng.uniform(0.8, 0.92), "cone", lateral + rng.uniform(-0.1, 0.1))]
+        return cones[: 1 + int(rng.random() < 0.6)], size_scale
+    return [(depth, kind, rng.uniform(-0.8, 0.8))], size_scale
+
+
+def _draw_roadwork(layer: Image.Image, scene: _Scene, rng: np.random.Generator, tier: str) -> tuple[float, list[tuple[float, float, float]]]:
+    """Draw a work zone of visibility ``tier`` on the transparent ``layer``.
+
+    Returns the share of the evaluation crop it covers and the ``(x, top, size)`` of every item
+    (where warning lights sit at night). Items are drawn far to near. A clear (or, before its
+    occluder, partial) zone covering less than :data:`MIN_CLEAR_COVERAGE` of the crop gets more
+    items near the camera; a small zone is never absent from the crop (at least
+    :data:`MIN_SMALL_COVERAGE`).
     """
-    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     box = _eval_crop_box(scene)
-    row_kind = str(rng.choice(["cone", "barrel", "beacon"], p=[0.4, 0.3, 0.3]))
-    lateral = rng.uniform(-0.6, 0.6)
-    drift = rng.uniform(-0.3, 0.3)
-    near = rng.uniform(0.75, 0.95)
-    count = int(rng.integers(3, 8))
-    depths = near * np.geomspace(1.0, rng.uniform(0.35, 0.55), count)
-    size_scale = scene.height * rng.uniform(0.4, 0.55)
-    items: list[tuple[float, str, float]] = [(float(d), row_kind, lateral + drift * (near - d)) for d in depths]
-    for _ in range(int(rng.integers(0, 3))):
-        items.append((rng.uniform(0.45, 0.9), str(rng.choice(["barrier", "sign", "cone", "barrel"])), rng.uniform(-0.8, 0.8)))
-    if rng.random() < 0.3:
-        items.append((rng.uniform(0.5, 0.85), "sign", rng.choice([-0.85, 0.85])))
+    large = tier in ("clear", "partial")
+    minimum = MIN_CLEAR_COVERAGE if large else MIN_SMALL_COVERAGE
+    items, size_scale = _zone_items(scene, rng, tier)
+    anchors: list[tuple[float, float, float]] = []
     coverage = 0.0
-    for _ in range(4):
-        for depth, kind, lat in sorted(items):
-            x, y = scene.ground(depth, lat)
-            _ROADWORK_ITEMS[kind](draw, x, y, size_scale * depth, rng)
-        if occluder is not None:
-            draw.rectangle(occluder, fill=(0, 0, 0, 0))
-        alpha = np.asarray(layer.getchannel("A").crop(box))
-        coverage = float(np.count_nonzero(alpha)) / alpha.size
-        if coverage >= MIN_ROADWORK_COVERAGE:
+    for _ in range(5):
+        for depth, kind, lateral in sorted(items):
+            x, y = scene.ground(depth, lateral)
+            size = size_scale * depth
+            _ROADWORK_ITEMS[kind](draw, x, y, size, rng)
+            anchors.append((x, y - size * (1.45 if kind == "sign" else 1.0), size))
+        coverage = _crop_coverage(layer, box)
+        if coverage >= minimum:
             break
-        items = [(rng.uniform(0.8, 0.95), str(rng.choice(["barrier", "barrel", "cone"])), rng.uniform(-0.5, 0.5))]
-    img.paste(layer, (0, 0), layer)
-    return coverage
+        if large:
+            items = [(rng.uniform(0.8, 0.95), str(rng.choice(["barrier", "barrel", "cone"])), rng.uniform(-0.5, 0.5))]
+        else:
+            items = [(rng.uniform(0.35, 0.6), str(rng.choice(["sign", "barrier", "cone"])), rng.uniform(-0.6, 0.6))]
+    return coverage, anchors
 
 
-def _draw_hard_negative(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> None:
-    kind = rng.choice(["orange_car", "red_sign", "orange_sign", "obstacles"], p=[0.3, 0.3, 0.15, 0.25])
-    if kind == "orange_car":
-        _draw_car(draw, scene, rng, color=_roadwork_orange(rng))
-    elif kind == "red_sign":
+def _partial_occluder(layer: Image.Image, scene: _Scene, rng: np.random.Generator) -> Box:
+    """A foreground box hiding most of the work zone on ``layer``: a strip of it stays visible.
+
+    The box spans the zone's full height and, from one side, the largest share of its width that
+    still leaves :data:`PARTIAL_VISIBLE` ``[0]`` of the evaluation crop visible.
+    """
+    alpha = np.asarray(layer.getchannel("A")) > 0
+    ys, xs = np.nonzero(alpha)
+    x0, x1, y0, y1 = float(xs.min()), float(xs.max()) + 1, float(ys.min()), float(ys.max()) + 1
+    bx0, by0, bx1, by1 = _eval_crop_box(scene)
+    crop = alpha[by0:by1, bx0:bx1]
+    columns = crop.sum(axis=0)
+    from_left = bool(rng.random() < 0.5)
+    target = rng.uniform(*PARTIAL_VISIBLE) * crop.size
+    # Visible pixels left when the box covers the crop columns up to (from the left) column c.
+    visible = np.cumsum(columns[::-1])[::-1] if from_left else np.cumsum(columns)
+    # The most occluding cut whose visible remainder is still >= target.
+    ok = np.nonzero(visible >= target)[0]
+    if ok.size == 0:
+        cut = bx0 + (int(np.argmax(columns > 0)) if from_left else int(len(columns) - np.argmax(columns[::-1] > 0)))
+    else:
+        cut = bx0 + (int(ok.max()) if from_left else int(ok.min()) + 1)
+    top = y0 - rng.uniform(0.0, 0.1) * scene.height
+    bottom = min(float(scene.height), y1 + rng.uniform(0.0, 0.2) * scene.height)
+    return (min(x0, cut) - 2.0, top, cut, bottom) if from_left else (cut, top, max(x1, cut) + 2.0, bottom)
+
+
+def _draw_occluder_body(draw: ImageDraw.ImageDraw, box: Box, rng: np.random.Generator) -> None:
+    """A lorry, a hedge or a wall filling ``box``."""
+    x0, y0, x1, y1 = box
+    kind = rng.choice(["lorry", "hedge", "wall"], p=[0.5, 0.3, 0.2])
+    if kind == "lorry":
+        palette = [(235, 235, 235), (160, 165, 170), (40, 70, 140), (60, 110, 70), (120, 30, 35)]
+        body = _jitter(rng, palette[rng.integers(len(palette))], 12)
+        draw.rectangle(box, fill=body)
+        draw.rectangle([x0, y0 + (y1 - y0) * 0.08, x1, y0 + (y1 - y0) * 0.12], fill=_mix(body, (0, 0, 0), 0.3))
+        wheel = (y1 - y0) * 0.12
+        for wx in np.linspace(x0 + wheel, x1 - wheel, max(2, int((x1 - x0) / (4 * wheel + 1)) + 1)):
+            draw.ellipse([wx - wheel, y1 - 2 * wheel, wx + wheel, y1], fill=(20, 20, 20))
+    elif kind == "hedge":
+        green = _jitter(rng, (45, 90, 45), 15)
+        draw.rectangle([x0, y0 + (y1 - y0) * 0.1, x1, y1], fill=green)
+        step = max(4.0, (x1 - x0) / 6)
+        for x in np.arange(x0, x1, step):
+            draw.ellipse([x - step * 0.2, y0, x + step * 1.2, y0 + (y1 - y0) * 0.3], fill=_jitter(rng, green, 10))
+    else:
+        draw.rectangle(box, fill=_jitter(rng, (150, 140, 125), 20))
+        for y in np.arange(y0, y1, max(3.0, (y1 - y0) / 8)):
+            draw.line([(x0, y), (x1, y)], fill=(110, 105, 95), width=1)
+
+
+def _draw_service_truck(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> list[Light]:
+    """An orange municipal truck (a hard negative); returns its amber roof light."""
+    depth = rng.uniform(0.3, 0.85)
+    lateral = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 1.4))
+    x, y = scene.ground(depth, lateral)
+    tw = scene.road_half * depth * rng.uniform(0.7, 1.0)
+    th = tw * rng.uniform(0.7, 0.9)
+    orange = _roadwork_orange(rng)
+    draw.rectangle([x - tw / 2, y - th, x + tw / 2, y - th * 0.12], fill=orange)
+    draw.rectangle([x - tw * 0.4, y - th * 0.95, x + tw * 0.4, y - th * 0.7], fill=_jitter(rng, (60, 70, 80), 15))
+    draw.rectangle([x - tw / 2, y - th * 0.45, x + tw / 2, y - th * 0.38], fill=_white(rng))
+    for wx in (x - tw * 0.32, x + tw * 0.32):
+        draw.rectangle([wx - tw * 0.09, y - th * 0.2, wx + tw * 0.09, y], fill=(20, 20, 20))
+    return [(x, y - th * 1.02, max(1.2, tw * 0.05), (255, 170, 30), 1.0)]
+
+
+def _draw_concrete_barrier(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> None:
+    depth = rng.uniform(0.35, 0.9)
+    x, y = scene.ground(depth, rng.uniform(-1.1, 1.1))
+    size = scene.height * (0.05 + 0.18 * depth)
+    bw, bh = size * rng.uniform(1.5, 3.0), size * 0.3
+    grey = _jitter(rng, (175, 172, 165), 15)
+    draw.polygon([(x - bw / 2, y), (x + bw / 2, y), (x + bw * 0.45, y - bh), (x - bw * 0.45, y - bh)], fill=grey)
+
+
+def _draw_bollards(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> None:
+    side = float(rng.choice([-1.0, 1.0]))
+    color = _jitter(rng, [(230, 230, 225), (60, 60, 65), (150, 150, 150)][rng.integers(3)], 10)
+    for depth in np.linspace(rng.uniform(0.3, 0.5), rng.uniform(0.7, 0.95), int(rng.integers(3, 7))):
+        x, y = scene.ground(float(depth), side * rng.uniform(0.95, 1.1))
+        size = scene.height * 0.2 * depth
+        draw.rectangle([x - size * 0.06, y - size * 0.5, x + size * 0.06, y], fill=color)
+
+
+def _draw_chevron_board(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> None:
+    """A permanent red-and-white curve-warning board on a post."""
+    depth = rng.uniform(0.3, 0.85)
+    x, y = scene.ground(depth, float(rng.choice([-1.0, 1.0]) * rng.uniform(1.1, 1.5)))
+    size = scene.height * (0.05 + 0.15 * depth)
+    draw.rectangle([x - size * 0.05, y - size * 1.6, x + size * 0.05, y], fill=(120, 120, 125))
+    w, h, top = size * 1.2, size * 0.5, y - size * 2.0
+    draw.rectangle([x - w / 2, top, x + w / 2, top + h], fill=_roadwork_red(rng))
+    white = _white(rng)
+    direction = 1 if rng.random() < 0.5 else -1
+    for k in (-1, 0, 1):
+        cx = x + k * w * 0.28
+        draw.line([(cx - direction * w * 0.08, top + h * 0.15), (cx + direction * w * 0.08, top + h * 0.5),
+                   (cx - direction * w * 0.08, top + h * 0.85)], fill=white, width=max(1, int(w * 0.06)))
+
+
+def _draw_barrier_arm(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> None:
+    """A car-park or toll barrier arm: a thin red-and-white bar across the lane."""
+    depth = rng.uniform(0.3, 0.8)
+    side = float(rng.choice([-1.0, 1.0]))
+    x, y = scene.ground(depth, side * 1.05)
+    size = scene.height * (0.05 + 0.15 * depth)
+    draw.rectangle([x - size * 0.15, y - size * 0.8, x + size * 0.15, y], fill=_jitter(rng, (200, 200, 195), 10))
+    length = scene.road_half * depth * rng.uniform(0.8, 1.6)
+    x_end = x - side * length
+    bar = (min(x, x_end), y - size * 0.7, max(x, x_end), y - size * 0.62)
+    _stripes(draw, bar, (_roadwork_red(rng), _white(rng)), 10, diagonal=True)
+
+
+_AUTUMN = ((205, 110, 30), (185, 65, 30), (220, 150, 40), (170, 90, 40))
+#: Kinds of hard negative and their shares.
+HARD_NEGATIVES: dict[str, float] = {
+    "orange_vehicle": 0.25, "red_sign": 0.2, "orange_sign": 0.1, "obstacles": 0.2, "autumn_trees": 0.15, "striped": 0.1,
+}
+
+
+def _draw_hard_negative(draw: ImageDraw.ImageDraw, scene: _Scene, rng: np.random.Generator) -> list[Light]:
+    """One hard negative (see :data:`HARD_NEGATIVES`); returns any light it carries (for night)."""
+    kind = str(rng.choice(list(HARD_NEGATIVES), p=list(HARD_NEGATIVES.values())))
+    if kind == "orange_vehicle":
+        if rng.random() < 0.5:
+            _draw_car(draw, scene, rng, color=_roadwork_orange(rng))
+            return []
+        return _draw_service_truck(draw, scene, rng)
+    if kind == "red_sign":
         _draw_pole_sign(draw, scene, rng, str(rng.choice(["stop", "speed", "give_way"])))
     elif kind == "orange_sign":
         _draw_pole_sign(draw, scene, rng, "orange_plain")
-    else:
+    elif kind == "obstacles":
         for _ in range(int(rng.integers(1, 4))):
-            _draw_plain_obstacle(draw, scene, rng)
+            choice = rng.integers(3)
+            if choice == 0:
+                _draw_plain_obstacle(draw, scene, rng)
+            elif choice == 1:
+                _draw_concrete_barrier(draw, scene, rng)
+            else:
+                _draw_bollards(draw, scene, rng)
+    elif kind == "autumn_trees":
+        for _ in range(int(rng.integers(2, 5))):
+            _draw_tree(draw, scene, rng, foliage=_jitter(rng, _AUTUMN[rng.integers(len(_AUTUMN))], 15))
+    elif rng.random() < 0.5:
+        _draw_chevron_board(draw, scene, rng)
+    else:
+        _draw_barrier_arm(draw, scene, rng)
+    return []
 
 
-def _photometric(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Lighting, colour cast, optional blur and luminance noise.
+def _occluder_box(scene: _Scene, rng: np.random.Generator) -> Box:
+    """A foreground occluder (post, passing van, wiper) as a box in image coordinates."""
+    w, h = scene.width, scene.height
+    ow, oh = rng.uniform(0.06, 0.2) * w, rng.uniform(0.1, 0.35) * h
+    x0 = rng.uniform(0, w - ow)
+    y0 = rng.uniform(0.3 * h, h - oh)
+    return x0, y0, x0 + ow, y0 + oh
+
+
+def _inside(x: float, y: float, box: Box) -> bool:
+    return box[0] <= x <= box[2] and box[1] <= y <= box[3]
+
+
+def _add_glow(out: np.ndarray, x: float, y: float, radius: float, color: Color, strength: float) -> None:
+    """Add a Gaussian light blob (core plus a faint halo) to the uint8 image ``out`` in place."""
+    h, w = out.shape[:2]
+    reach = int(6 * radius) + 1
+    x0, x1 = max(0, int(x) - reach), min(w, int(x) + reach + 1)
+    y0, y1 = max(0, int(y) - reach), min(h, int(y) + reach + 1)
+    if x0 >= x1 or y0 >= y1:
+        return
+    dx2 = (np.arange(x0, x1, dtype=np.float32) - np.float32(x)) ** 2
+    dy2 = (np.arange(y0, y1, dtype=np.float32) - np.float32(y)) ** 2
+    d2 = dy2[:, None] + dx2[None, :]
+    profile = np.exp(-d2 / np.float32(radius**2)) + np.float32(0.2) * np.exp(-d2 / np.float32((2.5 * radius) ** 2))
+    window = out[y0:y1, x0:x1].astype(np.float32)
+    window += (np.float32(strength) * profile)[..., None] * np.asarray(color, dtype=np.float32)
+    out[y0:y1, x0:x1] = np.clip(window, 0, 255).astype(np.uint8)
+
+
+def _scene_lights(scene: _Scene, rng: np.random.Generator, light: str) -> list[Light]:
+    """Street lamps (sodium orange or LED white) and car head- and tail-lights of a dark scene."""
+    lights: list[Light] = []
+    strength = 1.0 if light == "night" else 0.5
+    if rng.random() < (0.75 if light == "night" else 0.3):
+        sodium = rng.random() < 0.6
+        color = (255, 165, 70) if sodium else (230, 235, 255)
+        for _ in range(int(rng.integers(2, 7))):
+            depth = rng.uniform(0.08, 0.9)
+            x, y = scene.ground(depth, float(rng.choice([-1.0, 1.0]) * rng.uniform(1.2, 1.7)))
+            lights.append((x, y - scene.height * (0.08 + 0.5 * depth), 1.5 + 7 * depth, color, strength))
+    for _ in range(int(rng.integers(0, 4))):
+        depth = rng.uniform(0.15, 0.85)
+        x, y = scene.ground(depth, float(rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.7)))
+        spacing = 0.25 * scene.road_half * depth
+        head = rng.random() < 0.5
+        color, radius = ((255, 245, 215), 1.0 + 5 * depth) if head else ((235, 35, 25), 0.8 + 3 * depth)
+        for dx in (-spacing, spacing):
+            lights.append((x + dx, y - 0.1 * scene.road_half * depth, radius, color, strength))
+    return lights
+
+
+def _gain_matrix(gain: float, cast: np.ndarray) -> tuple[float, ...]:
+    """An RGB -> RGB colour matrix scaling every channel by ``gain`` and adding ``cast``."""
+    return (gain, 0.0, 0.0, float(cast[0]), 0.0, gain, 0.0, float(cast[1]), 0.0, 0.0, gain, float(cast[2]))
+
+
+def _compose_lit(base: Image.Image, layer: Image.Image, scene: _Scene, rng: np.random.Generator, light: str,
+                 lights: list[Light]) -> Image.Image:
+    """Put the object ``layer`` over ``base`` under ``light``; at dusk and night add ``lights`` and the scene's.
+
+    At night the scene is dark and the objects (retroreflective roadwork items, signs, painted
+    vehicles) keep a little more of their colour, as if lit by headlights.
+    """
+    if light == "day":
+        base.paste(layer, (0, 0), layer)
+        return base
+    if light == "dusk":
+        gain = rng.uniform(0.55, 0.8)
+        item_gain = gain * rng.uniform(1.0, 1.25)
+        cast = np.array([14.0, 4.0, -12.0]) * rng.uniform(0.5, 1.5)
+    else:
+        gain = rng.uniform(0.14, 0.3)
+        item_gain = rng.uniform(0.3, 0.65)
+        cast = np.array([-2.0, 3.0, 14.0]) * rng.uniform(0.5, 1.5)
+    out = base.convert("RGB", _gain_matrix(gain, cast))
+    out.paste(layer.convert("RGB").convert("RGB", _gain_matrix(item_gain, cast)), (0, 0), layer.getchannel("A"))
+    array = np.array(out)
+    for x, y, radius, color, strength in [*_scene_lights(scene, rng, light), *lights]:
+        _add_glow(array, x, y, radius, color, strength)
+    return Image.fromarray(array, mode="RGB")
+
+
+def _weather(img: Image.Image, scene: _Scene, rng: np.random.Generator, weather: str, light: str) -> Image.Image:
+    """Fog (washes out the far field, the sky most) or rain (streaks, lower contrast, softer image)."""
+    if weather == "clear":
+        return img
+    dim = {"day": 1.0, "dusk": 0.7, "night": 0.3}[light]
+    if weather == "fog":
+        density = rng.uniform(0.45, 0.85)
+        tone = int(round(rng.uniform(175, 215) * dim))
+        rows = np.arange(scene.height, dtype=np.float64)
+        depth = np.clip((rows - scene.horizon) / (scene.height - scene.horizon), 0.0, 1.0)
+        alpha = density * (1.0 - depth) ** rng.uniform(0.6, 1.2)
+        alpha[rows <= scene.horizon] = density
+        mask = np.repeat(np.rint(alpha * 255).astype(np.uint8)[:, None], scene.width, axis=1)
+        return Image.composite(Image.new("RGB", img.size, (tone, tone, tone)), img, Image.fromarray(mask, mode="L"))
+    if weather != "rain":
+        raise ValueError(f"unknown weather {weather!r}: use one of {sorted(WEATHER)}")
+    contrast, darken = rng.uniform(0.7, 0.9), rng.uniform(0.8, 0.95)
+    mean = float(np.dot(ImageStat.Stat(img).mean, _LUMA))
+    img = img.convert("RGB", _gain_matrix(contrast * darken, np.full(3, mean * (1.0 - contrast) * darken)))
+    mask = Image.new("L", img.size, 0)
+    draw = ImageDraw.Draw(mask)
+    slant = rng.uniform(-0.3, 0.3)
+    level = int(round(255 * rng.uniform(0.25, 0.45)))
+    for _ in range(int(rng.integers(150, 400))):
+        x, y = rng.uniform(-20, scene.width + 20), rng.uniform(0, scene.height)
+        length = rng.uniform(6, 22)
+        draw.line([(x, y), (x + slant * length, y + length)], fill=level, width=1)
+    streak = int(round(215 * dim))
+    img = Image.composite(Image.new("RGB", img.size, (streak, streak, streak)), img, mask)
+    return img.filter(ImageFilter.BoxBlur(radius=float(rng.uniform(0.5, 1.2))))
+
+
+def _soften(img: Image.Image, fx: float, fy: float) -> Image.Image:
+    """Blur by shrinking ``fx`` x ``fy`` times and enlarging back (focus blur when equal, motion blur when fy = 1)."""
+    small = img.resize((max(1, round(img.width / fx)), max(1, round(img.height / fy))), Image.Resampling.BILINEAR)
+    return small.resize(img.size, Image.Resampling.BILINEAR)
+
+
+def _photometric(img: Image.Image, rng: np.random.Generator, light: str = "day") -> Image.Image:
+    """Lighting jitter, colour cast, optional blur (focus or horizontal motion) and luminance noise.
 
     Brightness, contrast, saturation and cast form one affine colour map (as ImageEnhance's
-    Brightness, Contrast and Color applied in turn would), applied in a single pass.
+    Brightness, Contrast and Color applied in turn would), applied in a single pass. Sensor
+    noise is stronger at night.
     """
     brightness = rng.uniform(0.75, 1.2)
     contrast = rng.uniform(0.8, 1.15)
@@ -433,27 +786,42 @@ def _photometric(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     offset = (1.0 - contrast) * mean_luma + cast
     matrix = np.column_stack([contrast * brightness * saturate, offset])
     img = img.convert("RGB", tuple(float(v) for v in matrix.ravel()))
-    if rng.random() < 0.35:
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.4, 1.6))))
-    sigma = float(rng.uniform(0.0, 8.0))
-    # Luminance noise (one value per pixel, all channels), as after a camera's processing.
-    noise = rng.standard_normal(size=(img.height, img.width, 1), dtype=np.float32)
+    blur = rng.random()
+    if blur < 0.3:
+        factor = rng.uniform(1.3, 2.8)
+        img = _soften(img, factor, factor)
+    elif blur < 0.42:
+        img = _soften(img, rng.uniform(2.0, 4.0), 1.0)
+    sigma = float(rng.uniform(4.0, 14.0) if light == "night" else rng.uniform(0.0, 8.0))
+    # Luminance noise (one value per pixel, all channels), as after a camera's processing; added
+    # as a uint8 image biased by 128 so Pillow adds and clips it in one pass.
+    noise = rng.standard_normal(size=(img.height, img.width), dtype=np.float32)
     noise *= np.float32(sigma)
-    array = np.asarray(img, dtype=np.int16) + np.rint(noise).astype(np.int16)
-    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="RGB")
+    noise += np.float32(128.5)
+    np.clip(noise, 0, 255, out=noise)
+    plane = Image.fromarray(noise.astype(np.uint8), mode="L")
+    return ImageChops.add(img, Image.merge("RGB", (plane, plane, plane)), scale=1.0, offset=-128)
 
 
-def _occluder_box(scene: _Scene, rng: np.random.Generator) -> tuple[float, float, float, float]:
-    """A foreground occluder (post, passing van, wiper) as a box in image coordinates."""
-    w, h = scene.width, scene.height
-    ow, oh = rng.uniform(0.06, 0.2) * w, rng.uniform(0.1, 0.35) * h
-    x0 = rng.uniform(0, w - ow)
-    y0 = rng.uniform(0.3 * h, h - oh)
-    return x0, y0, x0 + ow, y0 + oh
+def _pick(rng: np.random.Generator, shares: dict[str, float]) -> str:
+    return str(rng.choice(list(shares), p=list(shares.values())))
 
 
-def render_scene(rng: np.random.Generator, roadwork: bool) -> Image.Image:
-    """Draw one road scene (with a work zone when ``roadwork``)."""
+def draw_conditions(rng: np.random.Generator, roadwork: bool) -> Conditions:
+    """Draw how hard one image is (the same lighting, weather and occlusion rates for both classes)."""
+    tier = _pick(rng, POSITIVE_TIERS) if roadwork else ("hard" if rng.random() < HARD_NEGATIVE_RATE else "plain")
+    return Conditions(tier=tier, light=_pick(rng, LIGHTING), weather=_pick(rng, WEATHER),
+                      occluded=bool(rng.random() < OCCLUSION_RATE))
+
+
+def render_scene(rng: np.random.Generator, roadwork: bool, conditions: Conditions | None = None) -> Image.Image:
+    """Draw one road scene (with a work zone when ``roadwork``) under ``conditions`` (drawn when None)."""
+    cond = conditions if conditions is not None else draw_conditions(rng, roadwork)
+    if cond.tier not in (*POSITIVE_TIERS, *NEGATIVE_TIERS):
+        raise ValueError(f"unknown tier {cond.tier!r}: roadwork tiers are {list(POSITIVE_TIERS)}, "
+                         f"no-roadwork tiers {list(NEGATIVE_TIERS)}")
+    if roadwork != (cond.tier in POSITIVE_TIERS):
+        raise ValueError(f"tier {cond.tier!r} does not match roadwork={roadwork}")
     width = int(rng.integers(WIDTH_RANGE[0], WIDTH_RANGE[1] + 1))
     height = int(round(width / rng.uniform(*ASPECT_RANGE)))
     scene = _Scene(
@@ -475,45 +843,94 @@ def render_scene(rng: np.random.Generator, roadwork: bool) -> Image.Image:
         _draw_pole_sign(draw, scene, rng, str(rng.choice(["blue", "green", "speed"], p=[0.45, 0.45, 0.1])))
     for _ in range(int(rng.integers(0, 3))):
         _draw_car(draw, scene, rng)
-    occluder = _occluder_box(scene, rng) if rng.random() < OCCLUSION_RATE else None
+    # Work zones and hard negatives go on their own layer: at night they are lit differently,
+    # and occluders are cut out of it.
+    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    layer_draw = ImageDraw.Draw(layer)
+    lights: list[Light] = []
+    anchors: list[tuple[float, float, float]] = []
+    occluders: list[Box] = []
     if roadwork:
-        _draw_roadwork(img, scene, rng, occluder)
-    elif rng.random() < HARD_NEGATIVE_RATE:
-        _draw_hard_negative(draw, scene, rng)
-    if occluder is not None:
-        draw.rectangle(occluder, fill=_jitter(rng, (int(rng.integers(20, 120)),) * 3, 10))
-    return _photometric(img, rng)
+        _, anchors = _draw_roadwork(layer, scene, rng, cond.tier)
+        if cond.tier == "partial":
+            occluders.append(_partial_occluder(layer, scene, rng))
+        if rng.random() < DECOY_RATE:
+            lights += _draw_hard_negative(layer_draw, scene, rng)
+    elif cond.tier == "hard":
+        lights += _draw_hard_negative(layer_draw, scene, rng)
+    if cond.occluded:
+        occluders.append(_occluder_box(scene, rng))
+    for k, box in enumerate(occluders):
+        layer_draw.rectangle(box, fill=(0, 0, 0, 0))
+        if k == 0 and cond.tier == "partial":
+            _draw_occluder_body(draw, box, rng)
+        else:
+            draw.rectangle(box, fill=_jitter(rng, (int(rng.integers(20, 120)),) * 3, 10))
+    if roadwork and cond.light != "day" and rng.random() < 0.6:
+        visible = [a for a in anchors if not any(_inside(a[0], a[1], box) for box in occluders)]
+        for k in rng.permutation(len(visible))[:4]:
+            x, top, size = visible[int(k)]
+            lights.append((x, top, max(1.0, 0.07 * size), (255, 175, 40), 1.0 if cond.light == "night" else 0.6))
+    img = _compose_lit(img, layer, scene, rng, cond.light, lights)
+    img = _weather(img, scene, rng, cond.weather, cond.light)
+    return _photometric(img, rng, cond.light)
 
 
-def _image_plan(
-    seed: int, split: str, index: int, positive_rate: float, label_noise: float
-) -> tuple[np.random.Generator, bool, bool, int]:
-    """The generator of one image and its draws: roadwork or not, label flipped or not, JPEG quality."""
+@dataclass(frozen=True)
+class _Plan:
+    """The draws of one image made before rendering."""
+
+    rng: np.random.Generator
+    roadwork: bool
+    flip: bool
+    quality: int
+    conditions: Conditions
+
+
+def _image_plan(seed: int, split: str, index: int, positive_rate: float, label_noise: float) -> _Plan:
+    """The generator of one image and its first draws: roadwork, label flip, JPEG quality, conditions."""
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
     roadwork = bool(rng.random() < positive_rate)
     flip = bool(rng.random() < label_noise)
     quality = int(rng.integers(70, 96))
-    return rng, roadwork, flip, quality
+    return _Plan(rng, roadwork, flip, quality, draw_conditions(rng, roadwork))
+
+
+def split_positive_rate(split: str) -> float:
+    """Share of roadwork scenes the generator draws for ``split`` ("train" or "val")."""
+    return {"train": TRAIN_POSITIVE_RATE, "val": VAL_POSITIVE_RATE}[split]
+
+
+def image_conditions(seed: int, split: str, index: int, label_noise: float = DEFAULT_LABEL_NOISE) -> dict[str, Any]:
+    """What the generator drew for image ``index`` of ``split`` (no rendering): for analysis by condition.
+
+    ``{"roadwork", "flipped", "label", "tier", "light", "weather", "occluded"}``; ``label`` is
+    what the labels file says.
+    """
+    plan = _image_plan(seed, split, index, split_positive_rate(split), label_noise)
+    return {"roadwork": plan.roadwork, "flipped": plan.flip, "label": int(plan.roadwork) ^ int(plan.flip),
+            **plan.conditions.to_dict()}
 
 
 def _render_one(task: tuple[int, str, int, float, float, str]) -> tuple[int, int, bool]:
     seed, split, index, positive_rate, label_noise, path = task
-    rng, roadwork, flip, quality = _image_plan(seed, split, index, positive_rate, label_noise)
-    img = render_scene(rng, roadwork)
+    plan = _image_plan(seed, split, index, positive_rate, label_noise)
+    img = render_scene(plan.rng, plan.roadwork, plan.conditions)
     buffer = io.BytesIO()
-    img.save(buffer, format="JPEG", quality=quality)
+    img.save(buffer, format="JPEG", quality=plan.quality)
     Path(path).write_bytes(buffer.getvalue())
-    label = int(roadwork) ^ int(flip)
-    return index, label, flip
+    label = int(plan.roadwork) ^ int(plan.flip)
+    return index, label, plan.flip
 
 
 def _generate_split(
-    out_dir: Path, split: str, n: int, positive_rate: float, seed: int, label_noise: float, pool: Any, progress: bool
+    out_dir: Path, split: str, n: int, seed: int, label_noise: float, pool: Any, progress: bool
 ) -> tuple[int, tuple[str, ...]]:
     image_dir = out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{split}_{i:06d}.jpg" for i in range(n)]
-    tasks = [(seed, split, i, positive_rate, label_noise, str(image_dir / names[i])) for i in range(n)]
+    rate = split_positive_rate(split)
+    tasks = [(seed, split, i, rate, label_noise, str(image_dir / names[i])) for i in range(n)]
     results = pool.imap(_render_one, tasks, chunksize=32) if pool is not None else map(_render_one, tasks)
     if progress:
         from tqdm import tqdm
@@ -558,8 +975,8 @@ def generate_synthetic_dataset(
     method = "fork" if "fork" in get_all_start_methods() else "spawn"
     pool = get_context(method).Pool(workers) if workers > 1 else None
     try:
-        train_pos, train_flips = _generate_split(out_dir, "train", n_train, TRAIN_POSITIVE_RATE, seed, label_noise, pool, progress)
-        val_pos, val_flips = _generate_split(out_dir, "val", n_val, VAL_POSITIVE_RATE, seed, label_noise, pool, progress)
+        train_pos, train_flips = _generate_split(out_dir, "train", n_train, seed, label_noise, pool, progress)
+        val_pos, val_flips = _generate_split(out_dir, "val", n_val, seed, label_noise, pool, progress)
     finally:
         if pool is not None:
             pool.close()
@@ -574,4 +991,5 @@ def generate_synthetic_dataset(
         train_flipped=train_flips,
         val_flipped=val_flips,
         seconds=time.perf_counter() - start,
+        generator_version=GENERATOR_VERSION,
     )

@@ -133,3 +133,67 @@ def describe_transform(transform: Any) -> str:
     }
     inner = ", ".join(f"{key}={_format_value(value)}" for key, value in params.items())
     return f"{type(transform).__name__}({inner})"
+
+
+class EvalPipeline:
+    """The evaluation transform split where it is cheapest to move data: pixels, then a batch.
+
+    :meth:`pixels` runs Resize + CenterCrop + ToImage on one PIL image and returns ``uint8``
+    ``[3, crop, crop]`` (a quarter of the float bytes to ship from a loader worker or to a GPU);
+    :meth:`normalise` runs ToDtype(float32, scale) + Normalize on a whole ``uint8`` batch, on
+    the batch's device. Both call the very torchvision kernels the reference
+    :func:`build_eval_transform` calls, in the same order, so ``normalise(stack(pixels(x)))``
+    equals ``stack(transform(x))`` bit for bit (element-wise IEEE operations do not depend on
+    batching or device), and the transform text - the feature-cache key - stays the same.
+    Build it with :func:`eval_pipeline`.
+    """
+
+    def __init__(self, resize: int, crop: tuple[int, int], interpolation: Any, mean: Sequence[float], std: Sequence[float]):
+        self.resize = int(resize)
+        self.crop = (int(crop[0]), int(crop[1]))
+        self.interpolation = interpolation
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+
+    def pixels(self, image: Any) -> torch.Tensor:
+        """``uint8 [3, H, W]`` of a PIL RGB image after Resize and CenterCrop (no float work)."""
+        from torchvision.transforms.v2 import functional as F
+
+        image = F.resize(image, [self.resize], interpolation=self.interpolation, antialias=True)
+        image = F.center_crop(image, list(self.crop))
+        return F.pil_to_tensor(image)
+
+    def normalise(self, batch: torch.Tensor) -> torch.Tensor:
+        """Float32 normalised ``[N, 3, H, W]`` of a ``uint8`` batch, computed on its device."""
+        from torchvision.transforms.v2 import functional as F
+
+        if batch.dtype != torch.uint8:
+            raise TypeError(f"normalise expects a uint8 batch from EvalPipeline.pixels, got {batch.dtype}")
+        return F.normalize(F.to_dtype(batch, torch.float32, scale=True), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"EvalPipeline(resize={self.resize}, crop={self.crop}, mean={self.mean}, std={self.std})"
+
+
+def eval_pipeline(transform: Any) -> EvalPipeline | None:
+    """The :class:`EvalPipeline` equal to ``transform``, or None when it is not an evaluation transform.
+
+    Recognised: a ``v2.Compose`` of exactly Resize(one size, antialias, no max_size), CenterCrop,
+    ToImage, ToDtype(float32, scale=True), Normalize - what :func:`build_eval_transform` builds.
+    Anything else (training augmentation, a custom callable) is None: use it image by image.
+    """
+    if not isinstance(transform, v2.Compose):
+        return None
+    steps = list(transform.transforms)
+    kinds = (v2.Resize, v2.CenterCrop, v2.ToImage, v2.ToDtype, v2.Normalize)
+    if len(steps) != len(kinds) or any(type(s) is not k for s, k in zip(steps, kinds)):
+        return None
+    resize, crop, _, to_dtype, normalize = steps
+    if len(resize.size) != 1 or resize.max_size is not None or resize.antialias is not True:
+        return None
+    dtype = to_dtype.dtype
+    if isinstance(dtype, dict):
+        dtype = dtype.get(v2.Image, dtype.get("others")) if len(dtype) else None
+    if dtype is not torch.float32 or not to_dtype.scale or normalize.inplace:
+        return None
+    return EvalPipeline(resize.size[0], tuple(crop.size), resize.interpolation, normalize.mean, normalize.std)

@@ -75,6 +75,10 @@ class ExitPolicy(ABC):
     def to_dict(self) -> dict[str, Any]:
         """The parameters the policy decides with (``from_dict(to_dict())`` round-trips)."""
 
+    def companion_files(self) -> dict[str, Path]:
+        """Files the policy file needs beside it (name -> path), copied into a bundle with it; none by default."""
+        return {}
+
     @abstractmethod
     def exit_mask(self, probs: np.ndarray, gate_scores: np.ndarray | None = None) -> np.ndarray:
         """Boolean [N] array: True where the sample exits at Stage 1."""

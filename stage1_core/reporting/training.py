@@ -38,3 +38,22 @@ def plot_training_curves(history: Sequence[dict[str, Any]], out_path: str | Path
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return atomic_write_bytes(out_path, buffer.getvalue())
+
+
+def plot_step_trace(grad_norms: Sequence[float], step_losses: Sequence[float], out_path: str | Path) -> Path:
+    """Gradient norm (before clipping) and mean training loss of every optimiser step."""
+    steps = list(range(1, len(grad_norms) + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    axes[0].plot(steps, list(grad_norms), lw=0.8)
+    axes[0].set_title("gradient norm per step (before clipping)")
+    axes[0].set_yscale("log" if grad_norms and min(grad_norms) > 0 else "linear")
+    axes[1].plot(list(range(1, len(step_losses) + 1)), list(step_losses), lw=0.8, color="tab:orange")
+    axes[1].set_title("training loss per step")
+    for ax in axes:
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(out_path, buffer.getvalue())

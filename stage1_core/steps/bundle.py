@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from stage1_core.artifacts import load_tensors, read_json
+from stage1_core.artifacts import fault_point, load_tensors, read_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.phases import phase_number
-from stage1_core.steps.backbone import eval_transform, load_split_features, read_backbone
+from stage1_core.steps.backbone import eval_transform, model_features, read_backbone
 from stage1_core.steps.context import Layout, StepContext, StepResult
 from stage1_core.steps.evaluation import DECISIONS_FILE, EVALUATION_FILE, METRICS_FILE
 from stage1_core.steps.policy import policy_path, read_policy_document
@@ -48,7 +48,7 @@ def compare_bundle_decisions(
         loaded = Stage1Bundle.load(directory, artifacts_root=layout.root)
     except BundleError as exc:
         return [str(exc)], 0, 0
-    feats, _ = load_split_features(layout, partition, "val_test")
+    feats = model_features(layout, partition, "val_test").features
     decisions = loaded.decide_features(feats)
     expected = load_tensors(layout.path("evaluation", partition) / DECISIONS_FILE)
     exit_now = np.asarray(decisions.exit, dtype=bool)
@@ -70,21 +70,49 @@ def _headline(policy_doc: dict[str, Any], evaluation: dict[str, Any]) -> dict[st
     }
 
 
+def _model_backbone(layout: Layout, partition: str, backbone_info: dict[str, Any],
+                    training: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The backbone the deployed head reads features from, and the files the bundle must carry.
+
+    The source weights (``model_path``) stay outside the bundle, checked by fingerprint. A
+    backbone this project made - ExPLoRA-adapted, or fine-tuned with merged adapters - only
+    exists in the artifacts, so the bundle carries it (safetensors) under ``backbone/``.
+    """
+    from stage1_core.bundle.load import BUNDLED_BACKBONE_FILES
+
+    tuned = training.get("finetuned_backbone")
+    if tuned:
+        directory, fingerprint = layout.path("checkpoint", partition) / tuned["directory"], tuned["fingerprint"]
+    elif backbone_info.get("backbone_kind", "source") != "source":
+        directory, fingerprint = Path(backbone_info["directory"]), backbone_info["fingerprint"]
+    else:
+        return {"model_path": backbone_info["model_path"], "fingerprint": backbone_info["fingerprint"]}, {}
+    files = {f"{BUNDLED_DIR}/{name}": directory / name for name in BUNDLED_BACKBONE_FILES}
+    return {"model_path": backbone_info["model_path"], "fingerprint": fingerprint, "directory": BUNDLED_DIR}, files
+
+
+BUNDLED_DIR = "backbone"
+
+
 def publish(staged: Path, parent: Path, bundle_id: str) -> Path:
     """Rename the verified ``staged`` directory to ``versions/<id>`` and point ``bundle`` at it atomically."""
     versions = parent / VERSIONS_DIR
     final = versions / bundle_id
+    fault_point(final, "before-rename")
     if final.exists():
         shutil.rmtree(staged)
     else:
         os.rename(staged, final)
+    fault_point(final, "after-rename")
     link = parent / CURRENT_LINK
     if link.exists() and not link.is_symlink():
         shutil.rmtree(link)  # a directory left by an older release
     tmp_link = parent / f".{CURRENT_LINK}.{bundle_id}.link"
     tmp_link.unlink(missing_ok=True)
     os.symlink(Path(VERSIONS_DIR) / bundle_id, tmp_link)
+    fault_point(link, "before-rename")
     os.replace(tmp_link, link)
+    fault_point(link, "after-rename")
     for old in versions.iterdir():
         if old.name != bundle_id:
             shutil.rmtree(old, ignore_errors=True)
@@ -121,6 +149,8 @@ def export_phase_bundle(config: Stage1ProConfig, layout: Layout, partition: str,
     staging = parent / VERSIONS_DIR / f".staging-{run_id or 'local'}"
     if staging.exists():
         shutil.rmtree(staging)
+    backbone_ref, backbone_files = _model_backbone(layout, partition, backbone_info, training)
+    lineage["backbone_fingerprint"] = backbone_ref["fingerprint"]
     export_bundle(
         staging,
         phase=phase_number(partition),
@@ -130,8 +160,8 @@ def export_phase_bundle(config: Stage1ProConfig, layout: Layout, partition: str,
         config=cfg,
         splits_path=layout.path("splits") / "splits.json",
         metrics_csv_path=layout.path("evaluation", partition) / METRICS_FILE,
-        backbone_info={"model_path": backbone_info["model_path"], "fingerprint": backbone_info["fingerprint"],
-                       "hidden_size": backbone_info["hidden_size"], "transform": transform_desc},
+        backbone_info={**backbone_ref, "hidden_size": backbone_info["hidden_size"], "transform": transform_desc},
+        extra_files=backbone_files,
         head_info={"hidden_size": backbone_info["hidden_size"], "dropout": cfg.dropout,
                    "with_gate": training.get("head_kind") == "gated"},
         headline=headline,

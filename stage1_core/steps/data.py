@@ -28,10 +28,15 @@ VAL_SOURCE = "natix"
 INDEX_FILE = "dataset_index.csv"
 INDEX_COLUMNS = ("id", "path", "label", "source", "origin", "line", "sha256")
 def ensure_synthetic_data(config: Stage1ProConfig, out_dir: Path) -> dict[str, Any]:
-    """Generate the embedded synthetic data set once per (size, seed); reuse it afterwards."""
-    from stage1_core.data.synthetic import generate_synthetic_dataset
+    """Generate the embedded synthetic data set once per (size, seed, generator version); reuse it afterwards.
 
-    params = {"n_train": config.synthetic_n_train, "n_val": config.synthetic_n_val, "seed": config.synthetic_seed}
+    The marker ``synthetic.json`` records what the data was made with; a data set made by another
+    generator version (the same seed then draws other images) is deleted and generated again.
+    """
+    from stage1_core.data.synthetic import GENERATOR_VERSION, generate_synthetic_dataset
+
+    params = {"n_train": config.synthetic_n_train, "n_val": config.synthetic_n_val, "seed": config.synthetic_seed,
+              "generator_version": GENERATOR_VERSION}
     marker = out_dir / "synthetic.json"
     if marker.is_file():
         recorded = read_json(marker)

@@ -15,7 +15,7 @@ import torch
 from stage1_core.artifacts import save_tensors, write_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.data.splits import require_split
-from stage1_core.steps.backbone import load_split
+from stage1_core.steps.backbone import model_features
 from stage1_core.steps.context import Layout, StepContext, StepResult
 from stage1_core.steps.policy import build_predictor, read_policy_document
 from stage1_core.steps.training import plain_row, read_training
@@ -44,13 +44,15 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
                                         ("checkpoint", partition), ("cached_features", partition)])
     cfg = ctx.cfg
     require_split("val_test", "evaluate")
-    data = load_split(layout, partition, "val_test")
+    data = model_features(layout, partition, "val_test")
     predictor = build_predictor(config, layout, partition)
     certificate = read_policy_document(layout, partition, cfg.exit_policy)
     target, delta = float(certificate["target_fnr"]), float(certificate["delta"])
     logits, raw_gate = predictor.head_outputs_from_features(data.features)
     probs = predictor.probabilities(logits)
     decisions = predictor.policy.decide(probs, gate_scores=raw_gate)
+    if cfg.exit_policy == "scrc":
+        probs = decisions.probs  # SCRC answers from its calibrated q: report what is deployed
     labels = data.labels.numpy().astype(int)
     report = evaluate_decisions(
         probs, labels, decisions, deploy_prior=cfg.deploy_prior, n_bootstrap=cfg.bootstrap_samples,
@@ -85,6 +87,10 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
 
         summary["gate_comparison"], extra_figures = gate_comparison(
             certificate, probs, raw_gate, np.asarray(decisions.exit, dtype=bool), labels, cfg, out_dir)
+    elif cfg.exit_policy == "scrc":
+        from stage1_core.steps.scrc_evaluation import scrc_comparison
+
+        summary["scrc_comparison"], extra_figures = scrc_comparison(certificate, decisions, labels, cfg, out_dir)
     path = write_json(out_dir / EVALUATION_FILE, summary, schema="evaluation")
     confidence = probs.max(1)
     residuals = (probs.argmax(1) != labels).astype(float)

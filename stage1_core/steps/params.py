@@ -22,12 +22,28 @@ DATA_FIELDS = (
 SYNTHETIC_FIELDS = ("synthetic_n_train", "synthetic_n_val", "synthetic_seed")
 SPLIT_FIELDS = ("split_seed", "val_select_ratio", "val_calib_ratio", "val_test_ratio")
 TRAINING_FIELDS = (
-    "mode", "epochs", "warmup_epochs", "lr_head", "lr_backbone", "weight_decay", "dropout", "label_smoothing",
+    "mode", "epochs", "warmup_epochs", "lr_head", "weight_decay", "dropout", "label_smoothing",
     "class_weighting", "max_grad_norm", "use_ema", "ema_decay", "ema_warmup", "early_stop_patience",
     "grad_accum_steps", "seed", "selection_metric", "gate_loss_weight", "aux_weight", "gate_fnr_penalty",
-    "target_fnr_exit", "optimizer", "peft_type", "peft_r", "peft_blocks",
+    "target_fnr_exit", "optimizer",
+)
+#: Phases that fine-tune backbone adapters on images (``train_mode == "finetune"``); the memory
+#: budget and spike factor are the gate's figures, recorded with the run they judge.
+FINETUNE_FIELDS = (
+    "peft_type", "peft_r", "peft_blocks", "lr_backbone", "layer_lr_decay", "finetune_epochs", "finetune_max_images",
+    "augmentation", "max_batch_size", "fallback_batch_size", "memory_budget_gb", "loss_spike_factor",
+)
+#: SAM / F-SAM settings (only when ``optimizer`` is not AdamW).
+SAM_FIELDS = ("sam_rho", "sam_adaptive", "fsam_sigma", "fsam_lmbda")
+EXPLORA_FIELDS = (
+    "explora_epochs", "explora_r", "explora_unfrozen_blocks", "explora_mask_ratio", "explora_lr",
+    "explora_batch_size", "explora_max_images", "explora_held_out_images", "explora_min_gain",
+    "unlabeled_image_dir", "seed",
 )
 POLICY_FIELDS = ("exit_policy", "target_fnr_exit", "fnr_confidence", "gate_calibration")
+#: Conformal risk training (only for the ``crt`` loss) and the SCRC policy's calibration (only for ``scrc``).
+CRT_FIELDS = ("crt_weight", "crt_temperature", "crt_fraction", "crt_batch_size")
+SCRC_FIELDS = ("scrc_variant", "use_dirichlet", "dirichlet_lambda", "dirichlet_mu", "calibration_iters")
 EVALUATION_FIELDS = ("bootstrap_samples", "bootstrap_confidence", "deploy_prior", "val_test_check", "val_test_alpha")
 
 
@@ -41,11 +57,30 @@ def _dataset_index(cfg: Stage1ProConfig) -> dict[str, Any]:
 
 
 def _backbone(cfg: Stage1ProConfig) -> dict[str, Any]:
-    return {"model_path": cfg.model_path, "adaptation": get_recipe(cfg.phase).backbone}
+    recipe = get_recipe(cfg.phase)
+    params: dict[str, Any] = {"model_path": cfg.model_path, "adaptation": recipe.backbone}
+    if recipe.backbone_kind == "explora":
+        params.update(_pick(cfg, EXPLORA_FIELDS))
+    return params
 
 
 def _checkpoint(cfg: Stage1ProConfig) -> dict[str, Any]:
-    return {**_pick(cfg, TRAINING_FIELDS), "phase": cfg.phase}
+    recipe = get_recipe(cfg.phase)
+    params = {**_pick(cfg, TRAINING_FIELDS), "phase": cfg.phase}
+    if recipe.train_mode == "finetune":
+        params.update(_pick(cfg, FINETUNE_FIELDS))
+    if cfg.optimizer != "adamw":
+        params.update(_pick(cfg, SAM_FIELDS))
+    if recipe.loss_kind == "crt":
+        params.update(_pick(cfg, CRT_FIELDS))
+    return params
+
+
+def _exit_policy(cfg: Stage1ProConfig) -> dict[str, Any]:
+    params = _pick(cfg, POLICY_FIELDS)
+    if cfg.exit_policy == "scrc":
+        params.update(_pick(cfg, SCRC_FIELDS))
+    return params
 
 
 PARAMS: dict[str, Callable[[Stage1ProConfig], dict[str, Any]]] = {
@@ -55,7 +90,7 @@ PARAMS: dict[str, Callable[[Stage1ProConfig], dict[str, Any]]] = {
     "cached_features": lambda cfg: {},
     "checkpoint": _checkpoint,
     "predictions": lambda cfg: {},
-    "exit_policy": lambda cfg: _pick(cfg, POLICY_FIELDS),
+    "exit_policy": _exit_policy,
     "evaluation": lambda cfg: _pick(cfg, EVALUATION_FIELDS),
     "bundle": lambda cfg: {},
 }

@@ -30,10 +30,14 @@ class FittedPolicy:
     metadata: dict[str, Any]
     figures: dict[str, Path] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: Companion files the fitter wrote next to the policy file (names), recorded in its lineage.
+    files: list[str] = field(default_factory=list)
 
 
 Fitter = Callable[[StepContext, Path], FittedPolicy]
 POLICY_FITTERS: dict[str, Fitter] = {}
+#: Companion files a fitter may write beside its policy file (removed when a refit writes none).
+COMPANION_FILES: tuple[str, ...] = ("scrc_calibration.pt",)
 
 
 def register_fitter(name: str) -> Callable[[Fitter], Fitter]:
@@ -101,8 +105,10 @@ def fit_exit_policy(config: Stage1ProConfig, layout: Layout, partition: str) -> 
     for other in POLICIES.values():
         if other.policy_file != cls.policy_file:
             (out_dir / other.policy_file).unlink(missing_ok=True)
+    for stale in set(COMPANION_FILES) - set(fitted.files):
+        (out_dir / stale).unlink(missing_ok=True)
     path = write_json(out_dir / cls.policy_file, fitted.document, schema=cls.schema)
-    record = ctx.finish("exit_policy", [cls.policy_file], inputs,
+    record = ctx.finish("exit_policy", [cls.policy_file, *fitted.files], inputs,
                         extra={"policy": name, "target_fnr": fitted.document["target_fnr"],
                                "delta": fitted.document["delta"]})
     metadata = {"path": path, "policy": name, "lineage_id": record.id, **fitted.metadata}
@@ -172,3 +178,114 @@ def fit_gate(ctx: StepContext, out_dir: Path) -> FittedPolicy:
         "softmax_coverage": float(softmax.coverage), "coverage_gain_vs_softmax": doc["coverage_gain_vs_softmax"],
     }
     return FittedPolicy(doc, metadata, {"gate threshold sweep (val_calib)": figure})
+
+
+def _special_case(result: Any, exits: np.ndarray, labels: np.ndarray, deploy_prior: float) -> dict[str, Any]:
+    """A 1-D certificate as ``scrcparams.json`` records SCRC's special cases."""
+    from stage1_core.metrics.exit import coverage_at_prior
+
+    return {
+        "exit_threshold": result.exit_threshold, "certified": bool(result.certified), "coverage": float(result.coverage),
+        "coverage_at_deploy_prior": float(coverage_at_prior(exits, labels, deploy_prior)),
+        "fnr_on_exits": result.fnr_on_exits, "fnr_upper_bound": float(result.fnr_upper_bound),
+        "exit_accuracy": result.exit_accuracy, "n_exited_positives": int(result.n_exited_positives),
+        "n_false_negatives": int(result.n_false_negatives), "method": result.method,
+        "test_level": float(result.test_level), "reason": result.reason,
+    }
+
+
+def fit_scrc_calibrators(cfg: Stage1ProConfig, probs: np.ndarray, raw_gate: np.ndarray, labels: np.ndarray
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(calibrator, gate_calibrator)`` specs fit on val_select outputs (see calibration/scrc.py).
+
+    Dirichlet (``use_dirichlet``; L-BFGS, ``calibration_iters`` iterations, ODIR ``dirichlet_lambda``
+    / ``dirichlet_mu``) maps the softmax to ``q``; the gate calibrator (``gate_calibration``) maps
+    the raw gate logit to the probability that the answer argmax q is correct.
+    """
+    from stage1_core.calibration.dirichlet import DirichletCalibrator
+    from stage1_core.calibration.gate import GateCalibrator, gate_events
+
+    require_split("val_select", "select")
+    if cfg.use_dirichlet:
+        dirichlet = DirichletCalibrator(cfg.dirichlet_lambda, cfg.dirichlet_mu, max_iter=cfg.calibration_iters)
+        calibrator = dirichlet.fit(probs, labels).to_dict()
+        q = dirichlet.predict_proba(probs)
+    else:
+        calibrator, q = {"method": "none"}, probs
+    gate = GateCalibrator(cfg.gate_calibration, "correct").fit(raw_gate, gate_events(q.argmax(1), labels, "correct"))
+    return calibrator, gate.to_dict()
+
+
+@register_fitter("scrc")
+def fit_scrc(ctx: StepContext, out_dir: Path) -> FittedPolicy:
+    """SCRC (two-stage selective conformal risk control) on val_calib, calibrators fit on val_select.
+
+    SCRC-I (``scrc_variant: I``) certifies the max-coverage (lambda1, lambda2) with the binomial
+    LTT, over the candidate family (2-D frontier, gate-only or softmax-only) that certified the
+    most coverage on val_select (``choose_order``); SCRC-T (``T``) records the selection rate (chosen on val_select), the reference thresholds
+    of val_calib alone and a companion file with val_calib's outputs, from which every prediction
+    batch recomputes its thresholds. Both also certify SCRC's special cases on the same calibrated
+    scores for comparison: the gate policy (g >= t) and the softmax policy (max q >= t), answers
+    argmax q.
+    """
+    from stage1_core.calibration.scrc import (
+        MIN_TEST_BATCH, choose_order, choose_selection_rate, scrc_inductive, scrc_transductive, scrcparams_document,
+    )
+    from stage1_core.calibration.threshold_sweep import certify_score_threshold
+    from stage1_core.metrics.exit import coverage_at_prior
+    from stage1_core.policies.scrc import CALIBRATION_FILE, SCRCExitPolicy, save_calibration_outputs
+    from stage1_core.reporting.scrc_figures import plot_scrc_frontier
+
+    cfg = ctx.cfg
+    sel_probs, sel_raw, sel_labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_select")
+    probs, raw, labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_calib")
+    if raw is None or sel_raw is None:
+        raise ValueError(f"{ctx.partition}: the checkpoint has no gate head, so the SCRC policy cannot be fitted "
+                         f"(its stage 1 selects on the gate score); use a gated head (head_kind 'gated')")
+    calibrator, gate_spec = fit_scrc_calibrators(cfg, sel_probs, sel_raw, sel_labels)
+    identity = SCRCExitPolicy(None, None, calibrator, gate_spec)
+    require_split("val_calib", "calibrate")
+    q, g = identity.calibrated(probs, raw)
+    target, delta = cfg.target_fnr_exit, cfg.delta
+    files: list[str] = []
+    transductive = None
+    q_sel, g_sel = identity.calibrated(sel_probs, sel_raw)
+    if cfg.scrc_variant == "I":
+        order, order_rows = choose_order(g_sel, q_sel, sel_labels, target, delta)
+        result = scrc_inductive(g, q, labels, target, delta, order=order)
+        result.method_params["order_choice"] = {"split": "val_select", "families": order_rows}
+    else:
+        rate, rows = choose_selection_rate(g_sel, q_sel, sel_labels, target)
+        result = scrc_transductive(g, q, labels, g[:0], q[:0], target, rate, min_test=0, delta=delta)
+        save_calibration_outputs(out_dir / CALIBRATION_FILE, probs, raw, labels)
+        files.append(CALIBRATION_FILE)
+        transductive = {"selection_rate": rate, "selection_rate_fit_split": "val_select",
+                        "selection_rate_candidates": rows, "min_test": MIN_TEST_BATCH,
+                        "calibration_file": CALIBRATION_FILE}
+    answers = q.argmax(1)
+    special = {}
+    for name, score in (("gate", g), ("softmax", q.max(1))):
+        cert = certify_score_threshold(score, answers, labels, target, delta)
+        exits = score >= cert.exit_threshold if cert.exit_threshold is not None else np.zeros(len(labels), bool)
+        special[name] = _special_case(cert, exits, labels, cfg.deploy_prior)
+    metrics = {**calib_metrics(q, labels), "accuracy_uncalibrated": float((probs.argmax(1) == labels).mean())}
+    doc = scrcparams_document(
+        result, calibrator, gate_spec, read_training(ctx.layout, ctx.partition)["checkpoint_id"], cfg.deploy_prior,
+        float(coverage_at_prior(result.calib_exits, labels, cfg.deploy_prior)), metrics=metrics,
+        calibrator_fit_split="val_select", special_cases=special, transductive=transductive,
+    )
+    figure = plot_scrc_frontier(doc, out_dir / "scrc_frontier.png")
+    metadata = {
+        "certified": bool(result.certified), "scrc_variant": result.variant, "lambda1": result.lambda1,
+        "lambda2": result.lambda2, "coverage": float(result.coverage), "fnr_bound": float(result.fnr_bound),
+        "n_exited_positives": int(result.n_exited_positives), "method": result.method, "reason": result.reason,
+        "coverage_at_deploy_prior": doc["coverage_at_deploy_prior"], "calibrator": calibrator["method"],
+        "gate_calibrator": gate_spec["method"], "calibrator_fit_split": "val_select",
+        "gate_coverage": special["gate"]["coverage"], "softmax_coverage": special["softmax"]["coverage"],
+    }
+    if transductive is not None:
+        metadata["selection_rate"] = transductive["selection_rate"]
+    else:
+        metadata["order"] = result.method_params["order"]
+    return FittedPolicy(doc, metadata, {"SCRC certified frontier (val_calib)": figure},
+                        {"sweep": list(doc["sweep_results"])}, files=files)

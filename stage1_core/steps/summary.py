@@ -12,7 +12,7 @@ from typing import Any
 
 from stage1_core.artifacts import read_json, write_json
 from stage1_core.config import Stage1ProConfig
-from stage1_core.phases import PHASES, phase_number
+from stage1_core.phases import PHASES, PhaseRecipe, phase_number
 from stage1_core.steps.context import Layout
 
 FAILURE_FILE = "failure.json"
@@ -116,26 +116,58 @@ def phase_summary_lines(status: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: The state of a phase in the overview: its gate passed, failed (a criterion, a step or data
+#: validation), has not run (or not to the end), was skipped on purpose, or is not in this release.
+STATES = ("passed", "failed", "not run", "skipped", "not available")
+
+
+def phase_state(status: dict[str, Any], recipe: PhaseRecipe, skip: dict[str, Any] | None) -> tuple[str, str]:
+    """``(state, detail)`` of one phase: one of :data:`STATES` and a short plain-text reason."""
+    if not recipe.available or not recipe.criteria:
+        return "not available", "its recipe is not wired into the pipeline in this release"
+    if skip is not None:
+        return "skipped", f"skipped on purpose: {skip.get('reason') or 'no reason given'}"
+    verdict = status["verdict"]
+    if verdict == "passed":
+        tail = "" if status["bundle_current"] else "; " + status["bundle_problems"][0]
+        return "passed", "every gate criterion passed" + tail
+    if verdict == "GATE FAILED":
+        return "failed", "gate failed: " + ", ".join(v["criterion"] for v in status["failing"])
+    if verdict in ("STEP FAILED", "DATA VALIDATION FAILED"):
+        return "failed", f"step {status['failures'][0]['asset']} failed"
+    if verdict == "not run":
+        after = " and ".join(PHASES[n].key for n in recipe.requires)
+        return "not run", "its gate has not run" + (f" (it starts after the gate of {after})" if after else "")
+    return "not run", "gate incomplete, not yet evaluated: " + ", ".join(status["missing"])
+
+
 def summary_table(config: Stage1ProConfig, layout: Layout) -> list[dict[str, Any]]:
-    """One row per phase: gate verdict, policy, coverage, FNR on exits and bound, accuracy, MCC, bundle id."""
+    """One row per phase of :data:`PHASES`: state, why, policy, coverage, FNR on exits and bound, accuracy, MCC, bundle."""
+    from stage1_core.phase_state import read_skip
+
     rows = []
     for recipe in PHASES.values():
         status = phase_status(config, layout, recipe.key)
+        state, detail = phase_state(status, recipe, read_skip(layout, recipe.key))
         h = status["headline"]
         rows.append({
-            "phase": recipe.key, "gate": status["verdict"], "policy": h.get("policy"),
+            "phase": recipe.key, "state": state, "policy": h.get("policy"),
             "calib_coverage": h.get("calib_coverage"), "test_coverage": h.get("coverage"),
             "test_coverage_deploy": h.get("coverage_at_deploy_prior"), "test_fnr": h.get("fnr_on_exited"),
             "test_fnr_bound": h.get("fnr_on_exited_cp_upper"), "accuracy": h.get("accuracy"), "mcc": h.get("mcc"),
-            "bundle_id": (status["bundle_id"] or "")[:12] or None,
+            "bundle_id": (status["bundle_id"] or "")[:12] or None, "detail": detail,
         })
     return rows
 
 
+#: Columns of :func:`format_table`, in order; ``detail`` last because it is the longest.
+TABLE_COLUMNS = ("phase", "state", "policy", "calib_coverage", "test_coverage", "test_coverage_deploy", "test_fnr",
+                 "test_fnr_bound", "accuracy", "mcc", "bundle_id", "detail")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Rows as a fixed-width text table (percentages for rates)."""
-    columns = ["phase", "gate", "policy", "calib_coverage", "test_coverage", "test_coverage_deploy", "test_fnr",
-               "test_fnr_bound", "accuracy", "mcc", "bundle_id"]
+    columns = list(TABLE_COLUMNS)
     rates = {"calib_coverage", "test_coverage", "test_coverage_deploy", "test_fnr", "test_fnr_bound", "accuracy"}
 
     def cell(column: str, value: Any) -> str:
@@ -158,5 +190,5 @@ def read_phase_summary(layout: Layout, partition: str, config: Stage1ProConfig |
     return phase_summary_lines(phase_status(config, layout, partition))
 
 
-__all__ = ["phase_status", "phase_summary_lines", "read_phase_summary", "record_failure",
+__all__ = ["STATES", "phase_state", "phase_status", "phase_summary_lines", "read_phase_summary", "record_failure",
            "clear_failure", "summary_table", "format_table"]

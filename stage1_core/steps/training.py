@@ -19,6 +19,7 @@ from stage1_core.data.splits import VAL_SPLITS, require_split
 from stage1_core.phases import get_recipe
 from stage1_core.steps.backbone import load_split, read_backbone
 from stage1_core.steps.context import Layout, StepContext, StepResult
+from stage1_core.steps.data import read_splits
 
 TRAINING_FILE = "training.json"
 PREDICTIONS_FILE = "predictions.pt"
@@ -38,7 +39,13 @@ def runtime_environment() -> dict[str, Any]:
 
 
 def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:
-    """Train the phase's head on cached train features; select on val_select only."""
+    """Train the phase's model; select on val_select only.
+
+    ``train_mode == "cached"``: the head trains on cached train features. ``"finetune"``: the
+    same cached training first (the linear-probe stage), then adapters and heads together on
+    images (:mod:`stage1_core.training.finetune`); the checkpoint then also holds the merged
+    fine-tuned backbone, which predictions and the bundle use.
+    """
     from stage1_core.training.recipes import build_loss
     from stage1_core.training.trainer import train_head
 
@@ -52,18 +59,45 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
     val_select = load_split(layout, partition, "val_select")
     out_dir = layout.dir("checkpoint", partition)
     loss_fn = build_loss(recipe.loss_kind, cfg, train.labels)
-    result = train_head(cfg, train, val_select, out_dir, selection_metric=cfg.selection_metric, progress=True,
-                        loss_fn=loss_fn, with_gate=recipe.head_kind == "gated")
-    if result.best_checkpoint is None:
-        reason = "a non-finite loss in the first epoch" if not result.losses_finite else "no epoch improved on val_select"
-        raise ValueError(f"training of {partition} produced no best checkpoint ({reason}); see {result.log_csv}")
-    checkpoint_id = sha256_file(result.best_checkpoint)
+    with_gate = recipe.head_kind == "gated"
+    probe_dir = out_dir / PROBE_DIR if recipe.train_mode == "finetune" else out_dir
+    result = train_head(cfg, train, val_select, probe_dir, selection_metric=cfg.selection_metric, progress=True,
+                        loss_fn=loss_fn, with_gate=with_gate)
+    _require_best(result, partition)
+    extra: dict[str, Any] = {}
+    tables: dict[str, list[dict[str, Any]]] = {}
+    if recipe.train_mode == "finetune":
+        from stage1_core.training.checkpoints import load_state_dict_file
+        from stage1_core.training.finetune import finetune
+
+        probe = {"best_epoch": int(result.best_epoch), "best_metric": float(result.best_metric),
+                 "best_val_accuracy": float(result.best_val_accuracy), "epochs_run": int(result.epochs_run)}
+        splits, index = read_splits(layout)
+        backbone_dir = read_backbone(layout, partition)["directory"]
+        tuned = finetune(cfg, backbone_dir, [index.by_id[i] for i in splits.ids["train"]],
+                         [index.by_id[i] for i in splits.ids["val_select"]], out_dir,
+                         init_head_state=load_state_dict_file(result.best_checkpoint),
+                         loss_fn=build_loss(recipe.loss_kind, cfg, train.labels))
+        result = tuned.train
+        _require_best(result, partition)
+        extra = {
+            "linear_probe": probe,
+            "finetuned_backbone": {"directory": tuned.backbone_dir.name, "fingerprint": tuned.fingerprint},
+            "peft": {"type": cfg.peft_type, "r": int(cfg.peft_r), "blocks": int(cfg.peft_blocks),
+                     "init": tuned.peft_init, "final": tuned.peft_final},
+            "batch_size": tuned.batch_size, "oom_fallback": tuned.oom_fallback,
+            "images_per_epoch": tuned.images_per_epoch,
+        }
+        tables["peft_modules"] = [{"module": m} for m in tuned.peft_init["adapted_modules"]]
+    checkpoint_id = _checkpoint_id(out_dir, result, extra)
     history = [log_row(record) for record in result.history]
     best_row = next(row for row in history if row["Epoch"] == int(result.best_epoch))
     summary = {
         "phase": partition,
         "head_kind": recipe.head_kind,
         "loss_kind": recipe.loss_kind,
+        "train_mode": recipe.train_mode,
+        "optimizer": cfg.optimizer,
         "selection_metric": cfg.selection_metric,
         "best_epoch": int(result.best_epoch),
         "best_metric": float(result.best_metric),
@@ -72,19 +106,64 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
         "stopped_early": bool(result.stopped_early),
         "losses_finite": bool(result.losses_finite),
         "checkpoint_id": checkpoint_id,
-        "best_checkpoint": Path(result.best_checkpoint).name,
-        "log_csv": Path(result.log_csv).name,
+        "best_checkpoint": Path(result.best_checkpoint).relative_to(out_dir).as_posix(),
+        "log_csv": Path(result.log_csv).relative_to(out_dir).as_posix(),
         "environment": runtime_environment(),
+        "memory": {"peak_rss_gb": result.peak_rss_gb, "peak_cuda_gb": result.peak_cuda_gb,
+                   "budget_gb": float(cfg.memory_budget_gb)},
+        "loss_spike_factor": float(cfg.loss_spike_factor),
+        "grad_norms": [float(v) for v in result.grad_norms],
+        "step_losses": [float(v) for v in result.step_losses],
         "history": history,
+        **extra,
     }
     cfg.save(out_dir / "config.json")
     path = write_json(out_dir / TRAINING_FILE, summary, schema="training")
-    figures = {"training curves": _plot_training(history, out_dir / "training_curves.png")}
-    record = ctx.finish("checkpoint", [summary["best_checkpoint"], TRAINING_FILE], inputs,
-                        id_parts={"model_best": checkpoint_id})
-    metadata = {k: v for k, v in summary.items() if k not in ("history", "environment")}
-    metadata.update(path=Path(result.best_checkpoint), lineage_id=record.id)
-    return StepResult(path, metadata, tables={"history": history}, figures=figures, record=record)
+    figures = {"training curves": _plot_training(history, out_dir / "training_curves.png"),
+               "gradient norm per step": _plot_grad_norms(summary, out_dir / "grad_norms.png")}
+    files = [summary["best_checkpoint"], TRAINING_FILE]
+    if recipe.train_mode == "finetune":
+        files += [f"{extra['finetuned_backbone']['directory']}/{name}" for name in _model_files(out_dir / extra["finetuned_backbone"]["directory"])]
+    record = ctx.finish("checkpoint", files, inputs, id_parts={"model_best": checkpoint_id})
+    metadata = {k: v for k, v in summary.items()
+                if k not in ("history", "environment", "grad_norms", "step_losses", "peft", "memory")}
+    metadata.update(path=Path(result.best_checkpoint), lineage_id=record.id, peak_rss_gb=result.peak_rss_gb,
+                    max_grad_norm_seen=max(result.grad_norms) if result.grad_norms else None)
+    if "peft" in extra:
+        metadata.update(peft_trainable_fraction=extra["peft"]["init"]["trainable_fraction"],
+                        peft_merged_max_abs_diff=extra["peft"]["final"].get("merged_max_abs_diff"),
+                        peft_init_max_abs_diff=extra["peft"]["init"]["init_max_abs_diff"])
+    return StepResult(path, metadata, tables={"history": history, **tables}, figures=figures, record=record)
+
+
+PROBE_DIR = "linear_probe"
+
+
+def _require_best(result: Any, partition: str) -> None:
+    if result.best_checkpoint is None:
+        reason = "a non-finite loss in the first epoch" if not result.losses_finite else "no epoch improved on val_select"
+        raise ValueError(f"training of {partition} produced no best checkpoint ({reason}); see {result.log_csv}")
+
+
+def _model_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_file())
+
+
+def _checkpoint_id(out_dir: Path, result: Any, extra: dict[str, Any]) -> str:
+    """sha256 of the best head, and of the fine-tuned backbone's fingerprint when there is one."""
+    head = sha256_file(result.best_checkpoint)
+    tuned = extra.get("finetuned_backbone")
+    if not tuned:
+        return head
+    from stage1_core.lineage import content_id
+
+    return content_id({"head": head, "backbone": tuned["fingerprint"]})
+
+
+def _plot_grad_norms(summary: dict[str, Any], out_path: Path) -> Path:
+    from stage1_core.reporting.training import plot_step_trace
+
+    return plot_step_trace(summary["grad_norms"], summary["step_losses"], out_path)
 
 
 def log_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -137,11 +216,18 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
 
     ctx = StepContext(config, layout, partition)
     inputs = ctx.require("predictions", [("checkpoint", partition), ("cached_features", partition)])
+    from stage1_core.steps.backbone import ensure_features, model_features
+
     predictor = Stage1Predictor(load_head(layout, partition), SoftmaxExitPolicy(None))
+    tuned = read_training(layout, partition).get("finetuned_backbone")
+    forward_passes = 0
+    if tuned:
+        _, _, _, forward_passes = ensure_features(ctx.cfg, layout, layout.path("checkpoint", partition) / tuned["directory"],
+                                                  tuned["fingerprint"], VAL_SPLITS)
     tensors: dict[str, torch.Tensor] = {}
     rows = []
     for split in VAL_SPLITS:
-        data = load_split(layout, partition, split)
+        data = model_features(layout, partition, split)
         logits, gates = predictor.head_outputs_from_features(data.features)
         tensors[f"{split}_logits"] = torch.as_tensor(logits)
         if gates is not None:
@@ -156,6 +242,7 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
                                               "has_gate": f"{VAL_SPLITS[0]}_gate" in tensors}, schema="predictions")
     record = ctx.finish("predictions", [PREDICTIONS_FILE, "predictions.json"], inputs)
     metadata = {"path": path, "checkpoint_id": checkpoint_id, "lineage_id": record.id,
+                "finetuned_backbone_forward_passes": forward_passes,
                 **{f"accuracy_{r['split']}": r["accuracy"] for r in rows}}
     return StepResult(path, metadata, tables={"per_split": rows}, record=record)
 

@@ -490,6 +490,32 @@ def build_optimizer(
     )
 
 
+def build_training_optimizer(config: Any, head: nn.Module, backbone: nn.Module | None = None) -> Optimizer:
+    """The optimiser a training config asks for (``config.optimizer``: adamw | sam | fsam).
+
+    The head trains at ``lr_head``; the backbone's trainable parameters (adapters, when a phase
+    fine-tunes it) at ``lr_backbone``, decayed per block by ``layer_lr_decay`` (1.0 = one group).
+    SAM / F-SAM wrap AdamW with ``sam_rho``, ``fsam_sigma``, ``fsam_lmbda``, ``sam_adaptive``.
+    Without a trainable backbone and with ``adamw`` this is exactly :func:`build_adamw`.
+    """
+    lr_head, lr_backbone = float(config.lr_head), float(config.lr_backbone)
+    weight_decay = float(config.weight_decay)
+    groups = param_groups(head, None, lr_head, lr_backbone, weight_decay)
+    if backbone is not None:
+        named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
+        if named:
+            from stage1_core.model.peft import num_blocks
+
+            decay = float(getattr(config, "layer_lr_decay", 1.0))
+            for group in layerwise_param_groups(named, lr_backbone, decay, num_blocks(backbone), weight_decay):
+                groups.append({**group, "name": f"backbone_{group['name']}"})
+    return build_optimizer(
+        str(getattr(config, "optimizer", "adamw")), groups, lr=lr_head, weight_decay=weight_decay,
+        rho=float(getattr(config, "sam_rho", 0.05)), sigma=float(getattr(config, "fsam_sigma", 1.0)),
+        lmbda=float(getattr(config, "fsam_lmbda", 0.9)), adaptive=bool(getattr(config, "sam_adaptive", False)),
+    )
+
+
 def _grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 

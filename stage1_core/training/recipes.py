@@ -58,3 +58,26 @@ def _gated_head_loss(config: Any, train_labels: torch.Tensor) -> Callable:
                               aux_weight=float(config.aux_weight))
     return GateHeadLoss(cls, selective, gate_loss_weight=float(config.gate_loss_weight),
                         aux_weight=float(config.aux_weight))
+
+
+@register_loss("crt")
+def _conformal_risk_training_loss(config: Any, train_labels: torch.Tensor) -> Callable:
+    """Phase 6: CE on ``cls`` + ``aux_weight`` x CE on ``aux`` + ``crt_weight`` x conformal risk training.
+
+    The conformal risk training term (:class:`stage1_core.training.risk_training.ConformalRiskTrainingLoss`)
+    calibrates a smoothed FNR threshold on a pseudo-calibration part of each batch (``crt_fraction``)
+    and rewards the smoothed coverage (temperature ``crt_temperature``) of the other part, on the
+    gate score sigmoid(gate). The trainer slices batches of ``crt_batch_size`` for it; a batch size
+    whose halves cannot hold enough positives is refused here.
+    """
+    from stage1_core.training.losses import build_criterion
+    from stage1_core.training.risk_training import ConformalRiskHeadLoss, ConformalRiskTrainingLoss, check_crt_batch
+
+    cls = build_criterion(train_labels, float(config.label_smoothing), "cpu",
+                          weighted=config.class_weighting == "balanced")
+    crt = ConformalRiskTrainingLoss(target_fnr=float(config.target_fnr_exit), temperature=float(config.crt_temperature),
+                                    fraction=float(config.crt_fraction))
+    batch = int(config.crt_batch_size)
+    check_crt_batch(batch, float(torch.as_tensor(train_labels).float().mean()), crt)
+    return ConformalRiskHeadLoss(cls, crt, crt_weight=float(config.crt_weight), aux_weight=float(config.aux_weight),
+                                 batch_size=batch)

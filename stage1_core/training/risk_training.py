@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ConformalRiskTrainingLoss", "crc_index"]
+__all__ = ["ConformalRiskTrainingLoss", "ConformalRiskHeadLoss", "check_crt_batch", "crc_index"]
 
 
 def crc_index(misses_sorted: torch.Tensor, target_fnr: float, crc_correction: bool = True) -> int:
@@ -200,3 +200,101 @@ class ConformalRiskTrainingLoss(nn.Module):
             fnr_hard=n_fn / n_pos_exit if n_pos_exit else None,
         )
         return loss, figures
+
+
+class ConformalRiskHeadLoss(nn.Module):
+    """Phase-6 loss of the gated head: ``CE(cls) + aux_weight * CE(aux) + crt_weight * L_crt``.
+
+    ``L_crt`` is :class:`ConformalRiskTrainingLoss` on the exit score ``s = sigmoid(gate logit)``
+    (the score SCRC's stage 1 selects on, before its monotone calibration) with the class head's
+    hard predictions as answers: a miss is a positive predicted 0, exactly the event FNR on
+    exits counts. The answers are hard (argmax), so ``L_crt`` trains the gate and the shared
+    trunk; the class head learns from the cross-entropy. Callable as ``loss(output, labels)``
+    (the trainer's ``loss_fn``). The in-batch split uses torch's global RNG, which the trainer
+    seeds and saves in its checkpoints, so a resumed run splits as an uninterrupted one would.
+
+    ``batch_size`` is the batch the trainer slices from cached features for this loss: each half
+    of a batch needs enough positives for the in-batch calibration (see :func:`check_crt_batch`).
+    ``last_components`` holds the terms of the latest call as floats; ``n_calls`` / ``n_skipped``
+    count the batches whose pseudo-calibration half was too small to calibrate.
+    """
+
+    def __init__(
+        self,
+        cls_criterion: nn.Module,
+        crt: ConformalRiskTrainingLoss,
+        aux: nn.Module | None = None,
+        crt_weight: float = 1.0,
+        aux_weight: float = 0.5,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        from stage1_core.training.losses import AuxiliaryLoss
+
+        if crt_weight < 0 or aux_weight < 0:
+            raise ValueError(f"crt_weight and aux_weight must be >= 0, got {crt_weight!r}, {aux_weight!r}")
+        if batch_size is not None and batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 or None, got {batch_size!r}")
+        self.cls_criterion = cls_criterion
+        self.crt = crt
+        if aux is None:
+            weight = getattr(cls_criterion, "weight", None)
+            aux = AuxiliaryLoss(weight, float(getattr(cls_criterion, "label_smoothing", 0.0)))
+        self.aux = aux
+        self.crt_weight = float(crt_weight)
+        self.aux_weight = float(aux_weight)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.n_calls = 0
+        self.n_skipped = 0
+        self._last: dict[str, torch.Tensor] = {}
+        self.last_figures: dict[str, Any] = {}
+
+    @property
+    def last_components(self) -> dict[str, float]:
+        """The terms of the latest ``forward`` call as floats (empty before the first call)."""
+        return {k: float(v) for k, v in self._last.items()}
+
+    def components(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every term as a tensor: ``total``, ``cls``, ``aux`` and ``crt`` (L_crt, unweighted)."""
+        labels = labels.long()
+        logits = output.logits.float()
+        if output.gate is None:
+            raise ValueError("conformal risk training needs the gated head (Stage1Head(with_gate=True))")
+        cls = self.cls_criterion(logits, labels)
+        aux = self.aux(output, labels)
+        scores = torch.sigmoid(output.gate.float().reshape(-1))
+        crt, figures = self.crt(scores, logits.detach(), labels)
+        self.last_figures = figures
+        self.n_calls += 1
+        self.n_skipped += int(bool(figures["skipped"]))
+        total = cls + self.aux_weight * aux + self.crt_weight * crt
+        return {"total": total, "cls": cls, "aux": aux, "crt": crt}
+
+    def forward(self, output, labels: torch.Tensor) -> torch.Tensor:
+        parts = self.components(output, labels)
+        self._last = {k: v.detach() for k, v in parts.items()}
+        return parts["total"]
+
+
+def check_crt_batch(batch_size: int, positive_rate: float, crt: ConformalRiskTrainingLoss, slack: float = 1.5) -> None:
+    """Refuse a batch size whose halves cannot run the in-batch calibration (ValueError saying what to set).
+
+    The pseudo-calibration half has ``max(round(fraction * B), min_calib)`` samples and must leave a
+    pseudo-prediction half; it needs at least ``crt.min_calib_positives`` positives (49 at a 2%
+    target), expected ``slack`` times over so that most batches calibrate.
+    """
+    n_cal = max(int(round(crt.fraction * batch_size)), crt.min_calib)
+    if n_cal >= batch_size:
+        raise ValueError(
+            f"crt_batch_size={batch_size} leaves no pseudo-prediction half: the pseudo-calibration half takes "
+            f"max(crt_fraction x batch, {crt.min_calib}) = {n_cal} samples; set crt_batch_size > {crt.min_calib / crt.fraction:.0f}"
+        )
+    expected = n_cal * positive_rate
+    needed = slack * crt.min_calib_positives
+    if expected < needed:
+        raise ValueError(
+            f"crt_batch_size={batch_size}: the pseudo-calibration half holds ~{expected:.0f} positives (positive "
+            f"rate {positive_rate:.2f}), but calibrating FNR <= {crt.target_fnr:g} in a batch needs "
+            f">= {crt.min_calib_positives} ({needed:.0f} expected); raise crt_batch_size to "
+            f">= {math.ceil(needed / (positive_rate * crt.fraction))}"
+        )

@@ -59,7 +59,7 @@ from stage1_core.training.checkpoints import (
 from stage1_core.training.ema import EMA, check_ema_horizon
 from stage1_core.training.logging_csv import SELECTIVE_PREFIX, write_log
 from stage1_core.training.losses import build_criterion
-from stage1_core.training.optimizers import build_adamw
+from stage1_core.training.optimizers import SAM, build_training_optimizer, sam_accumulated_step
 from stage1_core.training.schedulers import build_scheduler, optimizer_steps_per_epoch
 from stage1_core.training.seeding import capture_rng_states, enable_tf32, restore_rng_states, seed_everything
 
@@ -67,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 BEST_FILE = "model_best.pth"
 BEST_ACCURACY_FILE = "model_best_accuracy.pth"
+#: Trainable backbone parameters (adapters) of the best epoch, when the backbone is fine-tuned.
+BEST_ADAPTERS_FILE = "adapters_best.pth"
 LAST_CHECKPOINT_FILE = "checkpoint_last.pth"
 SELECTION_METRICS = {"accuracy": "max", "augrc": "min"}
 EVAL_CHUNK = 8192
@@ -130,10 +132,18 @@ class TrainResult:
     best_val_accuracy: float
     global_step: int
     hidden_size: int
+    #: Gradient norm (before clipping) and mean training loss of every optimiser step.
+    grad_norms: list[float] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+    #: Peak resident memory of the process (and CUDA max allocated on a GPU), in GiB.
+    peak_rss_gb: float | None = None
+    peak_cuda_gb: float | None = None
+    #: Adapter weights of the best epoch (fine-tuning only).
+    best_adapters: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("best_checkpoint", "last_checkpoint", "log_csv", "accuracy_best_checkpoint"):
+        for key in ("best_checkpoint", "last_checkpoint", "log_csv", "accuracy_best_checkpoint", "best_adapters"):
             data[key] = str(data[key]) if data[key] is not None else None
         return data
 
@@ -201,6 +211,8 @@ class _State:
     stopped_early: bool = False
     losses_finite: bool = True
     history: list[dict[str, Any]] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
 
 
 def _validation_metrics(
@@ -262,6 +274,7 @@ def train_head(
     stop_after_epoch: int | None = None,
     loss_fn: LossFn | None = None,
     with_gate: bool = False,
+    init_head_state: Any = None,
 ) -> TrainResult:
     """Train a :class:`~stage1_core.model.head.Stage1Head`; see the module docstring.
 
@@ -276,6 +289,11 @@ def train_head(
     ``stop_after_epoch`` ends the call after that (1-based) epoch as if interrupted - the
     schedule still spans ``config.epochs`` - so a later call can resume. ``loss_fn(output,
     labels)`` replaces the class-weighted CE (later phases); ``with_gate`` builds the gated head.
+    ``init_head_state`` (a head state_dict) warm-starts the head. A backbone with trainable
+    parameters (adapters) trains with the head: its parameters get ``lr_backbone`` (layer-wise
+    decayed), the EMA covers them too, and each best epoch also writes ``adapters_best.pth``.
+    ``config.optimizer`` picks AdamW, SAM or F-SAM (two passes per step, see
+    :func:`~stage1_core.training.optimizers.sam_accumulated_step`).
     """
     metric = selection_metric or getattr(config, "selection_metric", "accuracy")
     if metric not in SELECTION_METRICS:
@@ -298,6 +316,8 @@ def train_head(
         raise TrainingError(f"val_select features have size {val_select.hidden_size}, train features {hidden}")
 
     head = Stage1Head(hidden, float(config.dropout), with_gate=with_gate).to(device)
+    if init_head_state is not None:
+        load_head_state_dict(head, init_head_state, source="init_head_state")
     model = maybe_compile(head, getattr(config, "compile_head", None))
     criterion = build_criterion(
         _train_labels(train),
@@ -306,13 +326,7 @@ def train_head(
         weighted=getattr(config, "class_weighting", "balanced") == "balanced",
     )
     trainable_backbone = list(backbone.trainable_parameters()) if (backbone is not None and not cached) else []
-    optimizer = build_adamw(
-        head,
-        backbone.model if trainable_backbone else None,
-        lr_head=float(config.lr_head),
-        lr_backbone=float(config.lr_backbone),
-        weight_decay=float(config.weight_decay),
-    )
+    optimizer = build_training_optimizer(config, head, backbone.model if trainable_backbone else None)
     clip_params = [p for p in head.parameters() if p.requires_grad] + trainable_backbone
 
     generators: dict[str, torch.Generator] = {}
@@ -320,7 +334,9 @@ def train_head(
         shuffle = torch.Generator()
         shuffle.manual_seed(int(config.seed))
         generators["shuffle"] = shuffle
-        batches: Any = _CachedBatches(train, int(config.max_batch_size), device, shuffle)
+        # A loss may ask for its own batch (conformal risk training calibrates inside each batch).
+        batch_size = int(getattr(loss_fn, "batch_size", None) or config.max_batch_size)
+        batches: Any = _CachedBatches(train, batch_size, device, shuffle)
     else:
         batches = train
         if getattr(train, "generator", None) is not None:
@@ -334,18 +350,22 @@ def train_head(
     warmup_steps = int(config.warmup_epochs) * steps_per_epoch
     scheduler = build_scheduler(optimizer, warmup_steps, total_steps)
     scaler = torch.amp.GradScaler("cuda") if amp.use_scaler else None
-    ema = EMA(head, float(config.ema_decay), bool(getattr(config, "ema_warmup", True))) if config.use_ema else None
+    # With a fine-tuned backbone the EMA averages adapters and head together, so the evaluated
+    # (and saved) model is one consistent set of weights.
+    ema_target = nn.ModuleDict({"head": head, "backbone": backbone.model}) if trainable_backbone else head
+    ema = EMA(ema_target, float(config.ema_decay), bool(getattr(config, "ema_warmup", True))) if config.use_ema else None
     if ema is not None:
         check_ema_horizon(ema.decay, total_steps, ema.warmup)
 
     state = _State()
     if resume_checkpoint is None:
         # A best checkpoint left by an earlier run in the same directory is never this run's best.
-        for stale in (out / BEST_FILE, out / BEST_ACCURACY_FILE):
+        for stale in (out / BEST_FILE, out / BEST_ACCURACY_FILE, out / BEST_ADAPTERS_FILE):
             stale.unlink(missing_ok=True)
     if resume_checkpoint is not None:
         state = _resume(
-            Path(resume_checkpoint), config, head, optimizer, scheduler, scaler, ema, generators
+            Path(resume_checkpoint), config, head, optimizer, scheduler, scaler, ema, generators,
+            backbone.model if trainable_backbone else None,
         )
         logger.info("resumed from %s at epoch %d (global step %d)", resume_checkpoint, state.start_epoch + 1, state.global_step)
 
@@ -356,9 +376,9 @@ def train_head(
     def features_of(inputs: torch.Tensor) -> torch.Tensor:
         if cached:
             return inputs
+        backbone.model.eval()  # deterministic features: no RoPE jitter, no dropout
         if trainable_backbone:
             return backbone(inputs)
-        backbone.model.eval()
         with torch.no_grad():
             return backbone(inputs)
 
@@ -370,6 +390,7 @@ def train_head(
 
     best_path = out / BEST_FILE
     best_acc_path = out / BEST_ACCURACY_FILE
+    best_adapters_path = out / BEST_ADAPTERS_FILE
     last_path = out / LAST_CHECKPOINT_FILE
     for epoch in range(state.start_epoch, int(config.epochs)):
         if state.stopped_early or not state.losses_finite:
@@ -384,11 +405,11 @@ def train_head(
             logger.error("epoch %d: non-finite training loss; stopping (no checkpoint is taken from this epoch)", epoch + 1)
             break
 
-        if not isinstance(val_select, TensorSplit) and (val_cache is None or trainable_backbone):
-            val_cache = _loader_features(backbone, val_select, device, amp)  # type: ignore[arg-type]
         model.eval()
         context = ema.applied() if ema is not None else contextlib.nullcontext()
         with context:
+            if not isinstance(val_select, TensorSplit) and (val_cache is None or trainable_backbone):
+                val_cache = _loader_features(backbone, val_select, device, amp)  # type: ignore[arg-type]
             logits = _head_logits(model, val_cache.features, amp, device)
             val = _validation_metrics(logits, val_cache.labels, criterion, float(config.legacy_exit_threshold_for_logging))
             value = val["val_acc"] if metric == "accuracy" else val[f"{SELECTIVE_PREFIX}augrc"]
@@ -396,6 +417,8 @@ def train_head(
             accuracy_improved = val["val_acc"] > state.best_accuracy
             if improved:
                 save_state_dict(best_path, head.state_dict())
+                if trainable_backbone:
+                    save_state_dict(best_adapters_path, _trainable_state(backbone.model))
             if metric != "accuracy" and accuracy_improved:
                 save_state_dict(best_acc_path, head.state_dict())
         if improved:
@@ -430,7 +453,8 @@ def train_head(
         if state.patience >= int(config.early_stop_patience):
             state.stopped_early = True
             logger.info("early stopping: %d epochs without improvement of %s", state.patience, metric)
-        _save_full_checkpoint(last_path, epoch, config, head, optimizer, scheduler, scaler, ema, generators, state, metric)
+        _save_full_checkpoint(last_path, epoch, config, head, optimizer, scheduler, scaler, ema, generators, state, metric,
+                              backbone.model if trainable_backbone else None)
         if state.stopped_early:
             break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
@@ -451,7 +475,26 @@ def train_head(
         best_val_accuracy=state.best_accuracy,
         global_step=state.global_step,
         hidden_size=hidden,
+        grad_norms=list(state.grad_norms),
+        step_losses=list(state.step_losses),
+        peak_rss_gb=peak_rss_gb(),
+        peak_cuda_gb=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
+        best_adapters=best_adapters_path if (trainable_backbone and best_adapters_path.is_file() and state.best_epoch > 0) else None,
     )
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far, in GiB (Linux/macOS ``ru_maxrss``)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of ``module`` by name (a fine-tuned backbone's adapters)."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def _train_epoch(
@@ -472,7 +515,13 @@ def _train_epoch(
     desc: str,
     state: _State,
 ) -> dict[str, float]:
-    """One pass over ``batches`` with gradient accumulation; returns mean loss and accuracy."""
+    """One pass over ``batches`` with gradient accumulation; returns mean loss and accuracy.
+
+    AdamW: ``loss / accum`` backward per batch, one step per group. SAM / F-SAM: the batches of a
+    group are kept and :func:`sam_accumulated_step` runs the clean and the perturbed pass over
+    them. Either way every optimiser step appends its gradient norm (before clipping) and its
+    mean loss to ``state``.
+    """
     from stage1_core.progress import progress as tqdm
 
     model.train()
@@ -481,40 +530,78 @@ def _train_epoch(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
+    sharpness_aware = isinstance(optimizer, SAM)
+    group: list[tuple[torch.Tensor, torch.Tensor]] = []
+    group_loss = torch.zeros((), device=device, dtype=torch.float64)
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(total=num_batches, desc=desc, unit="batch", disable=not progress, leave=False)
+
+    def forward(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        with amp.autocast(device):
+            output = model(features_of(inputs))
+            return output, loss_of(output, labels)
+
     for index, (inputs, labels) in enumerate(batches):
         inputs = inputs.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         divisor = accum if index < full_groups_end else num_batches - full_groups_end
-        with amp.autocast(device):
-            output = model(features_of(inputs))
-            loss = loss_of(output, labels)
-        scaled = loss / divisor
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if (index + 1) % accum == 0 or index + 1 == num_batches:
+        closes_group = (index + 1) % accum == 0 or index + 1 == num_batches
+        if sharpness_aware:
+            group.append((inputs, labels))
+            if not closes_group:
+                bar.update(1 if progress else 0)
+                continue
+            clean: list[tuple[Any, torch.Tensor]] = []
+
+            def compute_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                output, loss = forward(*batch)
+                if len(clean) < len(group):
+                    clean.append((output, loss.detach()))
+                return loss
+
+            _, grad_norm = sam_accumulated_step(optimizer, compute_loss, group, scaler=scaler,
+                                                max_grad_norm=max_grad_norm, params=clip_params)
+            for (output, loss), (_, batch_labels) in zip(clean, group):
+                loss_sum += loss
+                group_loss += loss
+                correct += (head_logits(output).detach().argmax(dim=1) == batch_labels).sum()
+                seen += int(batch_labels.shape[0])
+            steps_in_group = len(group)
+            group = []
+        else:
+            output, loss = forward(inputs, labels)
+            scaled = loss / divisor
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum += loss.detach()
+            group_loss += loss.detach()
+            correct += (head_logits(output).detach().argmax(dim=1) == labels).sum()
+            seen += int(labels.shape[0])
+            if not closes_group:
+                bar.update(1 if progress else 0)
+                continue
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(clip_params, max_grad_norm)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(clip_params, max_grad_norm))
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update()
-            state.global_step += 1
-        loss_sum += loss.detach()
-        correct += (head_logits(output).detach().argmax(dim=1) == labels).sum()
-        seen += int(labels.shape[0])
+            steps_in_group = divisor
+        scheduler.step()
+        if ema is not None:
+            ema.update()
+        state.global_step += 1
+        state.grad_norms.append(float(grad_norm))
+        state.step_losses.append(float(group_loss) / steps_in_group)
+        group_loss.zero_()
         if progress:
             bar.update(1)
             if (index + 1) % POSTFIX_EVERY == 0 or index + 1 == num_batches:
                 bar.set_postfix(
                     loss=f"{float(loss_sum) / (index + 1):.4f}",
-                    acc=f"{100.0 * int(correct) / seen:.2f}%",
+                    acc=f"{100.0 * int(correct) / max(seen, 1):.2f}%",
                     lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                 )
     bar.close()
@@ -533,6 +620,7 @@ def _save_full_checkpoint(
     generators: dict[str, torch.Generator],
     state: _State,
     metric: str,
+    backbone: nn.Module | None = None,
 ) -> None:
     checkpoint: dict[str, Any] = {
         "epoch": epoch,
@@ -550,7 +638,11 @@ def _save_full_checkpoint(
         "history": state.history,
         "stopped_early": state.stopped_early,
         "losses_finite": state.losses_finite,
+        "grad_norms": list(state.grad_norms),
+        "step_losses": list(state.step_losses),
     }
+    if backbone is not None:
+        checkpoint["backbone_trainable_state_dict"] = _trainable_state(backbone)
     if ema is not None:
         checkpoint["ema_state_dict"] = ema.shadow
         checkpoint["ema_num_updates"] = ema.num_updates
@@ -568,9 +660,12 @@ def _resume(
     scaler: Any,
     ema: EMA | None,
     generators: dict[str, torch.Generator],
+    backbone: nn.Module | None = None,
 ) -> _State:
     ckpt = load_checkpoint(path)
     load_head_state_dict(head, ckpt["model_state_dict"], source=path)
+    if backbone is not None:
+        _load_trainable_state(backbone, ckpt.get("backbone_trainable_state_dict"), path)
     try:
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         scheduler.load_state_dict(ckpt["scheduler_state_dict"])
@@ -602,7 +697,25 @@ def _resume(
         stopped_early=bool(ckpt.get("stopped_early", False)),
         losses_finite=bool(ckpt.get("losses_finite", True)),
         history=history,
+        grad_norms=[float(v) for v in ckpt.get("grad_norms", [])],
+        step_losses=[float(v) for v in ckpt.get("step_losses", [])],
     )
+
+
+def _load_trainable_state(module: nn.Module, saved: Any, source: Path | str) -> None:
+    """Copy saved trainable parameters (adapters) into ``module``; refuse a set that does not match."""
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if not isinstance(saved, dict) or set(saved) != set(params):
+        have = "none" if not isinstance(saved, dict) else f"{len(saved)} tensors"
+        raise CheckpointError(
+            f"{source}: the backbone's trainable parameters ({len(params)} tensors) do not match the checkpoint's "
+            f"({have}); it was written for another adapter set-up"
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects {tuple(params[name].shape)}")
+            params[name].copy_(value)
 
 
 def load_head(

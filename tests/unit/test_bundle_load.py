@@ -329,3 +329,47 @@ def test_format_prediction():
     assert format_prediction("a.jpg", exited) == "a.jpg: exit   label=1 (roadwork)  p_roadwork=0.9731  prediction_set={1}"
     assert format_prediction("b.jpg", deferred) == "b.jpg: defer  to Stage 2  p_roadwork=0.5000  prediction_set={0, 1}"
     assert json.loads(format_prediction("b.jpg", deferred, as_json=True)) == {"image": "b.jpg", **deferred}
+
+
+def _bundled_backbone(tmp_path, head, tiny_backbone, tiny_backbone_dir, image_paths):
+    """A bundle that carries its (adapted) backbone under backbone/, as phases 4-6 export it."""
+    transform = eval_transform()
+    feats = tiny_backbone.extract(torch.stack([transform(Image.open(p).convert("RGB")) for p in image_paths]))
+    t = float(max_probs(head, feats.numpy()).mean())
+    info = {"model_path": "builtin:tiny-dinov3", "fingerprint": tiny_backbone.fingerprint(), "hidden_size": HIDDEN,
+            "transform": describe_transform(transform), "directory": "backbone"}
+    files = {f"backbone/{name}": tiny_backbone_dir / name for name in ("config.json", "model.safetensors")}
+    out = export_test_bundle(tmp_path, head, t, backbone_info=info, extra_files=files)
+    return out, Stage1Predictor(head, SoftmaxExitPolicy(t), backbone=tiny_backbone, transform=transform)
+
+
+def test_a_bundled_backbone_is_loaded_from_the_bundle_and_gives_the_same_decisions(
+    tmp_path, head, tiny_backbone, tiny_backbone_dir, image_paths
+):
+    out, before = _bundled_backbone(tmp_path, head, tiny_backbone, tiny_backbone_dir, image_paths)
+    moved = tmp_path / "elsewhere" / "bundle"
+    shutil.copytree(out, moved.parent / "bundle")  # the bundle alone, far from the artifacts it came from
+    loaded = Stage1Bundle.load(moved)
+    assert loaded.predict(image_paths) == before.predict(image_paths)
+    assert Path(loaded.predictor.backbone.source).resolve() == (moved / "backbone").resolve()
+    assert "Backbone (included" in (moved / "README.md").read_text()
+
+
+def test_a_bundled_backbone_holds_only_config_and_safetensors(tmp_path, head, tiny_backbone, tiny_backbone_dir,
+                                                              image_paths):
+    out, _ = _bundled_backbone(tmp_path, head, tiny_backbone, tiny_backbone_dir, image_paths)
+    torch.save({"w": torch.zeros(1)}, out / "backbone" / "pytorch_model.bin")
+    manifest = read_manifest(out)
+    manifest["sha256"]["backbone/pytorch_model.bin"] = sha256_file(out / "backbone" / "pytorch_model.bin")
+    reseal(out, manifest)
+    assert_refused(out, "backbone/pytorch_model.bin", "safetensors weights only")
+
+
+def test_a_bundled_backbone_with_changed_weights_is_refused(tmp_path, head, tiny_backbone, tiny_backbone_dir,
+                                                            image_paths):
+    out, _ = _bundled_backbone(tmp_path, head, tiny_backbone, tiny_backbone_dir, image_paths)
+    weights = out / "backbone" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert_refused(out, "backbone/model.safetensors", "does not match")

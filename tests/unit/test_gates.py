@@ -199,3 +199,93 @@ def test_gate_calibration_must_not_make_ece_or_brier_worse():
     good = {"ece_raw_sigmoid": 0.1, "ece_calibrated": 0.03, "brier_raw_sigmoid": 0.2, "brier_calibrated": 0.15}
     assert gates.check_gate_calibration_improves(good).passed
     assert not gates.check_gate_calibration_improves({**good, "brier_calibrated": 0.25}).passed
+
+
+# ----- phase 4 and 5 criteria ---------------------------------------------------------------------
+
+from stage1_core.gates import (  # noqa: E402
+    check_explora_pretraining,
+    check_improves_over_adamw,
+    check_no_memory_issues,
+    check_peft_applied,
+    check_performance_maintained,
+    check_training_stable,
+    loss_spikes,
+)
+
+
+def _gain(start=1.0, end=0.8, control_end=0.9, margin=0.05):
+    return {"start": start, "end": end, "relative_reduction": (start - end) / start, "margin": margin,
+            "control_end": control_end, "relative_to_control": (control_end - end) / control_end}
+
+
+def test_explora_needs_the_margin_and_to_beat_the_decoder_only_control():
+    assert check_explora_pretraining(True, _gain()).passed
+    small = check_explora_pretraining(True, _gain(end=0.97))
+    assert not small.passed and "less than the required 5.0%" in small.message
+    decoder_only = check_explora_pretraining(True, _gain(end=0.8, control_end=0.79))
+    assert not decoder_only.passed and "decoder-only control" in decoder_only.message
+    assert not check_explora_pretraining(False, _gain()).passed
+    assert not check_explora_pretraining(True, {"start": None, "end": None, "relative_reduction": None}).passed
+
+
+def _peft(**overrides):
+    init = {"kind": "dora", "adapted_modules": ["layer.3.attention.q_proj"], "missing_modules": [],
+            "unexpected_modules": [], "init_max_abs_diff": 0.0, "merged_max_abs_diff": 1e-7,
+            "disabled_max_abs_diff": 0.0, "non_adapter_trainable": [], "trainable": 10, "total": 1000,
+            "trainable_fraction": 0.01, "atol": 1e-4}
+    final = {"merged_max_abs_diff": 2e-6, "disabled_max_abs_diff": 0.0, "init_max_abs_diff": 0.3}
+    for key, value in overrides.items():
+        (final if key.startswith("final_") else init)[key.removeprefix("final_")] = value
+    return init, final
+
+
+def test_peft_applied_judges_modules_identity_at_init_merging_and_what_trains():
+    assert check_peft_applied(*_peft()).passed
+    assert not check_peft_applied(*_peft(missing_modules=["layer.3.mlp.up_proj"])).passed
+    assert not check_peft_applied(*_peft(init_max_abs_diff=0.01)).passed
+    assert not check_peft_applied(*_peft(final_merged_max_abs_diff=0.01)).passed
+    assert not check_peft_applied(*_peft(final_disabled_max_abs_diff=float("nan"))).passed
+    trains_more = check_peft_applied(*_peft(non_adapter_trainable=["layer.0.norm1.weight"]))
+    assert not trains_more.passed and "non-adapter" in trains_more.message
+
+
+def test_performance_maintained_allows_half_a_point_of_accuracy_and_two_of_coverage():
+    previous = {"accuracy": 0.92, "coverage": 0.70}
+    assert check_performance_maintained({"accuracy": 0.916, "coverage": 0.681}, previous, "phase3").passed
+    assert not check_performance_maintained({"accuracy": 0.914, "coverage": 0.70}, previous, "phase3").passed
+    assert not check_performance_maintained({"accuracy": 0.93, "coverage": 0.679}, previous, "phase3").passed
+
+
+def test_no_memory_issues():
+    assert check_no_memory_issues(False, 1.5, 16.0, {"phase": "phase4", "peak_gb": 1.2}).passed
+    assert not check_no_memory_issues(True, 1.5, 16.0).passed
+    over = check_no_memory_issues(False, 17.0, 16.0)
+    assert not over.passed and "exceeds" in over.message
+    assert not check_no_memory_issues(False, None, 16.0).passed
+
+
+def test_loss_spikes_against_the_running_median():
+    steady = [1.0, 0.9, 0.8, 0.75, 0.7, 0.68, 0.66, 0.65, 0.64]
+    assert loss_spikes(steady, 3.0) == []
+    assert loss_spikes(steady + [2.5], 3.0) == [10]
+    assert loss_spikes([5.0] + steady, 3.0) == []  # the warm-up only seeds the median
+
+
+def test_training_stable_fails_on_spikes_and_non_finite_gradient_norms():
+    losses = [1.0, 0.9, 0.8, 0.75, 0.7, 0.68, 0.66]
+    assert check_training_stable(losses, [1.0] * len(losses), 3.0).passed
+    spiky = check_training_stable(losses + [4.0], [1.0] * 8, 3.0)
+    assert not spiky.passed and spiky.figures["spikes"] == 1
+    nan_norm = check_training_stable(losses, [1.0] * 6 + [float("inf")], 3.0)
+    assert not nan_norm.passed and "non-finite gradient norm" in nan_norm.message
+    assert not check_training_stable([], [], 3.0).passed
+
+
+def test_improves_over_adamw_uses_the_metric_direction_and_the_coverage_tolerance():
+    ref = {"selection_value": 0.020, "coverage": 0.70, "phase": "phase4"}
+    assert check_improves_over_adamw({"selection_value": 0.019, "coverage": 0.69}, ref, "augrc", "min").passed
+    assert not check_improves_over_adamw({"selection_value": 0.021, "coverage": 0.75}, ref, "augrc", "min").passed
+    assert not check_improves_over_adamw({"selection_value": 0.010, "coverage": 0.67}, ref, "augrc", "min").passed
+    acc_ref = {"selection_value": 0.90, "coverage": 0.70, "phase": "phase4"}
+    assert check_improves_over_adamw({"selection_value": 0.91, "coverage": 0.70}, acc_ref, "accuracy", "max").passed

@@ -18,8 +18,9 @@ from stage1_assets.assets._common import (
     table,
     to_metadata,
 )
-from stage1_assets.checks.phase_gates import check_description, not_applicable_result
-from stage1_assets.partitions import PHASES_TEXT
+from stage1_assets.checks.phase_gates import applies_to, check_description, not_applicable_message, phase_gate_checks
+from stage1_assets.partitions import PHASES_TEXT, phases
+from stage1_assets.resources import Stage1Resource
 from stage1_core.config import Stage1ProConfig
 from stage1_core.phases import CRITERIA
 from stage1_core.steps.context import StepResult
@@ -112,11 +113,32 @@ def test_step_result_has_one_entry_per_table_and_figure(tmp_path: Path):
     assert len(list((tmp_path / "store").glob("*.png"))) == 2
 
 
-def test_not_applicable_check_says_so_and_blocks_nothing():
-    result = not_applicable_result(CRITERIA["no_regression_vs_previous_phase"], "phase1")
-    assert result.passed and result.description.startswith("NOT APPLICABLE to phase1")
-    assert "phase2" in result.description
-    assert result.metadata["applicable"].value is False
+def _run_check(name: str, partition: str, root: Path) -> dg.ExecuteInProcessResult:
+    """Run the real gate check ``name`` on a stand-in for its asset, for one phase partition."""
+    criterion = CRITERIA[name]
+
+    @dg.asset(name=criterion.asset, partitions_def=phases)
+    def stand_in() -> dg.MaterializeResult:
+        return dg.MaterializeResult()
+
+    check = next(c for c in phase_gate_checks if dg.AssetCheckKey(dg.AssetKey(criterion.asset), name) in c.check_keys)
+    return dg.materialize([stand_in, check], partition_key=partition, raise_on_error=False,
+                          resources={"stage1": Stage1Resource(artifacts_root=str(root))})
+
+
+def test_not_applicable_check_emits_no_verdict_and_blocks_nothing(tmp_path: Path):
+    # Not part of phase 1's gate: no evaluation at all (the UI shows "Skipped", not a green pass).
+    result = _run_check("no_regression_vs_previous_phase", "phase1", tmp_path)
+    assert result.success and result.get_asset_check_evaluations() == []
+    assert not (tmp_path / "gates").exists()
+    assert applies_to(CRITERIA["no_regression_vs_previous_phase"], "phase2")
+    message = not_applicable_message(CRITERIA["no_regression_vs_previous_phase"], "phase1")
+    assert "NOT APPLICABLE to phase1" in message and "phase2" in message
+    # Part of phase 2's gate: judged, and with nothing to compare against it fails (red), not skipped.
+    judged = _run_check("no_regression_vs_previous_phase", "phase2", tmp_path)
+    [evaluation] = judged.get_asset_check_evaluations()
+    assert evaluation.passed is False and evaluation.severity == dg.AssetCheckSeverity.ERROR
+    assert "phase2" in (evaluation.description or "")
 
 
 def test_descriptions_are_plain_text_and_name_the_phases():

@@ -18,13 +18,28 @@ def test_phase1_and_phase2_recipes():
     assert {c.name for c in one.criteria} >= {"training_completed", "val_accuracy_vs_baseline",
                                               "thresholds_certified", "val_test_fnr_bound", "bundle_verified"}
     assert "no_regression_vs_previous_phase" in {c.name for c in two.criteria}
-    assert all(c.asset in {"checkpoint", "exit_policy", "evaluation", "bundle"} for c in CRITERIA.values())
+    assert all(c.asset in {"backbone", "checkpoint", "exit_policy", "evaluation", "bundle"} for c in CRITERIA.values())
 
 
-@pytest.mark.parametrize("phase", [4, 5, 6])
-def test_unbuilt_phases_fail_naming_the_missing_recipe(phase):
-    with pytest.raises(PhaseUnavailableError, match=f"phase{phase}.*recipe"):
-        get_recipe(phase)
+def test_unbuilt_phases_fail_naming_what_is_missing():
+    from stage1_core.phases import PHASES
+
+    unbuilt = [recipe for recipe in PHASES.values() if not recipe.available]
+    for recipe in unbuilt:
+        with pytest.raises(PhaseUnavailableError, match=f"{recipe.key} .* cannot run: .* is not part of this release"):
+            get_recipe(recipe.key)
+
+
+def test_phase4_and_5_adapt_the_backbone_and_fine_tune_and_phase5_is_phase4_with_fsam():
+    four, five = get_recipe("phase4"), get_recipe("phase5")
+    assert (four.backbone_kind, four.train_mode, four.head_kind) == ("explora", "finetune", "gated")
+    assert five.optional and five.requires == (4,)
+    assert (five.backbone_kind, five.train_mode, five.loss_kind) == (four.backbone_kind, four.train_mode, four.loss_kind)
+    assert five.overrides["optimizer"] == "fsam" and four.overrides["optimizer"] == "adamw"
+    names4, names5 = {c.name for c in four.criteria}, {c.name for c in five.criteria}
+    assert {"explora_pretraining_completed", "peft_applied_correctly", "performance_maintained",
+            "no_memory_issues", "bundle_verified"} <= names4
+    assert {"training_stable", "improves_over_adamw", "no_memory_issues", "bundle_verified"} <= names5
 
 
 def test_phase3_recipe_names_the_gated_head_its_loss_policy_and_gate_criteria():

@@ -183,3 +183,96 @@ def test_training_a_toy_score_raises_certified_coverage(init, fnr_penalty):
         _adam_step(params, state, 0.05, t)
     after = certified_coverage()
     assert before < 0.05 and after > before + 0.4, (before, after)
+
+
+# ----- the phase-6 head loss and its registration ---------------------------------------------
+
+
+def _head_output(n=512, seed=0, pos_rate=0.9):
+    from stage1_core.model.head import Stage1Head
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    labels = (torch.rand(n, generator=gen) < pos_rate).long()
+    x = torch.randn(n, 8, generator=gen) + labels[:, None].float()
+    head = Stage1Head(8, 0.0, with_gate=True)
+    return head, head(x), labels
+
+
+def test_head_loss_adds_the_weighted_terms_and_trains_the_gate():
+    from stage1_core.training.losses import build_criterion
+    from stage1_core.training.risk_training import ConformalRiskHeadLoss
+
+    head, out, labels = _head_output()
+    crt = ConformalRiskTrainingLoss(target_fnr=0.02)
+    loss = ConformalRiskHeadLoss(build_criterion(labels, 0.0, weighted=False), crt, crt_weight=2.0, aux_weight=0.5,
+                                 batch_size=512)
+    torch.manual_seed(3)
+    parts = loss.components(out, labels)
+    assert torch.allclose(parts["total"], parts["cls"] + 0.5 * parts["aux"] + 2.0 * parts["crt"])
+    assert not loss.last_figures["skipped"] and loss.n_calls == 1 and loss.n_skipped == 0
+    torch.manual_seed(3)
+    total = loss(out, labels)
+    assert torch.isfinite(total) and set(loss.last_components) == {"total", "cls", "aux", "crt"}
+    total.backward()
+    assert head.gate.weight.grad is not None and head.gate.weight.grad.abs().sum() > 0
+    # The CRT term alone never reaches the class head: its answers are hard argmax predictions.
+    head.zero_grad()
+    _, out2, _ = _head_output()
+    torch.manual_seed(3)
+    crt_only = ConformalRiskHeadLoss(build_criterion(labels, 0.0, weighted=False), crt, crt_weight=1.0, aux_weight=0.0)
+    crt_only.components(out2, labels)["crt"].backward()
+    assert out2.logits.grad_fn is not None and head.cls.weight.grad is None
+
+
+def test_head_loss_needs_the_gated_head_and_counts_skipped_batches():
+    from stage1_core.model.head import HeadOutput
+    from stage1_core.training.risk_training import ConformalRiskHeadLoss
+
+    crt = ConformalRiskTrainingLoss(target_fnr=0.02)
+    loss = ConformalRiskHeadLoss(torch.nn.CrossEntropyLoss(), crt)
+    labels = torch.ones(40, dtype=torch.long)
+    with pytest.raises(ValueError, match="gated head"):
+        loss(HeadOutput(torch.randn(40, 2), None, torch.randn(40, 2)), labels)
+    out = HeadOutput(torch.randn(40, 2, requires_grad=True), torch.randn(40, requires_grad=True), torch.randn(40, 2))
+    assert torch.isfinite(loss(out, labels)) and loss.n_skipped == 1  # 40 samples: no pseudo-prediction half
+    with pytest.raises(ValueError, match="crt_weight"):
+        ConformalRiskHeadLoss(torch.nn.CrossEntropyLoss(), crt, crt_weight=-1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        ConformalRiskHeadLoss(torch.nn.CrossEntropyLoss(), crt, batch_size=1)
+
+
+def test_batch_check_refuses_halves_that_cannot_calibrate():
+    from stage1_core.training.risk_training import check_crt_batch
+
+    crt = ConformalRiskTrainingLoss(target_fnr=0.02, fraction=0.5, min_calib=200)
+    check_crt_batch(512, 0.8, crt)
+    check_crt_batch(256, 0.8, crt)  # max(128, 200) = 200 calibrate, 56 predict
+    with pytest.raises(ValueError, match="no pseudo-prediction half"):
+        check_crt_batch(200, 0.8, crt)
+    with pytest.raises(ValueError, match="raise crt_batch_size"):
+        check_crt_batch(512, 0.2, crt)  # ~51 calibration positives expected, 74 wanted
+
+
+def test_crt_is_registered_and_the_trainer_slices_its_batch(tmp_path):
+    from stage1_core.config import Stage1ProConfig
+    from stage1_core.features import TensorSplit
+    from stage1_core.training.recipes import build_loss
+    from stage1_core.training.risk_training import ConformalRiskHeadLoss
+    from stage1_core.training.trainer import train_head
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 8, generator=gen)
+    y = (x[:, 0] + 0.5 * torch.randn(1000, generator=gen) > -1.3).long()
+    train = TensorSplit(x[:800], y[:800], None, "train")
+    val = TensorSplit(x[800:], y[800:], None, "val_select")
+    config = Stage1ProConfig(epochs=2, warmup_epochs=0, max_batch_size=16, fallback_batch_size=8, grad_accum_steps=1,
+                             use_amp=False,
+                             crt_batch_size=400, class_weighting="none", early_stop_patience=5)
+    loss = build_loss("crt", config, train.labels)
+    assert isinstance(loss, ConformalRiskHeadLoss) and loss.batch_size == 400
+    result = train_head(config, train, val, tmp_path, loss_fn=loss, with_gate=True, progress=False)
+    assert result.global_step == 2 * (800 // 400) and result.losses_finite  # crt_batch_size, not max_batch_size
+    assert loss.n_calls == 4 and loss.n_skipped == 0
+    with pytest.raises(ValueError, match="crt_batch_size"):
+        build_loss("crt", config.with_updates(crt_batch_size=150), train.labels)

@@ -364,8 +364,10 @@ def test_documents_are_schema_valid():
         scrc_transductive(g[:30], q[:30], y[:30], gt, qt, TARGET, 0.8),
     ]
     assert [r.certified for r in results] == [True, False, True, False]
+    trans = {"selection_rate": 0.8, "min_test": MIN_TEST_BATCH, "calibration_file": "scrc_calibration.pt"}
     for r in results:
-        doc = scrcparams_document(r, DIRICHLET, GATE, "ckpt-1", 0.5, r.coverage, metrics={"ece": 0.01})
+        extra = {"transductive": trans} if r.variant == "SCRC-T" else {}
+        doc = scrcparams_document(r, DIRICHLET, GATE, "ckpt-1", 0.5, r.coverage, metrics={"ece": 0.01}, **extra)
         assert schema_errors(doc, "scrcparams") == []
         json.dumps(doc, allow_nan=False)
         assert doc["set_statistics"]["singleton_rate"] == r.singleton_rate
@@ -378,5 +380,10 @@ def test_documents_are_schema_valid():
     assert schema_errors(dict(doc, calibrator={"method": "temperature"}), "scrcparams")
     with pytest.raises(ValueError, match="checkpoint_id"):
         scrcparams_document(results[0], DIRICHLET, GATE, "", 0.5, 0.8)
+    with pytest.raises(ValueError, match="transductive settings"):
+        scrcparams_document(results[2], DIRICHLET, GATE, "c", 0.5, 0.8)
+    t_doc = scrcparams_document(results[2], DIRICHLET, GATE, "c", 0.5, 0.8, transductive=trans)
+    assert schema_errors({k: v for k, v in t_doc.items() if k != "transductive"}, "scrcparams")
+    assert schema_errors(dict(t_doc, transductive=dict(trans, calibration_file="../x.pt")), "scrcparams")
     with pytest.raises(ValueError, match="deploy_prior"):
         scrcparams_document(results[0], DIRICHLET, GATE, "c", 1.5, 0.8)

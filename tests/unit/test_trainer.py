@@ -207,3 +207,64 @@ def test_train_mode_runs_the_frozen_backbone_each_step_and_resumes(tmp_path):
     assert all(torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]) for k in a["model_state_dict"])
     with pytest.raises(TrainingError, match="needs the backbone"):
         train_head(config, *loaders(), tmp_path / "x", progress=False)
+
+
+def test_fsam_trains_with_two_passes_per_step_and_resumes_exactly(tmp_path, data):
+    train, val = data
+    config = make_config(epochs=3, optimizer="fsam", sam_rho=0.05)
+    full = train_head(config, train, val, tmp_path / "full", progress=False)
+    steps = 3 * 4  # 128 samples / 16 per batch / 2 per accumulation group
+    assert full.losses_finite and full.global_step == steps
+    assert len(full.grad_norms) == len(full.step_losses) == steps and all(v > 0 for v in full.grad_norms)
+    adamw = train_head(make_config(epochs=3), train, val, tmp_path / "adamw", progress=False)
+    a_adamw = load_checkpoint(adamw.last_checkpoint)["model_state_dict"]
+    a_fsam = load_checkpoint(full.last_checkpoint)["model_state_dict"]
+    assert any(not torch.equal(a_adamw[k], a_fsam[k]) for k in a_adamw)  # the perturbed gradient was used
+    train_head(config, train, val, tmp_path / "resumed", progress=False, stop_after_epoch=1)
+    resumed = train_head(config, train, val, tmp_path / "resumed", progress=False,
+                         resume_checkpoint=tmp_path / "resumed" / "checkpoint_last.pth")
+    a, b = load_checkpoint(full.last_checkpoint), load_checkpoint(resumed.last_checkpoint)
+    assert all(torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]) for k in a["model_state_dict"])
+    assert resumed.grad_norms == full.grad_norms and resumed.step_losses == full.step_losses
+
+
+def test_init_head_state_warm_starts_the_head(tmp_path, data):
+    train, val = data
+    first = train_head(make_config(epochs=2), train, val, tmp_path / "a", progress=False)
+    state = load_state_dict_file(first.best_checkpoint)
+    warm = train_head(make_config(epochs=1, warmup_epochs=0, lr_head=1e-9, use_ema=False), train, val, tmp_path / "b",
+                      progress=False, init_head_state=state)
+    after = load_state_dict_file(warm.best_checkpoint)
+    assert all(torch.allclose(state[k], after[k], atol=1e-6) for k in state)
+
+
+def test_fine_tuning_trains_adapters_with_the_head_saves_them_and_resumes_exactly(tmp_path):
+    from stage1_core.model.peft import apply_dora, trainable_parameter_report
+    from stage1_core.training.trainer import BEST_ADAPTERS_FILE
+
+    def adapted():
+        backbone = DINOv3Backbone.load(save_small_backbone(tmp_path / "bb"))
+        return apply_dora(backbone, 2, 1)
+
+    train_set, val_set = TinyImages(32, seed=0), TinyImages(16, seed=1, prefix="v")
+
+    def loaders():
+        return (make_dataloader(train_set, 8, train=True, num_workers=0, seed=3),
+                make_dataloader(val_set, 8, train=False, num_workers=0))
+
+    config = make_config(epochs=2, max_batch_size=8, lr_backbone=1e-2, layer_lr_decay=0.5)
+    backbone = adapted()
+    before = {n: p.detach().clone() for n, p in backbone.model.named_parameters() if p.requires_grad}
+    full = train_head(config, *loaders(), tmp_path / "full", backbone=backbone, progress=False)
+    assert full.best_adapters == tmp_path / "full" / BEST_ADAPTERS_FILE
+    saved = load_state_dict_file(full.best_adapters)
+    assert set(saved) == set(before) and trainable_parameter_report(backbone.model)["trainable"] > 0
+    assert any(not torch.equal(saved[k], before[k]) for k in saved)  # the adapters trained
+    assert full.peak_rss_gb is not None and full.peak_rss_gb > 0
+    train_head(config, *loaders(), tmp_path / "resumed", backbone=adapted(), progress=False, stop_after_epoch=1)
+    resumed_backbone = adapted()
+    train_head(config, *loaders(), tmp_path / "resumed", backbone=resumed_backbone, progress=False,
+               resume_checkpoint=tmp_path / "resumed" / "checkpoint_last.pth")
+    a = load_checkpoint(full.last_checkpoint)["backbone_trainable_state_dict"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint_last.pth")["backbone_trainable_state_dict"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
