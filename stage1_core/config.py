@@ -213,6 +213,9 @@ class Stage1ProConfig(BaseModel):
     finetune_epochs: int = 3
     #: Cap on fine-tuning train images per epoch (a fixed random subset; null = all).
     finetune_max_images: int | None = None
+    #: The heads' learning rate while fine-tuning is lr_head times this (the probe-trained head only
+    #: needs to follow the adapters; LP-FT practice).
+    finetune_head_lr_scale: float = 0.1
     gradient_checkpointing: bool = False
 
     # Phase 5: SAM / Friendly-SAM.
@@ -340,6 +343,7 @@ class Stage1ProConfig(BaseModel):
         need(self.explora_held_out_images >= 1, "explora_held_out_images", ">= 1")
         need(0.0 <= self.explora_min_gain < 1.0, "explora_min_gain", "in [0, 1)")
         need(self.finetune_epochs >= 1, "finetune_epochs", ">= 1")
+        need(0.0 < self.finetune_head_lr_scale <= 1.0, "finetune_head_lr_scale", "in (0, 1]")
         need(self.finetune_max_images is None or self.finetune_max_images >= 1, "finetune_max_images", ">= 1 or null")
         need(self.sam_rho > 0, "sam_rho", "> 0")
         need(self.fsam_sigma >= 0, "fsam_sigma", ">= 0")
@@ -550,6 +554,7 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
     "explora_min_gain": {"minimum": 0, "exclusiveMaximum": 1},
     "finetune_epochs": {"minimum": 1},
     "finetune_max_images": {"minimum": 1},
+    "finetune_head_lr_scale": {"exclusiveMinimum": 0, "maximum": 1},
     "sam_rho": {"exclusiveMinimum": 0},
     "fsam_sigma": {"minimum": 0},
     "fsam_lmbda": {"minimum": 0, "exclusiveMaximum": 1},

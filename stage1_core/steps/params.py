@@ -27,12 +27,13 @@ TRAINING_FIELDS = (
     "grad_accum_steps", "seed", "selection_metric", "gate_loss_weight", "aux_weight", "gate_fnr_penalty",
     "target_fnr_exit", "optimizer",
 )
-#: Phases that fine-tune backbone adapters on images (``train_mode == "finetune"``); the memory
-#: budget and spike factor are the gate's figures, recorded with the run they judge.
+#: Phases that fine-tune backbone adapters on images (``train_mode == "finetune"``).
 FINETUNE_FIELDS = (
     "peft_type", "peft_r", "peft_blocks", "lr_backbone", "layer_lr_decay", "finetune_epochs", "finetune_max_images",
-    "augmentation", "max_batch_size", "fallback_batch_size", "memory_budget_gb", "loss_spike_factor",
+    "finetune_head_lr_scale", "augmentation", "max_batch_size", "fallback_batch_size",
 )
+#: Figures a gate criterion judges, recorded with the checkpoint of the phases whose gate has it.
+CRITERION_FIELDS = {"no_memory_issues": ("memory_budget_gb",), "training_stable": ("loss_spike_factor",)}
 #: SAM / F-SAM settings (only when ``optimizer`` is not AdamW).
 SAM_FIELDS = ("sam_rho", "sam_adaptive", "fsam_sigma", "fsam_lmbda")
 EXPLORA_FIELDS = (
@@ -73,6 +74,8 @@ def _checkpoint(cfg: Stage1ProConfig) -> dict[str, Any]:
         params.update(_pick(cfg, SAM_FIELDS))
     if recipe.loss_kind == "crt":
         params.update(_pick(cfg, CRT_FIELDS))
+    for name in (c.name for c in recipe.criteria):
+        params.update(_pick(cfg, CRITERION_FIELDS.get(name, ())))
     return params
 
 

@@ -287,5 +287,9 @@ def fit_scrc(ctx: StepContext, out_dir: Path) -> FittedPolicy:
         metadata["selection_rate"] = transductive["selection_rate"]
     else:
         metadata["order"] = result.method_params["order"]
+    choice = (transductive["selection_rate_candidates"] if transductive is not None
+              else result.method_params["order_choice"]["families"])
+    table = "selection rates (val_select)" if transductive is not None else "candidate families (val_select)"
+    special_rows = [{"policy": name, **{k: v for k, v in case.items() if k != "reason"}} for name, case in special.items()]
     return FittedPolicy(doc, metadata, {"SCRC certified frontier (val_calib)": figure},
-                        {"sweep": list(doc["sweep_results"])}, files=files)
+                        {table: choice, "special cases (val_calib)": special_rows}, files=files)

@@ -155,9 +155,11 @@ def _checkpoint_id(out_dir: Path, result: Any, extra: dict[str, Any]) -> str:
     tuned = extra.get("finetuned_backbone")
     if not tuned:
         return head
-    from stage1_core.lineage import content_id
+    import hashlib
 
-    return content_id({"head": head, "backbone": tuned["fingerprint"]})
+    from stage1_core.lineage import canonical_json
+
+    return hashlib.sha256(canonical_json({"head": head, "backbone": tuned["fingerprint"]}).encode("utf-8")).hexdigest()
 
 
 def _plot_grad_norms(summary: dict[str, Any], out_path: Path) -> Path:

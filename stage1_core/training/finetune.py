@@ -103,7 +103,8 @@ def finetune(
 ) -> FinetuneResult:
     """Train adapters + gated heads on images; save the best head and the merged backbone in ``out_dir``.
 
-    ``cfg`` is the phase config (``finetune_epochs`` replaces ``epochs``; ``finetune_max_images``
+    ``cfg`` is the phase config (``finetune_epochs`` replaces ``epochs``, the heads train at
+    ``lr_head * finetune_head_lr_scale``, the adapters at ``lr_backbone``; ``finetune_max_images``
     caps the training images per run, a fixed seeded subset). ``val_select_samples`` are
     evaluated every epoch with the deterministic evaluation transform.
     """
@@ -122,7 +123,7 @@ def finetune(
     peft_init = verify_peft(reference, backbone.model, sample)
     epochs = int(cfg.finetune_epochs)
     ft_cfg = cfg.with_updates(epochs=epochs, warmup_epochs=min(int(cfg.warmup_epochs), epochs - 1),
-                              early_stop_patience=max(int(cfg.early_stop_patience), 1))
+                              lr_head=float(cfg.lr_head) * float(cfg.finetune_head_lr_scale))
 
     chosen = _subset(train_samples, cfg.finetune_max_images, int(cfg.seed))
     train_set = LabelledImageDataset(chosen, augment=True, augmentation=cfg.augmentation)
