@@ -6,6 +6,11 @@ from stage1_core.phases import PHASE_KEYS, PHASES
 
 phases = dg.StaticPartitionsDefinition(PHASE_KEYS)
 
+#: Asset groups, named and numbered for the flow (the UI lists groups alphabetically):
+#: data -> features -> training -> certify (exit policy on val_calib, evaluation on val_test) -> deploy.
+GROUPS = {"data": "1_data", "features": "2_features", "training": "3_training", "certify": "4_certify",
+          "deploy": "5_deploy"}
+
 
 def phase_job_name(key: str) -> str:
     """``phase1`` -> ``phase1_train_gate_bundle``: the job that runs that phase, and the run name the UI shows."""

@@ -13,9 +13,12 @@ from stage1_core.phases import PHASES
 
 
 def skip_job(key: str) -> dg.JobDefinition:
-    """An op job that records ``key`` as skipped (run config: ``ops.skip_<key>.config.reason``)."""
+    """An op job that records ``key`` as skipped (run config: ``ops.record_skip_<key>.config.reason``).
 
-    @dg.op(name=f"skip_{key}", config_schema={"reason": dg.Field(str, description=f"why {key} is skipped")})
+    The op is not named like the job: Dagster refuses an op and a job (graph) of the same name.
+    """
+
+    @dg.op(name=f"record_skip_{key}", config_schema={"reason": dg.Field(str, description=f"why {key} is skipped")})
     def record_skip(context: dg.OpExecutionContext, stage1: Stage1Resource) -> None:
         record = skip_phase(stage1.layout(), key, context.op_config["reason"], by=f"dagster run {context.run_id}")
         context.log_event(dg.AssetObservation(

@@ -259,23 +259,68 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+#: File name endings ``stage1 predict`` takes from a directory (case-insensitive).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, required=True, help="deploy bundle directory")
-    parser.add_argument("images", nargs="+", type=Path, help="image files")
-    parser.add_argument("--json", action="store_true", help="one JSON object per image")
+    parser.add_argument("images", nargs="*", type=Path,
+                        help=f"image files, or directories (their {'/'.join(IMAGE_SUFFIXES)} files, recursively, sorted)")
+    parser.add_argument("--list", dest="list_file", default=None,
+                        help="a text file with one image path per line (relative to the file's folder; '#' "
+                             "comments and blank lines skipped); '-' reads the list from stdin")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
     parser.add_argument("--artifacts_root", "--artifacts-root", default=DEFAULT_ARTIFACTS_ROOT,
                         help="where a builtin backbone is (re)built (default ./artifacts)")
     parser.add_argument("--batch_size", type=int, default=None, help="images per forward pass")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="image decoding threads (default min(8, CPUs))")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--transductive", action="store_true",
                         help="decide all images as one batch (required by, and only for, an SCRC-T bundle, which "
                              "recomputes its thresholds from the batch; too small a batch is refused)")
 
 
+def predict_inputs(images: Sequence[Path], list_file: str | None) -> list[Path]:
+    """The images ``stage1 predict`` decides, in order: files as given, directories expanded, then the list."""
+    paths: list[Path] = []
+    for path in images:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CliError(f"{path}: directory holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    if list_file is not None:
+        if list_file == "-":
+            text, base = sys.stdin.read(), Path.cwd()
+        else:
+            try:
+                text, base = Path(list_file).read_text(encoding="utf-8-sig"), Path(list_file).parent
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CliError(f"{list_file}: cannot read the image list ({exc})") from None
+        for line in text.splitlines():
+            entry = line.strip()
+            if entry and not entry.startswith("#"):
+                path = Path(entry)
+                paths.append(path if path.is_absolute() else base / path)
+    if not paths:
+        raise CliError("no images given: pass image files, directories, or --list FILE")
+    return paths
+
+
 @subcommand("predict", "decide images with a deploy bundle (exit or defer, label, p_roadwork)", add_predict_arguments)
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Decide every readable image; one error line per unreadable one; exit 1 if any failed."""
+    """Decide every readable image, streaming one line per image as its batch is decided.
+
+    Images are decoded ahead in threads and batched through the backbone
+    (:meth:`~stage1_core.bundle.predictor.Stage1Predictor.iter_predict`); a progress bar goes to
+    stderr. One error line per unreadable image; exit 1 if any failed.
+    """
     from stage1_core.bundle.load import BundleError, Stage1Bundle, format_prediction
-    from stage1_core.bundle.predictor import load_image
+    from stage1_core.progress import progress
 
     try:
         bundle = Stage1Bundle.load(args.bundle, artifacts_root=args.artifacts_root)
@@ -284,30 +329,50 @@ def cmd_predict(args: argparse.Namespace) -> int:
     size = args.batch_size if args.batch_size is not None else bundle.config.max_batch_size
     if size < 1:
         raise CliError(f"--batch_size must be >= 1, got {size}")
-    paths = list(args.images)
+    paths = predict_inputs(args.images, args.list_file)
     try:
         bundle.check_transductive(len(paths), args.transductive)
-    except ValueError as exc:
+        bundle.load_backbone()
+    except (ValueError, BundleError) as exc:
         raise CliError(str(exc)) from None
-    step = len(paths) if args.transductive else size  # SCRC-T decides every image in one batch
+    predictor = bundle.predictor
+    bar = progress(total=len(paths), desc="predict", unit="img", disable=args.no_progress)
     failed = 0
-    for start in range(0, len(paths), step):
-        decoded = []
-        for path in paths[start : start + step]:
-            try:
-                decoded.append((path, load_image(path)))
-            except (FileNotFoundError, ValueError) as exc:
-                failed += 1
-                print(f"{PROG} predict: error: {exc}", file=sys.stderr)
-        if decoded and args.transductive:
-            try:
-                bundle.check_transductive(len(decoded), True)
-            except ValueError as exc:
-                raise CliError(f"{exc} ({failed} image(s) could not be read)") from None
-        if decoded:
-            results = bundle.predict([image for _, image in decoded], batch_size=size, transductive=args.transductive)
-            for (path, _), result in zip(decoded, results):
-                print(format_prediction(path, result, as_json=args.json))
+
+    def report(position: int, error: Exception) -> None:
+        nonlocal failed
+        failed += 1
+        bar.write(f"{PROG} predict: error: {error}", file=sys.stderr)
+
+    try:
+        if args.transductive:
+            # SCRC-T recomputes its thresholds from the batch: decide every readable image at once.
+            kept, features = [], []
+            for batch in predictor.iter_features(paths, batch_size=size, num_workers=args.num_workers):
+                for position, error in batch.failures:
+                    report(position, error)
+                kept.extend(batch.indices)
+                features.append(batch.features)
+                bar.update(len(batch.indices) + len(batch.failures))
+            if kept:
+                import torch
+
+                try:
+                    bundle.check_transductive(len(kept), True)
+                except ValueError as exc:
+                    raise CliError(f"{exc} ({failed} image(s) could not be read)") from None
+                records = predictor.decide_features(torch.cat(features)).to_records()
+                for position, record in zip(kept, records):
+                    print(format_prediction(paths[position], record, as_json=args.json))
+        else:
+            for position, result in predictor.iter_predict(paths, batch_size=size, num_workers=args.num_workers):
+                if isinstance(result, Exception):
+                    report(position, result)
+                else:
+                    print(format_prediction(paths[position], result, as_json=args.json), flush=True)
+                bar.update(1)
+    finally:
+        bar.close()
     if failed:
         print(
             f"{PROG} predict: {failed} of {len(paths)} image(s) could not be read and were not decided; "

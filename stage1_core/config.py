@@ -225,8 +225,9 @@ class Stage1ProConfig(BaseModel):
     fsam_lmbda: float = 0.9
     #: Layer-wise learning-rate decay for backbone adapters (1.0 = off).
     layer_lr_decay: float = 1.0
-    #: A training loss above this factor times the running median counts as a spike (phase 5 gate).
-    loss_spike_factor: float = 3.0
+    #: A step loss above this factor times the running median counts as a spike (phase 5 gate;
+    #: for losses that can be negative, see ``gates.loss_spikes``).
+    loss_spike_factor: float = 5.0
 
     # Phase 6: conformal risk training, Dirichlet calibration, SCRC.
     crt_weight: float = 1.0

@@ -500,6 +500,9 @@ def _prediction_sets_valid(ctx: StepContext) -> GateVerdict:
     probs, raw, _ = load_prediction_outputs(ctx.layout, ctx.partition, "val_test")
     q, g = policy.calibrated(probs, raw)
     exits = load_tensors(ctx.layout.path("evaluation", ctx.partition) / DECISIONS_FILE)["exit"].numpy()
+    from stage1_core.calibration.scrc import prediction_sets
+
     sets = comparison["sets"]
-    return gates.check_prediction_sets_valid(q, g, comparison["lambda1"], comparison["lambda2"], exits,
+    members = np.stack([prediction_sets(q, lam) for lam in gates.lambda2_grid(comparison["lambda2"])])
+    return gates.check_prediction_sets_valid(members, q, g, comparison["lambda1"], comparison["lambda2"], exits,
                                              sets["positive_set_coverage"], sets["positive_set_coverage_target"])

@@ -51,6 +51,9 @@ MANIFEST_NAME = "manifest.json"
 CACHE_FORMAT = "stage1-feature-cache"
 CACHE_FORMAT_VERSION = 1
 LEGACY_SPLITS = ("train", "val")
+#: Decode images for the evaluation transform in threads of this process (True) or in
+#: DataLoader worker processes (False); see :class:`~stage1_core.data.loaders.ThreadBatches`.
+THREADED_DECODING = True
 
 
 class FeatureCacheError(ArtifactError):
@@ -221,14 +224,22 @@ def read_manifest(cache_dir: str | Path) -> CacheManifest:
     return CacheManifest.from_document(directory, doc)
 
 
-def _split_files_ok(directory: Path, entry: Mapping[str, Any]) -> bool:
+def _split_file_problems(directory: Path, entry: Mapping[str, Any]) -> list[str]:
+    """Each file of a split that is missing or whose sha256 differs from the manifest, named."""
+    problems = []
     for file_key, sha_key in (("features_file", "features_sha256"), ("labels_file", "labels_sha256")):
         if entry[file_key] is None:
             continue
         path = directory / entry[file_key]
-        if not path.is_file() or sha256_file(path) != entry[sha_key]:
-            return False
-    return True
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif sha256_file(path) != entry[sha_key]:
+            problems.append(f"{path} is corrupt or changed since extraction (sha256 differs from {MANIFEST_NAME})")
+    return problems
+
+
+def _split_files_ok(directory: Path, entry: Mapping[str, Any]) -> bool:
+    return not _split_file_problems(directory, entry)
 
 
 def _reusable(manifest: CacheManifest | None, split: str, ids: Sequence[str]) -> bool:
@@ -377,7 +388,7 @@ def _extract_locked(
     """:func:`extract_split_features` once the cache directory's lock is held."""
     from stage1_core.progress import progress as tqdm
 
-    from stage1_core.data.loaders import make_dataloader, pick_batch_size
+    from stage1_core.data.loaders import ThreadBatches, make_dataloader, pick_batch_size
 
     fingerprint = backbone.fingerprint()
     ids_per_split = {split: _dataset_ids(split, ds, sample_ids) for split, ds in datasets.items()}
@@ -423,8 +434,12 @@ def _extract_locked(
         # The evaluation transform runs as uint8 decode/resize/crop in the workers and one
         # normalisation per batch on the device (bit-identical to the per-image transform).
         fast = dataset.eval_pixels() if hasattr(dataset, "eval_pixels") else None
-        source, pipeline = fast if fast is not None else (dataset, None)
-        loader = make_dataloader(source, batch_size, train=False, num_workers=num_workers, device=device)
+        if fast is not None and THREADED_DECODING:
+            pixels, pipeline = fast
+            loader = ThreadBatches(pixels, batch_size, num_workers=num_workers, device=device)
+        else:
+            source, pipeline = fast if fast is not None else (dataset, None)
+            loader = make_dataloader(source, batch_size, train=False, num_workers=num_workers, device=device)
         position = 0
         for images, targets in tqdm(loader, desc=f"extract {split}", unit="batch", disable=not progress):
             images = images.to(device, non_blocking=True)
@@ -479,10 +494,11 @@ def load_cached_features(
     out: dict[str, TensorSplit] = {}
     for name in names:
         entry = manifest.splits[name]
-        if verify and not _split_files_ok(manifest.directory, entry):
+        problems = _split_file_problems(manifest.directory, entry) if verify else []
+        if problems:
             raise FeatureCacheError(
-                f"{manifest.directory}: files of split {name!r} are missing or changed since extraction "
-                f"(sha256 differs from manifest.json); extract the features again"
+                f"split {name!r} of the feature cache refused, not loaded: {'; '.join(problems)}; extract the "
+                f"features again (re-materialise cached_features: only the damaged splits are recomputed)"
             )
         features = _load_tensor(manifest.directory / entry["features_file"])
         if labels is not None and name in labels:

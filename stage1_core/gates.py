@@ -586,16 +586,20 @@ def check_no_memory_issues(oom_fallback: bool | None, peak_gb: float | None, bud
                         "reference_phase": ref.get("phase"), "reference_peak_gb": ref.get("peak_gb")})
 
 
-def loss_spikes(step_losses: Sequence[float], factor: float, window: int = 20, warmup: int = 5) -> list[int]:
-    """1-based steps whose loss exceeds ``factor`` x the median of the previous ``window`` steps.
+def loss_spikes(step_losses: Sequence[float], factor: float, window: int = 20, warmup: int = 10) -> list[int]:
+    """1-based steps whose loss exceeds the running median by more than ``factor - 1`` running scales.
 
+    Running median and scale are taken over the previous ``window`` steps; the scale is the median
+    of ``|loss|``. For a positive loss this is exactly "loss > factor x running median"; the
+    gated heads' loss has a coverage reward and can be negative, which a plain ratio cannot judge.
     The first ``warmup`` steps only seed the median (early losses fall fast and are noisy).
     """
     losses = [float(v) for v in step_losses]
     spikes = []
     for i in range(warmup, len(losses)):
-        median = float(np.median(losses[max(0, i - window):i]))
-        if median > 0 and losses[i] > factor * median:
+        previous = losses[max(0, i - window):i]
+        median, scale = float(np.median(previous)), float(np.median(np.abs(previous)))
+        if scale > 0 and losses[i] > median + (factor - 1.0) * scale:
             spikes.append(i + 1)
     return spikes
 
@@ -808,16 +812,25 @@ def check_coverage_maximised(recomputed: Mapping[str, Any], comparison: Mapping[
     return GateVerdict("coverage_maximised", not problems, message, figures)
 
 
+def lambda2_grid(lambda2: float | None, n_grid: int = 101) -> np.ndarray:
+    """Increasing lambda2 values in [0, 1] (the deployed one included) to check the sets' nesting on."""
+    return np.unique(np.concatenate([np.linspace(0.0, 1.0, n_grid), [] if lambda2 is None else [float(lambda2)]]))
+
+
 def check_prediction_sets_valid(
-    q: np.ndarray, g: np.ndarray, lambda1: float | None, lambda2: float | None, exits: np.ndarray,
-    positive_set_coverage: Mapping[str, Any], target: float, n_grid: int = 101,
+    sets_by_lambda2: np.ndarray, q: np.ndarray, g: np.ndarray, lambda1: float | None, lambda2: float | None,
+    exits: np.ndarray, positive_set_coverage: Mapping[str, Any], target: float,
 ) -> GateVerdict:
     """Prediction sets on val_test: nested in lambda2, singleton sets exactly the exits, and the set coverage
     of selected positives not significantly below the target ``1 - target_fnr`` the sets were built for
-    (its bootstrap CI reaches the target)."""
-    q = np.asarray(q, dtype=float)
-    grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, n_grid), [] if lambda2 is None else [float(lambda2)]]))
-    members = q[None, :, :] >= 1.0 - grid[:, None, None]
+    (its bootstrap CI reaches the target).
+
+    ``sets_by_lambda2`` [k, N, 2]: the deployed code's set memberships at increasing lambda2
+    (:func:`lambda2_grid`); ``q``, ``g``: calibrated outputs, from which "selected with a singleton
+    set" is recomputed plainly and compared with the deployed ``exits``.
+    """
+    members = np.asarray(sets_by_lambda2, dtype=bool)
+    grid = members.shape[0]
     not_nested = int(np.sum(members[:-1] & ~members[1:]))
     recomputed, _, _ = scrc_exits_plain(g, q, lambda1, lambda2)
     exits = np.asarray(exits, dtype=bool)
@@ -836,10 +849,10 @@ def check_prediction_sets_valid(
         problems.append(f"set coverage of selected positives {value:.4f} is significantly below the target "
                         f"{target:.4f} (bootstrap CI [{lo:.4f}, {hi:.4f}])")
     message = "; ".join(problems) or (
-        f"sets nested over {grid.size} values of lambda2; singleton sets are exactly the {int(exits.sum())} exits; "
+        f"sets nested over {grid} values of lambda2; singleton sets are exactly the {int(exits.sum())} exits; "
         f"set coverage of selected positives {value:.4f} (CI [{lo:.4f}, {hi:.4f}]) vs target {target:.4f}")
     return GateVerdict("prediction_sets_valid", not problems, message,
-                       {"lambda2_grid": int(grid.size), "not_nested": not_nested, "singleton_exit_mismatches": mismatched,
+                       {"lambda2_grid": int(grid), "not_nested": not_nested, "singleton_exit_mismatches": mismatched,
                         "n_exits": int(exits.sum()), "set_coverage": value, "set_coverage_ci_lower": lo,
                         "set_coverage_ci_upper": hi, "target": float(target),
                         "target_within_ci": None if value is None else bool(lo <= target <= hi)})

@@ -247,9 +247,11 @@ def run_step(context: Any, stage1: Any, asset: str, step: Any, *args: Any, reads
     ``reads`` names inputs the step reads beyond its Dagster deps (the bundle reads the whole chain
     but depends in the graph only on what it packages).
     """
+    from stage1_assets.recovery import tag_host
     from stage1_core.locking import AssetLockedError, step_locks
     from stage1_core.steps.context import UNPARTITIONED
 
+    tag_host(context.instance, context.run_id)  # so crash recovery on another host leaves this run alone
     layout = stage1.layout()
     partition = None if asset in UNPARTITIONED else context.partition_key
     inputs = [(key.path[-1], None if key.path[-1] in UNPARTITIONED else partition)

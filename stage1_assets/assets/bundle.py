@@ -6,7 +6,7 @@ from stage1_assets.assets._common import CODE_VERSION, run_step, table
 from stage1_assets.assets.model import checkpoint
 from stage1_assets.assets.policy import evaluation, exit_policy
 from stage1_assets.guards import require_gate_for_export
-from stage1_assets.partitions import PHASES_TEXT, phases
+from stage1_assets.partitions import GROUPS, PHASES_TEXT, phases
 from stage1_assets.resources import Stage1Resource
 from stage1_core import pipeline
 from stage1_core.steps.bundle import BUNDLE_INPUTS
@@ -35,7 +35,7 @@ def phase_overview(stage1: Stage1Resource, partition: str) -> dg.TableMetadataVa
 # carry those links, so the graph stays a readable flow. Select `*bundle` (all ancestors) or run the
 # phase job to materialise a whole phase.
 @dg.asset(
-    group_name="deploy",
+    group_name=GROUPS["deploy"],
     partitions_def=phases,
     deps=[checkpoint, exit_policy, evaluation],
     kinds={"folder"},

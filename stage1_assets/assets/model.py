@@ -5,7 +5,7 @@ import dagster as dg
 from stage1_assets.assets._common import CODE_VERSION, run_step
 from stage1_assets.assets.data import splits
 from stage1_assets.guards import require_previous_phase_gates
-from stage1_assets.partitions import PHASES_TEXT, phases
+from stage1_assets.partitions import GROUPS, PHASES_TEXT, phases
 from stage1_assets.resources import Stage1Resource
 from stage1_core import pipeline
 
@@ -15,7 +15,7 @@ _WAITS = (
 )
 
 
-@dg.asset(group_name="model", partitions_def=phases, deps=[splits], kinds={"pytorch"}, code_version=CODE_VERSION,
+@dg.asset(group_name=GROUPS["features"], partitions_def=phases, deps=[splits], kinds={"pytorch"}, code_version=CODE_VERSION,
           description="Which backbone weights this phase uses (builtin or a local DINOv3 directory) and their "
                       f"fingerprint.\n\n{_WAITS}\n\n{PHASES_TEXT}")
 def backbone(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
@@ -23,7 +23,7 @@ def backbone(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.Ma
     return run_step(context, stage1, "backbone", pipeline.prepare_backbone)
 
 
-@dg.asset(group_name="model", partitions_def=phases, deps=[backbone], pool="gpu", kinds={"pytorch"},
+@dg.asset(group_name=GROUPS["features"], partitions_def=phases, deps=[backbone], pool="gpu", kinds={"pytorch"},
           code_version=CODE_VERSION)
 def cached_features(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
     """CLS features of every split, keyed by backbone, transform and image content, so later phases reuse them.
@@ -34,7 +34,7 @@ def cached_features(context: dg.AssetExecutionContext, stage1: Stage1Resource) -
     return run_step(context, stage1, "cached_features", pipeline.cache_features)
 
 
-@dg.asset(group_name="model", partitions_def=phases, deps=[cached_features], pool="gpu", kinds={"pytorch"},
+@dg.asset(group_name=GROUPS["training"], partitions_def=phases, deps=[cached_features], pool="gpu", kinds={"pytorch"},
           code_version=CODE_VERSION)
 def checkpoint(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
     """The phase's head trained on train, the best epoch chosen on val_select (model_best.pth and the training log).
@@ -47,7 +47,7 @@ def checkpoint(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.
     return run_step(context, stage1, "checkpoint", pipeline.train_phase)
 
 
-@dg.asset(group_name="model", partitions_def=phases, deps=[checkpoint], kinds={"pytorch"}, code_version=CODE_VERSION)
+@dg.asset(group_name=GROUPS["training"], partitions_def=phases, deps=[checkpoint], kinds={"pytorch"}, code_version=CODE_VERSION)
 def predictions(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
     """Logits (and gate logits) of the best checkpoint, never the last epoch's, on val_select, val_calib and val_test."""
     return run_step(context, stage1, "predictions", pipeline.predict_splits)

@@ -189,6 +189,9 @@ def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) ->
         files["metrics"]: "evaluation on val_test: value, bootstrap mean/std/CI, n per metric",
         files["readme"]: "this file",
     }
+    companion = (policy_doc.get("transductive") or {}).get("calibration_file")
+    if companion:
+        descriptions[companion] = "SCRC-T: val_calib's outputs and labels, from which each batch's thresholds are recomputed"
     lines = [
         f"# Stage-1 roadwork classifier: deploy bundle (phase {manifest['phase']})",
         "",

@@ -74,8 +74,8 @@ SCRC-I (inductive, PAC, :func:`scrc_inductive`)
         SCRC's special cases as one-parameter families at full resolution: ``lambda2 = 0.5`` with
         ``lambda1`` over every calibration gate score (the gate policy, exit iff g >= lambda1), or
         ``lambda1 = min g`` with ``lambda2`` over every calibration max q (the softmax policy on q),
-        by exit count. Certifying them through this function gives the same result as the 1-D
-        sweep on the same scores.
+        by exit count. Certifying them through this function gives the 1-D sweep's result on the
+        same scores, up to float rounding where max q ties a threshold (a sample or two).
 
     Which order (family) to certify is a label-free choice as far as val_calib is concerned when
     it is made on another split: :func:`choose_order` certifies each family on val_select and keeps

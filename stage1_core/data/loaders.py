@@ -202,3 +202,42 @@ def ordered_thread_map(
         finally:
             for _, future in pending:
                 future.cancel()
+
+
+class ThreadBatches:
+    """Ordered evaluation batches of a map-style dataset, items loaded ahead in threads.
+
+    The in-process counterpart of :func:`make_dataloader` (``train=False``) for datasets whose
+    items are decoded images: PIL releases the GIL while it decodes and resamples, so threads
+    keep decoding while the backbone runs, with no worker processes to start per split and no
+    batches to copy between processes. Batches are collated with ``default_collate`` and pinned
+    when they go to a CUDA device. An item that fails raises its error when its batch is reached.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int | None = None, device: str | torch.device = "cpu"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.workers = resolve_num_workers(num_workers)
+        self.pin = torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        from torch.utils.data import default_collate
+
+        items = ordered_thread_map(self.dataset.__getitem__, range(len(self.dataset)), self.workers,  # type: ignore[arg-type]
+                                   in_flight=2 * self.batch_size)
+        while True:
+            chunk = list(itertools.islice(items, self.batch_size))
+            if not chunk:
+                return
+            for _, _, error in chunk:
+                if error is not None:
+                    raise error
+            batch = default_collate([value for _, value, _ in chunk])
+            if self.pin:
+                batch = [part.pin_memory() if isinstance(part, torch.Tensor) else part for part in batch]
+            yield batch

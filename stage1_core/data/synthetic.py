@@ -80,7 +80,7 @@ DEFAULT_LABEL_NOISE = 0.01
 #: Visibility tier of a work zone and its share of roadwork scenes.
 POSITIVE_TIERS: dict[str, float] = {"clear": 0.50, "distant": 0.20, "sparse": 0.15, "partial": 0.15}
 #: Share of no-roadwork scenes holding a hard negative (the others are "plain").
-HARD_NEGATIVE_RATE = 0.45
+HARD_NEGATIVE_RATE = 0.35
 NEGATIVE_TIERS = ("plain", "hard")
 #: Share of roadwork scenes that also hold a hard-negative object.
 DECOY_RATE = 0.15
@@ -90,9 +90,9 @@ OCCLUSION_RATE = 0.15
 #: A "clear" work zone covers at least this share of the evaluation crop.
 MIN_CLEAR_COVERAGE = 0.25
 #: Every other work zone keeps at least this share visible (small, never absent).
-MIN_SMALL_COVERAGE = 0.004
+MIN_SMALL_COVERAGE = 0.04
 #: Visible share of a "partial" zone left beside its occluder.
-PARTIAL_VISIBLE = (0.02, 0.08)
+PARTIAL_VISIBLE = (0.05, 0.12)
 WIDTH_RANGE = (256, 400)
 ASPECT_RANGE = (1.2, 1.6)
 _SPLIT_CODES = {"train": 0, "val": 1}
@@ -446,23 +446,26 @@ def _zone_items(scene: _Scene, rng: np.random.Generator, tier: str) -> tuple[lis
     if tier == "distant":
         row_kind = str(rng.choice(["cone", "barrel", "beacon", "barrier"], p=[0.35, 0.25, 0.25, 0.15]))
         lateral, drift = rng.uniform(-0.7, 0.7), rng.uniform(-0.3, 0.3)
-        near = rng.uniform(0.12, 0.3)
-        depths = near * np.geomspace(1.0, rng.uniform(0.5, 0.75), int(rng.integers(3, 9)))
+        near = rng.uniform(0.35, 0.55)
+        depths = near * np.geomspace(1.0, rng.uniform(0.55, 0.8), int(rng.integers(6, 13)))
         items = [(float(d), row_kind, lateral + drift * (near - d) / near) for d in depths]
         if rng.random() < 0.4:
             items.append((near * rng.uniform(0.9, 1.05), str(rng.choice(["sign", "barrier"])), lateral + rng.uniform(-0.5, 0.5)))
         return items, size_scale
     if tier != "sparse":
         raise ValueError(f"unknown roadwork tier {tier!r}: use one of {sorted(POSITIVE_TIERS)}")
-    depth = rng.uniform(0.3, 0.6)
-    kind = str(rng.choice(["sign", "cones", "barrier", "barrel"], p=[0.35, 0.3, 0.2, 0.15]))
+    depth = rng.uniform(0.55, 0.85)
+    kind = str(rng.choice(["sign", "cones", "barrier", "barrel"], p=[0.3, 0.3, 0.25, 0.15]))
+    lateral = rng.uniform(-0.8, 0.8)
     if kind == "sign":
-        return [(depth, "sign", float(rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 1.3)))], size_scale
-    if kind == "cones":
-        lateral = rng.uniform(-0.8, 0.8)
-        cones = [(depth, "cone", lateral), (depth * rng.uniform(0.8, 0.92), "cone", lateral + rng.uniform(-0.1, 0.1))]
-        return cones[: 1 + int(rng.random() < 0.6)], size_scale
-    return [(depth, kind, rng.uniform(-0.8, 0.8))], size_scale
+        items = [(depth, "sign", float(rng.choice([-1.0, 1.0]) * rng.uniform(0.9, 1.2)))]
+    elif kind == "cones":
+        items = [(depth * rng.uniform(0.8, 1.0) ** k, "cone", lateral + rng.uniform(-0.1, 0.1)) for k in range(int(rng.integers(1, 4)))]
+    else:
+        items = [(depth, kind, lateral)]
+    if rng.random() < 0.5:
+        items.append((depth * rng.uniform(0.8, 1.0), str(rng.choice(["cone", "sign"])), lateral + rng.uniform(-0.3, 0.3)))
+    return items, size_scale
 
 
 def _draw_roadwork(layer: Image.Image, scene: _Scene, rng: np.random.Generator, tier: str) -> tuple[float, list[tuple[float, float, float]]]:
@@ -492,8 +495,10 @@ def _draw_roadwork(layer: Image.Image, scene: _Scene, rng: np.random.Generator, 
             break
         if large:
             items = [(rng.uniform(0.8, 0.95), str(rng.choice(["barrier", "barrel", "cone"])), rng.uniform(-0.5, 0.5))]
-        else:
-            items = [(rng.uniform(0.35, 0.6), str(rng.choice(["sign", "barrier", "cone"])), rng.uniform(-0.6, 0.6))]
+        else:  # one more item just in front of the zone's nearest one, nearer the centre
+            depth, _, lateral = max(items)
+            items = [(min(0.95, depth * rng.uniform(1.0, 1.2)), str(rng.choice(["barrier", "barrel", "cone"])),
+                      0.7 * lateral + rng.uniform(-0.2, 0.2))]
     return coverage, anchors
 
 

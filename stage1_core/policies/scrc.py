@@ -54,6 +54,17 @@ __all__ = [
 CALIBRATION_FILE = "scrc_calibration.pt"
 
 
+def _calibration_arrays(probs, gate_logits, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked val_calib outputs: probabilities [N, 2], finite raw gate logits [N], labels [N]."""
+    p = as_probs(probs, name="val_calib probs")
+    if p.shape[1] != 2:
+        raise ValueError(f"SCRC-T calibration probs must be [N, 2], got {p.shape}")
+    z = np.asarray(gate_logits, dtype=np.float64).reshape(-1)
+    if z.shape[0] != p.shape[0] or not np.all(np.isfinite(z)):
+        raise ValueError(f"SCRC-T calibration gate logits must be {p.shape[0]} finite numbers, got {z.shape[0]}")
+    return p, z, as_labels(labels, n=p.shape[0])
+
+
 @dataclass(frozen=True)
 class TransductiveSettings:
     """What SCRC-T recomputes its thresholds from at prediction time.
@@ -72,15 +83,10 @@ class TransductiveSettings:
     calibration_file: str = CALIBRATION_FILE
 
     def __post_init__(self) -> None:
-        p = as_probs(self.probs, name="val_calib probs")
-        if p.shape[1] != 2:
-            raise ValueError(f"SCRC-T calibration probs must be [N, 2], got {p.shape}")
-        z = np.asarray(self.gate_logits, dtype=np.float64).reshape(-1)
-        if z.shape[0] != p.shape[0] or not np.all(np.isfinite(z)):
-            raise ValueError(f"SCRC-T calibration gate logits must be {p.shape[0]} finite numbers, got {z.shape[0]}")
+        p, z, y = _calibration_arrays(self.probs, self.gate_logits, self.labels)
         object.__setattr__(self, "probs", p)
         object.__setattr__(self, "gate_logits", z)
-        object.__setattr__(self, "labels", as_labels(self.labels, n=p.shape[0]))
+        object.__setattr__(self, "labels", y)
         rate = _finite(self.selection_rate, "selection_rate")
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"selection_rate must lie in (0, 1], got {rate!r}")
@@ -96,11 +102,11 @@ def save_calibration_outputs(path: str | Path, probs, gate_logits, labels) -> Pa
 
     from ..artifacts import save_tensors
 
-    settings = TransductiveSettings(probs, gate_logits, labels, 1.0, 0.5, 1)
+    p, z, y = _calibration_arrays(probs, gate_logits, labels)
     return save_tensors(path, {
-        "probs": torch.as_tensor(settings.probs, dtype=torch.float64),
-        "gate_logits": torch.as_tensor(settings.gate_logits, dtype=torch.float64),
-        "labels": torch.as_tensor(settings.labels, dtype=torch.int64),
+        "probs": torch.as_tensor(p, dtype=torch.float64),
+        "gate_logits": torch.as_tensor(z, dtype=torch.float64),
+        "labels": torch.as_tensor(y, dtype=torch.int64),
     })
 
 

@@ -105,6 +105,6 @@ def clone_project(source: Project, base: Path, **overrides) -> Project:
 def phase1_project(tmp_path_factory) -> Project:
     """A project whose phase 1 ran end to end through the CLI (tests clone it, never change it)."""
     project = make_project(tmp_path_factory.mktemp("phase1"))
-    result = project.materialize("+bundle", "phase1")
+    result = project.materialize("*bundle", "phase1")
     assert result.returncode == 0, output(result)
     return project

@@ -31,7 +31,7 @@ def test_relabelled_csv_is_used_and_features_are_reused(tmp_path, phase1_project
     stale = project.materialize("bundle", "phase1")
     assert stale.returncode != 0, output(stale)
     assert "stale inputs" in stale.stdout + stale.stderr, output(stale)
-    full = project.materialize("+bundle", "phase1")
+    full = project.materialize("*bundle", "phase1")
     assert full.returncode == 0, output(full)
     cache = json.loads((project.artifacts / "cached_features" / "phase1" / "cache.json").read_text())
     assert cache["reused"] is True and cache["forward_passes"] == 0

@@ -26,7 +26,7 @@ def chain(tmp_path_factory, phase1_project):
     """Phases 2, 3 and 4 run in order on the default data (each must pass its gate)."""
     project = clone_project(phase1_project, tmp_path_factory.mktemp("chain"), **SMALL_ADAPTATION)
     for partition in ("phase2", "phase3", "phase4"):
-        result = project.materialize("+bundle", partition)
+        result = project.materialize("*bundle", partition)
         assert result.returncode == 0, f"{partition}:\n{output(result)}"
     return project
 
@@ -82,7 +82,7 @@ def test_phase4_adapts_the_backbone_fine_tunes_adapters_and_ships_the_backbone(t
 
 def test_phase5_trains_with_fsam_and_is_judged_against_phase4(tmp_path, chain):
     project = clone_project(chain, tmp_path)
-    result = project.materialize("+bundle", "phase5")
+    result = project.materialize("*bundle", "phase5")
     training = _json(project.artifacts / "checkpoint" / "phase5" / "training.json")
     assert training["optimizer"] == "fsam" and training["train_mode"] == "finetune"
     cache = _json(project.artifacts / "cached_features" / "phase5" / "cache.json")
@@ -102,9 +102,9 @@ def test_phase5_trains_with_fsam_and_is_judged_against_phase4(tmp_path, chain):
 def test_phase6_waits_for_a_failed_phase5_until_it_is_skipped(tmp_path, chain):
     # A spike factor no real loss curve meets: phase 5's training_stable criterion fails.
     project = clone_project(chain, tmp_path, loss_spike_factor=1.0001)
-    failed = project.materialize("+bundle", "phase5")
+    failed = project.materialize("*bundle", "phase5")
     assert failed.returncode != 0 and project.check_records("phase5")["training_stable"] is False, output(failed)
-    refused = project.materialize("+bundle", "phase6")
+    refused = project.materialize("*bundle", "phase6")
     text = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "phase6 refused" in text, output(refused)
     assert "phase5.training_stable" in text and "stage1 phase skip phase5" in text, output(refused)
@@ -114,7 +114,7 @@ def test_phase6_waits_for_a_failed_phase5_until_it_is_skipped(tmp_path, chain):
     assert skipped.returncode == 0, output(skipped)
     summary = project.stage1("summary", "--all")
     assert "skipped" in summary.stdout, output(summary)
-    result = project.materialize("+bundle", "phase6")
+    result = project.materialize("*bundle", "phase6")
     assert result.returncode == 0, output(result)
     backbone = _json(project.artifacts / "backbone" / "phase6" / "backbone.json")
     assert backbone["built_on"] == "phase4"

@@ -94,3 +94,70 @@ def test_written_files_get_normal_permissions(tmp_path):
     path = artifacts.write_json(tmp_path / "doc.json", {"x": 1})
     mode = path.stat().st_mode & 0o777
     assert mode & 0o044, oct(mode)  # readable by group/others like any file the user writes
+
+
+# ----- fault injection (STAGE1_FAULT_INJECT) ------------------------------------------------
+
+_WRITER = """
+import sys
+from stage1_core import artifacts
+artifacts.atomic_write_bytes(sys.argv[1], b"new" * 1000)
+artifacts.atomic_write_bytes(sys.argv[1], b"newer" * 1000)
+print("done")
+"""
+
+
+def _write_with_fault(target, spec):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), artifacts.FAULT_ENV: spec}
+    return subprocess.run([sys.executable, "-c", _WRITER, str(target)], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("when", artifacts.FAULT_POINTS)
+def test_fault_injection_kills_the_writer_at_each_point(tmp_path, when):
+    import signal
+
+    target = tmp_path / "model.pth"
+    target.write_bytes(b"old")
+    result = _write_with_fault(target, f"*/model.pth:{when}")
+    assert result.returncode == -signal.SIGKILL, result
+    assert "done" not in result.stdout
+    temps = [p for p in tmp_path.iterdir() if p.name != "model.pth"]
+    if when == "after-rename":
+        assert target.read_bytes() == b"new" * 1000 and temps == []
+    else:
+        assert target.read_bytes() == b"old", "a killed write must leave the previous file as it was"
+    if when == "mid-write":
+        assert len(temps) == 1 and temps[0].read_bytes() == (b"new" * 1000)[:1500]
+        assert temps[0].name.startswith(".model.pth.") and temps[0].name.endswith(".tmp")
+    if when == "before-rename":
+        assert len(temps) == 1 and temps[0].read_bytes() == b"new" * 1000
+
+
+def test_fault_injection_counts_matching_writes_and_ignores_others(tmp_path):
+    import signal
+
+    target = tmp_path / "doc.json"
+    second = _write_with_fault(target, "*/doc.json:before-write:2")
+    assert second.returncode == -signal.SIGKILL and target.read_bytes() == b"new" * 1000
+    other = _write_with_fault(tmp_path / "other.bin", "*/doc.json:mid-write")
+    assert other.returncode == 0 and "done" in other.stdout
+    assert (tmp_path / "other.bin").read_bytes() == b"newer" * 1000
+
+
+@pytest.mark.parametrize("spec", ["*/x.json", "*/x.json:sometime", "*/x.json:mid-write:0", ":mid-write"])
+def test_malformed_fault_spec_is_refused(tmp_path, monkeypatch, spec):
+    monkeypatch.setenv(artifacts.FAULT_ENV, spec)
+    with pytest.raises(ValueError, match=artifacts.FAULT_ENV):
+        artifacts.write_json(tmp_path / "x.json", {"a": 1})
+
+
+def test_unset_fault_injection_writes_normally(tmp_path, monkeypatch):
+    monkeypatch.delenv(artifacts.FAULT_ENV, raising=False)
+    artifacts.fault_point(tmp_path / "x", "mid-write")
+    artifacts.write_json(tmp_path / "x.json", {"a": 1})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}

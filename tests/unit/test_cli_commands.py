@@ -27,3 +27,18 @@ def test_summary_without_artifacts_exits_nonzero_and_says_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "not run" in out and "NO CURRENT BUNDLE" in out
     assert "None" not in out
+
+
+def test_phase_skip_and_unskip(tmp_path, capsys):
+    from stage1_core.phase_state import read_skip
+
+    root = str(tmp_path / "artifacts")
+    assert main(["phase", "skip", "phase5", "--reason", "no budget", "--artifacts_root", root]) == 0
+    assert "phase5 skipped" in capsys.readouterr().out
+    assert read_skip(tmp_path / "artifacts", "phase5")["reason"] == "no budget"
+    assert main(["phase", "skip", "phase4", "--reason", "x", "--artifacts_root", root]) == 2
+    assert "phase4 is not optional" in capsys.readouterr().err
+    assert main(["phase", "skip", "phase5", "--artifacts_root", root]) == 2
+    assert "needs a reason" in capsys.readouterr().err
+    assert main(["phase", "unskip", "phase5", "--artifacts_root", root]) == 0
+    assert read_skip(tmp_path / "artifacts", "phase5") is None

@@ -379,3 +379,26 @@ def test_labelled_dataset_from_samples(natix_dir: Path) -> None:
     ds = LabelledImageDataset(samples)
     assert len(ds) == 2 and ds[1][1] == 1
     assert ds.statistics()["s2"] == {"total": 1, "roadwork": 1, "no_roadwork": 0, "skipped_corrupt": 0}
+
+
+def test_eval_pixels_equal_the_dataset_output_and_only_for_the_eval_transform(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from stage1_core.data.datasets import LabelledImageDataset, Sample
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i, (w, h) in enumerate([(300, 200), (180, 260), (640, 480)]):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
+        samples.append(Sample(f"{i}.jpg", path, i % 2, "natix", i + 2))
+    dataset = LabelledImageDataset(samples)
+    pixels, pipeline = dataset.eval_pixels()
+    assert len(pixels) == 3 and pixels.sample_ids == dataset.sample_ids
+    for i in range(3):
+        image, label = pixels[i]
+        assert image.dtype == torch.uint8 and label == dataset[i][1]
+        assert torch.equal(pipeline.normalise(image[None])[0], dataset[i][0])
+    assert LabelledImageDataset(samples, augment=True).eval_pixels() is None

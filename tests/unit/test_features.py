@@ -167,3 +167,70 @@ def test_tensor_split_subset_and_checks():
         TensorSplit(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="2 sample ids for 3 rows"):
         TensorSplit(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), ("a", "b"))
+
+
+def _jpeg_samples(directory: Path, n: int = 9):
+    import numpy as np
+    from PIL import Image
+
+    from stage1_core.data.datasets import Sample
+
+    rng = np.random.default_rng(5)
+    directory.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        w, h = int(rng.integers(30, 70)), int(rng.integers(30, 70))
+        path = directory / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=85)
+        samples.append(Sample(f"{i}.jpg", path, i % 2, "natix", i + 2))
+    return samples
+
+
+def test_split_eval_path_gives_the_features_of_the_per_image_transform(tmp_path, backbone):
+    from stage1_core.data.datasets import LabelledImageDataset
+    from stage1_core.data.transforms import build_eval_transform
+
+    samples = _jpeg_samples(tmp_path / "images")
+    transform = build_eval_transform(image_size=32, resize=36)
+    fast = LabelledImageDataset(samples, transform=transform)
+    assert fast.eval_pixels() is not None
+    per_image = LabelledImageDataset(samples, transform=lambda image: transform(image))
+    assert per_image.eval_pixels() is None
+    got = {}
+    for name, dataset, workers in (("fast", fast, 2), ("per_image", per_image, 0)):
+        extract_split_features(backbone, {"val": dataset}, tmp_path / name, TRANSFORM, batch_size=4, device="cpu",
+                               progress=False, num_workers=workers)
+        got[name] = load_cached_features(tmp_path / name)["val"]
+    assert torch.allclose(got["fast"].features, got["per_image"].features, atol=1e-5)
+    assert torch.equal(got["fast"].labels, got["per_image"].labels)
+
+
+def test_a_second_writer_of_the_same_cache_directory_is_refused(tmp_path, backbone, monkeypatch):
+    from stage1_core.locking import LOCK_NAME, LOCK_TIMEOUT_ENV, AssetLockedError, path_lock
+
+    monkeypatch.delenv(LOCK_TIMEOUT_ENV, raising=False)
+    with path_lock(tmp_path / LOCK_NAME, "held by this test"):
+        with pytest.raises(AssetLockedError, match=rf"feature cache {tmp_path} is being written by another run"):
+            _extract(backbone, {"train": TinyImages(4)}, tmp_path)
+    assert _extract(backbone, {"train": TinyImages(4)}, tmp_path).forward_passes == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_cache_file_is_refused_by_name_and_only_its_split_recomputed(tmp_path, backbone, damage):
+    datasets = {"train": TinyImages(8), "val": TinyImages(5, seed=1, prefix="v")}
+    first = _extract(backbone, datasets, tmp_path)
+    before = load_cached_features(tmp_path)
+    path = tmp_path / first.splits["val"]["features_file"]
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(FeatureCacheError, match=rf"{path} is corrupt or changed since extraction"):
+        load_cached_features(tmp_path, splits=["val"])
+    assert load_cached_features(tmp_path, splits=["train"])["train"].features.shape == (8, backbone.hidden_size)
+    assert not cache_is_valid(tmp_path, backbone.fingerprint(), {k: d.sample_ids for k, d in datasets.items()}, TRANSFORM)
+    again = _extract(backbone, datasets, tmp_path)
+    assert again.reused_splits == ("train",) and again.forward_passes == 2  # val only: 5 images, batch 4
+    assert torch.equal(load_cached_features(tmp_path)["val"].features, before["val"].features)

@@ -265,19 +265,29 @@ def test_no_memory_issues():
     assert not check_no_memory_issues(False, None, 16.0).passed
 
 
+STEADY = [1.0, 0.9, 0.8, 0.75, 0.7, 0.68, 0.66, 0.65, 0.64, 0.63, 0.62]
+
+
 def test_loss_spikes_against_the_running_median():
-    steady = [1.0, 0.9, 0.8, 0.75, 0.7, 0.68, 0.66, 0.65, 0.64]
-    assert loss_spikes(steady, 3.0) == []
-    assert loss_spikes(steady + [2.5], 3.0) == [10]
-    assert loss_spikes([5.0] + steady, 3.0) == []  # the warm-up only seeds the median
+    assert loss_spikes(STEADY, 3.0) == []
+    assert loss_spikes(STEADY + [2.1], 3.0) == [12]  # > 3 x the running median (0.68)
+    assert loss_spikes(STEADY + [2.0], 3.0) == []
+    assert loss_spikes([5.0] + STEADY, 3.0) == []  # the warm-up only seeds the median
+
+
+def test_loss_spikes_of_a_loss_that_can_be_negative_use_the_median_magnitude():
+    noisy = [0.2, -0.1, 0.3, -0.05, 0.25, 0.1, -0.08, 0.3, 0.2, -0.1, 0.15]
+    # median 0.15, median |loss| 0.15: a spike lies above 0.15 + (3 - 1) * 0.15 = 0.45
+    assert loss_spikes(noisy + [0.4], 3.0) == []
+    assert loss_spikes(noisy + [0.5], 3.0) == [12]
 
 
 def test_training_stable_fails_on_spikes_and_non_finite_gradient_norms():
-    losses = [1.0, 0.9, 0.8, 0.75, 0.7, 0.68, 0.66]
+    losses = STEADY
     assert check_training_stable(losses, [1.0] * len(losses), 3.0).passed
-    spiky = check_training_stable(losses + [4.0], [1.0] * 8, 3.0)
+    spiky = check_training_stable(losses + [4.0], [1.0] * 12, 3.0)
     assert not spiky.passed and spiky.figures["spikes"] == 1
-    nan_norm = check_training_stable(losses, [1.0] * 6 + [float("inf")], 3.0)
+    nan_norm = check_training_stable(losses, [1.0] * 10 + [float("inf")], 3.0)
     assert not nan_norm.passed and "non-finite gradient norm" in nan_norm.message
     assert not check_training_stable([], [], 3.0).passed
 
@@ -289,3 +299,114 @@ def test_improves_over_adamw_uses_the_metric_direction_and_the_coverage_toleranc
     assert not check_improves_over_adamw({"selection_value": 0.010, "coverage": 0.67}, ref, "augrc", "min").passed
     acc_ref = {"selection_value": 0.90, "coverage": 0.70, "phase": "phase4"}
     assert check_improves_over_adamw({"selection_value": 0.91, "coverage": 0.70}, acc_ref, "accuracy", "max").passed
+
+
+# ----- phase 6 ----------------------------------------------------------------------------------
+
+
+def test_risk_training_works():
+    h = history(Train_Loss=[0.5, 0.4], Val_Loss=[0.3, 0.2])
+    ok = gates.check_risk_training_works(h, True, 0.80, 0.805, "phase4")
+    assert ok.passed and ok.figures["coverage_gain"] == pytest.approx(-0.005) and "gain -0.0050" in ok.message
+    assert not gates.check_risk_training_works(h, True, 0.78, 0.80, "phase4").passed  # 2 points below
+    bad = gates.check_risk_training_works(history(Train_Loss=[0.5, math.nan], Val_Loss=[0.3, 0.2]), True, 0.9, 0.8, "p")
+    assert not bad.passed and "not finite" in bad.message
+    assert not gates.check_risk_training_works(h, False, 0.9, 0.8, "phase4").passed
+    assert not gates.check_risk_training_works([], True, 0.9, 0.8, "phase4").passed
+
+
+def _scrc_calibration(seed=0, n=1500):
+    from scipy.special import expit
+
+    rng = np.random.default_rng(seed)
+    y = (rng.uniform(size=n) < 0.9).astype(int)
+    z = np.where(y == 1, rng.normal(2.5, 1.5, n), rng.normal(-2.0, 1.5, n))
+    q1 = expit(z)
+    q = np.stack([1 - q1, q1], 1)
+    g = expit(0.5 * np.abs(z) + rng.normal(size=n))
+    return g, q, y
+
+
+def test_scrc_exits_plain_matches_the_library_rule():
+    from stage1_core.calibration.scrc import scrc_exits
+
+    g, q, _ = _scrc_calibration()
+    for lam1, lam2 in ((0.7, 0.5), (0.6, 0.9), (0.0, 0.97), (None, None)):
+        ours = gates.scrc_exits_plain(g, q, lam1, lam2)
+        lib = scrc_exits(g, q, lam1, lam2)
+        np.testing.assert_array_equal(ours[0], lib[0])
+        np.testing.assert_array_equal(ours[1][ours[0]], lib[1][lib[0]])
+
+
+def test_recompute_inductive_finds_the_max_coverage_candidate_and_tampering():
+    from stage1_core.calibration.scrc import scrc_inductive
+
+    g, q, y = _scrc_calibration()
+    result = scrc_inductive(g, q, y, 0.02, 0.05, n_lambda1=30, n_lambda2=30)
+    doc = {**result.to_dict(), "test_level": result.test_level}
+    ok = gates.recompute_scrc_inductive(doc, g, q, y)
+    assert ok["deployed_is_best"] and ok["rows_with_other_counts"] == 0 and ok["rows_with_wrong_verdict"] == 0
+    assert ok["deployed_coverage"] == pytest.approx(result.coverage)
+    comparison = {"scrc": {"coverage": 0.9}, "gate": {"coverage": 0.8}, "softmax": {"coverage": 0.9},
+                  "coverage_gain_vs_gate": {"ci_lower": 0.05, "ci_upper": 0.15},
+                  "coverage_gain_vs_softmax": {"ci_lower": -0.01, "ci_upper": 0.01}}
+    assert gates.check_coverage_maximised(ok, comparison).passed
+    # A less permissive certified pair deployed instead of the best one is caught.
+    certified = [r for r in doc["sweep_results"] if r["certified"]]
+    smaller = min(certified, key=lambda r: r["n_exited"])
+    assert smaller["n_exited"] < max(r["n_exited"] for r in certified)
+    worse = gates.recompute_scrc_inductive(dict(doc, lambda1=smaller["lambda1"], lambda2=smaller["lambda2"]), g, q, y)
+    verdict = gates.check_coverage_maximised(worse, comparison)
+    assert not verdict.passed and "not the max-coverage" in verdict.message
+    # A row claimed certified whose p-value is above the level, and edited counts, are caught.
+    rows = [dict(r) for r in doc["sweep_results"]]
+    failing = next(i for i, r in enumerate(rows) if r["tested"] and not r["certified"])
+    rows[failing]["certified"] = True
+    rows[0]["n_exited"] += 1
+    tampered = gates.recompute_scrc_inductive(dict(doc, sweep_results=rows), g, q, y)
+    assert tampered["rows_with_wrong_verdict"] >= 1 and tampered["rows_with_other_counts"] >= 1
+    assert not gates.check_coverage_maximised(tampered, comparison).passed
+    # SCRC significantly below a special case fails; below by noise only passes.
+    loses = dict(comparison, softmax={"coverage": 0.95}, coverage_gain_vs_softmax={"ci_lower": -0.08, "ci_upper": -0.02})
+    assert not gates.check_coverage_maximised(ok, loses).passed
+    noise = dict(comparison, softmax={"coverage": 0.905}, coverage_gain_vs_softmax={"ci_lower": -0.02, "ci_upper": 0.01})
+    assert gates.check_coverage_maximised(ok, noise).passed
+
+
+def test_recompute_transductive_matches_the_library():
+    from stage1_core.calibration.scrc import scrc_exits, scrc_transductive
+
+    g, q, y = _scrc_calibration(1)
+    gt, qt, _ = _scrc_calibration(2, n=300)
+    lib = scrc_transductive(g, q, y, gt, qt, 0.02, 0.7)
+    exits = scrc_exits(gt, qt, lib.lambda1, lib.lambda2)[0]
+    doc = {"target_fnr": 0.02, "transductive": {"selection_rate": 0.7}}
+    ours = gates.recompute_scrc_transductive(doc, g, q, y, gt, qt, exits)
+    assert ours["deployed_is_best"] and ours["lambda1"] == lib.lambda1 and ours["exits_differing"] == 0
+    flipped = exits.copy()
+    flipped[np.flatnonzero(~exits)[:3]] = True
+    assert not gates.recompute_scrc_transductive(doc, g, q, y, gt, qt, flipped)["deployed_is_best"]
+
+
+def test_prediction_sets_valid():
+    from stage1_core.calibration.scrc import prediction_sets, scrc_exits
+
+    g, q, y = _scrc_calibration(3, n=800)
+    exits = scrc_exits(g, q, 0.6, 0.9)[0]
+    sets = np.stack([prediction_sets(q, lam) for lam in gates.lambda2_grid(0.9)])
+    assert sets.shape == (101, 800, 2)  # 0.9 is on the grid already
+    good = {"value": 0.985, "ci_lower": 0.975, "ci_upper": 0.994}
+    ok = gates.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, exits, good, 0.98)
+    assert ok.passed and ok.figures["not_nested"] == 0 and ok.figures["target_within_ci"]
+    shrinking = sets[::-1]  # sets that lose labels as lambda2 grows
+    verdict = gates.check_prediction_sets_valid(shrinking, q, g, 0.6, 0.9, exits, good, 0.98)
+    assert not verdict.passed and "nested" in verdict.message
+    wrong = exits.copy()
+    wrong[0] = ~wrong[0]
+    assert not gates.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, wrong, good, 0.98).passed
+    low = {"value": 0.95, "ci_lower": 0.93, "ci_upper": 0.97}
+    verdict = gates.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, exits, low, 0.98)
+    assert not verdict.passed and "significantly below" in verdict.message
+    assert not gates.check_prediction_sets_valid(sets, q, g, None, None, np.zeros(800, bool), good, 0.98).passed
+    undefined = {"value": None, "ci_lower": None, "ci_upper": None}
+    assert not gates.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, exits, undefined, 0.98).passed

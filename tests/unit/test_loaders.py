@@ -156,3 +156,43 @@ def test_invalid_loader_arguments() -> None:
     with pytest.raises(ValueError, match="batch_size=0"):
         make_dataloader(_dataset(10), batch_size=0, train=False, num_workers=0)
     assert len(make_dataloader(_dataset(10), batch_size=32, train=False, num_workers=0)) == 1
+
+
+# ----- ordered_thread_map (threaded image decoding) ----------------------------------------
+
+
+def test_ordered_thread_map_keeps_order_and_hands_errors_to_the_consumer() -> None:
+    import time
+
+    def slow_square(x: int) -> int:
+        if x == 3:
+            raise ValueError("three is unreadable")
+        time.sleep(0.02 * (x % 3))
+        return x * x
+
+    for workers in (0, 1, 3):
+        out = list(loaders.ordered_thread_map(slow_square, range(8), workers=workers))
+        assert [item for item, _, _ in out] == list(range(8))
+        assert [value for _, value, error in out if error is None] == [x * x for x in range(8) if x != 3]
+        ((item, value, error),) = [row for row in out if row[2] is not None]
+        assert item == 3 and value is None and isinstance(error, ValueError)
+
+
+def test_ordered_thread_map_reads_a_stream_only_a_bounded_way_ahead() -> None:
+    import itertools
+    import threading
+
+    pulled = []
+    lock = threading.Lock()
+
+    def stream():
+        for i in itertools.count():
+            with lock:
+                pulled.append(i)
+            yield i
+
+    results = loaders.ordered_thread_map(lambda x: x, stream(), workers=2, in_flight=5)
+    first = [next(results) for _ in range(3)]
+    assert [item for item, _, _ in first] == [0, 1, 2]
+    assert len(pulled) <= 3 + 5
+    results.close()

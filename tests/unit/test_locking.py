@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stage1_core.locking import AssetLockedError, asset_lock, lock_path
+from stage1_core.locking import LOCK_TIMEOUT_ENV, AssetLockedError, asset_lock, default_timeout, lock_path, step_locks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -119,3 +119,52 @@ def test_names_must_be_single_path_components(tmp_path):
     for asset, partition in (("..", "phase1"), ("checkpoint", "../x"), ("a/b", None), ("", None)):
         with pytest.raises(ValueError, match="single path component"):
             lock_path(tmp_path, asset, partition)
+
+
+def test_readers_share_and_a_writer_is_refused_while_one_reads(tmp_path):
+    with asset_lock(tmp_path, "checkpoint", "phase1", shared=True), asset_lock(tmp_path, "checkpoint", "phase1", shared=True):
+        with pytest.raises(AssetLockedError, match=r"checkpoint\[phase1\] is being read by another run"):
+            with asset_lock(tmp_path, "checkpoint", "phase1"):
+                pass
+    holder = spawn(tmp_path, hold=5.0)
+    try:
+        wait_locked(holder)
+        with pytest.raises(AssetLockedError, match=rf"being written by another run \(pid {holder.pid} .*refusing to read"):
+            with asset_lock(tmp_path, "checkpoint", "phase1", shared=True):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_step_locks_write_own_partition_and_read_inputs(tmp_path):
+    inputs = [("cached_features", "phase1"), ("splits", None)]
+    with step_locks(tmp_path, "checkpoint", "phase1", inputs, timeout=0):
+        with asset_lock(tmp_path, "cached_features", "phase1", shared=True):
+            pass  # another reader of an input is fine
+        for asset, partition in [("checkpoint", "phase1"), *inputs]:
+            with pytest.raises(AssetLockedError):
+                with asset_lock(tmp_path, asset, partition):
+                    pass
+        with asset_lock(tmp_path, "checkpoint", "phase2"):
+            pass
+    with asset_lock(tmp_path, "checkpoint", "phase1"), asset_lock(tmp_path, "splits"):
+        pass  # all released
+
+
+def test_lock_timeout_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(LOCK_TIMEOUT_ENV, raising=False)
+    assert default_timeout() == 0.0
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, "2.5")
+    assert default_timeout() == 2.5
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv(LOCK_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=LOCK_TIMEOUT_ENV):
+            default_timeout()
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, "0.3")
+    with asset_lock(tmp_path, "predictions", "phase1"):
+        start = time.monotonic()
+        with pytest.raises(AssetLockedError, match=r"after waiting 0\.[3-9]"):
+            with step_locks(tmp_path, "predictions", "phase1"):
+                pass
+        assert time.monotonic() - start >= 0.3

@@ -396,3 +396,29 @@ def test_grad_scaler_steps_match_fp32_and_overflows_skip_the_update(overflow):
         assert same_momentum == (overflow == "clean")
     assert math.isfinite(loss) == (overflow != "clean")
     sam_accumulated_step(opt, loss_of(model, lambda: False), micro, scaler=scaler)  # the scaler is ready again
+
+
+def test_training_optimizer_gives_the_head_its_lr_and_backbone_adapters_layer_wise_lrs():
+    from stage1_core.config import Stage1ProConfig
+    from stage1_core.model.head import Stage1Head
+    from stage1_core.model.peft import apply_lora
+    from stage1_core.training.optimizers import FriendlySAM, build_adamw, build_training_optimizer
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)
+    backbone = apply_lora(DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                                         intermediate_size=64, image_size=32)), 2, 2)
+    head = Stage1Head(32, 0.0)
+    cfg = Stage1ProConfig(lr_head=1e-3, lr_backbone=1e-4, layer_lr_decay=0.5, optimizer="fsam", sam_rho=0.1)
+    optimizer = build_training_optimizer(cfg, head, backbone)
+    assert isinstance(optimizer, FriendlySAM)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {"head": 1e-3, "backbone_layer_1": 1e-4 * 0.5, "backbone_layer_2": 1e-4}
+    assert all(g["rho"] == 0.1 for g in optimizer.param_groups)
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in [*head.parameters(), *(p for p in backbone.parameters() if p.requires_grad)]}
+    # Without adapters and with AdamW it is exactly the baseline's optimiser.
+    plain = build_training_optimizer(Stage1ProConfig(lr_head=1e-3), head)
+    reference = build_adamw(head, lr_head=1e-3, lr_backbone=1e-5, weight_decay=0.01)
+    assert type(plain) is type(reference) and plain.defaults == reference.defaults
+    assert [g["name"] for g in plain.param_groups] == ["head"]

@@ -200,3 +200,69 @@ def test_file_round_trip_with_schema(tmp_path, fitted):
         SCRCExitPolicy.from_file(bad)
     with pytest.raises(ArtifactError):
         write_json(tmp_path / "x.json", dict(doc, gate_calibrator={"method": "isotonic"}), schema="scrcparams")
+
+
+# ----- SCRC-T: thresholds recomputed from val_calib and each batch ----------------------------
+
+
+def transductive_policy(tmp_path, fitted, min_test=20):
+    from stage1_core.calibration.scrc import scrc_transductive
+    from stage1_core.policies.scrc import CALIBRATION_FILE, save_calibration_outputs
+
+    cal, _, (p, z, y) = fitted
+    q, g = SCRCExitPolicy(None, None, cal.to_dict(), PLATT).calibrated(p, z)
+    ref = scrc_transductive(g, q, y, g[:0], q[:0], 0.02, 0.8, min_test=0, delta=0.05)
+    settings = {"selection_rate": 0.8, "min_test": min_test, "calibration_file": CALIBRATION_FILE}
+    doc = scrcparams_document(ref, cal.to_dict(), PLATT, "ckpt-t", 0.5, ref.coverage, transductive=settings)
+    path = write_json(tmp_path / SCRCExitPolicy.policy_file, doc, schema="scrcparams")
+    save_calibration_outputs(tmp_path / CALIBRATION_FILE, p, z, y)
+    return path, (g, q, y)
+
+
+def test_transductive_policy_recomputes_its_thresholds_from_each_batch(tmp_path, fitted):
+    from stage1_core.calibration.scrc import scrc_transductive
+
+    path, (g, q, y) = transductive_policy(tmp_path, fitted)
+    policy = SCRCExitPolicy.from_file(path)
+    assert policy.variant == "SCRC-T" and policy.min_batch == 20
+    assert policy.companion_files() == {"scrc_calibration.pt": tmp_path / "scrc_calibration.pt"}
+    rng = np.random.default_rng(5)
+    for n in (20, 300):
+        p_t, z_t, _ = raw_outputs(n, rng)
+        d = policy.decide(p_t, z_t)
+        q_t, g_t = policy.calibrated(p_t, z_t)
+        expected = scrc_transductive(g, q, y, g_t, q_t, 0.02, 0.8, min_test=20)
+        assert (d.lambda1, d.lambda2) == (expected.lambda1, expected.lambda2)
+        np.testing.assert_array_equal(d.exit, scrc_exits(g_t, q_t, expected.lambda1, expected.lambda2)[0])
+        np.testing.assert_allclose(d.probs, q_t)
+        assert all(s == (int(lab),) if e else s == DEFERRED_SET
+                   for s, e, lab in zip(d.prediction_sets, d.exit, d.label))
+    with pytest.raises(ValueError, match="at least 20 samples together"):
+        policy.decide(*raw_outputs(19, rng)[:2])
+    # from_dict/to_dict round-trip keeps the val_calib outputs; without them SCRC-T cannot be built.
+    again = SCRCExitPolicy.from_dict(policy.to_dict())
+    p_t, z_t, _ = raw_outputs(50, rng)
+    np.testing.assert_array_equal(again.decide(p_t, z_t).exit, policy.decide(p_t, z_t).exit)
+    with pytest.raises(ValueError, match="from_file"):
+        SCRCExitPolicy.from_dict({k: v for k, v in policy.to_dict().items() if k != "calibration_data"})
+    with pytest.raises(ValueError, match="not loaded from a file"):
+        again.companion_files()
+
+
+def test_transductive_policy_file_needs_its_companion(tmp_path, fitted):
+    path, _ = transductive_policy(tmp_path, fitted)
+    (tmp_path / "scrc_calibration.pt").unlink()
+    with pytest.raises(ArtifactError, match="scrc_calibration.pt"):
+        SCRCExitPolicy.from_file(path)
+    (tmp_path / "scrc_calibration.pt").write_bytes(b"not a tensor file")
+    with pytest.raises(ArtifactError, match="scrc_calibration.pt"):
+        SCRCExitPolicy.from_file(path)
+
+
+def test_inductive_policy_has_no_companion_and_decides_any_batch(fitted):
+    cal, result, (p, z, _) = fitted
+    policy = SCRCExitPolicy(result.lambda1, result.lambda2, cal.to_dict(), PLATT)
+    assert policy.variant == "SCRC-I" and policy.min_batch == 1 and policy.companion_files() == {}
+    d = policy.decide(p[:1], z[:1])
+    assert (d.lambda1, d.lambda2) == (result.lambda1, result.lambda2) and d.reason is None
+    assert SCRCExitPolicy(None, None).decide(p[:3], z[:3]).reason == "nothing was certified"

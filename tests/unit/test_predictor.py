@@ -259,3 +259,46 @@ def test_predict_needs_backbone_and_names_bad_files(tiny_backbone, tmp_path):
     with pytest.raises(ValueError, match="broken.jpg: cannot read the image"):
         predictor.predict([broken])
     assert predictor.predict([]) == []
+
+
+def _many_images(directory, n: int = 7) -> list:
+    rng = np.random.default_rng(3)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        w, h = int(rng.integers(30, 90)), int(rng.integers(30, 90))
+        path = directory / f"img{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=85)
+        paths.append(path)
+    return paths
+
+
+def test_batched_parallel_path_equals_the_per_image_transform(tiny_backbone, tmp_path):
+    paths = _many_images(tmp_path)
+    transform = eval_transform()
+    reference = tiny_backbone.extract(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]))
+    predictor = Stage1Predictor(make_head(), SoftmaxExitPolicy(None), backbone=tiny_backbone, transform=transform)
+    for batch_size, workers in ((3, 0), (3, 2), (64, 4)):
+        features = predictor.extract_features(paths, batch_size=batch_size, num_workers=workers)
+        assert torch.allclose(features, reference, atol=1e-5), (batch_size, workers)
+    # A transform without the split path (any callable) still works image by image.
+    generic = Stage1Predictor(make_head(), SoftmaxExitPolicy(None), backbone=tiny_backbone,
+                              transform=lambda image: transform(image))
+    assert torch.allclose(generic.extract_features(paths, batch_size=4), reference, atol=1e-5)
+
+
+def test_iter_predict_streams_in_order_and_reports_unreadable_images(tiny_backbone, tmp_path):
+    paths = _many_images(tmp_path, n=5)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    inputs = [paths[0], broken, paths[1], tmp_path / "missing.png", *paths[2:]]
+    predictor = Stage1Predictor(make_head(), SoftmaxExitPolicy(None), backbone=tiny_backbone, transform=eval_transform())
+    expected = predictor.predict(paths, batch_size=2)
+    streamed = list(predictor.iter_predict(iter(inputs), batch_size=2, num_workers=2))
+    assert [position for position, _ in streamed] == list(range(len(inputs)))
+    assert isinstance(streamed[1][1], ValueError) and "broken.jpg" in str(streamed[1][1])
+    assert isinstance(streamed[3][1], FileNotFoundError) and "missing.png" in str(streamed[3][1])
+    decided = [record for _, record in streamed if isinstance(record, dict)]
+    assert len(decided) == len(expected)
+    for got, want in zip(decided, expected):
+        assert got["exit"] == want["exit"] and got["p_roadwork"] == pytest.approx(want["p_roadwork"], abs=1e-6)

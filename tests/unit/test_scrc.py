@@ -387,3 +387,70 @@ def test_documents_are_schema_valid():
     assert schema_errors(dict(t_doc, transductive=dict(trans, calibration_file="../x.pt")), "scrcparams")
     with pytest.raises(ValueError, match="deploy_prior"):
         scrcparams_document(results[0], DIRICHLET, GATE, "c", 1.5, 0.8)
+
+
+# ----- special-case families, the choices made on val_select ---------------------------------
+
+
+def test_special_case_families_equal_the_one_dimensional_certificates():
+    from stage1_core.calibration.threshold_sweep import certify_score_threshold
+
+    rng = np.random.default_rng(21)
+    g, q, y = GatedGenerator().sample(1500, rng)
+    answers = q.argmax(axis=1)
+    for order, score in (("gate", g), ("softmax", q.max(axis=1))):
+        r = scrc_inductive(g, q, y, TARGET, DELTA, order=order)
+        one_d = certify_score_threshold(score, answers, y, TARGET, DELTA)
+        # Same exit sets up to float rounding where max q ties a threshold (the set rule compares q_min with
+        # 1 - lambda2, the 1-D rule max q with t): at most a couple of samples apart.
+        assert r.certified == one_d.certified and abs(r.coverage - one_d.coverage) <= 2 / len(y)
+        assert abs(r.n_exited_positives - one_d.n_exited_positives) <= 2 and r.method_params["order"] == order
+    gate = scrc_inductive(g, q, y, TARGET, DELTA, order="gate")
+    assert gate.lambda2 == 0.5 and {row["lambda2"] for row in gate.sweep_results} == {0.5}
+    soft = scrc_inductive(g, q, y, TARGET, DELTA, order="softmax")
+    assert soft.lambda1 == g.min() and soft.selection_rate == 1.0
+
+
+def test_choose_order_keeps_the_family_that_certifies_most_and_prefers_the_frontier_on_ties():
+    from stage1_core.calibration.scrc import CHOICE_ORDERS, choose_order
+
+    rng = np.random.default_rng(22)
+    g, q, y = GatedGenerator().sample(1200, rng)
+    order, rows = choose_order(g, q, y, TARGET, DELTA, n_lambda1=40, n_lambda2=40)
+    assert [r["order"] for r in rows] == list(CHOICE_ORDERS)
+    best = max(r["coverage"] for r in rows)
+    assert next(r for r in rows if r["order"] == order)["coverage"] == best
+    assert order == next(r["order"] for r in rows if r["coverage"] == best)
+    # Nothing certifies anywhere (too few positives): the frontier, the first family, is kept.
+    order, rows = choose_order(g[:60], q[:60], y[:60], TARGET, DELTA, n_lambda1=10, n_lambda2=10)
+    assert order == "frontier" and not any(r["certified"] for r in rows)
+
+
+def test_transductive_reference_thresholds_need_no_batch():
+    rng = np.random.default_rng(23)
+    g, q, y = GatedGenerator().sample(800, rng)
+    ref = scrc_transductive(g, q, y, g[:0], q[:0], TARGET, 0.8, min_test=0, delta=DELTA)
+    assert ref.certified and ref.n_test is None and ref.test_coverage is None and ref.delta == DELTA
+    pooled = np.sort(g)[::-1]
+    assert ref.lambda1 == pooled[int(np.ceil(0.8 * 800)) - 1]
+    with pytest.raises(ValueError, match="min_test"):
+        scrc_transductive(g, q, y, g[:0], q[:0], TARGET, 0.8, min_test=-1)
+    with pytest.raises(ValueError, match="at least 1"):
+        scrc_transductive(g, q, y, g[:0], q[:0], TARGET, 0.8, min_test=1)
+
+
+def test_choose_selection_rate_maximises_coverage_on_its_split():
+    from stage1_core.calibration.scrc import choose_selection_rate
+
+    rng = np.random.default_rng(24)
+    g, q, y = GatedGenerator().sample(900, rng)
+    rate, rows = choose_selection_rate(g, q, y, TARGET, rates=(0.25, 0.5, 0.75, 1.0))
+    assert [r["selection_rate"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
+    for r in rows:
+        ref = scrc_transductive(g, q, y, g[:0], q[:0], TARGET, r["selection_rate"], min_test=0)
+        assert r["coverage"] == ref.coverage and r["feasible"] == ref.certified
+    assert next(r for r in rows if r["selection_rate"] == rate)["coverage"] == max(r["coverage"] for r in rows)
+    rate, rows = choose_selection_rate(g[:40], q[:40], y[:40], TARGET)  # < 49 positives: nothing feasible
+    assert rate == 1.0 and not any(r["feasible"] for r in rows)
+    with pytest.raises(ValueError, match="selection rates"):
+        choose_selection_rate(g, q, y, TARGET, rates=(0.0, 0.5))

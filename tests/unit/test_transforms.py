@@ -131,3 +131,39 @@ def test_describe_transform_nested_and_plain_callables() -> None:
         return image
 
     assert describe_transform(identity) == f"{__name__}.test_describe_transform_nested_and_plain_callables.<locals>.identity"
+
+
+# ----- the split evaluation path (uint8 pixels per image, normalisation per batch) ----------
+
+from stage1_core.data.transforms import eval_pipeline  # noqa: E402
+
+
+@pytest.mark.parametrize("size", [(333, 250), (100, 500), (256, 256), (224, 300), (1000, 90), (257, 1931)])
+def test_eval_pipeline_equals_the_reference_transform_bit_for_bit(size) -> None:
+    transform = build_eval_transform()
+    pipeline = eval_pipeline(transform)
+    assert pipeline is not None
+    images = [_image(*size, seed=s) for s in range(3)]
+    pixels = torch.stack([pipeline.pixels(im) for im in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 224, 224)
+    reference = torch.stack([transform(im) for im in images])
+    assert torch.equal(pipeline.normalise(pixels), reference)
+
+
+def test_eval_pipeline_keeps_the_transform_parameters() -> None:
+    transform = build_eval_transform(image_size=160, resize=192, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    pipeline = eval_pipeline(transform)
+    assert (pipeline.resize, pipeline.crop) == (192, (160, 160))
+    image = _image(301, 222)
+    assert torch.equal(pipeline.normalise(pipeline.pixels(image)[None])[0], transform(image))
+    with pytest.raises(TypeError, match="uint8"):
+        pipeline.normalise(torch.zeros(1, 3, 4, 4))
+
+
+def test_only_evaluation_transforms_get_the_split_path() -> None:
+    assert eval_pipeline(build_train_transform("moderate")) is None
+    assert eval_pipeline(lambda image: image) is None
+    steps = build_eval_transform().transforms
+    assert eval_pipeline(v2.Compose([*steps, v2.RandomHorizontalFlip()])) is None
+    assert eval_pipeline(v2.Compose([v2.Resize(256, max_size=400), *steps[1:]])) is None
+    assert eval_pipeline(v2.Compose([*steps[:3], v2.ToDtype(torch.float16, scale=True), steps[4]])) is None

@@ -1,0 +1,99 @@
+"""Two real ``dagster asset materialize`` processes on one project: writes never interleave.
+
+Run A trains ``checkpoint[phase2]`` (every epoch: no early stop). While its step runs it holds
+the write lock of ``checkpoint[phase2]`` and read locks of its inputs
+(:func:`stage1_core.locking.step_locks`, taken in ``run_step``), so:
+
+* a second run writing the same partition is refused at once, naming the partition and A's pid;
+* a run whose step reads it (``predictions[phase2]``) is refused too: it would read a
+  checkpoint that changes under it;
+* with ``STAGE1_LOCK_TIMEOUT`` that reader waits instead and then reads A's finished checkpoint;
+* another phase runs at the same time where its inputs allow (``predictions[phase1]``), while
+  its GPU step (``cached_features[phase1]``) waits for the ``gpu`` pool slot A holds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import BIN, REPO, Project, clone_project, output
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
+
+def start(project: Project, select: str, partition: str, **env: str) -> subprocess.Popen:
+    args = [str(BIN / "dagster"), "asset", "materialize", "-m", "stage1_assets.definitions", "--select", select,
+            "--partition", partition]
+    return subprocess.Popen(args, cwd=REPO, env={**project.env, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 1800) -> subprocess.CompletedProcess:
+    out, _ = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def wait_for_holder(lock: Path, proc: subprocess.Popen, timeout: float = 900) -> str:
+    """The holder line run A writes into the lock file once its step holds the lock."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = lock.read_text() if lock.is_file() else ""
+        if text.startswith("pid "):
+            return text.strip()
+        assert proc.poll() is None, f"run A ended before its step took the lock:\n{proc.stdout.read()}"
+        time.sleep(0.2)
+    raise AssertionError(f"{lock}: no holder after {timeout} s")
+
+
+def test_same_partition_is_refused_or_waits_other_phases_run(tmp_path, phase1_project):
+    # No early stop, so run A's training (minutes) outlasts the other runs' start-up (seconds).
+    epochs = yaml.safe_load(phase1_project.config_path.read_text())["epochs"]
+    project = clone_project(phase1_project, tmp_path, early_stop_patience=epochs)
+    artifacts = project.artifacts
+    prepared = finish(start(project, "backbone,cached_features", "phase2"))
+    assert prepared.returncode == 0, output(prepared)
+    lock = artifacts / "checkpoint" / "phase2" / ".lock"
+
+    writer = start(project, "checkpoint", "phase2")
+    holder = wait_for_holder(lock, writer)
+    second = start(project, "checkpoint", "phase2")
+    reader = start(project, "predictions", "phase2")
+    waiting_reader = start(project, "predictions", "phase2", STAGE1_LOCK_TIMEOUT="1800")
+    other_phase = start(project, "predictions", "phase1")
+    other_phase_gpu = start(project, "cached_features", "phase1")
+
+    refused = finish(second)
+    assert refused.returncode != 0, output(refused)
+    assert f"checkpoint[phase2] is being written by another run ({holder})" in refused.stdout, output(refused)
+    assert "refusing to write it concurrently" in refused.stdout
+    refused_reader = finish(reader)
+    assert refused_reader.returncode != 0, output(refused_reader)
+    assert "checkpoint[phase2] is being written by another run" in refused_reader.stdout, output(refused_reader)
+    assert "refusing to read it while it changes" in refused_reader.stdout
+    parallel = finish(other_phase)
+    assert parallel.returncode == 0, output(parallel)
+    assert writer.poll() is None, "predictions[phase1] must have run while checkpoint[phase2] was still training"
+
+    written = finish(writer)
+    assert written.returncode == 0, output(written)
+    waited = finish(waiting_reader)
+    assert waited.returncode == 0, output(waited)
+    gpu = finish(other_phase_gpu)
+    assert gpu.returncode == 0, output(gpu)
+    assert "blocked by limit for pool gpu" in gpu.stdout, "the gpu pool serialises GPU steps across runs"
+
+    from stage1_core.lineage import file_problems, read_record
+
+    checkpoint = read_record(artifacts / "checkpoint" / "phase2", "checkpoint", "phase2")
+    predictions = read_record(artifacts / "predictions" / "phase2", "predictions", "phase2")
+    assert predictions.inputs["checkpoint[phase2]"] == checkpoint.id, "the waiting reader read A's result"
+    assert file_problems(checkpoint) == [] and file_problems(predictions) == []
+    training = json.loads((artifacts / "checkpoint" / "phase2" / "training.json").read_text())
+    assert training["epochs_run"] == epochs, "one training ran to its end, nothing interleaved"
+    assert lock.read_text() == "", "the lock is released"
