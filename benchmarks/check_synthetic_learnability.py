@@ -264,6 +264,7 @@ def main() -> None:
         report["phase1"] = certify_phase1(config, samples, features, report["probes_val_select"], Path(work))
         if args.no_conditions:
             report["phase1"].pop("by_condition_val_calib")
+        print(json.dumps({"phase1": {k: report["phase1"][k] for k in ("head", "softmax_val_calib")}}), flush=True)
         if args.phase3:
             report["phase3"] = certify_phase3(config, features, Path(work))
     text = json.dumps(report, indent=1, default=str)

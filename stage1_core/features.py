@@ -431,8 +431,9 @@ def _extract_locked(
         n = len(ids)
         features = torch.empty((n, backbone.hidden_size), dtype=torch.float32)
         labels = torch.empty((n,), dtype=torch.int64)
-        # The evaluation transform runs as uint8 decode/resize/crop in the workers and one
-        # normalisation per batch on the device (bit-identical to the per-image transform).
+        # The evaluation transform runs as uint8 decode/resize/crop in decoding threads (or
+        # DataLoader workers) and one normalisation per batch on the device: bit-identical to
+        # the per-image transform, so the transform text and the cache key stay the same.
         fast = dataset.eval_pixels() if hasattr(dataset, "eval_pixels") else None
         if fast is not None and THREADED_DECODING:
             pixels, pipeline = fast

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import math
-import shutil
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from stage1_core.artifacts import atomic_write_bytes
 from stage1_core.lineage import StaleInputError
 from stage1_core.phases import PhaseUnavailableError
 
@@ -35,6 +37,29 @@ HEADLINE_KEYS = (
 
 #: Significant digits of a float shown in the UI (the files keep full precision).
 DISPLAY_DIGITS = 4
+
+#: Hex ids (sha256 and the like) are shown by their first characters: a full 64-character id
+#: does not wrap and widens the page beyond the window; the files and `stage1 summary` keep it.
+SHOWN_ID_CHARS = 16
+_HEX_ID = re.compile(r"[0-9a-f]{40,}")
+
+#: Widest a table or figure shown inline may be, in pixels: what the value column of an asset
+#: page's metadata holds in a 1600 px wide window without scrolling sideways.
+INLINE_WIDTH_PX = 440
+
+#: Known step tables shown inline with the columns a person reads at a glance, renamed short
+#: (source column -> shown name); the whole table is in the asset's files (its ``path`` entry).
+#: Other tables are shown whole.
+DISPLAY_COLUMNS: dict[str, dict[str, str]] = {
+    "metrics": {"metric": "metric", "value": "value", "ci_lower": "ci_lower", "ci_upper": "ci_upper"},
+    "history": {"Epoch": "epoch", "Train_Loss": "train_loss", "Val_Loss": "val_loss", "Val_Acc": "val_acc",
+                "AUGRC": "augrc"},
+    "seed_grid": {"threshold": "threshold", "coverage": "coverage", "n_exited_positives": "exited_pos",
+                  "n_false_negatives": "fn", "p_value": "p_value"},
+}
+
+#: A string cell longer than this may wrap after its underscores (a zero-width space is added).
+WRAP_AFTER_CHARS = 18
 
 #: Where figure copies are kept inside the instance's compute-log directory, which the Dagster
 #: webserver serves at ``/logs/<namespace>/<name>/<extension>``: a same-origin URL, so a
@@ -70,7 +95,12 @@ def metadata_value(value: Any) -> Any:
         return dg.MetadataValue.path(str(value))
     if isinstance(value, (list, tuple, dict)):
         return dg.MetadataValue.json(value)
-    return dg.MetadataValue.text(str(value))
+    return dg.MetadataValue.text(short_id(str(value)))
+
+
+def short_id(text: str) -> str:
+    """A long hex id cut to :data:`SHOWN_ID_CHARS` characters and an ellipsis; any other text as it is."""
+    return f"{text[:SHOWN_ID_CHARS]}\u2026" if _HEX_ID.fullmatch(text) else text
 
 
 def _is_interval(key: str, value: Any) -> bool:
@@ -82,13 +112,23 @@ def _is_interval(key: str, value: Any) -> bool:
     )
 
 
+def _shown(key: str, value: Any, top: Mapping[str, Any]) -> bool:
+    """Whether the top level already shows a nested entry: same name and value, or the same float."""
+    if key in top and top[key] == value:
+        return True
+    value = _plain(value)
+    return isinstance(value, float) and any(isinstance(_plain(v), float) and _plain(v) == value for v in top.values())
+
+
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Scalars of ``values`` with intervals split and nested dicts flattened; constants dropped.
 
-    ``x_ci: [lo, hi]`` becomes ``x_ci_lower`` and ``x_ci_upper``; a nested dict ``d`` becomes
-    ``d.key`` entries, leaving out keys whose value the top level already shows.
+    ``x_ci: [lo, hi]`` becomes ``x_ci_lower`` and ``x_ci_upper``; the entries of a nested dict
+    ``d`` keep their own names (``d.key`` only where the name is taken: short keys fit the page),
+    leaving out entries the top level already shows (same name and value, or the same float).
     """
     flat: dict[str, Any] = {}
+    nested: list[tuple[str, str, Any]] = []
     for key, value in values.items():
         if key in CONSTANT_KEYS:
             continue
@@ -96,13 +136,16 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         if _is_interval(key, value):
             flat[f"{name}_lower"], flat[f"{name}_upper"] = value
         elif isinstance(value, Mapping):
-            for sub_key, sub_value in flatten(value, prefix=f"{name}.").items():
-                short = sub_key[len(name) + 1:]
-                if short in values and values[short] == value.get(short):
+            for sub_key, sub_value in flatten(value).items():
+                if _shown(sub_key, sub_value, values):
                     continue
-                flat[sub_key] = sub_value
+                nested.append((name, sub_key, sub_value))
         else:
             flat[name] = value
+    names = [sub_key for _, sub_key, _ in nested]
+    for name, sub_key, sub_value in nested:
+        unique = sub_key not in flat and names.count(sub_key) == 1
+        flat[sub_key if unique else f"{name}.{sub_key}"] = sub_value
     return flat
 
 
@@ -117,9 +160,16 @@ def to_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
     return {key: metadata_value(value) for key, value in ordered(flatten(values)).items()}
 
 
+def wrappable(text: str) -> str:
+    """``text`` with a zero-width space after each underscore when it is long, so a table cell can wrap."""
+    return text.replace("_", "_\u200b") if len(text) > WRAP_AFTER_CHARS else text
+
+
 def _cell(value: Any) -> str | int | float | bool | None:
     value = _plain(value)
-    if value is None or isinstance(value, (bool, int, str)):
+    if isinstance(value, str):
+        return wrappable(short_id(value))
+    if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
         return display_float(value) if math.isfinite(value) else str(value)
@@ -141,12 +191,18 @@ def _column_type(values: list[Any]) -> str:
     return "string"
 
 
-def table(rows: list[Mapping[str, Any]]) -> dg.TableMetadataValue:
-    """A list of flat dicts as a Dagster table (rendered inline), floats rounded for display."""
-    columns: list[str] = []
+def table(rows: list[Mapping[str, Any]], columns: Mapping[str, str] | None = None) -> dg.TableMetadataValue:
+    """A list of flat dicts as a Dagster table (rendered inline), floats rounded for display.
+
+    ``columns`` (source name -> shown name) picks and renames columns; the ones missing from every
+    row are left out, and when none is present the table is shown whole.
+    """
+    present: list[str] = []
     for row in rows:
-        columns.extend(c for c in row if c not in columns)
-    cells = [{c: _cell(row.get(c)) for c in columns} for row in rows]
+        present.extend(c for c in row if c not in present)
+    chosen = {c: shown for c, shown in (columns or {}).items() if c in present} or {c: c for c in present}
+    cells = [{shown: _cell(row.get(c)) for c, shown in chosen.items()} for row in rows]
+    columns = list(chosen.values())
     schema = dg.TableSchema(
         columns=[dg.TableColumn(c, _column_type([r[c] for r in cells])) for c in columns]
     )
@@ -167,18 +223,38 @@ def figure_store(instance: Any) -> Path | None:
 def figure_metadata(title: str, path: Path, store: Path | None) -> dg.MetadataValue:
     """One figure as its own metadata entry.
 
-    With a ``store`` the PNG is copied there under its content hash and shown inline as a short
-    Markdown image (the UI renders Markdown under 1000 characters inline); without one, the path.
+    With a ``store`` the PNG is copied there under its content hash, with a copy at most
+    :data:`INLINE_WIDTH_PX` wide, and shown inline as a short Markdown image (the UI renders
+    Markdown under 1000 characters inline) that links to the full-size copy; without a store, the
+    path.
     """
     path = Path(path)
     if store is None:
         return dg.MetadataValue.path(str(path))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    store.mkdir(parents=True, exist_ok=True)
-    target = store / f"{digest}.png"
-    if not target.is_file():
-        shutil.copyfile(path, target)
-    return dg.MetadataValue.md(f"![{title}](/logs/{FIGURE_NAMESPACE}/{digest}/png)\n\n`{path}`")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    full, small = store / f"{digest}.png", store / f"{digest}_w{INLINE_WIDTH_PX}.png"
+    if not full.is_file():
+        atomic_write_bytes(full, data)
+    if not small.is_file():
+        atomic_write_bytes(small, _narrow_png(data, INLINE_WIDTH_PX))
+    url = f"/logs/{FIGURE_NAMESPACE}"
+    return dg.MetadataValue.md(
+        f"[![{title}]({url}/{small.stem}/png)]({url}/{digest}/png)\n\n{path.name} (click for full size)"
+    )
+
+
+def _narrow_png(data: bytes, width: int) -> bytes:
+    """``data`` (a PNG) scaled down to at most ``width`` pixels wide, as PNG bytes."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        if image.width <= width:
+            return data
+        height = max(1, round(image.height * width / image.width))
+        out = io.BytesIO()
+        image.resize((width, height), Image.Resampling.LANCZOS).save(out, format="PNG", optimize=True)
+        return out.getvalue()
 
 
 def constants_metadata(config: Any) -> dict[str, Any]:
@@ -231,7 +307,7 @@ def step_result(result: Any, store: Path | None = None) -> dg.MaterializeResult:
     """A step's result as a MaterializeResult: metadata, one entry per table and per figure, data version."""
     metadata = to_metadata(result.metadata)
     for name, rows in result.tables.items():
-        metadata[name] = table(rows) if rows else dg.MetadataValue.text("(no rows)")
+        metadata[name] = table(rows, DISPLAY_COLUMNS.get(name)) if rows else dg.MetadataValue.text("(no rows)")
     for title, path in result.figures.items():
         metadata[f"figure: {title}"] = figure_metadata(title, path, store)
     version = dg.DataVersion(result.data_version) if result.data_version else None

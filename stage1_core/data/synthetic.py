@@ -78,7 +78,7 @@ TRAIN_POSITIVE_RATE = 0.80
 VAL_POSITIVE_RATE = 0.90
 DEFAULT_LABEL_NOISE = 0.01
 #: Visibility tier of a work zone and its share of roadwork scenes.
-POSITIVE_TIERS: dict[str, float] = {"clear": 0.50, "distant": 0.20, "sparse": 0.15, "partial": 0.15}
+POSITIVE_TIERS: dict[str, float] = {"clear": 0.55, "distant": 0.15, "sparse": 0.15, "partial": 0.15}
 #: Share of no-roadwork scenes holding a hard negative (the others are "plain").
 HARD_NEGATIVE_RATE = 0.35
 NEGATIVE_TIERS = ("plain", "hard")
@@ -90,9 +90,9 @@ OCCLUSION_RATE = 0.15
 #: A "clear" work zone covers at least this share of the evaluation crop.
 MIN_CLEAR_COVERAGE = 0.25
 #: Every other work zone keeps at least this share visible (small, never absent).
-MIN_SMALL_COVERAGE = 0.04
+MIN_SMALL_COVERAGE = 0.08
 #: Visible share of a "partial" zone left beside its occluder.
-PARTIAL_VISIBLE = (0.05, 0.12)
+PARTIAL_VISIBLE = (0.06, 0.14)
 WIDTH_RANGE = (256, 400)
 ASPECT_RANGE = (1.2, 1.6)
 _SPLIT_CODES = {"train": 0, "val": 1}

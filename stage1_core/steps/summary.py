@@ -124,21 +124,21 @@ STATES = ("passed", "failed", "not run", "skipped", "not available")
 def phase_state(status: dict[str, Any], recipe: PhaseRecipe, skip: dict[str, Any] | None) -> tuple[str, str]:
     """``(state, detail)`` of one phase: one of :data:`STATES` and a short plain-text reason."""
     if not recipe.available or not recipe.criteria:
-        return "not available", "its recipe is not wired into the pipeline in this release"
+        return "not available", "not wired into the pipeline in this release"
     if skip is not None:
         return "skipped", f"skipped on purpose: {skip.get('reason') or 'no reason given'}"
     verdict = status["verdict"]
     if verdict == "passed":
         tail = "" if status["bundle_current"] else "; " + status["bundle_problems"][0]
-        return "passed", "every gate criterion passed" + tail
+        return "passed", "gate passed" + tail
     if verdict == "GATE FAILED":
         return "failed", "gate failed: " + ", ".join(v["criterion"] for v in status["failing"])
     if verdict in ("STEP FAILED", "DATA VALIDATION FAILED"):
         return "failed", f"step {status['failures'][0]['asset']} failed"
     if verdict == "not run":
         after = " and ".join(PHASES[n].key for n in recipe.requires)
-        return "not run", "its gate has not run" + (f" (it starts after the gate of {after})" if after else "")
-    return "not run", "gate incomplete, not yet evaluated: " + ", ".join(status["missing"])
+        return "not run", "gate not run" + (f"; starts after the gate of {after}" if after else "")
+    return "not run", "gate incomplete, not evaluated: " + ", ".join(status["missing"])
 
 
 def summary_table(config: Stage1ProConfig, layout: Layout) -> list[dict[str, Any]]:
@@ -165,21 +165,26 @@ TABLE_COLUMNS = ("phase", "state", "policy", "calib_coverage", "test_coverage", 
                  "test_fnr_bound", "accuracy", "mcc", "bundle_id", "detail")
 
 
+#: Columns shown as percentages.
+RATE_COLUMNS = frozenset({"calib_coverage", "test_coverage", "test_coverage_deploy", "test_fnr", "test_fnr_bound",
+                          "accuracy"})
+
+
+def format_cell(column: str, value: Any) -> str:
+    """One cell of the overview as text: rates as percentages, MCC with 4 decimals, none as "-"."""
+    if value is None:
+        return "-"
+    if column in RATE_COLUMNS:
+        return f"{100 * float(value):.2f}%"
+    if column == "mcc":
+        return f"{float(value):.4f}"
+    return str(value)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Rows as a fixed-width text table (percentages for rates)."""
     columns = list(TABLE_COLUMNS)
-    rates = {"calib_coverage", "test_coverage", "test_coverage_deploy", "test_fnr", "test_fnr_bound", "accuracy"}
-
-    def cell(column: str, value: Any) -> str:
-        if value is None:
-            return "-"
-        if column in rates:
-            return f"{100 * float(value):.2f}%"
-        if column == "mcc":
-            return f"{float(value):.4f}"
-        return str(value)
-
-    table = [[c for c in columns]] + [[cell(c, r.get(c)) for c in columns] for r in rows]
+    table = [[c for c in columns]] + [[format_cell(c, r.get(c)) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table)
 
@@ -190,5 +195,5 @@ def read_phase_summary(layout: Layout, partition: str, config: Stage1ProConfig |
     return phase_summary_lines(phase_status(config, layout, partition))
 
 
-__all__ = ["STATES", "phase_state", "phase_status", "phase_summary_lines", "read_phase_summary", "record_failure",
+__all__ = ["STATES", "format_cell", "phase_state", "phase_status", "phase_summary_lines", "read_phase_summary", "record_failure",
            "clear_failure", "summary_table", "format_table"]

@@ -89,7 +89,7 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
             "images_per_epoch": tuned.images_per_epoch,
         }
         tables["peft_modules"] = [{"module": m} for m in tuned.peft_init["adapted_modules"]]
-    checkpoint_id = _checkpoint_id(out_dir, result, extra)
+    checkpoint_id = _checkpoint_id(result, extra)
     history = [log_row(record) for record in result.history]
     best_row = next(row for row in history if row["Epoch"] == int(result.best_epoch))
     summary = {
@@ -123,7 +123,8 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
                "gradient norm per step": _plot_grad_norms(summary, out_dir / "grad_norms.png")}
     files = [summary["best_checkpoint"], TRAINING_FILE]
     if recipe.train_mode == "finetune":
-        files += [f"{extra['finetuned_backbone']['directory']}/{name}" for name in _model_files(out_dir / extra["finetuned_backbone"]["directory"])]
+        tuned_dir = extra["finetuned_backbone"]["directory"]
+        files += [f"{tuned_dir}/{name}" for name in _model_files(out_dir / tuned_dir)]
     record = ctx.finish("checkpoint", files, inputs, id_parts={"model_best": checkpoint_id})
     metadata = {k: v for k, v in summary.items()
                 if k not in ("history", "environment", "grad_norms", "step_losses", "peft", "memory")}
@@ -149,7 +150,7 @@ def _model_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_file())
 
 
-def _checkpoint_id(out_dir: Path, result: Any, extra: dict[str, Any]) -> str:
+def _checkpoint_id(result: Any, extra: dict[str, Any]) -> str:
     """sha256 of the best head, and of the fine-tuned backbone's fingerprint when there is one."""
     head = sha256_file(result.best_checkpoint)
     tuned = extra.get("finetuned_backbone")

@@ -125,7 +125,7 @@ def audit(project: Project, damaged: frozenset[Path] = frozenset()) -> Audit:
     config = Stage1ProConfig.load(project.config_path)
     layout = Layout(root)
     for record_file in sorted(root.rglob(RECORD_FILE)):
-        if any(part.startswith(".") for part in record_file.relative_to(root).parts) or record_file.parts[-2] == "versions":
+        if any(part.startswith(".") for part in record_file.relative_to(root).parts):
             continue
         rel = record_file.parent.relative_to(root).parts
         asset, partition = rel[0], (rel[1] if len(rel) > 1 else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,7 +10,10 @@ import dagster as dg
 import numpy as np
 
 from stage1_assets.assets._common import (
+    DISPLAY_COLUMNS,
     FIGURE_NAMESPACE,
+    INLINE_WIDTH_PX,
+    SHOWN_ID_CHARS,
     constants_metadata,
     display_float,
     figure_metadata,
@@ -61,11 +65,23 @@ def test_constants_leave_the_materialisation_and_headline_comes_first():
     assert list(metadata)[6:] == ["n_test", "policy"]
 
 
-def test_nested_dicts_are_flattened_without_repeating_the_top_level():
-    metadata = to_metadata({"n_false_negatives": 1, "val_test_fnr_check": {
-        "n_false_negatives": 1, "p_value_fnr_above_target": 0.3333333, "target_fnr": 0.02, "alpha": 0.05}})
-    assert set(metadata) == {"n_false_negatives", "val_test_fnr_check.p_value_fnr_above_target"}
-    assert metadata["val_test_fnr_check.p_value_fnr_above_target"].value == 0.3333
+def test_nested_dicts_are_flattened_with_short_names_without_repeating_the_top_level():
+    metadata = to_metadata({"n_false_negatives": 1, "fnr_on_exited_cp_upper": 0.0108688, "val_test_fnr_check": {
+        "n_false_negatives": 1, "p_value_fnr_above_target": 0.3333333, "target_fnr": 0.02, "alpha": 0.05,
+        "fnr_upper_bound": 0.0108688}})
+    # Same name and value, or the same float under another name: shown once, at the top level.
+    assert set(metadata) == {"n_false_negatives", "fnr_on_exited_cp_upper", "p_value_fnr_above_target"}
+    assert metadata["p_value_fnr_above_target"].value == 0.3333
+    # A nested name that is taken keeps its parent's prefix.
+    clash = to_metadata({"n": 5, "a": {"n": 4}, "b": {"m": 1, "k": 2}, "c": {"m": 3}})
+    assert set(clash) == {"n", "a.n", "b.m", "c.m", "k"}
+
+
+def test_long_hex_ids_are_shortened_for_display():
+    full = "ab" * 32
+    assert metadata_value(full).value == full[:SHOWN_ID_CHARS] + "\u2026"
+    assert metadata_value("softmax").value == "softmax" and metadata_value("abc123").value == "abc123"
+    assert table([{"id": full}]).records[0].data["id"] == full[:SHOWN_ID_CHARS] + "\u2026"
 
 
 def test_constants_go_to_definition_metadata():
@@ -87,16 +103,40 @@ def test_table_has_a_typed_schema_and_rounded_cells():
     json.dumps(records)
 
 
-def test_each_figure_is_its_own_short_inline_entry(tmp_path: Path):
+def test_known_tables_show_their_glance_columns_and_long_names_may_wrap():
+    rows = [{"metric": "fnr_on_exited_undefined_resamples", "value": 0.0, "mean": 0.1, "std": 0.2, "ci_lower": None,
+             "ci_upper": None, "n": 200}, {"metric": "accuracy", "value": 0.99, "ci_lower": 0.98, "ci_upper": 1.0}]
+    value = table(rows, DISPLAY_COLUMNS["metrics"])
+    assert [c.name for c in value.schema.columns] == ["metric", "value", "ci_lower", "ci_upper"]
+    long_name = value.records[0].data["metric"]
+    assert long_name.replace("\u200b", "") == "fnr_on_exited_undefined_resamples" and "_\u200b" in long_name
+    assert value.records[1].data["metric"] == "accuracy", "short names stay as they are"
+    renamed = table([{"threshold": 0.5, "n_false_negatives": 3, "extra": 1}], DISPLAY_COLUMNS["seed_grid"])
+    assert [c.name for c in renamed.schema.columns] == ["threshold", "fn"]
+    whole = table([{"a": 1, "b": 2}], DISPLAY_COLUMNS["metrics"])
+    assert [c.name for c in whole.schema.columns] == ["a", "b"], "no known column: the table is shown whole"
+
+
+def test_each_figure_is_its_own_short_inline_entry_narrowed_and_linked_to_full_size(tmp_path: Path):
+    from PIL import Image
+
     figure = tmp_path / "risk_coverage.png"
-    figure.write_bytes(PNG)
+    Image.new("RGB", (3 * INLINE_WIDTH_PX, 300), "white").save(figure)
     store = tmp_path / "store"
     value = figure_metadata("risk-coverage (val_test)", figure, store)
     assert isinstance(value, dg.MarkdownMetadataValue)
     assert len(value.md_str) < 1000, "the UI shows Markdown inline only under 1000 characters"
-    copies = list(store.glob("*.png"))
-    assert len(copies) == 1 and copies[0].read_bytes() == PNG
-    assert f"(/logs/{FIGURE_NAMESPACE}/{copies[0].stem}/png)" in value.md_str
+    full, small = sorted(store.glob("*.png"), key=lambda p: len(p.name))
+    assert full.read_bytes() == figure.read_bytes()
+    with Image.open(small) as image:
+        assert image.size == (INLINE_WIDTH_PX, 100)
+    assert f"[![risk-coverage (val_test)](/logs/{FIGURE_NAMESPACE}/{small.stem}/png)]" in value.md_str
+    assert f"](/logs/{FIGURE_NAMESPACE}/{full.stem}/png)" in value.md_str
+    assert str(tmp_path) not in value.md_str, "a long path would widen the page; the asset's path entry has it"
+    narrow = tmp_path / "narrow.png"
+    narrow.write_bytes(PNG)
+    figure_metadata("x", narrow, store)
+    assert (store / f"{hashlib.sha256(PNG).hexdigest()}_w{INLINE_WIDTH_PX}.png").read_bytes() == PNG
     assert isinstance(figure_metadata("x", figure, None), dg.PathMetadataValue)
 
 
@@ -104,13 +144,15 @@ def test_step_result_has_one_entry_per_table_and_figure(tmp_path: Path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     a.write_bytes(PNG)
     b.write_bytes(PNG + b"\0")
-    result = StepResult(tmp_path, {"accuracy": 0.95, "delta": 0.05}, tables={"metrics": [{"metric": "x", "value": 1.0}]},
+    result = StepResult(tmp_path, {"accuracy": 0.95, "delta": 0.05},
+                        tables={"metrics": [{"metric": "x", "value": 1.0, "mean": 1.0}]},
                         figures={"first": a, "second": b})
     metadata = step_result(result, tmp_path / "store").metadata
     assert isinstance(metadata["metrics"], dg.TableMetadataValue)
+    assert [c.name for c in metadata["metrics"].schema.columns] == ["metric", "value"]
     assert {"figure: first", "figure: second"} <= set(metadata) and "figures" not in metadata
     assert "delta" not in metadata
-    assert len(list((tmp_path / "store").glob("*.png"))) == 2
+    assert len(list((tmp_path / "store").glob("*.png"))) == 4  # full size and inline copy of each
 
 
 def _run_check(name: str, partition: str, root: Path) -> dg.ExecuteInProcessResult:
