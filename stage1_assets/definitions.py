@@ -9,7 +9,7 @@ from stage1_assets.assets.data import dataset_index, splits
 from stage1_assets.assets.model import backbone, cached_features, checkpoint, predictions
 from stage1_assets.assets.policy import evaluation, exit_policy
 from stage1_assets.checks.phase_gates import CHECKS_BY_PHASE, phase_gate_checks
-from stage1_assets.partitions import phase_job_name, phase_line, phases
+from stage1_assets.partitions import phase_job_name, phase_line
 from stage1_assets.recovery import reaping_executor
 from stage1_assets.resources import default_resource
 from stage1_assets.skips import skip_jobs
@@ -32,7 +32,6 @@ def phase_job(number: int) -> Any:
     return dg.define_asset_job(
         name=phase_job_name(recipe.key),
         selection=selection,
-        partitions_def=phases,
         description=(
             f"Run {recipe.key} end to end: data, features, training, exit policy, evaluation, its gate checks "
             f"and the bundle. Launch it for partition {recipe.key}.\n\n{phase_line(number)}"

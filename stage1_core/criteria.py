@@ -39,6 +39,8 @@ def criterion(name: str) -> Callable[[CriterionFn], CriterionFn]:
     def wrap(fn: CriterionFn) -> CriterionFn:
         if name not in CRITERIA:
             raise ValueError(f"criterion {name!r} is not in phases.CRITERIA")
+        if name in REGISTRY:
+            raise ValueError(f"criterion {name!r} is registered twice ({REGISTRY[name].__name__} and {fn.__name__})")
         REGISTRY[name] = fn
         return fn
 
@@ -166,18 +168,6 @@ def _val_test_fnr(ctx: StepContext) -> GateVerdict:
         evaluation["delta"], mode=evaluation["val_test_check"], alpha=evaluation["val_test_alpha"],
         bootstrap_ci=evaluation.get("fnr_on_exited_ci"),
     )
-
-
-@criterion("selective_metrics_recomputed")
-def _selective_recomputed(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.evaluation import read_metrics_csv
-    from stage1_core.steps.training import load_predictions
-
-    _evaluation(ctx)
-    rows = {r["metric"]: r["value"] for r in read_metrics_csv(ctx.layout, ctx.partition)}
-    probs, labels = load_predictions(ctx.layout, ctx.partition, "val_test")
-    residuals = (probs.argmax(1) != labels).astype(float)
-    return gates.check_selective_metrics_recomputed(rows, probs.max(1), residuals)
 
 
 @criterion("metrics_in_range")
@@ -404,15 +394,6 @@ def _improves_over_adamw(ctx: StepContext) -> GateVerdict:
 # ----- phase 6 ---------------------------------------------------------------------------------
 
 
-def crt_reference_phase(layout: Layout) -> str:
-    """The phase whose model phase 6's conformal risk training is compared with (``risk_training_works``).
-
-    The issue: phase 5 when it was attempted and passed, else phase 4. Until that resolution is
-    wired, phase 4. Swap this one function to change it.
-    """
-    return PHASES[4].key
-
-
 def _scrc_policy(ctx: StepContext):
     """``(scrcparams document, SCRCExitPolicy)`` of the phase; ValueError when its policy is not SCRC."""
     from stage1_core.policies import load_policy
@@ -442,9 +423,9 @@ def deployed_probabilities(ctx: StepContext, split: str) -> tuple[np.ndarray, np
 
 
 @criterion("selective_metrics_recomputed")
-def _selective_recomputed_deployed(ctx: StepContext) -> GateVerdict:
-    """Supersedes ``_selective_recomputed`` above (same check): recomputes from the probabilities the
-    deployed policy answers from, which for SCRC are the Dirichlet-calibrated q that evaluation reports."""
+def _selective_recomputed(ctx: StepContext) -> GateVerdict:
+    """Recomputed from the probabilities the deployed policy answers from (for SCRC the
+    Dirichlet-calibrated q that evaluation reports), independently of the evaluation step."""
     from stage1_core.steps.evaluation import read_metrics_csv
 
     _evaluation(ctx)
@@ -460,7 +441,9 @@ def _risk_training_works(ctx: StepContext) -> GateVerdict:
 
     _evaluation(ctx)
     training = read_training(ctx.layout, ctx.partition)
-    previous = crt_reference_phase(ctx.layout)
+    from stage1_core.steps.backbone import previous_backbone_phase
+
+    previous = previous_backbone_phase(ctx.layout, ctx.partition)
     if not (ctx.layout.path("evaluation", previous) / "evaluation.json").is_file():
         return GateVerdict("risk_training_works", False,
                            f"{previous} has no evaluation, so there is no model to compare conformal risk training with", {})

@@ -48,6 +48,9 @@ class PhaseRecipe:
     #: ``cached``: the head trains on cached CLS features; ``finetune``: PEFT adapters on the
     #: backbone and the heads train together on images.
     train_mode: str = "cached"
+    #: Start the heads from the best head of the phase whose backbone this one builds on
+    #: (``backbone_kind == "previous"``): same features, so the head is a valid starting point.
+    warm_start: bool = False
     optional: bool = False
     available: bool = True
     missing: str = ""
@@ -293,9 +296,8 @@ PHASES: dict[int, PhaseRecipe] = {
         head_kind="gated",
         loss_kind="crt",
         backbone_kind="previous",
+        warm_start=True,
         overrides={"selection_metric": "augrc", "exit_policy": "scrc", "use_dirichlet": True},
-        available=False,
-        missing="the phase-6 pipeline wiring (conformal risk training, Dirichlet, SCRC policy)",
     ),
 }
 

@@ -15,7 +15,8 @@ _WAITS = (
 )
 
 
-@dg.asset(group_name=GROUPS["features"], partitions_def=phases, deps=[splits], kinds={"pytorch"}, code_version=CODE_VERSION,
+@dg.asset(group_name=GROUPS["features"], partitions_def=phases, deps=[splits], kinds={"pytorch"},
+          code_version=CODE_VERSION,
           description="Which backbone weights this phase uses (builtin or a local DINOv3 directory) and their "
                       f"fingerprint.\n\n{_WAITS}\n\n{PHASES_TEXT}")
 def backbone(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
@@ -47,7 +48,8 @@ def checkpoint(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.
     return run_step(context, stage1, "checkpoint", pipeline.train_phase)
 
 
-@dg.asset(group_name=GROUPS["training"], partitions_def=phases, deps=[checkpoint], kinds={"pytorch"}, code_version=CODE_VERSION)
+@dg.asset(group_name=GROUPS["training"], partitions_def=phases, deps=[checkpoint], kinds={"pytorch"},
+          code_version=CODE_VERSION)
 def predictions(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
     """Logits (and gate logits) of the best checkpoint, never the last epoch's, on val_select, val_calib and val_test."""
     return run_step(context, stage1, "predictions", pipeline.predict_splits)

@@ -12,7 +12,8 @@ from stage1_core import pipeline
 _CONSTANTS = constants_metadata(load_default_config())
 
 
-@dg.asset(group_name=GROUPS["certify"], partitions_def=phases, deps=[predictions], kinds={"json"}, code_version=CODE_VERSION,
+@dg.asset(group_name=GROUPS["certify"], partitions_def=phases, deps=[predictions], kinds={"json"},
+          code_version=CODE_VERSION,
           metadata=_CONSTANTS)
 def exit_policy(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
     """The certified exit policy, fit on val_calib only: the exit threshold whose FNR on exits is bounded.
@@ -24,7 +25,8 @@ def exit_policy(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg
     return run_step(context, stage1, "exit_policy", pipeline.fit_exit_policy)
 
 
-@dg.asset(group_name=GROUPS["certify"], partitions_def=phases, deps=[exit_policy], kinds={"csv"}, code_version=CODE_VERSION,
+@dg.asset(group_name=GROUPS["certify"], partitions_def=phases, deps=[exit_policy], kinds={"csv"},
+          code_version=CODE_VERSION,
           metadata=_CONSTANTS)
 def evaluation(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
     """The deployed decisions judged on val_test only: coverage, FNR on exits with its bound, accuracy, MCC.

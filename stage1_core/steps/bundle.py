@@ -66,6 +66,7 @@ def _headline(policy_doc: dict[str, Any], evaluation: dict[str, Any]) -> dict[st
         "exit_threshold": threshold,
         "calib_coverage": policy_doc["coverage"],
         "calib_fnr_upper_bound": policy_doc.get("fnr_upper_bound", policy_doc.get("fnr_bound")),
+        **{k: policy_doc[k] for k in ("lambda1", "lambda2") if k in policy_doc},
         **{k: v for k, v in evaluation.items() if isinstance(v, (int, float, bool, str)) or v is None},
     }
 

@@ -100,7 +100,7 @@ def phase_summary_lines(status: dict[str, Any]) -> list[str]:
         fnr = "undefined (no exited positive)" if h.get("fnr_on_exited") is None else _pct(h["fnr_on_exited"])
         lines += [
             f"  bundle {status['bundle_dir']} (id {status['bundle_id']})",
-            f"  policy {h.get('policy', 'softmax')}, threshold {h.get('exit_threshold')}"
+            f"  policy {h.get('policy', 'softmax')}, {_thresholds(h)}"
             if h.get("certified") else "  NOT certified on val_calib: the policy exits nothing",
             f"  certified coverage on val_calib {_pct(h.get('calib_coverage'))} "
             f"(FNR bound {_pct(h.get('calib_fnr_upper_bound'))} <= target {_pct(h.get('fnr_target'))})",
@@ -142,7 +142,7 @@ def phase_state(status: dict[str, Any], recipe: PhaseRecipe, skip: dict[str, Any
 
 
 def summary_table(config: Stage1ProConfig, layout: Layout) -> list[dict[str, Any]]:
-    """One row per phase of :data:`PHASES`: state, why, policy, coverage, FNR on exits and bound, accuracy, MCC, bundle."""
+    """One row per phase of :data:`PHASES`: state, why, policy, coverage, FNR on exits, accuracy, MCC, bundle."""
     from stage1_core.phase_state import read_skip
 
     rows = []
@@ -195,5 +195,12 @@ def read_phase_summary(layout: Layout, partition: str, config: Stage1ProConfig |
     return phase_summary_lines(phase_status(config, layout, partition))
 
 
-__all__ = ["STATES", "format_cell", "phase_state", "phase_status", "phase_summary_lines", "read_phase_summary", "record_failure",
-           "clear_failure", "summary_table", "format_table"]
+__all__ = ["STATES", "format_cell", "phase_state", "phase_status", "phase_summary_lines", "read_phase_summary",
+           "record_failure", "clear_failure", "summary_table", "format_table"]
+
+
+def _thresholds(headline: dict[str, Any]) -> str:
+    """``threshold t`` (softmax, gate) or ``lambda1 a, lambda2 b`` (SCRC)."""
+    if headline.get("lambda1") is not None or headline.get("lambda2") is not None:
+        return f"lambda1 {headline.get('lambda1')}, lambda2 {headline.get('lambda2')}"
+    return f"threshold {headline.get('exit_threshold')}"

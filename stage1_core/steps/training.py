@@ -50,8 +50,15 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
     from stage1_core.training.trainer import train_head
 
     ctx = StepContext(config, layout, partition)
-    inputs = ctx.require("checkpoint", [("cached_features", partition), ("splits", None), ("dataset_index", None)])
     recipe = get_recipe(partition)
+    wanted = [("cached_features", partition), ("splits", None), ("dataset_index", None)]
+    warm_from = None
+    if recipe.warm_start:
+        from stage1_core.steps.backbone import previous_backbone_phase
+
+        warm_from = previous_backbone_phase(layout, partition)
+        wanted.append(("checkpoint", warm_from))
+    inputs = ctx.require("checkpoint", wanted)
     cfg = ctx.cfg
     require_split("train", "fit")
     require_split("val_select", "select")
@@ -61,10 +68,17 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
     loss_fn = build_loss(recipe.loss_kind, cfg, train.labels)
     with_gate = recipe.head_kind == "gated"
     probe_dir = out_dir / PROBE_DIR if recipe.train_mode == "finetune" else out_dir
-    result = train_head(cfg, train, val_select, probe_dir, selection_metric=cfg.selection_metric, progress=True,
-                        loss_fn=loss_fn, with_gate=with_gate)
-    _require_best(result, partition)
+    init_head_state = None
     extra: dict[str, Any] = {}
+    if warm_from is not None:
+        from stage1_core.training.checkpoints import load_state_dict_file
+
+        warm = read_training(layout, warm_from)
+        init_head_state = load_state_dict_file(layout.path("checkpoint", warm_from) / warm["best_checkpoint"])
+        extra["warm_start"] = {"phase": warm_from, "checkpoint_id": warm["checkpoint_id"]}
+    result = train_head(cfg, train, val_select, probe_dir, selection_metric=cfg.selection_metric, progress=True,
+                        loss_fn=loss_fn, with_gate=with_gate, init_head_state=init_head_state)
+    _require_best(result, partition)
     tables: dict[str, list[dict[str, Any]]] = {}
     if recipe.train_mode == "finetune":
         from stage1_core.training.checkpoints import load_state_dict_file
@@ -80,14 +94,14 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
                          loss_fn=build_loss(recipe.loss_kind, cfg, train.labels))
         result = tuned.train
         _require_best(result, partition)
-        extra = {
+        extra.update({
             "linear_probe": probe,
             "finetuned_backbone": {"directory": tuned.backbone_dir.name, "fingerprint": tuned.fingerprint},
             "peft": {"type": cfg.peft_type, "r": int(cfg.peft_r), "blocks": int(cfg.peft_blocks),
                      "init": tuned.peft_init, "final": tuned.peft_final},
             "batch_size": tuned.batch_size, "oom_fallback": tuned.oom_fallback,
             "images_per_epoch": tuned.images_per_epoch,
-        }
+        })
         tables["peft_modules"] = [{"module": m} for m in tuned.peft_init["adapted_modules"]]
     checkpoint_id = _checkpoint_id(result, extra)
     history = [log_row(record) for record in result.history]

@@ -200,7 +200,8 @@ OVERFLOW_JS = """() => {
 def metadata_keys(page: Any) -> list[str]:
     """The keys of the asset page's metadata table, top to bottom."""
     return page.evaluate("""() => {
-        const outer = [...document.querySelectorAll('table')].find(t => t.rows[0] && t.rows[0].innerText.startsWith('Key'));
+        const outer = [...document.querySelectorAll('table')]
+            .find(t => t.rows[0] && t.rows[0].innerText.startsWith('Key'));
         return [...outer.tBodies[0].rows].map(r => r.cells[0].innerText.trim());
     }""")
 

@@ -41,7 +41,7 @@ def test_one_job_per_available_phase_with_exactly_its_gate_checks():
             continue
         job = repository.get_job(phase_job_name(recipe.key))
         assert {key.path[-1] for key in job.asset_layer.selected_asset_keys} == set(FLOW)
-        checks = {key.name for key in job.asset_layer.asset_graph.asset_check_keys
-                  if key in job.asset_layer.selected_asset_check_keys}
-        assert checks == {c.name for c in recipe.criteria}, recipe.key
+        nodes = {node.name for node in job.graph.nodes}
+        assert nodes - set(FLOW) == {f"{c.asset}_{c.name}" for c in recipe.criteria}, recipe.key
+        assert job.partitions_def is not None and recipe.key in job.partitions_def.get_partition_keys()
         assert recipe.key in (job.description or "")
