@@ -78,21 +78,23 @@ TRAIN_POSITIVE_RATE = 0.80
 VAL_POSITIVE_RATE = 0.90
 DEFAULT_LABEL_NOISE = 0.01
 #: Visibility tier of a work zone and its share of roadwork scenes.
-POSITIVE_TIERS: dict[str, float] = {"clear": 0.55, "distant": 0.15, "sparse": 0.15, "partial": 0.15}
+POSITIVE_TIERS: dict[str, float] = {"clear": 0.56, "distant": 0.14, "sparse": 0.14, "partial": 0.14, "tiny": 0.02}
 #: Share of no-roadwork scenes holding a hard negative (the others are "plain").
 HARD_NEGATIVE_RATE = 0.35
 NEGATIVE_TIERS = ("plain", "hard")
 #: Share of roadwork scenes that also hold a hard-negative object.
 DECOY_RATE = 0.15
-LIGHTING: dict[str, float] = {"day": 0.70, "dusk": 0.12, "night": 0.18}
-WEATHER: dict[str, float] = {"clear": 0.70, "rain": 0.15, "fog": 0.15}
+LIGHTING: dict[str, float] = {"day": 0.74, "dusk": 0.10, "night": 0.16}
+WEATHER: dict[str, float] = {"clear": 0.76, "rain": 0.12, "fog": 0.12}
 OCCLUSION_RATE = 0.15
 #: A "clear" work zone covers at least this share of the evaluation crop.
 MIN_CLEAR_COVERAGE = 0.25
 #: Every other work zone keeps at least this share visible (small, never absent).
-MIN_SMALL_COVERAGE = 0.08
+MIN_SMALL_COVERAGE = 0.10
+#: A "tiny" zone (a cone or two, or a sign, far away) covers at least this share.
+MIN_TINY_COVERAGE = 0.001
 #: Visible share of a "partial" zone left beside its occluder.
-PARTIAL_VISIBLE = (0.06, 0.14)
+PARTIAL_VISIBLE = (0.08, 0.16)
 WIDTH_RANGE = (256, 400)
 ASPECT_RANGE = (1.2, 1.6)
 _SPLIT_CODES = {"train": 0, "val": 1}
@@ -443,10 +445,14 @@ def _zone_items(scene: _Scene, rng: np.random.Generator, tier: str) -> tuple[lis
         if rng.random() < 0.3:
             items.append((rng.uniform(0.5, 0.85), "sign", rng.choice([-0.85, 0.85])))
         return items, size_scale
+    if tier == "tiny":  # a cone or two, or a sign, far down the road
+        depth = rng.uniform(0.1, 0.22)
+        kind = str(rng.choice(["cone", "sign", "barrel"]))
+        return [(depth * rng.uniform(0.85, 1.0) ** k, kind, rng.uniform(-0.6, 0.6)) for k in range(int(rng.integers(1, 3)))], size_scale
     if tier == "distant":
         row_kind = str(rng.choice(["cone", "barrel", "beacon", "barrier"], p=[0.35, 0.25, 0.25, 0.15]))
         lateral, drift = rng.uniform(-0.7, 0.7), rng.uniform(-0.3, 0.3)
-        near = rng.uniform(0.35, 0.55)
+        near = rng.uniform(0.4, 0.6)
         depths = near * np.geomspace(1.0, rng.uniform(0.55, 0.8), int(rng.integers(6, 13)))
         items = [(float(d), row_kind, lateral + drift * (near - d) / near) for d in depths]
         if rng.random() < 0.4:
@@ -454,7 +460,7 @@ def _zone_items(scene: _Scene, rng: np.random.Generator, tier: str) -> tuple[lis
         return items, size_scale
     if tier != "sparse":
         raise ValueError(f"unknown roadwork tier {tier!r}: use one of {sorted(POSITIVE_TIERS)}")
-    depth = rng.uniform(0.55, 0.85)
+    depth = rng.uniform(0.6, 0.9)
     kind = str(rng.choice(["sign", "cones", "barrier", "barrel"], p=[0.3, 0.3, 0.25, 0.15]))
     lateral = rng.uniform(-0.8, 0.8)
     if kind == "sign":
@@ -480,7 +486,7 @@ def _draw_roadwork(layer: Image.Image, scene: _Scene, rng: np.random.Generator, 
     draw = ImageDraw.Draw(layer)
     box = _eval_crop_box(scene)
     large = tier in ("clear", "partial")
-    minimum = MIN_CLEAR_COVERAGE if large else MIN_SMALL_COVERAGE
+    minimum = MIN_CLEAR_COVERAGE if large else MIN_TINY_COVERAGE if tier == "tiny" else MIN_SMALL_COVERAGE
     items, size_scale = _zone_items(scene, rng, tier)
     anchors: list[tuple[float, float, float]] = []
     coverage = 0.0
@@ -727,7 +733,7 @@ def _compose_lit(base: Image.Image, layer: Image.Image, scene: _Scene, rng: np.r
         cast = np.array([14.0, 4.0, -12.0]) * rng.uniform(0.5, 1.5)
     else:
         gain = rng.uniform(0.14, 0.3)
-        item_gain = rng.uniform(0.3, 0.65)
+        item_gain = rng.uniform(0.35, 0.7)
         cast = np.array([-2.0, 3.0, 14.0]) * rng.uniform(0.5, 1.5)
     out = base.convert("RGB", _gain_matrix(gain, cast))
     out.paste(layer.convert("RGB").convert("RGB", _gain_matrix(item_gain, cast)), (0, 0), layer.getchannel("A"))
@@ -743,7 +749,7 @@ def _weather(img: Image.Image, scene: _Scene, rng: np.random.Generator, weather:
         return img
     dim = {"day": 1.0, "dusk": 0.7, "night": 0.3}[light]
     if weather == "fog":
-        density = rng.uniform(0.45, 0.85)
+        density = rng.uniform(0.35, 0.7)
         tone = int(round(rng.uniform(175, 215) * dim))
         rows = np.arange(scene.height, dtype=np.float64)
         depth = np.clip((rows - scene.horizon) / (scene.height - scene.horizon), 0.0, 1.0)
@@ -871,7 +877,7 @@ def render_scene(rng: np.random.Generator, roadwork: bool, conditions: Condition
             _draw_occluder_body(draw, box, rng)
         else:
             draw.rectangle(box, fill=_jitter(rng, (int(rng.integers(20, 120)),) * 3, 10))
-    if roadwork and cond.light != "day" and rng.random() < 0.6:
+    if roadwork and cond.light != "day" and rng.random() < (0.8 if cond.light == "night" else 0.5):
         visible = [a for a in anchors if not any(_inside(a[0], a[1], box) for box in occluders)]
         for k in rng.permutation(len(visible))[:4]:
             x, top, size = visible[int(k)]

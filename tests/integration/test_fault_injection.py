@@ -122,7 +122,7 @@ def audit(project: Project, damaged: frozenset[Path] = frozenset()) -> Audit:
             if problem is not None:
                 found.corrupt.append(f"{path}: partial or unreadable under its final name ({problem})")
 
-    config = Stage1ProConfig.load(project.config_path)
+    config = Stage1ProConfig.from_file(project.config_path)
     layout = Layout(root)
     for record_file in sorted(root.rglob(RECORD_FILE)):
         if any(part.startswith(".") for part in record_file.relative_to(root).parts):
@@ -249,7 +249,7 @@ def test_kill_inside_every_writing_step_then_rerun(tmp_path, phase1_project):
             rerun = materialize(project, "cached_features")
             assert rerun.returncode == 0, output(rerun)
             pointer = json.loads((project.artifacts / "cached_features" / PARTITION / "cache.json").read_text())
-            batch = Stage1ProConfig.load(project.config_path).max_batch_size
+            batch = Stage1ProConfig.from_file(project.config_path).max_batch_size
             assert pointer["reused"] is False, pointer
             assert pointer["forward_passes"] == -(-pointer["n_val_test"] // batch), "only val_test is recomputed"
             damaged = frozenset()
