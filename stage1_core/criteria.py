@@ -291,7 +291,8 @@ def _no_classification_regression(ctx: StepContext) -> GateVerdict:
     current = read_training(ctx.layout, ctx.partition)["best_val_accuracy"]
     before = read_training(ctx.layout, previous)["best_val_accuracy"]
     return gates.check_no_classification_regression(current, before, previous, c["gate"]["exit_accuracy"],
-                                                    c["softmax"]["exit_accuracy"])
+                                                    c["softmax"]["exit_accuracy"],
+                                                    exit_accuracy_ci=c.get("exit_accuracy_difference"))
 
 
 @criterion("gate_calibration_improves")

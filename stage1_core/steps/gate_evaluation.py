@@ -1,7 +1,7 @@
 """Phase-3+ evaluation extras: the gate policy next to the softmax policy on the same checkpoint.
 
-On val_test only: coverage, exit accuracy and FNR on exits of both certified policies, a paired
-bootstrap CI of the coverage difference, and the gate calibration (ECE and Brier of the raw
+On val_test only: coverage, exit accuracy and FNR on exits of both certified policies, paired
+bootstrap CIs of the coverage and exit-accuracy differences, and the gate calibration (ECE and Brier of the raw
 sigmoid vs the calibrated score for the calibrator's event), with the figures a person compares.
 """
 
@@ -26,6 +26,31 @@ def paired_bootstrap_difference(a: np.ndarray, b: np.ndarray, n_resamples: int, 
     alpha = (1.0 - confidence) / 2.0
     return {"difference": float(a.mean() - b.mean()), "ci_lower": float(np.quantile(diffs, alpha)),
             "ci_upper": float(np.quantile(diffs, 1.0 - alpha)), "n_resamples": int(n_resamples)}
+
+
+def paired_bootstrap_exit_accuracy_difference(
+    correct: np.ndarray, exits_a: np.ndarray, exits_b: np.ndarray, n_resamples: int, confidence: float, seed: int,
+) -> dict[str, float]:
+    """Percentile CI of exit accuracy(a) - exit accuracy(b) over paired resamples of the images.
+
+    ``correct`` [N] says whether the class head is right; ``exits_a`` / ``exits_b`` [N] are the exit
+    masks of two policies on the same images. Resamples in which a policy exits nothing are dropped
+    (their exit accuracy is undefined) and counted.
+    """
+    correct = np.asarray(correct, dtype=float)
+    a, b = np.asarray(exits_a, dtype=float), np.asarray(exits_b, dtype=float)
+    n = correct.shape[0]
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(float)
+    exits = np.stack([counts @ a, counts @ b])
+    right = np.stack([counts @ (a * correct), counts @ (b * correct)])
+    defined = (exits > 0).all(0)
+    diffs = right[0, defined] / exits[0, defined] - right[1, defined] / exits[1, defined]
+    alpha = (1.0 - confidence) / 2.0
+    point = float((a * correct).sum() / a.sum() - (b * correct).sum() / b.sum()) if a.sum() and b.sum() else float("nan")
+    return {"difference": point, "ci_lower": float(np.quantile(diffs, alpha)) if diffs.size else float("nan"),
+            "ci_upper": float(np.quantile(diffs, 1.0 - alpha)) if diffs.size else float("nan"),
+            "n_resamples": int(n_resamples), "undefined_resamples": int((~defined).sum())}
 
 
 def _brier(scores: np.ndarray, events: np.ndarray) -> float:
@@ -65,6 +90,8 @@ def gate_comparison(
     gate = _exit_summary(gate_exits, preds, labels)
     softmax = _exit_summary(soft_exits, preds, labels)
     diff = paired_bootstrap_difference(gate_exits, soft_exits, cfg.bootstrap_samples, cfg.bootstrap_confidence, cfg.seed)
+    accuracy_diff = paired_bootstrap_exit_accuracy_difference(preds == labels, gate_exits, soft_exits,
+                                                              cfg.bootstrap_samples, cfg.bootstrap_confidence, cfg.seed)
     calibration = {
         "event": calibrator.event,
         "ece_raw_sigmoid": score_ece(raw_sigmoid, events), "ece_calibrated": score_ece(calibrated, events),
@@ -83,4 +110,5 @@ def gate_comparison(
                                                                   out_dir / "gate_histograms.png",
                                                                   threshold=policy_doc["gate_threshold"]),
     }
-    return {"gate": gate, "softmax": softmax, "coverage_gain": diff, "calibration": calibration}, figures
+    return {"gate": gate, "softmax": softmax, "coverage_gain": diff, "exit_accuracy_difference": accuracy_diff,
+            "calibration": calibration}, figures

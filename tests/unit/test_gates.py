@@ -195,6 +195,19 @@ def test_no_classification_regression_checks_both_accuracies():
     assert not gates.check_no_classification_regression(0.95, 0.95, "phase2", None, 0.99).passed
 
 
+def test_exit_accuracy_clause_is_a_confirmation_test_with_a_paired_ci():
+    # 1.9 points lower, but the paired CI reaches above -1 point: no significant evidence of a larger loss.
+    noisy = gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.956, 0.975,
+                                                    exit_accuracy_ci={"ci_lower": -0.031, "ci_upper": -0.007})
+    assert noisy.passed and "CI [-0.0310, -0.0070]" in noisy.message
+    assert noisy.figures["exit_accuracy_difference"] == pytest.approx(-0.019)
+    # The whole CI below -1 point: significant evidence, fails with its figures.
+    worse = gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.94, 0.975,
+                                                    exit_accuracy_ci={"ci_lower": -0.05, "ci_upper": -0.012})
+    assert not worse.passed and "significantly more than 0.01 below" in worse.message
+    assert worse.figures["exit_accuracy_difference_ci_upper"] == -0.012
+
+
 def test_gate_calibration_must_not_make_ece_or_brier_worse():
     good = {"ece_raw_sigmoid": 0.1, "ece_calibrated": 0.03, "brier_raw_sigmoid": 0.2, "brier_calibrated": 0.15}
     assert gates.check_gate_calibration_improves(good).passed

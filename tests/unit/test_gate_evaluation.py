@@ -1,0 +1,44 @@
+"""Paired bootstrap CIs of the gate-vs-softmax comparison (stage1_core.steps.gate_evaluation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stage1_core.steps.gate_evaluation import paired_bootstrap_difference, paired_bootstrap_exit_accuracy_difference
+
+
+def test_identical_policies_differ_by_exactly_zero():
+    rng = np.random.default_rng(0)
+    correct = rng.random(500) < 0.9
+    exits = rng.random(500) < 0.7
+    ci = paired_bootstrap_exit_accuracy_difference(correct, exits, exits, 300, 0.95, 0)
+    assert ci["difference"] == 0.0 and ci["ci_lower"] == 0.0 and ci["ci_upper"] == 0.0
+    assert ci["undefined_resamples"] == 0
+
+
+def test_exit_accuracy_difference_point_and_interval():
+    # Policy a exits 100 images with 90 right; b exits the first 50 of them, all right: a - b = -0.1.
+    correct = np.r_[np.ones(50, bool), np.ones(40, bool), np.zeros(10, bool), np.ones(100, bool)]
+    a = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    b = np.r_[np.ones(50, bool), np.zeros(150, bool)]
+    ci = paired_bootstrap_exit_accuracy_difference(correct, a, b, 2000, 0.95, 1)
+    assert ci["difference"] == pytest.approx(-0.1)
+    assert ci["ci_lower"] < -0.1 < ci["ci_upper"] < 0.0
+    # The standard error of a's accuracy (b is always 1.0): sqrt(0.9 * 0.1 / 100) = 0.03.
+    assert ci["ci_upper"] - ci["ci_lower"] == pytest.approx(2 * 1.96 * 0.03, rel=0.25)
+
+
+def test_policy_that_exits_nothing_in_a_resample_is_counted_not_used():
+    correct = np.ones(40, bool)
+    a = np.zeros(40, bool)
+    a[0] = True  # one image: absent from about e^-1 of the resamples
+    ci = paired_bootstrap_exit_accuracy_difference(correct, a, np.ones(40, bool), 500, 0.95, 2)
+    assert 100 < ci["undefined_resamples"] < 260 and ci["difference"] == 0.0
+
+
+def test_coverage_difference_matches_the_mean_difference():
+    a = np.r_[np.ones(80), np.zeros(20)]
+    b = np.r_[np.ones(70), np.zeros(30)]
+    ci = paired_bootstrap_difference(a, b, 500, 0.9, 0)
+    assert ci["difference"] == pytest.approx(0.1) and ci["ci_lower"] <= 0.1 <= ci["ci_upper"]
