@@ -114,7 +114,10 @@ def reaping_executor(base: Any) -> Any:
 
     @dg.executor(name=base.name, config_schema=base.config_schema, requirements=base.get_requirements)
     def stage1_executor(init_context: Any) -> Any:
+        from stage1_assets import pool_wait
+
         reap_dead_runs(init_context.instance, log=lambda text: print(f"stage1 recovery: {text}", file=sys.stderr))
+        pool_wait.install()  # a step waiting for the gpu pool sleeps instead of spinning a core
         return base.executor_creation_fn(init_context)
 
     return stage1_executor

@@ -18,6 +18,8 @@ the ``gpu`` pool slot, the write lock of ``checkpoint[phase2]`` and read locks o
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -30,11 +32,27 @@ from tests.integration.conftest import BIN, REPO, Project, clone_project, output
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
+#: Every run a test started, so a failing test leaves no run behind (each has its own session).
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def kill_leftover_runs():
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
 def start(project: Project, select: str, partition: str, **env: str) -> subprocess.Popen:
     args = [str(BIN / "dagster"), "asset", "materialize", "-m", "stage1_assets.definitions", "--select", select,
             "--partition", partition]
-    return subprocess.Popen(args, cwd=REPO, env={**project.env, **env}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, cwd=REPO, env={**project.env, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    STARTED.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -52,6 +70,12 @@ def wait_for_holder(lock: Path, proc: subprocess.Popen, timeout: float = 900) ->
         assert proc.poll() is None, f"run A ended before its step took the lock:\n{proc.stdout.read()}"
         time.sleep(0.2)
     raise AssertionError(f"{lock}: no holder after {timeout} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_same_partition_is_refused_or_waits_other_phases_run(tmp_path, phase1_project):
@@ -79,6 +103,12 @@ def test_same_partition_is_refused_or_waits_other_phases_run(tmp_path, phase1_pr
     parallel = finish(other_phase)
     assert parallel.returncode == 0, output(parallel)
     assert writer.poll() is None, "predictions[phase1] must have run while checkpoint[phase2] was still training"
+    # The run waiting for the gpu pool sleeps between claim checks instead of spinning a core
+    # (stage1_assets.pool_wait; Dagster's loop alone would busy-wait).
+    before, start_time = cpu_seconds(second.pid), time.monotonic()
+    time.sleep(10)
+    waiting_share = (cpu_seconds(second.pid) - before) / (time.monotonic() - start_time)
+    assert second.poll() is None and waiting_share < 0.3, f"a run waiting for the pool used {waiting_share:.0%} of a core"
 
     written = finish(writer)
     assert written.returncode == 0, output(written)
