@@ -176,7 +176,7 @@ class Stage1ProConfig(BaseModel):
     val_test_alpha: float = 0.05
     selection_metric: Literal["accuracy", "augrc"] = "accuracy"
     baseline_val_accuracy: float | None = None
-    peft_type: Literal["none", "lora", "dora", "doran"] = "none"
+    peft_type: Literal["none", "lora", "dora", "doran"] = "dora"
     peft_r: int = 16
     peft_blocks: int = 6
     optimizer: Literal["adamw", "sam", "fsam"] = "adamw"

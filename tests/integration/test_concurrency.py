@@ -11,7 +11,7 @@ the ``gpu`` pool slot, the write lock of ``checkpoint[phase2]`` and read locks o
 * a run whose step reads it (``predictions[phase2]``) is refused: it would read a checkpoint that
   changes under it;
 * with ``STAGE1_LOCK_TIMEOUT`` that reader waits instead and then reads A's finished checkpoint;
-* another phase runs at the same time where its inputs allow (``predictions[phase1]``), while
+* another phase runs at the same time where its inputs allow (``backbone[phase1]``), while
   its GPU step (``cached_features[phase1]``) waits for the ``gpu`` pool slot A holds.
 """
 
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.integration.conftest import BIN, REPO, Project, clone_project, output
 
@@ -79,8 +78,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_same_partition_is_refused_or_waits_other_phases_run(tmp_path, phase1_project):
-    # No early stop, so run A's training (a minute or two) outlasts the other runs' start-up (seconds).
-    epochs = min(30, yaml.safe_load(phase1_project.config_path.read_text())["epochs"])
+    # 150 epochs without early stop (~0.5 s each alone), so run A's training outlasts the other runs'
+    # start-up (tens of seconds on two cores). It changes phase 1's training params too, so the
+    # other phase's runs are steps that do not depend on them (backbone, cached_features).
+    epochs = 150
     project = clone_project(phase1_project, tmp_path, epochs=epochs, early_stop_patience=epochs)
     artifacts = project.artifacts
     prepared = finish(start(project, "backbone,cached_features", "phase2"))
@@ -92,7 +93,7 @@ def test_same_partition_is_refused_or_waits_other_phases_run(tmp_path, phase1_pr
     second = start(project, "checkpoint", "phase2")
     reader = start(project, "predictions", "phase2")
     waiting_reader = start(project, "predictions", "phase2", STAGE1_LOCK_TIMEOUT="1800")
-    other_phase = start(project, "predictions", "phase1")
+    other_phase = start(project, "backbone", "phase1")
     other_phase_gpu = start(project, "cached_features", "phase1")
 
     refused_reader = finish(reader)
@@ -102,7 +103,7 @@ def test_same_partition_is_refused_or_waits_other_phases_run(tmp_path, phase1_pr
     assert "refusing to read it while it changes" in refused_reader.stdout
     parallel = finish(other_phase)
     assert parallel.returncode == 0, output(parallel)
-    assert writer.poll() is None, "predictions[phase1] must have run while checkpoint[phase2] was still training"
+    assert writer.poll() is None, "backbone[phase1] must have run while checkpoint[phase2] was still training"
     # The run waiting for the gpu pool sleeps between claim checks instead of spinning a core
     # (stage1_assets.pool_wait; Dagster's loop alone would busy-wait).
     before, start_time = cpu_seconds(second.pid), time.monotonic()
