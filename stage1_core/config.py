@@ -148,7 +148,7 @@ class Stage1ProConfig(BaseModel):
     num_workers: int | None = None
     compile_head: bool | None = None
     skip_corrupt: bool = False
-    augmentation: Literal["aggressive", "moderate"] = "moderate"
+    augmentation: Literal["aggressive", "moderate", "light"] = "moderate"
     data_source: Literal["natix", "synthetic"] = "natix"
     synthetic_n_train: int = 5000
     synthetic_n_val: int = 2400

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("aggressive", "moderate")
+AUGMENTATIONS = ("aggressive", "moderate", "light")
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -45,6 +45,10 @@ def build_train_transform(
     ``moderate`` (baseline): RandomResizedCrop(scale .8-1, ratio .75-1.33, bicubic), HFlip .5,
     no colour jitter, RandomErasing(p .25, scale .02-.33, ratio .3-3.3).
     Erasing runs on the normalised tensor (erased pixels = 0 = the channel mean).
+    ``light``: the evaluation view (Resize 256, CenterCrop) and HFlip .5, nothing else - for a
+    backbone whose features are not invariant to crops and erasing (the embedded default's random
+    tiny DINOv3), where the baseline's crops of the whole, wider-than-square image turn fine-tuning
+    into training on another distribution than the one evaluated.
     """
     if kind == "aggressive":
         geometric = [
@@ -59,6 +63,13 @@ def build_train_transform(
             v2.RandomHorizontalFlip(p=0.5),
         ]
         erasing = v2.RandomErasing(p=0.25, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)
+    elif kind == "light":
+        return v2.Compose([
+            v2.Resize(256, interpolation=BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.RandomHorizontalFlip(p=0.5),
+            *_to_normalised_tensor(mean, std),
+        ])
     else:
         raise ValueError(f"augmentation kind {kind!r} is not supported - use one of {', '.join(AUGMENTATIONS)}")
     return v2.Compose([*geometric, *_to_normalised_tensor(mean, std), erasing])

@@ -48,6 +48,19 @@ def test_moderate_is_the_baseline_recipe() -> None:
     assert erasing.p == 0.25 and erasing.scale == (0.02, 0.33) and erasing.ratio == (0.3, 3.3)
 
 
+def test_light_is_the_evaluation_view_or_its_mirror_image() -> None:
+    image = _image()
+    reference = build_eval_transform()(image)
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = build_train_transform("light")(image)
+        mirrored = torch.equal(out, reference.flip(-1))
+        assert torch.equal(out, reference) or mirrored
+        seen.add(mirrored)
+    assert seen == {True, False}
+
+
 def test_erasing_runs_after_normalisation() -> None:
     kinds = [type(t) for t in build_train_transform("aggressive").transforms]
     assert kinds.index(v2.RandomErasing) > kinds.index(v2.Normalize) > kinds.index(v2.ToDtype)
