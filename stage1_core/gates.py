@@ -613,11 +613,14 @@ def loss_spikes(step_losses: Sequence[float], factor: float, window: int = 20, w
     Running median and scale are taken over the previous ``window`` steps; the scale is the median
     of ``|loss|``. For a positive loss this is exactly "loss > factor x running median"; the
     gated heads' loss has a coverage reward and can be negative, which a plain ratio cannot judge.
-    The first ``warmup`` steps only seed the median (early losses fall fast and are noisy).
+    The first ``warmup`` steps only seed the median (early losses fall fast and are noisy); a run
+    shorter than ``3 x warmup`` steps is seeded with its first third (at least one step), so a short
+    fine-tuning run is judged too rather than passing unexamined.
     """
     losses = [float(v) for v in step_losses]
+    seed = min(warmup, max(1, len(losses) // 3))
     spikes = []
-    for i in range(warmup, len(losses)):
+    for i in range(seed, len(losses)):
         previous = losses[max(0, i - window):i]
         median, scale = float(np.median(previous)), float(np.median(np.abs(previous)))
         if scale > 0 and losses[i] > median + (factor - 1.0) * scale:

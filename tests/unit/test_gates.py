@@ -288,6 +288,14 @@ def test_loss_spikes_against_the_running_median():
     assert loss_spikes([5.0] + STEADY, 3.0) == []  # the warm-up only seeds the median
 
 
+def test_a_short_run_is_judged_after_its_first_third():
+    assert loss_spikes([1.0, 0.9, 0.8, 0.85, 0.7, 0.75], 3.0) == []
+    assert loss_spikes([1.0, 0.9, 0.8, 0.85, 0.7, 3.0], 3.0) == [6]  # judged from step 3 on
+    # With a factor just above 1 any step above its running median is a spike (a real F-SAM trace).
+    trace = [0.129, -0.220, -0.236, -0.119, -0.045, -0.473]
+    assert loss_spikes(trace, 1.0001) == [4, 5] and loss_spikes(trace, 5.0) == []
+
+
 def test_loss_spikes_of_a_loss_that_can_be_negative_use_the_median_magnitude():
     noisy = [0.2, -0.1, 0.3, -0.05, 0.25, 0.1, -0.08, 0.3, 0.2, -0.1, 0.15]
     # median 0.15, median |loss| 0.15: a spike lies above 0.15 + (3 - 1) * 0.15 = 0.45
