@@ -26,7 +26,11 @@ def _skip_path(root: Path, partition: str) -> Path:
 
 
 def _root(layout: Any) -> Path:
-    return Path(getattr(layout, "root", layout))
+    """The artifacts root of a :class:`~stage1_core.steps.context.Layout` or of a path (a Path's own
+    ``.root`` is its anchor, "/", so paths are taken as they are)."""
+    if isinstance(layout, (str, Path)):
+        return Path(layout)
+    return Path(layout.root)
 
 
 def skip_phase(layout: Any, partition: str, reason: str, by: str | None = None) -> dict[str, Any]:

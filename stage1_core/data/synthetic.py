@@ -17,8 +17,9 @@ things that share its colours. Each image draws :class:`Conditions` up front:
 
 * visibility tier of a work zone (:data:`POSITIVE_TIERS`): ``clear`` (a large saturated zone near
   the camera, at least :data:`MIN_CLEAR_COVERAGE` of the evaluation crop), ``distant`` (a row of
-  small items near the horizon), ``sparse`` (one sign, one barrier or a couple of cones) and
-  ``partial`` (a clear zone mostly hidden behind a lorry, hedge or wall);
+  small items near the horizon), ``sparse`` (one sign, one barrier or a couple of cones),
+  ``partial`` (a clear zone mostly hidden behind a lorry, hedge or wall) and ``tiny`` (a cone or
+  two, or a sign, far down the road: at least :data:`MIN_TINY_COVERAGE` of the crop);
 * lighting (:data:`LIGHTING`): day, dusk (warm cast) or night (dark scene, retroreflective items
   only dimly lit, sodium or LED street lamps, head- and tail-lights, amber warning lights on many
   work zones and on some service vehicles);

@@ -38,3 +38,12 @@ def test_phase6_builds_on_phase5_only_when_it_was_attempted_and_not_skipped(tmp_
     assert previous_backbone_phase(layout, "phase6") == "phase5"
     skip_phase(layout, "phase5", "F-SAM not worth it here")
     assert previous_backbone_phase(layout, "phase6") == "phase4"
+
+
+def test_a_plain_path_is_the_artifacts_root_not_its_anchor(tmp_path):
+    # Path("/x/y").root is "/": the CLI passes a Path, and the record must land under it.
+    record = skip_phase(tmp_path / "artifacts", "phase5", "no GPU", by="tester")
+    assert (tmp_path / "artifacts" / "phase_state" / "phase5.skip.json").is_file()
+    assert read_skip(tmp_path / "artifacts", "phase5") == record
+    assert read_skip(Layout(tmp_path / "artifacts"), "phase5") == record
+    assert unskip_phase(str(tmp_path / "artifacts"), "phase5") is True
