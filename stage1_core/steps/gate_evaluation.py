@@ -15,14 +15,17 @@ import numpy as np
 from stage1_core.metrics.exit import exit_metrics
 
 
+def _resample_counts(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """[n_resamples, n] multinomial counts of a paired bootstrap (the same draws for a given seed)."""
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_resamples)
+
+
 def paired_bootstrap_difference(a: np.ndarray, b: np.ndarray, n_resamples: int, confidence: float, seed: int) -> dict[str, float]:
     """Percentile CI of mean(a) - mean(b) over paired resamples (multinomial counts, vectorised)."""
     a = np.asarray(a, dtype=float)
     b = np.asarray(b, dtype=float)
     n = a.shape[0]
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples)
-    diffs = counts @ (a - b) / n
+    diffs = _resample_counts(n, n_resamples, seed) @ (a - b) / n
     alpha = (1.0 - confidence) / 2.0
     return {"difference": float(a.mean() - b.mean()), "ci_lower": float(np.quantile(diffs, alpha)),
             "ci_upper": float(np.quantile(diffs, 1.0 - alpha)), "n_resamples": int(n_resamples)}
@@ -39,9 +42,7 @@ def paired_bootstrap_exit_accuracy_difference(
     """
     correct = np.asarray(correct, dtype=float)
     a, b = np.asarray(exits_a, dtype=float), np.asarray(exits_b, dtype=float)
-    n = correct.shape[0]
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(float)
+    counts = _resample_counts(correct.shape[0], n_resamples, seed).astype(float)
     exits = np.stack([counts @ a, counts @ b])
     right = np.stack([counts @ (a * correct), counts @ (b * correct)])
     defined = (exits > 0).all(0)

@@ -135,7 +135,6 @@ class SelectiveLoss(nn.Module):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-
         if not 0.0 < target_fnr < 1.0:
             raise ValueError(f"target_fnr must lie in (0, 1), got {target_fnr!r}")
         for name, value in (
@@ -185,8 +184,6 @@ class SelectiveLoss(nn.Module):
         fnr_soft = (g * positive * self.miss_probability(logits)).sum() / (accepted_positives + self.eps)
         excess = fnr_soft - self.target_fnr
         penalty = self.fnr_penalty * torch.relu(excess) ** 2
-        wrong = (logits.argmax(1) != labels).to(g.dtype)
-        error_soft = (g * wrong).sum() / (g.sum() + self.eps)
         multiplier = self.multiplier.detach().clone()
         if self.dual_lr is not None:
             penalty = penalty + multiplier * excess
@@ -202,7 +199,6 @@ class SelectiveLoss(nn.Module):
             "selective_risk": selective_risk,
             "coverage": coverage,
             "fnr_soft": fnr_soft,
-            "error_soft": error_soft,
             "fnr_penalty": penalty,
             "aux": aux,
             "multiplier": multiplier,
