@@ -36,7 +36,7 @@ ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
 ## Full test suite (unit + slow end-to-end tests that drive the real Dagster CLI).
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 ## Unit tests only.
 test-fast: $(STAMP)

@@ -145,6 +145,9 @@ class Stage1ProConfig(BaseModel):
 
     # Beyond the baseline.
     ema_warmup: bool = True
+    #: Standardise the head's input with the training features' per-dimension mean and std (fixed
+    #: buffers of the head, carried by checkpoints and bundles); a warm-started head keeps its own.
+    standardize_features: bool = True
     num_workers: int | None = None
     compile_head: bool | None = None
     skip_corrupt: bool = False

@@ -3,8 +3,18 @@
 Phase 1 is the baseline MLP ``Linear(h, 768) - ReLU - Dropout(p) - Linear(768, 2)``, laid out as
 a shared ``trunk`` and a ``cls`` layer so the phase-3 variant adds a ``gate`` (Linear(768, 1),
 "this prediction is correct") and an ``aux`` classifier (Linear(768, 2)) on the same trunk
-without changing a single existing key. State-dict keys, stable across releases:
+without changing a single existing key.
 
+The features are standardised first, ``(x - input_mean) / input_std``, with fixed statistics of
+the training features (:meth:`Stage1Head.set_input_standardization`; the trainer sets them when
+``standardize_features`` is on). It is the probe's ``StandardScaler`` (and MAE's non-affine
+normalisation before a linear probe): without it the head trained on the raw features of the
+embedded default was a point below a logistic probe on val_select. The statistics are buffers, so
+checkpoints and bundles carry them; identity (0, 1) is the default, and a state dict without them
+(the baseline's, or one written before they existed) loads as identity. State-dict keys, stable
+across releases:
+
+    input_mean     [h]        input_std      [h]
     trunk.0.weight [768, h]   trunk.0.bias [768]
     cls.weight     [2, 768]   cls.bias     [2]
     gate.weight    [1, 768]   gate.bias    [1]      (with_gate=True only)
@@ -28,6 +38,8 @@ HEAD_WIDTH = 768
 NUM_CLASSES = 2
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 _BASELINE_KEYS = {"0.weight": "trunk.0.weight", "0.bias": "trunk.0.bias", "3.weight": "cls.weight", "3.bias": "cls.bias"}
+#: Keys a state dict may lack (it then loads as identity standardisation).
+STANDARDIZATION_KEYS = ("input_mean", "input_std")
 
 
 class HeadOutput(NamedTuple):
@@ -58,14 +70,25 @@ class Stage1Head(nn.Module):
         self.hidden_size = int(hidden_size)
         self.dropout = float(dropout)
         self.with_gate = bool(with_gate)
+        self.register_buffer("input_mean", torch.zeros(hidden_size))
+        self.register_buffer("input_std", torch.ones(hidden_size))
         self.trunk = nn.Sequential(nn.Linear(hidden_size, HEAD_WIDTH), nn.ReLU(), nn.Dropout(dropout))
         self.cls = nn.Linear(HEAD_WIDTH, NUM_CLASSES)
         if with_gate:
             self.gate = nn.Linear(HEAD_WIDTH, 1)
             self.aux = nn.Linear(HEAD_WIDTH, NUM_CLASSES)
 
+    @torch.no_grad()
+    def set_input_standardization(self, features: torch.Tensor, eps: float = 1e-6) -> None:
+        """Standardise inputs with the per-dimension mean and std of ``features`` [N, h] (N >= 2)."""
+        if features.ndim != 2 or features.shape[1] != self.hidden_size or features.shape[0] < 2:
+            raise ValueError(f"need features [N >= 2, {self.hidden_size}], got shape {tuple(features.shape)}")
+        data = features.double()
+        self.input_mean.copy_(data.mean(0).to(self.input_mean))
+        self.input_std.copy_(data.std(0).clamp_min(eps).to(self.input_std))
+
     def forward(self, features: torch.Tensor) -> torch.Tensor | HeadOutput:
-        shared = self.trunk(features)
+        shared = self.trunk((features - self.input_mean) / self.input_std)
         logits = self.cls(shared)
         if not self.with_gate:
             return logits
@@ -124,6 +147,7 @@ def load_head_state_dict(
 ) -> None:
     """Load ``state_dict`` into ``head`` (compiled or not) strictly.
 
+    Only the standardisation buffers may be missing (both at once): they load as identity.
     Raises :class:`HeadStateError` naming every missing, unexpected and wrong-shaped key, and
     ``source`` (the file) when given.
     """
@@ -133,6 +157,9 @@ def load_head_state_dict(
     target = unwrap(head)
     incoming = normalise_head_keys(state_dict)
     expected = target.state_dict()
+    if not any(key in incoming for key in STANDARDIZATION_KEYS) and all(key in expected for key in STANDARDIZATION_KEYS):
+        incoming["input_mean"] = torch.zeros_like(expected["input_mean"])
+        incoming["input_std"] = torch.ones_like(expected["input_std"])
     missing = sorted(set(expected) - set(incoming))
     unexpected = sorted(set(incoming) - set(expected))
     mismatched = [

@@ -23,7 +23,7 @@ SYNTHETIC_FIELDS = ("synthetic_n_train", "synthetic_n_val", "synthetic_seed")
 SPLIT_FIELDS = ("split_seed", "val_select_ratio", "val_calib_ratio", "val_test_ratio")
 TRAINING_FIELDS = (
     "mode", "epochs", "warmup_epochs", "lr_head", "weight_decay", "dropout", "label_smoothing",
-    "class_weighting", "max_grad_norm", "use_ema", "ema_decay", "ema_warmup", "early_stop_patience",
+    "class_weighting", "max_grad_norm", "use_ema", "ema_decay", "ema_warmup", "standardize_features", "early_stop_patience",
     "grad_accum_steps", "seed", "selection_metric", "gate_loss_weight", "aux_weight", "gate_fnr_penalty",
     "gate_risk_weight", "target_fnr_exit", "optimizer",
 )

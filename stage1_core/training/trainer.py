@@ -318,6 +318,8 @@ def train_head(
     head = Stage1Head(hidden, float(config.dropout), with_gate=with_gate).to(device)
     if init_head_state is not None:
         load_head_state_dict(head, init_head_state, source="init_head_state")
+    elif cached and getattr(config, "standardize_features", False):
+        head.set_input_standardization(train.features)
     model = maybe_compile(head, getattr(config, "compile_head", None))
     criterion = build_criterion(
         _train_labels(train),

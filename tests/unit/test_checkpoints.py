@@ -37,8 +37,10 @@ def test_full_checkpoint_has_baseline_and_resume_keys(trained):
     assert raw["config"] == config.to_json_dict()
     assert set(raw["rng_states"]) >= {"python", "numpy", "torch", "generators"}
     assert isinstance(raw["rng_states"]["numpy"]["keys"], list)
-    assert list(raw["model_state_dict"]) == ["trunk.0.weight", "trunk.0.bias", "cls.weight", "cls.bias"]
-    assert set(raw["ema_state_dict"]) == set(raw["model_state_dict"])
+    assert list(raw["model_state_dict"]) == ["input_mean", "input_std", "trunk.0.weight", "trunk.0.bias", "cls.weight",
+                                             "cls.bias"]
+    # The EMA averages the parameters; the standardisation buffers are fixed.
+    assert set(raw["ema_state_dict"]) == set(raw["model_state_dict"]) - {"input_mean", "input_std"}
     assert len(raw["history"]) == 2
     assert load_checkpoint(result.last_checkpoint)["epoch"] == 1
 

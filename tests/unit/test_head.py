@@ -16,7 +16,7 @@ from stage1_core.model.head import (
     unwrap,
 )
 
-PHASE1_KEYS = ["trunk.0.weight", "trunk.0.bias", "cls.weight", "cls.bias"]
+PHASE1_KEYS = ["input_mean", "input_std", "trunk.0.weight", "trunk.0.bias", "cls.weight", "cls.bias"]
 
 
 def baseline_head(hidden: int, dropout: float) -> nn.Sequential:
@@ -47,8 +47,8 @@ def test_head_computes_what_the_baseline_head_computes():
 def test_gated_head_extends_the_phase1_layout():
     head = Stage1Head(32, dropout=0.1, with_gate=True)
     keys = list(head.state_dict())
-    assert keys[:4] == PHASE1_KEYS
-    assert keys[4:] == ["gate.weight", "gate.bias", "aux.weight", "aux.bias"]
+    assert keys[:6] == PHASE1_KEYS
+    assert keys[6:] == ["gate.weight", "gate.bias", "aux.weight", "aux.bias"]
     out = head(torch.randn(4, 32))
     assert isinstance(out, HeadOutput)
     assert out.logits.shape == (4, 2) and out.gate.shape == (4,) and out.aux.shape == (4, 2)
@@ -97,3 +97,34 @@ def test_invalid_arguments():
         Stage1Head(8, dropout=1.0)
     with pytest.raises(ValueError, match="hidden_size"):
         Stage1Head(0)
+
+
+def test_input_standardization_is_identity_by_default_and_fixed_once_set():
+    head = Stage1Head(4, dropout=0.0).eval()
+    x = torch.randn(6, 4)
+    assert torch.equal(head(x), head.cls(head.trunk(x)))
+    train = torch.randn(50, 4, dtype=torch.float64) * torch.tensor([100.0, 1.0, 0.01, 5.0]) + 3.0
+    head.set_input_standardization(train)
+    standardized = (train - train.mean(0)) / train.std(0)
+    torch.testing.assert_close(head.input_mean, train.mean(0).float())
+    torch.testing.assert_close(head(train.float()), head.cls(head.trunk(standardized.float())), rtol=1e-5, atol=1e-5)
+    constant = torch.ones(10, 4)
+    head.set_input_standardization(constant)
+    assert torch.all(head.input_std > 0) and torch.isfinite(head(constant)).all()
+    assert not any(name.startswith("input_") for name, _ in head.named_parameters())
+    with pytest.raises(ValueError, match=r"need features \[N >= 2, 4\]"):
+        head.set_input_standardization(torch.randn(1, 4))
+
+
+def test_state_dict_without_standardization_loads_as_identity_and_with_it_round_trips():
+    source = Stage1Head(8)
+    source.set_input_standardization(torch.randn(20, 8) * 3 + 1)
+    target = Stage1Head(8)
+    load_head_state_dict(target, source.state_dict())
+    assert torch.equal(target.input_mean, source.input_mean) and torch.equal(target.input_std, source.input_std)
+    without = {k: v for k, v in source.state_dict().items() if not k.startswith("input_")}
+    load_head_state_dict(target, without)
+    assert torch.equal(target.input_mean, torch.zeros(8)) and torch.equal(target.input_std, torch.ones(8))
+    half = {k: v for k, v in source.state_dict().items() if k != "input_std"}
+    with pytest.raises(HeadStateError, match=r"missing keys \['input_std'\]"):
+        load_head_state_dict(target, half)

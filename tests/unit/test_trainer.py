@@ -96,6 +96,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data):
     a, b = load_checkpoint(full.last_checkpoint), load_checkpoint(resumed.last_checkpoint)
     for key in a["model_state_dict"]:
         assert torch.equal(a["model_state_dict"][key], b["model_state_dict"][key]), key
+    assert set(a["ema_state_dict"]) == set(b["ema_state_dict"])
+    for key in a["ema_state_dict"]:
         assert torch.equal(a["ema_state_dict"][key], b["ema_state_dict"][key]), key
     for sa, sb in zip(a["optimizer_state_dict"]["state"].values(), b["optimizer_state_dict"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
@@ -172,10 +174,11 @@ def test_best_checkpoint_holds_ema_weights_and_predicts(tmp_path, data):
     train, val = data
     result = train_head(make_config(epochs=3), train, val, tmp_path, progress=False)
     state = load_state_dict_file(result.best_checkpoint)
-    assert list(state) == ["trunk.0.weight", "trunk.0.bias", "cls.weight", "cls.bias"]
+    assert list(state) == ["input_mean", "input_std", "trunk.0.weight", "trunk.0.bias", "cls.weight", "cls.bias"]
     if result.best_epoch == result.epochs_run:
         shadow = load_checkpoint(result.last_checkpoint)["ema_state_dict"]
-        assert all(torch.equal(state[k], shadow[k]) for k in state)
+        assert set(shadow) == set(state) - {"input_mean", "input_std"}
+        assert all(torch.equal(state[k], shadow[k]) for k in shadow)
     logits = predict_logits(result.best_checkpoint, val)
     head = Stage1Head(HIDDEN).eval()
     load_head_state_dict(head, state)
@@ -268,3 +271,20 @@ def test_fine_tuning_trains_adapters_with_the_head_saves_them_and_resumes_exactl
     a = load_checkpoint(full.last_checkpoint)["backbone_trainable_state_dict"]
     b = load_checkpoint(tmp_path / "resumed" / "checkpoint_last.pth")["backbone_trainable_state_dict"]
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_head_standardizes_with_the_training_features_unless_warm_started_or_off(tmp_path):
+    train, val = make_split(128, 0, "t"), make_split(64, 1, "v")
+    scaled = TensorSplit(train.features * 50 + 7, train.labels, train.sample_ids, "t")
+    scaled_val = TensorSplit(val.features * 50 + 7, val.labels, val.sample_ids, "v")
+    result = train_head(make_config(epochs=1, warmup_epochs=0), scaled, scaled_val, tmp_path / "on", progress=False)
+    state = load_state_dict_file(result.best_checkpoint)
+    torch.testing.assert_close(state["input_mean"], scaled.features.mean(0))
+    torch.testing.assert_close(state["input_std"], scaled.features.std(0))
+    # A warm start keeps the statistics of the head it starts from (here: other features).
+    warm = train_head(make_config(epochs=1, warmup_epochs=0), train, val, tmp_path / "warm", progress=False, init_head_state=state)
+    assert torch.equal(load_state_dict_file(warm.best_checkpoint)["input_mean"], state["input_mean"])
+    off = train_head(make_config(epochs=1, warmup_epochs=0, standardize_features=False), scaled, scaled_val, tmp_path / "off",
+                     progress=False)
+    off_state = load_state_dict_file(off.best_checkpoint)
+    assert torch.equal(off_state["input_mean"], torch.zeros(HIDDEN)) and torch.equal(off_state["input_std"], torch.ones(HIDDEN))
