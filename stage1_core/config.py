@@ -190,6 +190,9 @@ class Stage1ProConfig(BaseModel):
     #: Weight of the gate-weighted selective risk r against the soft coverage (phase 3+): above 1 the
     #: gate also rejects likely errors of either class, not only misses of roadwork.
     gate_risk_weight: float = 1.0
+    #: Temperature of the soft miss indicator in the gate's FNR penalty, sigmoid((z0 - z1) / T):
+    #: 0 = the hard indicator 1[argmax = 0] (only the training split's actual misses count).
+    gate_miss_temperature: float = 0.0
     #: Calibration of the gate score on val_calib (phase 3+).
     gate_calibration: Literal["platt", "isotonic", "none"] = "platt"
     #: Required val_test coverage gain of the gate policy over the softmax policy (phase 3 gate).
@@ -336,6 +339,7 @@ class Stage1ProConfig(BaseModel):
         need(self.gate_loss_weight >= 0, "gate_loss_weight", ">= 0")
         need(self.gate_fnr_penalty >= 0, "gate_fnr_penalty", ">= 0")
         need(self.gate_risk_weight >= 0, "gate_risk_weight", ">= 0")
+        need(self.gate_miss_temperature >= 0, "gate_miss_temperature", ">= 0")
         need(-1.0 < self.gate_min_gain < 1.0, "gate_min_gain", "in (-1, 1)")
         need(0.0 < self.val_test_alpha < 0.5, "val_test_alpha", "in (0, 0.5)")
         need(self.aux_weight >= 0, "aux_weight", ">= 0")
@@ -545,6 +549,7 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
     "val_test_alpha": {"exclusiveMinimum": 0, "exclusiveMaximum": 0.5},
     "gate_fnr_penalty": {"minimum": 0},
     "gate_risk_weight": {"minimum": 0},
+    "gate_miss_temperature": {"minimum": 0},
     "bootstrap_samples": {"minimum": 100},
     "bootstrap_confidence": {"minimum": 0.5, "exclusiveMaximum": 1},
     "deploy_prior": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},

@@ -55,7 +55,8 @@ def _gated_head_loss(config: Any, train_labels: torch.Tensor) -> Callable:
     cls = build_criterion(train_labels, float(config.label_smoothing), "cpu",
                           weighted=config.class_weighting == "balanced")
     selective = SelectiveLoss(target_fnr=float(config.target_fnr_exit), fnr_penalty=float(config.gate_fnr_penalty),
-                              risk_weight=float(config.gate_risk_weight), aux_weight=float(config.aux_weight))
+                              risk_weight=float(config.gate_risk_weight), aux_weight=float(config.aux_weight),
+                              miss_temperature=float(config.gate_miss_temperature))
     return GateHeadLoss(cls, selective, gate_loss_weight=float(config.gate_loss_weight),
                         aux_weight=float(config.aux_weight))
 

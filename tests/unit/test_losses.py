@@ -216,3 +216,18 @@ def test_selective_loss_rejects_bad_settings():
     out = HeadOutput(torch.zeros(3, 2), torch.zeros(4), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="gate has 4 entries"):
         SelectiveLoss()(out, torch.tensor([0, 1, 1]))
+
+
+def test_the_selective_recipe_takes_every_gate_knob_from_the_config():
+    from stage1_core.config import Stage1ProConfig
+    from stage1_core.training.recipes import build_loss
+
+    config = Stage1ProConfig(gate_fnr_penalty=200.0, gate_risk_weight=2.0, gate_miss_temperature=0.5,
+                             gate_loss_weight=0.3, aux_weight=0.25, target_fnr_exit=0.03, class_weighting="none")
+    loss = build_loss("selective", config, torch.tensor([0, 1, 1, 1]))
+    selective = loss.selective
+    assert (selective.fnr_penalty, selective.risk_weight, selective.miss_temperature) == (200.0, 2.0, 0.5)
+    assert (selective.target_fnr, selective.aux_weight) == (0.03, 0.25)
+    assert loss.gate_loss_weight == 0.3
+    with pytest.raises(ValueError, match="gate_miss_temperature"):
+        Stage1ProConfig(gate_miss_temperature=-1.0)
