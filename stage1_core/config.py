@@ -177,6 +177,10 @@ class Stage1ProConfig(BaseModel):
     #: second certificate (Clopper-Pearson upper bound <= target).
     val_test_check: Literal["confirm", "bound"] = "confirm"
     val_test_alpha: float = 0.05
+    #: How the gate criterion "no classification regression" judges gate minus softmax exit
+    #: accuracy on val_test: "confirm" fails when its paired bootstrap CI lies wholly below -1
+    #: point; "point" when the point estimate does (the issue's literal rule).
+    exit_accuracy_check: Literal["confirm", "point"] = "confirm"
     selection_metric: Literal["accuracy", "augrc"] = "accuracy"
     baseline_val_accuracy: float | None = None
     peft_type: Literal["none", "lora", "dora", "doran"] = "dora"

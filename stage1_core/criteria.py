@@ -292,7 +292,8 @@ def _no_classification_regression(ctx: StepContext) -> GateVerdict:
     before = read_training(ctx.layout, previous)["best_val_accuracy"]
     return gates.check_no_classification_regression(current, before, previous, c["gate"]["exit_accuracy"],
                                                     c["softmax"]["exit_accuracy"],
-                                                    exit_accuracy_ci=c.get("exit_accuracy_difference"))
+                                                    exit_accuracy_ci=c.get("exit_accuracy_difference"),
+                                                    rule=ctx.cfg.exit_accuracy_check)
 
 
 @criterion("gate_calibration_improves")

@@ -444,23 +444,27 @@ def check_gate_beats_softmax(gate_coverage: float, softmax_coverage: float, ci: 
 def check_no_classification_regression(
     accuracy: float, previous_accuracy: float, previous_phase: str, gate_exit_accuracy: float | None,
     softmax_exit_accuracy: float | None, tolerance: float = ACCURACY_TOLERANCE,
-    exit_accuracy_ci: Mapping[str, float] | None = None,
+    exit_accuracy_ci: Mapping[str, float] | None = None, rule: str = "confirm",
 ) -> GateVerdict:
     """cls accuracy within 1 point of the previous phase; gate exit accuracy within 1 point of softmax's.
 
-    The exit-accuracy clause compares two policies on the same val_test images. With
-    ``exit_accuracy_ci`` (the paired bootstrap CI of gate minus softmax exit accuracy) it is a
-    confirmation test, like the val_test FNR criterion: it fails when the whole CI lies below
-    ``-tolerance`` (significant evidence of a loss larger than the tolerance); the point estimate
-    and the CI are always reported. Without a CI it compares the point estimates.
+    The exit-accuracy clause compares two policies on the same val_test images. With ``rule``
+    "confirm" and ``exit_accuracy_ci`` (the paired bootstrap CI of gate minus softmax exit
+    accuracy) it is a confirmation test, like the val_test FNR criterion: it fails when the whole
+    CI lies below ``-tolerance`` (significant evidence of a loss larger than the tolerance). With
+    ``rule`` "point", or without a CI, it compares the point estimates. The point estimate and
+    the CI (when given) are always reported.
     """
+    if rule not in ("confirm", "point"):
+        raise ValueError(f"rule must be 'confirm' or 'point', got {rule!r}")
     problems = []
     if previous_accuracy - accuracy > tolerance + 1e-12:
         problems.append(f"val_select accuracy {accuracy:.4f} is more than {tolerance} below {previous_phase}'s "
                         f"{previous_accuracy:.4f}")
     figures: dict[str, Any] = {"accuracy": accuracy, "previous_accuracy": previous_accuracy,
                                "previous_phase": previous_phase, "gate_exit_accuracy": gate_exit_accuracy,
-                               "softmax_exit_accuracy": softmax_exit_accuracy, "tolerance": tolerance}
+                               "softmax_exit_accuracy": softmax_exit_accuracy, "tolerance": tolerance,
+                               "exit_accuracy_rule": rule}
     detail = ""
     if gate_exit_accuracy is None:
         problems.append("the gate policy exits nothing on val_test, so its exit accuracy is undefined")
@@ -471,12 +475,13 @@ def check_no_classification_regression(
             lower, upper = float(exit_accuracy_ci["ci_lower"]), float(exit_accuracy_ci["ci_upper"])
             figures.update(exit_accuracy_difference_ci_lower=lower, exit_accuracy_difference_ci_upper=upper)
             detail = f" (difference {difference:+.4f}, paired bootstrap CI [{lower:+.4f}, {upper:+.4f}])"
+        if exit_accuracy_ci is not None and rule == "confirm":
             if not upper >= -tolerance - 1e-12:
                 problems.append(f"gate exit accuracy {gate_exit_accuracy:.4f} is significantly more than {tolerance} "
                                 f"below the softmax policy's {softmax_exit_accuracy:.4f}{detail}")
         elif -difference > tolerance + 1e-12:
             problems.append(f"gate exit accuracy {gate_exit_accuracy:.4f} is more than {tolerance} below the softmax "
-                            f"policy's {softmax_exit_accuracy:.4f}")
+                            f"policy's {softmax_exit_accuracy:.4f}{detail}")
     message = "; ".join(problems) or (
         f"val_select accuracy {accuracy:.4f} ({previous_phase} {previous_accuracy:.4f}); exit accuracy gate "
         f"{gate_exit_accuracy:.4f} vs softmax "

@@ -206,6 +206,15 @@ def test_exit_accuracy_clause_is_a_confirmation_test_with_a_paired_ci():
                                                     exit_accuracy_ci={"ci_lower": -0.05, "ci_upper": -0.012})
     assert not worse.passed and "significantly more than 0.01 below" in worse.message
     assert worse.figures["exit_accuracy_difference_ci_upper"] == -0.012
+    # The literal rule (exit_accuracy_check: point) judges the point estimate and still reports the CI.
+    literal = gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.956, 0.975, rule="point",
+                                                      exit_accuracy_ci={"ci_lower": -0.031, "ci_upper": -0.007})
+    assert not literal.passed and "more than 0.01 below" in literal.message and "CI [-0.0310, -0.0070]" in literal.message
+    assert literal.figures["exit_accuracy_rule"] == "point"
+    assert gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.97, 0.975, rule="point",
+                                                    exit_accuracy_ci={"ci_lower": -0.02, "ci_upper": 0.01}).passed
+    with pytest.raises(ValueError, match="rule"):
+        gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.97, 0.975, rule="strict")
 
 
 def test_gate_calibration_must_not_make_ece_or_brier_worse():
