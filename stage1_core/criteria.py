@@ -80,11 +80,41 @@ def record_verdict(layout: Layout, partition: str, verdict: GateVerdict) -> None
     write_json(layout.dir("gates", partition) / f"{verdict.criterion}.json", doc)
 
 
-def read_verdicts(layout: Layout, partition: str) -> dict[str, dict[str, Any]]:
+def _current_id(layout: Layout, asset: str, partition: str) -> str | None:
+    directory = layout.path(asset, partition)
+    if not record_path(directory).is_file():
+        return None
+    try:
+        return read_record(directory, asset, partition).id
+    except (ValueError, KeyError):
+        return None
+
+
+def read_verdicts(layout: Layout, partition: str, current_only: bool = True) -> dict[str, dict[str, Any]]:
+    """The recorded verdicts of ``partition``'s criteria, by name.
+
+    With ``current_only`` a verdict on an asset that has since been re-materialised (its lineage
+    id is no longer the one judged), or removed, is left out: it judged something that is gone,
+    so a run that stopped before re-judging it must not show its old verdict. (A verdict recorded
+    when its asset had no record, and the asset still has none, is kept.)
+    """
     directory = layout.path("gates", partition)
     if not directory.is_dir():
         return {}
-    return {p.stem: read_json(p) for p in sorted(directory.glob("*.json"))}
+    verdicts = {p.stem: read_json(p) for p in sorted(directory.glob("*.json"))}
+    if not current_only:
+        return verdicts
+    current: dict[str, str | None] = {}
+    kept = {}
+    for name, verdict in verdicts.items():
+        asset = verdict.get("asset")
+        if asset is not None:
+            if asset not in current:
+                current[asset] = _current_id(layout, asset, partition)
+            if verdict.get("judged_id") != current[asset]:
+                continue
+        kept[name] = verdict
+    return kept
 
 
 def _jsonable(value: Any) -> Any:
