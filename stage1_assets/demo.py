@@ -26,13 +26,19 @@ from stage1_core.phases import PHASES, PhaseUnavailableError, get_recipe, phase_
 BIN = Path(sys.executable).parent
 EVENT = re.compile(r" - (?P<step>[\w\[\]]+) - (?P<event>STEP_SUCCESS|STEP_FAILURE|ASSET_CHECK_EVALUATION|STEP_SKIPPED)"
                    r" - (?P<message>.*)$")
-DURATION = re.compile(r'Finished execution of step "(?P<step>\w+)" in (?P<value>[\d.]+)(?P<unit>ms|s|m)')
+DURATION = re.compile(r'Finished execution of step "(?P<step>\w+)" in (?P<duration>(?:[\d.]+(?:ms|h|m|s))+)')
+DURATION_PART = re.compile(r"(?P<value>[\d.]+)(?P<unit>ms|h|m|s)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration as Dagster formats it: ``828ms``, ``11.91s``, ``1m29s``, ``1h2m``."""
+    scale = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(m["value"]) * scale[m["unit"]] for m in DURATION_PART.finditer(text))
 
 
 def step_seconds(text: str) -> dict[str, float]:
     """Compute time of every step in a Dagster event log, as Dagster reports it."""
-    scale = {"ms": 1e-3, "s": 1.0, "m": 60.0}
-    return {m["step"]: float(m["value"]) * scale[m["unit"]] for m in DURATION.finditer(text)}
+    return {m["step"]: parse_duration(m["duration"].rstrip(".")) for m in DURATION.finditer(text)}
 
 
 def phase_command(partition: str) -> list[str]:
