@@ -411,7 +411,7 @@ def test_special_case_families_equal_the_one_dimensional_certificates():
     assert soft.lambda1 == g.min() and soft.selection_rate == 1.0
 
 
-def test_choose_order_keeps_the_family_that_certifies_most_and_prefers_the_frontier_on_ties():
+def test_choose_order_keeps_the_family_that_certifies_most_and_prefers_the_special_cases_on_ties():
     from stage1_core.calibration.scrc import CHOICE_ORDERS, choose_order
 
     rng = np.random.default_rng(22)
@@ -421,9 +421,10 @@ def test_choose_order_keeps_the_family_that_certifies_most_and_prefers_the_front
     best = max(r["coverage"] for r in rows)
     assert next(r for r in rows if r["order"] == order)["coverage"] == best
     assert order == next(r["order"] for r in rows if r["coverage"] == best)
-    # Nothing certifies anywhere (too few positives): the frontier, the first family, is kept.
+    assert CHOICE_ORDERS[:2] == ("gate", "softmax"), "full-resolution special cases win ties"
+    # Nothing certifies anywhere (too few positives): the first family, the gate's, is kept.
     order, rows = choose_order(g[:60], q[:60], y[:60], TARGET, DELTA, n_lambda1=10, n_lambda2=10)
-    assert order == "frontier" and not any(r["certified"] for r in rows)
+    assert order == "gate" and not any(r["certified"] for r in rows)
 
 
 def test_transductive_reference_thresholds_need_no_batch():
