@@ -58,6 +58,11 @@ DISPLAY_COLUMNS: dict[str, dict[str, str]] = {
                   "n_false_negatives": "fn", "p_value": "p_value"},
 }
 
+#: Rows of known step tables left out of the inline view (bookkeeping; the file keeps them): the
+#: UI does not wrap a long first cell, and "fnr_on_exited_undefined_resamples" alone pushed the
+#: metrics table past the page's right edge.
+HIDDEN_ROWS: dict[str, frozenset[str]] = {"metrics": frozenset({"fnr_on_exited_undefined_resamples"})}
+
 #: A string cell longer than this may wrap after its underscores (a zero-width space is added).
 WRAP_AFTER_CHARS = 18
 
@@ -307,6 +312,8 @@ def step_result(result: Any, store: Path | None = None) -> dg.MaterializeResult:
     """A step's result as a MaterializeResult: metadata, one entry per table and per figure, data version."""
     metadata = to_metadata(result.metadata)
     for name, rows in result.tables.items():
+        hidden = HIDDEN_ROWS.get(name, frozenset())
+        rows = [row for row in rows if row.get("metric") not in hidden] if hidden else rows
         metadata[name] = table(rows, DISPLAY_COLUMNS.get(name)) if rows else dg.MetadataValue.text("(no rows)")
     for title, path in result.figures.items():
         metadata[f"figure: {title}"] = figure_metadata(title, path, store)

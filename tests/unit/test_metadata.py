@@ -188,3 +188,12 @@ def test_descriptions_are_plain_text_and_name_the_phases():
     assert "``" not in text and "phase2" in text and "phase1" not in text.split("In other phases")[0]
     assert "phase2: " in PHASES_TEXT and "waits for the gate of phase1" in PHASES_TEXT
     assert "``" not in PHASES_TEXT
+
+
+def test_inline_metrics_table_leaves_out_bookkeeping_rows_the_file_keeps(tmp_path: Path):
+    rows = [{"metric": "accuracy", "value": 0.9, "ci_lower": 0.88, "ci_upper": 0.92},
+            {"metric": "fnr_on_exited_undefined_resamples", "value": 0.0, "ci_lower": None, "ci_upper": None}]
+    metadata = step_result(StepResult(tmp_path, {}, tables={"metrics": rows, "other": rows})).metadata
+    shown = [r.data["metric"] for r in metadata["metrics"].value.records]
+    assert shown == ["accuracy"]
+    assert len(metadata["other"].value.records) == 2, "only the known table's bookkeeping rows are hidden"
