@@ -38,7 +38,7 @@ def parse_duration(text: str) -> float:
 
 def step_seconds(text: str) -> dict[str, float]:
     """Compute time of every step in a Dagster event log, as Dagster reports it."""
-    return {m["step"]: parse_duration(m["duration"].rstrip(".")) for m in DURATION.finditer(text)}
+    return {m["step"]: parse_duration(m["duration"]) for m in DURATION.finditer(text)}
 
 
 def phase_command(partition: str) -> list[str]:

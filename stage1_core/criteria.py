@@ -65,22 +65,8 @@ def evaluate_criterion(name: str, config: Stage1ProConfig, layout: Layout, parti
     return verdict
 
 
-def record_verdict(layout: Layout, partition: str, verdict: GateVerdict) -> None:
-    """Keep the verdict next to the artifacts, with the lineage id of the asset it judged."""
-    asset = CRITERIA[verdict.criterion].asset if verdict.criterion in CRITERIA else None
-    judged = None
-    if asset is not None:
-        directory = layout.path(asset, partition)
-        if record_path(directory).is_file():
-            try:
-                judged = read_record(directory, asset, partition).id
-            except (ValueError, KeyError):
-                judged = None
-    doc = {**asdict(verdict), "figures": _jsonable(verdict.figures), "judged_id": judged, "asset": asset}
-    write_json(layout.dir("gates", partition) / f"{verdict.criterion}.json", doc)
-
-
 def _current_id(layout: Layout, asset: str, partition: str) -> str | None:
+    """Lineage id of the asset partition's current materialisation (None when it has no valid record)."""
     directory = layout.path(asset, partition)
     if not record_path(directory).is_file():
         return None
@@ -88,6 +74,14 @@ def _current_id(layout: Layout, asset: str, partition: str) -> str | None:
         return read_record(directory, asset, partition).id
     except (ValueError, KeyError):
         return None
+
+
+def record_verdict(layout: Layout, partition: str, verdict: GateVerdict) -> None:
+    """Keep the verdict next to the artifacts, with the lineage id of the asset it judged."""
+    asset = CRITERIA[verdict.criterion].asset if verdict.criterion in CRITERIA else None
+    judged = _current_id(layout, asset, partition) if asset is not None else None
+    doc = {**asdict(verdict), "figures": _jsonable(verdict.figures), "judged_id": judged, "asset": asset}
+    write_json(layout.dir("gates", partition) / f"{verdict.criterion}.json", doc)
 
 
 def read_verdicts(layout: Layout, partition: str, current_only: bool = True) -> dict[str, dict[str, Any]]:
@@ -104,17 +98,10 @@ def read_verdicts(layout: Layout, partition: str, current_only: bool = True) -> 
     verdicts = {p.stem: read_json(p) for p in sorted(directory.glob("*.json"))}
     if not current_only:
         return verdicts
-    current: dict[str, str | None] = {}
-    kept = {}
-    for name, verdict in verdicts.items():
-        asset = verdict.get("asset")
-        if asset is not None:
-            if asset not in current:
-                current[asset] = _current_id(layout, asset, partition)
-            if verdict.get("judged_id") != current[asset]:
-                continue
-        kept[name] = verdict
-    return kept
+    assets = {v["asset"] for v in verdicts.values() if v.get("asset") is not None}
+    current = {asset: _current_id(layout, asset, partition) for asset in assets}
+    return {name: v for name, v in verdicts.items()
+            if v.get("asset") is None or v.get("judged_id") == current[v["asset"]]}
 
 
 def _jsonable(value: Any) -> Any:

@@ -313,7 +313,7 @@ def step_result(result: Any, store: Path | None = None) -> dg.MaterializeResult:
     metadata = to_metadata(result.metadata)
     for name, rows in result.tables.items():
         hidden = HIDDEN_ROWS.get(name, frozenset())
-        rows = [row for row in rows if row.get("metric") not in hidden] if hidden else rows
+        rows = [row for row in rows if row.get("metric") not in hidden]
         metadata[name] = table(rows, DISPLAY_COLUMNS.get(name)) if rows else dg.MetadataValue.text("(no rows)")
     for title, path in result.figures.items():
         metadata[f"figure: {title}"] = figure_metadata(title, path, store)
