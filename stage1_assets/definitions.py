@@ -9,18 +9,11 @@ from stage1_assets.assets.data import dataset_index, splits
 from stage1_assets.assets.model import backbone, cached_features, checkpoint, predictions
 from stage1_assets.assets.policy import evaluation, exit_policy
 from stage1_assets.checks.phase_gates import CHECKS_BY_PHASE, phase_gate_checks
+from stage1_assets.executor import stage1_executor
 from stage1_assets.partitions import phase_job_name, phase_line
-from stage1_assets.recovery import reaping_executor
 from stage1_assets.resources import default_resource
 from stage1_assets.skips import skip_jobs
 from stage1_core.phases import PHASES
-
-#: One process per step, started from a forkserver that has already imported torch, transformers
-#: and this code location, so a step or check starts in well under a second instead of paying
-#: the imports again (about 8 s each on 2 cores).
-executor = reaping_executor(dg.multiprocess_executor).configured(
-    {"start_method": {"forkserver": {"preload_modules": ["stage1_assets.definitions"]}}}
-)
 
 
 def phase_job(number: int) -> Any:
@@ -47,5 +40,5 @@ defs = dg.Definitions(
     asset_checks=phase_gate_checks,
     jobs=[*phase_jobs, *skip_jobs],
     resources={"stage1": default_resource()},
-    executor=executor,
+    executor=stage1_executor,
 )

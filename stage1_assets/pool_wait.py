@@ -1,6 +1,6 @@
 """Make a run whose step waits for a ``gpu`` pool slot sleep instead of spinning.
 
-Dagster 1.13's multiprocess executor asks ``ActiveExecution.get_steps_to_execute`` for work in a
+Dagster 1.13's executors (in-process and multiprocess) ask ``ActiveExecution.get_steps_to_execute`` for work in a
 loop; while a step is blocked by a pool limit and no other step of the run is running, the loop
 has nothing to wait on, and ``InstanceConcurrencyContext.interval_to_next_pending_claim_check``
 returns ``min([0, ...]) <= 0``, so the run never sleeps: it spins a whole core until the slot
@@ -12,7 +12,7 @@ runs starve the one that holds the slot. Dagster's own fix was proposed and not 
 it sleeps until the next claim check is due, at most ``MAX_WAIT_S`` (so the events of steps that
 do run are still read promptly). It relies on two private attributes and degrades to a fixed
 short sleep if they change; the executor of this code location installs it
-(:func:`stage1_assets.recovery.reaping_executor`).
+(:mod:`stage1_assets.executor`).
 """
 
 from __future__ import annotations

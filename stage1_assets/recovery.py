@@ -12,7 +12,7 @@ event) no longer exists on this host, marks them failed with a message saying so
 their slots. It only judges runs it can see: those recorded with this host name (tag
 ``stage1/host``, set by every step) or any run of a SQLite instance (one machine by
 construction); a run on another machine is left alone. The code location's executor
-(:func:`reaping_executor`) calls it when a run starts, before any step claims a slot, so the
+(:mod:`stage1_assets.executor`) calls it when a run starts, before any step claims a slot, so the
 next run after a crash just works; ``python -m stage1_assets.recovery`` does the same by hand.
 
     python -m stage1_assets.recovery        # uses $DAGSTER_HOME
@@ -104,20 +104,3 @@ def main() -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-def reaping_executor(base: Any) -> Any:
-    """``base`` (an executor definition) that first reaps dead runs, before any step claims a pool slot.
-
-    The executor is created when a run starts, in the run's process, so a run that selects only
-    a GPU step (``--select checkpoint``) still finds the slot a killed run held freed.
-    """
-
-    @dg.executor(name=base.name, config_schema=base.config_schema, requirements=base.get_requirements)
-    def stage1_executor(init_context: Any) -> Any:
-        from stage1_assets import pool_wait
-
-        reap_dead_runs(init_context.instance, log=lambda text: print(f"stage1 recovery: {text}", file=sys.stderr))
-        pool_wait.install()  # a step waiting for the gpu pool sleeps instead of spinning a core
-        return base.executor_creation_fn(init_context)
-
-    return stage1_executor

@@ -13,7 +13,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from stage1_core.calibration.bounds import fnr_upper_bound, positives_needed
 
 ACCURACY_TOLERANCE = 0.01
 COVERAGE_TOLERANCE = 0.02
@@ -134,7 +133,9 @@ def val_test_fnr_figures(
     n_exited_positives: int, n_false_negatives: int, target_fnr: float, delta: float, alpha: float
 ) -> dict[str, Any]:
     """Point estimate, one-sided exact binomial p-value of H0 "FNR <= target", and the CP bound."""
-    from scipy.stats import binom
+    from scipy.stats import binom  # scipy loads here, not when the code location imports the gates
+
+    from stage1_core.calibration.bounds import fnr_upper_bound, positives_needed
 
     n, k = int(n_exited_positives), int(n_false_negatives)
     fnr = k / n if n else None

@@ -9,23 +9,61 @@ inputs (:mod:`stage1_core.lineage`) before it reads them.
 
 Split usage is enforced here: ``train`` fits weights, ``val_select`` selects checkpoints,
 ``val_calib`` fits the exit policy, ``val_test`` only evaluates (``require_split``).
+
+The re-exports load lazily (PEP 562 module ``__getattr__``): importing this module costs
+nothing, and a name pulls in its step module (torch, transformers, scikit-learn ...) on first
+use. The Dagster code location imports it, so ``dagster`` commands and every run start without
+the heavy libraries, and a run imports only what its steps use.
 """
 
-from stage1_core.criteria import baseline_accuracy, evaluate_criterion
-from stage1_core.steps.backbone import cache_features, load_split, load_split_features, prepare_backbone
-from stage1_core.steps.bundle import bundle_dir, compare_bundle_decisions, current_bundle_problems, export_phase_bundle
-from stage1_core.steps.context import Layout, StepContext, StepResult
-from stage1_core.steps.data import build_dataset_index, build_splits, read_dataset_index, read_splits
-from stage1_core.steps.evaluation import evaluate_phase, read_metrics_csv
-from stage1_core.steps.policy import build_predictor, fit_exit_policy
-from stage1_core.steps.summary import phase_status, read_phase_summary
-from stage1_core.steps.training import load_head, load_predictions, log_row, predict_splits, read_training, train_phase
+from __future__ import annotations
 
-__all__ = [
-    "Layout", "StepContext", "StepResult", "baseline_accuracy", "build_dataset_index", "build_predictor",
-    "build_splits", "bundle_dir", "cache_features", "compare_bundle_decisions", "current_bundle_problems",
-    "evaluate_criterion", "evaluate_phase", "export_phase_bundle", "fit_exit_policy", "load_head",
-    "load_predictions", "load_split", "load_split_features", "log_row", "phase_status", "predict_splits",
-    "prepare_backbone", "read_dataset_index", "read_metrics_csv", "read_phase_summary", "read_splits",
-    "read_training", "train_phase",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("baseline_accuracy", "evaluate_criterion"), "stage1_core.criteria"),
+    **dict.fromkeys(("cache_features", "load_split", "load_split_features", "prepare_backbone"),
+                    "stage1_core.steps.backbone"),
+    **dict.fromkeys(("bundle_dir", "compare_bundle_decisions", "current_bundle_problems", "export_phase_bundle"),
+                    "stage1_core.steps.bundle"),
+    **dict.fromkeys(("Layout", "StepContext", "StepResult"), "stage1_core.steps.context"),
+    **dict.fromkeys(("build_dataset_index", "build_splits", "read_dataset_index", "read_splits"),
+                    "stage1_core.steps.data"),
+    **dict.fromkeys(("evaluate_phase", "read_metrics_csv"), "stage1_core.steps.evaluation"),
+    **dict.fromkeys(("build_predictor", "fit_exit_policy"), "stage1_core.steps.policy"),
+    **dict.fromkeys(("phase_status", "read_phase_summary"), "stage1_core.steps.summary"),
+    **dict.fromkeys(("load_head", "load_predictions", "log_row", "predict_splits", "read_training", "train_phase"),
+                    "stage1_core.steps.training"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+#: Every module behind the re-exports (what a forkserver preloads so forked steps import nothing).
+STEP_MODULES: tuple[str, ...] = tuple(sorted(set(_EXPORTS.values())))
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static tools see the real names
+    from stage1_core.criteria import baseline_accuracy, evaluate_criterion
+    from stage1_core.steps.backbone import cache_features, load_split, load_split_features, prepare_backbone
+    from stage1_core.steps.bundle import bundle_dir, compare_bundle_decisions, current_bundle_problems, export_phase_bundle
+    from stage1_core.steps.context import Layout, StepContext, StepResult
+    from stage1_core.steps.data import build_dataset_index, build_splits, read_dataset_index, read_splits
+    from stage1_core.steps.evaluation import evaluate_phase, read_metrics_csv
+    from stage1_core.steps.policy import build_predictor, fit_exit_policy
+    from stage1_core.steps.summary import phase_status, read_phase_summary
+    from stage1_core.steps.training import load_head, load_predictions, log_row, predict_splits, read_training, train_phase

@@ -9,7 +9,6 @@ from stage1_assets.guards import require_gate_for_export
 from stage1_assets.partitions import GROUPS, PHASES_TEXT, phases
 from stage1_assets.resources import Stage1Resource
 from stage1_core import pipeline
-from stage1_core.steps.bundle import BUNDLE_INPUTS
 from stage1_core.steps.summary import format_cell, phase_status, summary_table
 
 
@@ -71,6 +70,8 @@ def phase_overview(stage1: Stage1Resource, partition: str) -> dict[str, dg.Table
     ),
 )
 def bundle(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
+    from stage1_core.steps.bundle import BUNDLE_INPUTS  # torch and friends load in the step, not at import
+
     require_gate_for_export(context.instance, context.partition_key)
     result = run_step(context, stage1, "bundle", pipeline.export_phase_bundle, run_id=context.run_id,
                       reads=(*BUNDLE_INPUTS, "splits", "dataset_index"))

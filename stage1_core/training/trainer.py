@@ -304,6 +304,7 @@ def train_head(
     out.mkdir(parents=True, exist_ok=True)
     log_path = Path(config.log_file) if Path(config.log_file).is_absolute() else out / config.log_file
     seed_everything(int(config.seed))
+    reset_peak_memory(device)
     if device.type == "cuda":
         enable_tf32()
     amp = resolve_amp(bool(config.use_amp), device)
@@ -485,11 +486,33 @@ def train_head(
     )
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this process's peak-memory figures afresh, so they describe one training run.
+
+    Steps of a Dagster run may share one process (the in-process executor): without a reset the
+    peak of an earlier step (e.g. ExPLoRA pre-training) would be reported as training's. On Linux,
+    writing 5 to ``/proc/self/clear_refs`` resets the peak resident set size (``VmHWM``); CUDA
+    has its own counters.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: peak_rss_gb falls back to the process-lifetime peak
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_rss_gb() -> float:
-    """Peak resident set size of this process so far, in GiB (Linux/macOS ``ru_maxrss``)."""
+    """Peak resident set size in GiB since :func:`reset_peak_memory` (Linux ``VmHWM``), else of the process."""
     import resource
     import sys
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 

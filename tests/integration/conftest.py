@@ -65,6 +65,25 @@ class Project:
             else:
                 os.environ["DAGSTER_HOME"] = old
 
+    def process_ids(self) -> tuple[int, set[int]]:
+        """The latest run's process id and the ids of the processes its steps started in."""
+        import dagster as dg
+        from dagster._core.events import DagsterEventType
+
+        old = os.environ.get("DAGSTER_HOME")
+        os.environ["DAGSTER_HOME"] = str(self.home)
+        try:
+            with dg.DagsterInstance.get() as instance:
+                run = instance.get_runs(limit=1)[0]
+                run_pid = next(e.dagster_event.pid for e in instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_START))
+                steps = {e.dagster_event.pid for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)}
+                return run_pid, steps
+        finally:
+            if old is None:
+                os.environ.pop("DAGSTER_HOME")
+            else:
+                os.environ["DAGSTER_HOME"] = old
+
 
 def demo_config(**overrides) -> dict:
     """The embedded default config (configs/default.yaml) with fewer bootstrap resamples.

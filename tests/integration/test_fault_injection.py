@@ -1,8 +1,9 @@
 """Crash safety: SIGKILL ``dagster asset materialize`` inside every writing step, then re-run.
 
 Each kill point is a ``STAGE1_FAULT_INJECT`` spec (see :mod:`stage1_core.artifacts`): the writing
-step process kills its whole process group - the CLI, the forkserver and the step - at that point
-of that write, as ``kill -9`` of the run would. After every kill an audit checks that
+step kills its whole process group - the CLI that runs the steps (and, with the multiprocess
+executor, the forkserver and the step's process) - at that point of that write, as ``kill -9`` of
+the run would. After every kill an audit checks that
 
 * no file under a final name is partial: every JSON, tensor, CSV and PNG under the artifacts
   root parses (temporary files and staging directories start with a dot and are never read);

@@ -51,6 +51,9 @@ def test_phase1_end_to_end(tmp_path, phase1_project):
     assert len(rows) == 3 and all(0.0 <= r["p_roadwork"] <= 1.0 for r in rows)
     summary = project.stage1("summary", "--phase", "phase1")
     assert summary.returncode == 0 and bundle_id in summary.stdout, output(summary)
+    # The default executor runs every step and check in the run's process (no per-step start-up).
+    run_pid, step_pids = project.process_ids()
+    assert step_pids == {run_pid}, (run_pid, step_pids)
 
 
 def test_phase2_after_phase1_reuses_features(tmp_path, phase1_project):

@@ -45,3 +45,15 @@ def test_one_job_per_available_phase_with_exactly_its_gate_checks():
         assert nodes - set(FLOW) == {f"{c.asset}_{c.name}" for c in recipe.criteria}, recipe.key
         assert job.partitions_def is not None and recipe.key in job.partitions_def.get_partition_keys()
         assert recipe.key in (job.description or "")
+
+
+def test_the_code_location_imports_no_heavy_library():
+    """``dagster`` commands, the UI and every run start without torch & co.; steps load them on first use."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "torchvision", "transformers", "scipy", "sklearn", "peft", "matplotlib")
+    probe = ("import sys, stage1_assets.definitions; "
+             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "", f"imported at code-location load: {loaded}"

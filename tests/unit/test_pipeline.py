@@ -310,3 +310,15 @@ def test_same_config_same_machine_gives_byte_identical_artifacts(tmp_path):
         assert (runs[0] / rel).read_bytes() == (runs[1] / rel).read_bytes(), rel
     training = read_json(runs[0] / "checkpoint" / "phase1" / "training.json")
     assert {"torch", "threads", "device"} <= set(training["environment"])
+
+
+def test_every_lazy_export_resolves_to_its_step_module_function():
+    import importlib
+
+    for name in pipeline.__all__:
+        module = importlib.import_module(pipeline._EXPORTS[name])
+        assert getattr(pipeline, name) is getattr(module, name), name
+    assert set(pipeline.STEP_MODULES) == set(pipeline._EXPORTS.values())
+    assert set(pipeline.__all__) <= set(dir(pipeline))
+    with pytest.raises(AttributeError, match="no attribute 'train_everything'"):
+        pipeline.train_everything  # noqa: B018

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,3 +289,21 @@ def test_head_standardizes_with_the_training_features_unless_warm_started_or_off
                      progress=False)
     off_state = load_state_dict_file(off.best_checkpoint)
     assert torch.equal(off_state["input_mean"], torch.zeros(HIDDEN)) and torch.equal(off_state["input_std"], torch.ones(HIDDEN))
+
+
+def test_peak_memory_reset_describes_one_training_run_not_the_process_lifetime():
+    """Steps share a process under the in-process executor: an earlier step's peak must not leak in."""
+    import sys
+
+    from stage1_core.training.trainer import peak_rss_gb, reset_peak_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("VmHWM reset is Linux-only; elsewhere the process-lifetime peak is reported")
+    baseline = peak_rss_gb()
+    ballast = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB touched
+    ballast[::4096] = 2
+    after_ballast = peak_rss_gb()
+    assert after_ballast > baseline + 0.05
+    del ballast
+    reset_peak_memory(torch.device("cpu"))
+    assert peak_rss_gb() < after_ballast - 0.05
