@@ -24,8 +24,8 @@ without ids. The importer therefore needs the sample ids of each split in that C
 stored labels against the CSV labels row by row, which catches a CSV edited since extraction.
 It also needs the fingerprint of the backbone that made the features (load the same
 ``model_path``) and the transform text (the old script's evaluation preprocessing is
-Resize(256, bicubic) + CenterCrop(224) + ImageNet normalisation, i.e.
-``describe_transform(build_eval_transform())``); neither can be checked from the files.
+torchvision's Resize(256, bicubic) + CenterCrop(224) + ImageNet normalisation, i.e.
+``describe_transform(build_reference_eval_transform())``); neither can be checked from the files.
 """
 
 from __future__ import annotations
@@ -433,7 +433,7 @@ def _extract_locked(
         labels = torch.empty((n,), dtype=torch.int64)
         # The evaluation transform runs as uint8 decode/resize/crop in decoding threads (or
         # DataLoader workers) and one normalisation per batch on the device: bit-identical to
-        # the per-image transform, so the transform text and the cache key stay the same.
+        # the per-image transform, so the transform text is the cache key either way.
         fast = dataset.eval_pixels() if hasattr(dataset, "eval_pixels") else None
         if fast is not None and THREADED_DECODING:
             pixels, pipeline = fast

@@ -26,7 +26,7 @@ from stage1_core.artifacts import ArtifactError, load_schema, schema_errors, sha
 from stage1_core.artifacts import read_json as _read_json_unguarded
 from stage1_core.bundle.predictor import ImageInput, Stage1Predictor
 from stage1_core.config import POLICIES_BY_PHASE, ConfigError, Stage1ProConfig
-from stage1_core.data.transforms import build_eval_transform, describe_transform
+from stage1_core.data.transforms import build_eval_transform, build_reference_eval_transform, describe_transform
 from stage1_core.model.backbone import BUILTIN_PREFIX, BackboneError, DINOv3Backbone
 from stage1_core.model.head import HeadStateError, Stage1Head, load_head_state_dict
 from stage1_core.policies import Decisions, ExitPolicy, load_policy, policy_class
@@ -167,30 +167,47 @@ def phase_problems(phase: Any, policy_name: Any, config_phase: Any) -> list[str]
 _NUMBERS = r"\(([^()]*)\)"
 
 
+def _int_param(step: str, name: str) -> list[int]:
+    """The integers of parameter ``name=(...)`` in one step's text (``[]`` when absent)."""
+    match = re.search(r"[(\s]" + name + "=" + _NUMBERS, step)
+    return [int(v) for v in match.group(1).split(",") if v.strip()] if match else []
+
+
 def eval_transform_from_description(text: str):
     """Rebuild the evaluation transform recorded in a manifest (``describe_transform`` text).
 
-    The parameters (resize, crop size, mean, std) are read from the text, the transform is
-    rebuilt with :func:`build_eval_transform`, and its description must equal ``text`` exactly;
-    otherwise a ``ValueError`` says the recorded preprocessing cannot be reproduced.
+    The parameters (resize, crop size, mean, std) are read from the text and the transform is
+    rebuilt with :func:`build_eval_transform` (``ResizedCenterCrop``) or, for a bundle exported
+    before it, :func:`build_reference_eval_transform` (``Resize`` + ``CenterCrop``), so a bundle
+    always decides on the pixels it was evaluated on. The rebuilt description must equal ``text``
+    exactly; otherwise a ``ValueError`` says the recorded preprocessing cannot be reproduced.
     """
-    resize = re.search(r"Resize\([^()]*size=" + _NUMBERS, text)
-    crop = re.search(r"CenterCrop\([^()]*size=" + _NUMBERS, text)
+    composed = re.fullmatch(r"Compose\[(.*)\]", text)
+    steps = composed.group(1).split("; ") if composed else []
+    names = [step.split("(", 1)[0] for step in steps]
     norm = re.search(r"Normalize\([^()]*mean=" + _NUMBERS + r"[^()]*std=" + _NUMBERS, text)
-    if not (resize and crop and norm):
+    if names[:1] == ["ResizedCenterCrop"] and norm:
+        build = build_eval_transform
+        resize, crop = _int_param(steps[0], "size"), _int_param(steps[0], "crop_size")
+    elif names[:2] == ["Resize", "CenterCrop"] and norm:
+        build = build_reference_eval_transform
+        resize, crop = _int_param(steps[0], "size"), _int_param(steps[1], "size")
+    else:
         raise ValueError(
-            f"recorded transform is not an evaluation transform (Resize, CenterCrop, Normalize): {text!r}"
+            "recorded transform is not an evaluation transform (ResizedCenterCrop, or Resize + CenterCrop, "
+            f"then Normalize): {text!r}"
         )
     try:
-        resize_size = [int(v) for v in resize.group(1).split(",") if v.strip()]
-        crop_size = [int(v) for v in crop.group(1).split(",") if v.strip()]
         mean = [float(v) for v in norm.group(1).split(",") if v.strip()]
         std = [float(v) for v in norm.group(2).split(",") if v.strip()]
     except ValueError as exc:
         raise ValueError(f"recorded transform has unreadable parameters ({exc}): {text!r}") from None
-    if len(resize_size) != 1 or len(crop_size) != 2 or crop_size[0] != crop_size[1]:
-        raise ValueError(f"recorded transform needs Resize(size=(s,)) and a square CenterCrop: {text!r}")
-    transform = build_eval_transform(image_size=crop_size[0], resize=resize_size[0], mean=mean, std=std)
+    if len(resize) != 1 or len(crop) != 2 or crop[0] != crop[1]:
+        raise ValueError(f"recorded transform needs one resize size and a square crop: {text!r}")
+    try:
+        transform = build(image_size=crop[0], resize=resize[0], mean=mean, std=std)
+    except ValueError as exc:
+        raise ValueError(f"recorded transform has impossible parameters ({exc}): {text!r}") from None
     rebuilt = describe_transform(transform)
     if rebuilt != text:
         raise ValueError(

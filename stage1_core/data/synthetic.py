@@ -418,7 +418,7 @@ _ROADWORK_ITEMS: dict[str, Callable[..., None]] = {
 
 
 def _eval_crop_box(scene: _Scene) -> tuple[int, int, int, int]:
-    """The region kept by Resize(256) + CenterCrop(224), in original pixels."""
+    """The region kept by the evaluation crop (shorter side to 256, central 224), in original pixels."""
     short = min(scene.width, scene.height)
     half = short * 224 / 256 / 2
     cx, cy = scene.width / 2, scene.height / 2

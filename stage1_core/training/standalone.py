@@ -27,7 +27,7 @@ import torch
 from stage1_core.artifacts import save_tensors, write_json
 from stage1_core.data.datasets import LabelledImageDataset, Sample, find_corrupt_images, read_labels_csv, read_sources
 from stage1_core.data.splits import VAL_SPLITS, Splits, make_splits, save_splits
-from stage1_core.data.transforms import describe_transform
+from stage1_core.data.transforms import build_reference_eval_transform, describe_transform
 from stage1_core.features import (
     MANIFEST_NAME,
     FeatureCacheError,
@@ -223,7 +223,8 @@ def import_old_cache(config: Any, cache_dir: Path, artifacts_root: Path, device:
         sample_ids={name: [s.sample_id for s in samples] for name, samples in csvs.items()},
         expected_labels={name: [s.label for s in samples] for name, samples in csvs.items()},
         backbone_fingerprint=backbone.fingerprint(),
-        transform_desc=describe_transform(LabelledImageDataset([]).transform),
+        # The old script preprocessed with torchvision's Resize + CenterCrop: record that transform.
+        transform_desc=describe_transform(build_reference_eval_transform()),
     )
 
 

@@ -316,9 +316,17 @@ def test_not_a_bundle(tmp_path):
 
 
 def test_transform_description_round_trips():
-    for transform in (build_eval_transform(), build_eval_transform(image_size=32, resize=36, mean=(0.5,) * 3, std=(0.25,) * 3)):
+    from stage1_core.data.transforms import ResizedCenterCrop, build_reference_eval_transform
+
+    for transform in (build_eval_transform(), build_eval_transform(image_size=32, resize=36, mean=(0.5,) * 3, std=(0.25,) * 3),
+                      build_reference_eval_transform()):
         text = describe_transform(transform)
-        assert describe_transform(eval_transform_from_description(text)) == text
+        rebuilt = eval_transform_from_description(text)
+        assert describe_transform(rebuilt) == text
+        assert type(rebuilt.transforms[0]) is type(transform.transforms[0])
+    # A bundle exported before ResizedCenterCrop decides on the pixels it was evaluated on.
+    legacy = eval_transform_from_description(describe_transform(build_reference_eval_transform()))
+    assert not any(isinstance(step, ResizedCenterCrop) for step in legacy.transforms)
     with pytest.raises(ValueError, match="not an evaluation transform"):
         eval_transform_from_description("Compose[ToImage()]")
 

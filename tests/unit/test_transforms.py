@@ -11,7 +11,9 @@ from torchvision.transforms import v2
 from stage1_core.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ResizedCenterCrop,
     build_eval_transform,
+    build_reference_eval_transform,
     build_train_transform,
     describe_transform,
 )
@@ -68,9 +70,9 @@ def test_erasing_runs_after_normalisation() -> None:
 
 def test_eval_transform_resizes_bicubic_and_centre_crops() -> None:
     steps = _steps(build_eval_transform())
-    resize = steps[v2.Resize]
-    assert resize.size == [256] and resize.interpolation == v2.InterpolationMode.BICUBIC
-    assert steps[v2.CenterCrop].size == (224, 224)
+    resize = steps[ResizedCenterCrop]
+    assert resize.size == (256,) and resize.interpolation == v2.InterpolationMode.BICUBIC
+    assert resize.crop_size == (224, 224)
     out = build_eval_transform()(_image())
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
     assert torch.equal(out, build_eval_transform()(_image()))
@@ -119,6 +121,11 @@ def test_invalid_arguments() -> None:
 def test_describe_transform_is_stable_and_discriminating() -> None:
     text = describe_transform(build_eval_transform())
     assert text == (
+        "Compose[ResizedCenterCrop(antialias=True, crop_size=(224, 224), interpolation=InterpolationMode.BICUBIC, "
+        "size=(256,)); ToImage(); ToDtype(dtype=torch.float32, scale=True); "
+        "Normalize(inplace=False, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))]"
+    )
+    assert describe_transform(build_reference_eval_transform()) == (
         "Compose[Resize(antialias=True, interpolation=InterpolationMode.BICUBIC, max_size=None, size=(256,)); "
         "CenterCrop(size=(224, 224)); ToImage(); ToDtype(dtype=torch.float32, scale=True); "
         "Normalize(inplace=False, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))]"
@@ -151,9 +158,10 @@ def test_describe_transform_nested_and_plain_callables() -> None:
 from stage1_core.data.transforms import eval_pipeline  # noqa: E402
 
 
+@pytest.mark.parametrize("build", [build_eval_transform, build_reference_eval_transform])
 @pytest.mark.parametrize("size", [(333, 250), (100, 500), (256, 256), (224, 300), (1000, 90), (257, 1931)])
-def test_eval_pipeline_equals_the_reference_transform_bit_for_bit(size) -> None:
-    transform = build_eval_transform()
+def test_eval_pipeline_equals_its_transform_bit_for_bit(size, build) -> None:
+    transform = build()
     pipeline = eval_pipeline(transform)
     assert pipeline is not None
     images = [_image(*size, seed=s) for s in range(3)]
@@ -175,8 +183,89 @@ def test_eval_pipeline_keeps_the_transform_parameters() -> None:
 
 def test_only_evaluation_transforms_get_the_split_path() -> None:
     assert eval_pipeline(build_train_transform("moderate")) is None
+    assert eval_pipeline(build_train_transform("light")) is None
     assert eval_pipeline(lambda image: image) is None
     steps = build_eval_transform().transforms
     assert eval_pipeline(v2.Compose([*steps, v2.RandomHorizontalFlip()])) is None
-    assert eval_pipeline(v2.Compose([v2.Resize(256, max_size=400), *steps[1:]])) is None
-    assert eval_pipeline(v2.Compose([*steps[:3], v2.ToDtype(torch.float16, scale=True), steps[4]])) is None
+    assert eval_pipeline(v2.Compose([*steps[:2], v2.ToDtype(torch.float16, scale=True), steps[3]])) is None
+    reference = build_reference_eval_transform().transforms
+    assert eval_pipeline(v2.Compose([v2.Resize(256, max_size=400), *reference[1:]])) is None
+    assert eval_pipeline(v2.Compose([reference[0], *reference[2:]])) is None  # Resize without CenterCrop
+
+
+# ----- ResizedCenterCrop: one resampling of the crop's box vs torchvision's Resize + CenterCrop ----
+
+#: Stated tolerance on photo-like images (uint8 levels), and the share of values allowed to differ.
+PHOTO_MAX_LEVELS = 2
+PHOTO_DIFFERING_SHARE = 0.005
+
+
+def _photo(width: int, height: int, seed: int) -> Image.Image:
+    """A smooth, photo-like test image (gradients and soft blobs), unlike white noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = []
+    for _ in range(3):
+        value = rng.uniform(0, 1) * x + rng.uniform(0, 1) * y
+        for _ in range(4):
+            cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
+            value += rng.uniform(-1, 1) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / r**2)
+        channels.append(value)
+    array = np.stack(channels, -1)
+    array = (array - array.min()) / (np.ptp(array) + 1e-9) * 255
+    return Image.fromarray(array.round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(333, 250), (261, 175), (400, 300), (300, 400), (1920, 1080), (257, 1000), (640, 256)])
+def test_resized_center_crop_matches_resize_then_center_crop_within_tolerance(size) -> None:
+    fast, reference = ResizedCenterCrop(256, 224), v2.Compose([v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC),
+                                                               v2.CenterCrop(224)])
+    for seed in range(3):
+        image = _photo(*size, seed=seed)
+        a = np.asarray(fast(image), dtype=np.int16)
+        b = np.asarray(reference(image), dtype=np.int16)
+        assert a.shape == b.shape == (224, 224, 3)
+        difference = np.abs(a - b)
+        assert difference.max() <= PHOTO_MAX_LEVELS, (size, seed, difference.max())
+        assert (difference > 0).mean() <= PHOTO_DIFFERING_SHARE, (size, seed, (difference > 0).mean())
+
+
+def test_resized_center_crop_on_the_embedded_default_images_is_within_tolerance(tmp_path) -> None:
+    from stage1_core.data.datasets import load_rgb
+    from stage1_core.data.synthetic import generate_synthetic_dataset
+
+    generate_synthetic_dataset(tmp_path, n_train=60, n_val=1, seed=3, progress=False)
+    fast, reference = ResizedCenterCrop(256, 224), v2.Compose([v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC),
+                                                               v2.CenterCrop(224)])
+    paths = sorted((tmp_path / "train").glob("*.jpg"))
+    assert len(paths) >= 50
+    differing = []
+    for path in paths:
+        image = load_rgb(path)
+        difference = np.abs(np.asarray(fast(image), dtype=np.int16) - np.asarray(reference(image), dtype=np.int16))
+        assert difference.max() <= PHOTO_MAX_LEVELS, (path.name, difference.max())
+        differing.append((difference > 0).mean())
+    assert np.mean(differing) <= PHOTO_DIFFERING_SHARE
+
+
+def test_resized_center_crop_geometry_and_tensor_path_are_torchvision_s() -> None:
+    step = ResizedCenterCrop(256, 224)
+    for width, height in [(333, 250), (250, 333), (257, 1000), (224, 224), (1000, 257)]:
+        resized = v2.Resize(256)(_image(width, height))
+        (out_w, out_h), (left, top) = step.geometry(width, height)
+        assert (out_w, out_h) == resized.size
+        assert (left, top) == (int(round((out_w - 224) / 2.0)), int(round((out_h - 224) / 2.0)))
+    tensor = torch.from_numpy(np.array(_image(301, 222))).permute(2, 0, 1).contiguous()
+    reference = v2.CenterCrop(224)(v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC)(tensor))
+    assert torch.equal(step(tensor), reference)
+
+
+def test_resized_center_crop_refuses_impossible_settings() -> None:
+    with pytest.raises(ValueError, match="smaller than crop_size"):
+        ResizedCenterCrop(200, 224)
+    with pytest.raises(ValueError, match="antialias"):
+        ResizedCenterCrop(256, 224, antialias=False)
+    with pytest.raises(ValueError, match="not supported"):
+        ResizedCenterCrop(256, 224, interpolation=v2.InterpolationMode.NEAREST)
+    with pytest.raises(ValueError, match="crop_size"):
+        ResizedCenterCrop(256, (224, 224, 3))
