@@ -293,12 +293,10 @@ def test_head_standardizes_with_the_training_features_unless_warm_started_or_off
 
 def test_peak_memory_reset_describes_one_training_run_not_the_process_lifetime():
     """Steps share a process under the in-process executor: an earlier step's peak must not leak in."""
-    import sys
+    import os
 
     from stage1_core.training.trainer import peak_rss_gb, reset_peak_memory
 
-    if not sys.platform.startswith("linux"):
-        pytest.skip("VmHWM reset is Linux-only; elsewhere the process-lifetime peak is reported")
     baseline = peak_rss_gb()
     ballast = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB touched
     ballast[::4096] = 2
@@ -306,4 +304,7 @@ def test_peak_memory_reset_describes_one_training_run_not_the_process_lifetime()
     assert after_ballast > baseline + 0.05
     del ballast
     reset_peak_memory(torch.device("cpu"))
-    assert peak_rss_gb() < after_ballast - 0.05
+    if os.access("/proc/self/clear_refs", os.W_OK) and os.path.exists("/proc/self/status"):
+        assert peak_rss_gb() < after_ballast - 0.05  # Linux: the peak starts afresh
+    else:
+        assert peak_rss_gb() >= after_ballast - 1e-6  # elsewhere: the documented process-lifetime peak
