@@ -138,6 +138,11 @@ def build_train_transform(
     return v2.Compose([*geometric, *_to_normalised_tensor(mean, std), erasing])
 
 
+def _check_resize(resize: int, image_size: int) -> None:
+    if resize < image_size:
+        raise ValueError(f"resize={resize} is smaller than image_size={image_size} - resize must be >= image_size")
+
+
 def build_eval_transform(
     image_size: int = 224,
     resize: int = 256,
@@ -145,8 +150,7 @@ def build_eval_transform(
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
     """Deterministic evaluation preprocessing: :class:`ResizedCenterCrop` (shorter side ``resize``, bicubic)."""
-    if resize < image_size:
-        raise ValueError(f"resize={resize} is smaller than image_size={image_size} - resize must be >= image_size")
+    _check_resize(resize, image_size)
     return v2.Compose([ResizedCenterCrop(resize, image_size), *_to_normalised_tensor(mean, std)])
 
 
@@ -162,8 +166,7 @@ def build_reference_eval_transform(
     exported before it record this transform; they are rebuilt with it, so their decisions stay
     exactly those that were evaluated.
     """
-    if resize < image_size:
-        raise ValueError(f"resize={resize} is smaller than image_size={image_size} - resize must be >= image_size")
+    _check_resize(resize, image_size)
     return v2.Compose(
         [
             v2.Resize(resize, interpolation=BICUBIC, antialias=True),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -45,45 +48,39 @@ class Project:
     def stage1(self, *args: str) -> subprocess.CompletedProcess:
         return self.run(str(BIN / "stage1"), *args)
 
-    def check_records(self, partition: str) -> dict[str, bool | None]:
-        """Latest verdict of every gate check of ``partition``, read from the instance on disk."""
+    @contextlib.contextmanager
+    def instance(self) -> Iterator[Any]:
+        """The Dagster instance on disk (``DAGSTER_HOME`` pointed at this project while it is open)."""
         import dagster as dg
 
+        old = os.environ.get("DAGSTER_HOME")
+        os.environ["DAGSTER_HOME"] = str(self.home)
+        try:
+            with dg.DagsterInstance.get() as instance:
+                yield instance
+        finally:
+            if old is None:
+                os.environ.pop("DAGSTER_HOME")
+            else:
+                os.environ["DAGSTER_HOME"] = old
+
+    def check_records(self, partition: str) -> dict[str, bool | None]:
+        """Latest verdict of every gate check of ``partition``, read from the instance on disk."""
         from stage1_assets.gate_status import latest_check_record
         from stage1_core.phases import CRITERIA
 
-        old = os.environ.get("DAGSTER_HOME")
-        os.environ["DAGSTER_HOME"] = str(self.home)
-        try:
-            with dg.DagsterInstance.get() as instance:
-                return {
-                    c.name: latest_check_record(instance, c.asset, c.name, partition).passed for c in CRITERIA.values()
-                }
-        finally:
-            if old is None:
-                os.environ.pop("DAGSTER_HOME")
-            else:
-                os.environ["DAGSTER_HOME"] = old
+        with self.instance() as instance:
+            return {c.name: latest_check_record(instance, c.asset, c.name, partition).passed for c in CRITERIA.values()}
 
     def process_ids(self) -> tuple[int, set[int]]:
         """The latest run's process id and the ids of the processes its steps started in."""
-        import dagster as dg
         from dagster._core.events import DagsterEventType
 
-        old = os.environ.get("DAGSTER_HOME")
-        os.environ["DAGSTER_HOME"] = str(self.home)
-        try:
-            with dg.DagsterInstance.get() as instance:
-                run = instance.get_runs(limit=1)[0]
-                run_pid = next(e.dagster_event.pid for e in instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_START))
-                steps = {e.dagster_event.pid for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)}
-                return run_pid, steps
-        finally:
-            if old is None:
-                os.environ.pop("DAGSTER_HOME")
-            else:
-                os.environ["DAGSTER_HOME"] = old
-
+        with self.instance() as instance:
+            run = instance.get_runs(limit=1)[0]
+            run_pid = next(e.dagster_event.pid for e in instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_START))
+            steps = {e.dagster_event.pid for e in instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)}
+            return run_pid, steps
 
 def demo_config(**overrides) -> dict:
     """The embedded default config (configs/default.yaml) with fewer bootstrap resamples.
