@@ -16,8 +16,9 @@ each step about 0.5 s to start::
       config:
         multiprocess: {}
 
-Either way the executor first reaps runs whose process died (:mod:`stage1_assets.recovery`) and
-makes a step waiting for the ``gpu`` pool sleep (:mod:`stage1_assets.pool_wait`); both executors
+Either way the executor first reaps runs whose process died (:mod:`stage1_assets.recovery`),
+makes a step waiting for the ``gpu`` pool sleep (:mod:`stage1_assets.pool_wait`) and lets the
+run's process exit without collecting its heap (:mod:`stage1_assets.fast_exit`); both executors
 respect the pool.
 """
 
@@ -64,10 +65,12 @@ def _mode(config: Any) -> tuple[str, Any]:
 def stage1_executor(init_context: Any) -> Any:
     """Reap dead runs, make pool waits sleep, then build the chosen executor."""
     from stage1_assets import pool_wait
+    from stage1_assets.fast_exit import freeze_heap_at_exit
     from stage1_assets.recovery import reap_dead_runs
 
     reap_dead_runs(init_context.instance, log=lambda text: print(f"stage1 recovery: {text}", file=sys.stderr))
     pool_wait.install()  # a step waiting for the gpu pool sleeps instead of spinning a core
+    freeze_heap_at_exit()  # the process that ran the run exits without collecting its heap
     mode, base = _mode(init_context.executor_config)
     config = dict(init_context.executor_config[mode])
     if mode == "multiprocess":
