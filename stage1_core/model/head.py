@@ -5,6 +5,18 @@ a shared ``trunk`` and a ``cls`` layer so the phase-3 variant adds a ``gate`` (L
 "this prediction is correct") and an ``aux`` classifier (Linear(768, 2)) on the same trunk
 without changing a single existing key.
 
+The gate also reads the class head's own margin d = z1 - z0, *detached*, through two weights
+``gate_margin.weight`` [2] on (d, |d|) (a deviation from METHODS section 4's plain Linear(768, 1)):
+
+    gate = gate.weight @ trunk(x) + gate.bias + w[0] * d + w[1] * |d|,    w = gate_margin.weight
+
+A gate linear in the trunk's features can express d (the cls layer is linear too) but not the
+confidence |d|, so it could not even reproduce the max-softmax ranking; with ``|d|`` it can, and
+with ``d`` it can tilt it towards one class. ``w`` starts at zero (the gate is then
+exactly the plain linear gate) and trains only with ``gate_margin_input=True``; a head built
+without it keeps it frozen at zero, and a state dict without it (written before it existed)
+loads it as zero. The margin is detached so the gate's losses never move the class head.
+
 The features are standardised first, ``(x - input_mean) / input_std``, with fixed statistics of
 the training features (:meth:`Stage1Head.set_input_standardization`; the trainer sets them when
 ``standardize_features`` is on). It is the probe's ``StandardScaler`` (and MAE's non-affine
@@ -19,6 +31,7 @@ across releases:
     cls.weight     [2, 768]   cls.bias     [2]
     gate.weight    [1, 768]   gate.bias    [1]      (with_gate=True only)
     aux.weight     [2, 768]   aux.bias     [2]      (with_gate=True only)
+    gate_margin.weight [2]                          (with_gate=True only; may be missing: zeros)
 
 :func:`load_head_state_dict` also accepts the ``_orig_mod.`` prefix that ``torch.compile``
 adds, the ``module.`` prefix of DataParallel, and the baseline script's ``nn.Sequential`` keys
@@ -40,6 +53,8 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 _BASELINE_KEYS = {"0.weight": "trunk.0.weight", "0.bias": "trunk.0.bias", "3.weight": "cls.weight", "3.bias": "cls.bias"}
 #: Keys a state dict may lack (it then loads as identity standardisation).
 STANDARDIZATION_KEYS = ("input_mean", "input_std")
+#: Gate key a state dict may lack (a gated head written before it existed): it loads as zeros.
+GATE_MARGIN_KEY = "gate_margin.weight"
 
 
 class HeadOutput(NamedTuple):
@@ -58,10 +73,13 @@ class Stage1Head(nn.Module):
     """Baseline MLP head; ``with_gate=True`` adds the phase-3 gate and aux heads on the same trunk.
 
     ``forward`` returns the class logits ``[B, 2]`` without a gate and a :class:`HeadOutput`
-    with one.
+    with one. ``gate_margin_input`` (gated heads only) lets the gate learn its weights on the
+    detached class margin (see the module docstring); off, they stay frozen (at zero when new).
     """
 
-    def __init__(self, hidden_size: int, dropout: float = 0.3, with_gate: bool = False) -> None:
+    def __init__(
+        self, hidden_size: int, dropout: float = 0.3, with_gate: bool = False, gate_margin_input: bool = False
+    ) -> None:
         super().__init__()
         if hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size} must be >= 1")
@@ -70,6 +88,9 @@ class Stage1Head(nn.Module):
         self.hidden_size = int(hidden_size)
         self.dropout = float(dropout)
         self.with_gate = bool(with_gate)
+        if gate_margin_input and not with_gate:
+            raise ValueError("gate_margin_input needs the gated head (with_gate=True)")
+        self.gate_margin_input = bool(gate_margin_input)
         self.register_buffer("input_mean", torch.zeros(hidden_size))
         self.register_buffer("input_std", torch.ones(hidden_size))
         self.trunk = nn.Sequential(nn.Linear(hidden_size, HEAD_WIDTH), nn.ReLU(), nn.Dropout(dropout))
@@ -77,6 +98,7 @@ class Stage1Head(nn.Module):
         if with_gate:
             self.gate = nn.Linear(HEAD_WIDTH, 1)
             self.aux = nn.Linear(HEAD_WIDTH, NUM_CLASSES)
+            self.gate_margin = GateMargin(trainable=self.gate_margin_input)
 
     @torch.no_grad()
     def set_input_standardization(self, features: torch.Tensor, eps: float = 1e-6) -> None:
@@ -92,10 +114,33 @@ class Stage1Head(nn.Module):
         logits = self.cls(shared)
         if not self.with_gate:
             return logits
-        return HeadOutput(logits, self.gate(shared).squeeze(-1), self.aux(shared))
+        gate = self.gate(shared).squeeze(-1) + self.gate_margin(logits)
+        return HeadOutput(logits, gate, self.aux(shared))
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, dropout={self.dropout}, with_gate={self.with_gate}"
+        extra = f", gate_margin_input={self.gate_margin_input}" if self.with_gate else ""
+        return f"hidden_size={self.hidden_size}, dropout={self.dropout}, with_gate={self.with_gate}{extra}"
+
+
+class GateMargin(nn.Module):
+    """The gate's term on the detached class margin: ``w[0] * d + w[1] * |d|`` per sample ([B]).
+
+    ``weight`` [2] starts at zero without drawing random numbers (a head without the margin input
+    keeps its RNG stream) and is frozen unless ``trainable``.
+    """
+
+    def __init__(self, trainable: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2), requires_grad=bool(trainable))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return margin_features(logits) @ self.weight.to(logits.dtype)
+
+
+def margin_features(logits: torch.Tensor) -> torch.Tensor:
+    """``[d, |d|]`` per sample (``[B, 2]``) with d = z1 - z0 of the class logits, detached."""
+    margin = (logits[:, 1] - logits[:, 0]).detach()
+    return torch.stack([margin, margin.abs()], dim=1)
 
 
 def head_logits(output: torch.Tensor | HeadOutput) -> torch.Tensor:
@@ -147,7 +192,8 @@ def load_head_state_dict(
 ) -> None:
     """Load ``state_dict`` into ``head`` (compiled or not) strictly.
 
-    Only the standardisation buffers may be missing (both at once): they load as identity.
+    Only the standardisation buffers may be missing (both at once): they load as identity; and
+    a gated state dict may lack ``gate_margin.weight``: it loads as zeros (the plain linear gate).
     Raises :class:`HeadStateError` naming every missing, unexpected and wrong-shaped key, and
     ``source`` (the file) when given.
     """
@@ -160,6 +206,8 @@ def load_head_state_dict(
     if not any(key in incoming for key in STANDARDIZATION_KEYS) and all(key in expected for key in STANDARDIZATION_KEYS):
         incoming["input_mean"] = torch.zeros_like(expected["input_mean"])
         incoming["input_std"] = torch.ones_like(expected["input_std"])
+    if GATE_MARGIN_KEY in expected and GATE_MARGIN_KEY not in incoming:
+        incoming[GATE_MARGIN_KEY] = torch.zeros_like(expected[GATE_MARGIN_KEY])
     missing = sorted(set(expected) - set(incoming))
     unexpected = sorted(set(incoming) - set(expected))
     mismatched = [

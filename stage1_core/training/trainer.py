@@ -282,13 +282,14 @@ def train_head(
     warmup_epochs, max_batch_size, grad_accum_steps, lr_head, lr_backbone, weight_decay,
     dropout, label_smoothing, max_grad_norm, use_amp, use_ema, ema_decay, ema_warmup,
     early_stop_patience, legacy_exit_threshold_for_logging, compile_head, seed, log_file,
-    selection_metric). ``train`` as a DataLoader needs ``backbone``; its batch size is the
-    loader's. ``selection_metric`` defaults to ``config.selection_metric``.
+    selection_metric, gate_margin_input). ``train`` as a DataLoader needs ``backbone``; its
+    batch size is the loader's. ``selection_metric`` defaults to ``config.selection_metric``.
     ``resume_checkpoint`` continues a run from a full checkpoint exactly (model, optimiser,
     scheduler, EMA, scaler, epoch, best, patience, RNG states, history).
     ``stop_after_epoch`` ends the call after that (1-based) epoch as if interrupted - the
     schedule still spans ``config.epochs`` - so a later call can resume. ``loss_fn(output,
-    labels)`` replaces the class-weighted CE (later phases); ``with_gate`` builds the gated head.
+    labels)`` replaces the class-weighted CE (later phases); ``with_gate`` builds the gated head
+    (its gate reads the detached class margin when ``config.gate_margin_input`` is on).
     ``init_head_state`` (a head state_dict) warm-starts the head. A backbone with trainable
     parameters (adapters) trains with the head: its parameters get ``lr_backbone`` (layer-wise
     decayed), the EMA covers them too, and each best epoch also writes ``adapters_best.pth``.
@@ -316,7 +317,8 @@ def train_head(
     if isinstance(val_select, TensorSplit) and val_select.hidden_size != hidden:
         raise TrainingError(f"val_select features have size {val_select.hidden_size}, train features {hidden}")
 
-    head = Stage1Head(hidden, float(config.dropout), with_gate=with_gate).to(device)
+    head = Stage1Head(hidden, float(config.dropout), with_gate=with_gate,
+                      gate_margin_input=with_gate and bool(getattr(config, "gate_margin_input", False))).to(device)
     if init_head_state is not None:
         load_head_state_dict(head, init_head_state, source="init_head_state")
     elif cached and getattr(config, "standardize_features", False):

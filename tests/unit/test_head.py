@@ -48,11 +48,12 @@ def test_gated_head_extends_the_phase1_layout():
     head = Stage1Head(32, dropout=0.1, with_gate=True)
     keys = list(head.state_dict())
     assert keys[:6] == PHASE1_KEYS
-    assert keys[6:] == ["gate.weight", "gate.bias", "aux.weight", "aux.bias"]
+    assert keys[6:] == ["gate.weight", "gate.bias", "aux.weight", "aux.bias", "gate_margin.weight"]
     out = head(torch.randn(4, 32))
     assert isinstance(out, HeadOutput)
     assert out.logits.shape == (4, 2) and out.gate.shape == (4,) and out.aux.shape == (4, 2)
-    assert count_parameters(head) == count_parameters(Stage1Head(32)) + 768 + 1 + 768 * 2 + 2
+    assert count_parameters(head) == count_parameters(Stage1Head(32)) + 768 + 1 + 768 * 2 + 2 + 2
+    assert count_parameters(head, trainable_only=True) == count_parameters(head) - 2  # margin weights frozen
     with pytest.raises(HeadStateError, match=r"missing keys \['aux.bias', 'aux.weight', 'gate.bias', 'gate.weight'\]"):
         load_head_state_dict(head, Stage1Head(32).state_dict())
 
@@ -128,3 +129,51 @@ def test_state_dict_without_standardization_loads_as_identity_and_with_it_round_
     half = {k: v for k, v in source.state_dict().items() if k != "input_std"}
     with pytest.raises(HeadStateError, match=r"missing keys \['input_std'\]"):
         load_head_state_dict(target, half)
+
+
+def test_gate_margin_input_starts_as_the_plain_linear_gate_and_reads_the_detached_margin():
+    torch.manual_seed(0)
+    plain = Stage1Head(16, dropout=0.0, with_gate=True).eval()
+    torch.manual_seed(0)
+    margin = Stage1Head(16, dropout=0.0, with_gate=True, gate_margin_input=True).eval()
+    x = torch.randn(9, 16)
+    # Zero-initialised without drawing random numbers: same weights, bit-identical gate.
+    assert torch.equal(plain(x).gate, margin(x).gate)
+    assert torch.equal(plain(x).gate, plain.gate(plain.trunk(x)).squeeze(-1))
+    assert margin.gate_margin.weight.requires_grad and not plain.gate_margin.weight.requires_grad
+    with torch.no_grad():
+        margin.gate_margin.weight.copy_(torch.tensor([0.5, 2.0]))
+    out = margin(x)
+    d = out.logits[:, 1] - out.logits[:, 0]
+    expected = margin.gate(margin.trunk(x)).squeeze(-1) + 0.5 * d + 2.0 * d.abs()
+    assert torch.allclose(out.gate, expected, atol=1e-6)
+    # The margin is detached: the gate's loss reaches the margin weights, never the class layer
+    # through the margin path.
+    margin.train()
+    margin.gate.weight.requires_grad_(False)
+    margin.trunk.requires_grad_(False)
+    margin(x).gate.sum().backward()
+    assert margin.gate_margin.weight.grad is not None and margin.gate_margin.weight.grad.abs().sum() > 0
+    assert margin.cls.weight.grad is None
+    with pytest.raises(ValueError, match="gate_margin_input"):
+        Stage1Head(16, gate_margin_input=True)
+
+
+def test_gated_state_dict_without_gate_margin_loads_as_zero():
+    source = Stage1Head(12, dropout=0.0, with_gate=True, gate_margin_input=True).eval()
+    old = {k: v for k, v in source.state_dict().items() if k != "gate_margin.weight"}
+    target = Stage1Head(12, dropout=0.0, with_gate=True, gate_margin_input=True)
+    with torch.no_grad():
+        target.gate_margin.weight.fill_(3.0)
+    load_head_state_dict(target, old)
+    assert torch.equal(target.gate_margin.weight, torch.zeros(2))
+    x = torch.randn(5, 12)
+    assert torch.equal(target.eval()(x).gate, source(x).gate)
+    trained = Stage1Head(12, dropout=0.0, with_gate=True, gate_margin_input=True)
+    with torch.no_grad():
+        trained.gate_margin.weight.copy_(torch.tensor([1.0, -1.0]))
+    frozen = Stage1Head(12, dropout=0.0, with_gate=True)  # as bundles and loaders build it
+    load_head_state_dict(frozen, trained.state_dict())
+    assert torch.equal(frozen.gate_margin.weight, torch.tensor([1.0, -1.0]))
+    with pytest.raises(HeadStateError, match="gate_margin.weight"):
+        load_head_state_dict(Stage1Head(12, with_gate=True), {**trained.state_dict(), "gate_margin.weight": torch.zeros(3)})
