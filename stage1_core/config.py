@@ -197,6 +197,12 @@ class Stage1ProConfig(BaseModel):
     #: Temperature of the soft miss indicator in the gate's FNR penalty, sigmoid((z0 - z1) / T):
     #: 0 = the hard indicator 1[argmax = 0] (only the training split's actual misses count).
     gate_miss_temperature: float = 0.0
+    #: Weight of the BCE of the gate logit against "the class head's prediction is correct" in the
+    #: gate objective (phase 3+; scaled by gate_loss_weight too): 0 = off. See training/losses.py.
+    gate_correct_weight: float = 0.0
+    #: The gate also reads the detached class margin d = z1 - z0 through weights on (d, |d|)
+    #: (phase 3+ gated heads; model/head.py): off, those weights stay frozen at zero.
+    gate_margin_input: bool = False
     #: Calibration of the gate score on val_calib (phase 3+).
     gate_calibration: Literal["platt", "isotonic", "none"] = "platt"
     #: Required val_test coverage gain of the gate policy over the softmax policy (phase 3 gate).
@@ -344,6 +350,7 @@ class Stage1ProConfig(BaseModel):
         need(self.gate_fnr_penalty >= 0, "gate_fnr_penalty", ">= 0")
         need(self.gate_risk_weight >= 0, "gate_risk_weight", ">= 0")
         need(self.gate_miss_temperature >= 0, "gate_miss_temperature", ">= 0")
+        need(self.gate_correct_weight >= 0, "gate_correct_weight", ">= 0")
         need(-1.0 < self.gate_min_gain < 1.0, "gate_min_gain", "in (-1, 1)")
         need(0.0 < self.val_test_alpha < 0.5, "val_test_alpha", "in (0, 0.5)")
         need(self.aux_weight >= 0, "aux_weight", ">= 0")
@@ -554,6 +561,7 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
     "gate_fnr_penalty": {"minimum": 0},
     "gate_risk_weight": {"minimum": 0},
     "gate_miss_temperature": {"minimum": 0},
+    "gate_correct_weight": {"minimum": 0},
     "bootstrap_samples": {"minimum": 100},
     "bootstrap_confidence": {"minimum": 0.5, "exclusiveMaximum": 1},
     "deploy_prior": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},

@@ -25,7 +25,8 @@ TRAINING_FIELDS = (
     "mode", "epochs", "warmup_epochs", "lr_head", "weight_decay", "dropout", "label_smoothing",
     "class_weighting", "max_grad_norm", "use_ema", "ema_decay", "ema_warmup", "standardize_features", "early_stop_patience",
     "grad_accum_steps", "seed", "selection_metric", "gate_loss_weight", "aux_weight", "gate_fnr_penalty",
-    "gate_risk_weight", "gate_miss_temperature", "target_fnr_exit", "optimizer",
+    "gate_risk_weight", "gate_miss_temperature", "gate_correct_weight", "gate_margin_input", "target_fnr_exit",
+    "optimizer",
 )
 #: Phases that fine-tune backbone adapters on images (``train_mode == "finetune"``).
 FINETUNE_FIELDS = (

@@ -13,8 +13,10 @@ exceeds the target:
                = p0_i at miss_temperature 1, 1[argmax = 0] at miss_temperature 0
     FNR_soft = sum_{y_i=1} g_i m_i / (sum_{y_i=1} g_i + eps)
     r        = mean_i(l_i g_i) / (phi + eps)                         (selective risk, l = per-sample CE)
+    c_i      = 1[argmax z_i = y_i]                                   (detached: "this prediction is correct")
     L_sel    = risk_weight * r - coverage_weight * phi
                + fnr_penalty * relu(FNR_soft - target_fnr)^2          (squared hinge)
+               + correct_weight * mean_i BCE(gate_i, c_i)             (a proper score for "correct")
                + lambda_t * (FNR_soft - target_fnr)                   (only with dual_lr: Lagrangian term)
 
 The squared hinge is smooth at the target, so the gate settles just above it instead of
@@ -37,6 +39,36 @@ beat p0 (0.44 against 0.34 at penalty 100); penalty 30 gave 0.49, 100 gave 0.44,
 and 10 or less certified nothing (the gate accepts broadly and its top is no longer free of
 misses); the dual update (dual_lr 1, fnr_penalty 0) gave 0.47. The max-softmax threshold
 certified nothing on the same data. Judge the settings by certified coverage on real features.
+
+Exit accuracy (``correct_weight``, and the gate's margin input of ``Stage1Head``). The terms above
+alone price a wrong exit only through the gate-weighted CE, and the sigmoid gate saturates: on
+the embedded default the gate ranked "correct" worse than the max-softmax confidence *on the
+training split itself* (AUROC 0.73 against 0.87, train accuracy 0.93: not a shortage of training
+errors) and bought its coverage with exited false positives, which the FNR certificate does not
+count. Two changes fix it together: the BCE of the gate logit against c_i, a proper scoring rule
+whose gradient does not vanish when the sigmoid saturates (it makes the gate estimate
+P(correct | x), before the FNR terms tilt it against misses of roadwork), and the detached class
+margin as a gate input (a gate linear in the trunk cannot express the confidence |z1 - z0|).
+Measured with ``benchmarks/tune_gate.py --artifacts ART --config configs/default.yaml --field
+seed --values 1,2,3,4,5,6,7,8`` (ART: an artifacts root where phase 1 ran on the embedded
+default; the first three rows add ``--set gate_correct_weight=0 gate_margin_input=false``,
+``--set gate_correct_weight=0`` and ``--set gate_margin_input=false``; gate and softmax both
+certified on val_calib; val_test never read), gate minus softmax in points, mean over the eight
+seeds (worst seed), val_select / val_calib:
+
+    knobs                              coverage                      exit accuracy
+    neither (the earlier default)      +2.4 (-5.6) / +2.1 (-5.2)     -1.13 (-1.74) / -1.04 (-1.23)
+    margin input only                  +9.6 (+7.3) / +9.2 (+6.9)     -1.71 (-2.15) / -1.10 (-1.45)
+    gate_correct_weight 10 only        +7.2 (+4.2) / +7.0 (+3.3)     -0.75 (-2.36) / -0.90 (-2.58)
+    both (embedded default)            +4.8 (+3.4) / +3.3 (+2.4)     -0.18 (-0.26) / +0.01 (-0.19)
+
+(``gate_loss_weight`` 0.3, ``gate_fnr_penalty`` 200, ``gate_risk_weight`` 30 in every row.) The
+class head's val_select accuracy with both: 0.920-0.924 (phase 2: 0.922); with the BCE alone it
+fell to 0.913 on one seed. Scratch runs (seeds 1-4) that did not help: a squared-hinge penalty
+on the soft error rate of accepted samples (both classes, target 0.02, weight 1000) with the
+margin input (-1.48 / -1.15 points of exit accuracy); raising ``gate_risk_weight`` to 50-100
+with the margin input and no BCE (the saturating gate collapsed on some seeds and certified
+nothing).
 """
 
 from __future__ import annotations
@@ -114,7 +146,8 @@ class SelectiveLoss(nn.Module):
     ``forward(output, labels, cls_loss_per_sample=None)`` takes a ``HeadOutput`` and returns a
     dict of tensors: ``objective`` (L_sel above), ``total`` (objective + ``aux_weight`` x aux CE;
     the SelectiveNet-style loss of the gate and aux heads on their own), and the components
-    ``selective_risk``, ``coverage``, ``fnr_soft``, ``fnr_penalty``, ``aux`` and ``multiplier``.
+    ``selective_risk``, ``coverage``, ``fnr_soft``, ``fnr_penalty``, ``gate_correct`` (the BCE of
+    the gate against "correct", before ``correct_weight``), ``aux`` and ``multiplier``.
     ``cls_loss_per_sample`` [B] replaces the plain per-sample CE in the selective risk (e.g. the
     class-weighted, label-smoothed CE). See the comment above for the exact form.
     """
@@ -127,6 +160,7 @@ class SelectiveLoss(nn.Module):
         aux_weight: float = 0.5,
         risk_weight: float = 1.0,
         miss_temperature: float = 0.0,
+        correct_weight: float = 0.0,
         detach_miss: bool = True,
         dual_lr: float | None = None,
         dual_init: float = 0.0,
@@ -140,6 +174,7 @@ class SelectiveLoss(nn.Module):
         for name, value in (
             ("coverage_weight", coverage_weight), ("fnr_penalty", fnr_penalty), ("aux_weight", aux_weight),
             ("risk_weight", risk_weight), ("miss_temperature", miss_temperature), ("dual_init", dual_init),
+            ("correct_weight", correct_weight),
         ):
             if not value >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
@@ -151,6 +186,7 @@ class SelectiveLoss(nn.Module):
         self.aux_weight = float(aux_weight)
         self.risk_weight = float(risk_weight)
         self.miss_temperature = float(miss_temperature)
+        self.correct_weight = float(correct_weight)
         self.detach_miss = bool(detach_miss)
         self.dual_lr = None if dual_lr is None else float(dual_lr)
         self.dual_max = float(dual_max)
@@ -172,7 +208,8 @@ class SelectiveLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         logits = output.logits.float()
         labels = labels.long()
-        g = torch.sigmoid(output.gate.float().reshape(-1))
+        gate_logit = output.gate.float().reshape(-1)
+        g = torch.sigmoid(gate_logit)
         if g.shape[0] != labels.shape[0]:
             raise ValueError(f"gate has {g.shape[0]} entries, labels {labels.shape[0]}")
         if cls_loss_per_sample is None:
@@ -191,7 +228,11 @@ class SelectiveLoss(nn.Module):
                 with torch.no_grad():
                     updated = self.multiplier + self.dual_lr * excess.detach()
                     self.multiplier.copy_(updated.clamp(0.0, self.dual_max))
+        correct = (logits.argmax(1) == labels).to(gate_logit.dtype)
+        gate_correct = nn.functional.binary_cross_entropy_with_logits(gate_logit, correct)
         objective = self.risk_weight * selective_risk - self.coverage_weight * coverage + penalty
+        if self.correct_weight:
+            objective = objective + self.correct_weight * gate_correct
         aux = self.aux(output, labels)
         return {
             "total": objective + self.aux_weight * aux,
@@ -200,6 +241,7 @@ class SelectiveLoss(nn.Module):
             "coverage": coverage,
             "fnr_soft": fnr_soft,
             "fnr_penalty": penalty,
+            "gate_correct": gate_correct,
             "aux": aux,
             "multiplier": multiplier,
         }

@@ -48,7 +48,8 @@ def _gated_head_loss(config: Any, train_labels: torch.Tensor) -> Callable:
     """Phase 3: CE on ``cls`` + soft-acceptance selective loss on the gate + CE on ``aux``.
 
     See :class:`stage1_core.training.losses.SelectiveLoss` for the exact form (coverage reward,
-    squared penalty on the soft FNR of accepted positives above ``target_fnr_exit``).
+    squared penalty on the soft FNR of accepted positives above ``target_fnr_exit``, BCE of the
+    gate against "the prediction is correct" weighted by ``gate_correct_weight``).
     """
     from stage1_core.training.losses import GateHeadLoss, SelectiveLoss, build_criterion
 
@@ -56,7 +57,8 @@ def _gated_head_loss(config: Any, train_labels: torch.Tensor) -> Callable:
                           weighted=config.class_weighting == "balanced")
     selective = SelectiveLoss(target_fnr=float(config.target_fnr_exit), fnr_penalty=float(config.gate_fnr_penalty),
                               risk_weight=float(config.gate_risk_weight), aux_weight=float(config.aux_weight),
-                              miss_temperature=float(config.gate_miss_temperature))
+                              miss_temperature=float(config.gate_miss_temperature),
+                              correct_weight=float(getattr(config, "gate_correct_weight", 0.0)))
     return GateHeadLoss(cls, selective, gate_loss_weight=float(config.gate_loss_weight),
                         aux_weight=float(config.aux_weight))
 

@@ -229,5 +229,62 @@ def test_the_selective_recipe_takes_every_gate_knob_from_the_config():
     assert (selective.fnr_penalty, selective.risk_weight, selective.miss_temperature) == (200.0, 2.0, 0.5)
     assert (selective.target_fnr, selective.aux_weight) == (0.03, 0.25)
     assert loss.gate_loss_weight == 0.3
+    assert selective.correct_weight == 0.0  # off unless the config sets it
+    assert build_loss("selective", config.with_updates(gate_correct_weight=7.0), torch.tensor([0, 1])).selective.correct_weight == 7.0
     with pytest.raises(ValueError, match="gate_miss_temperature"):
         Stage1ProConfig(gate_miss_temperature=-1.0)
+    with pytest.raises(ValueError, match="gate_correct_weight"):
+        Stage1ProConfig(gate_correct_weight=-1.0)
+    with pytest.raises(ValueError, match="correct_weight"):
+        SelectiveLoss(correct_weight=-0.5)
+
+
+def test_correct_weight_adds_the_bce_of_the_gate_against_correct_predictions():
+    torch.manual_seed(4)
+    logits, gate, aux = torch.randn(10, 2), torch.randn(10), torch.randn(10, 2)
+    y = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1, 1])
+    out = HeadOutput(logits, gate, aux)
+    base = SelectiveLoss(fnr_penalty=50.0, risk_weight=3.0)(out, y)
+    with_bce = SelectiveLoss(fnr_penalty=50.0, risk_weight=3.0, correct_weight=2.5)(out, y)
+    correct = (logits.argmax(1) == y).float()
+    p = torch.sigmoid(gate)
+    bce = -(correct * torch.log(p) + (1 - correct) * torch.log(1 - p)).mean()
+    assert with_bce["gate_correct"].item() == pytest.approx(bce.item(), rel=1e-5)
+    assert base["gate_correct"].item() == pytest.approx(bce.item(), rel=1e-5)  # logged even when off
+    assert with_bce["objective"].item() == pytest.approx(base["objective"].item() + 2.5 * bce.item(), rel=1e-5)
+    assert with_bce["total"].item() == pytest.approx(base["total"].item() + 2.5 * bce.item(), rel=1e-5)
+
+
+def test_the_correct_term_still_moves_a_saturated_gate_off_wrong_predictions():
+    # Every sample confidently accepted (sigmoid saturated); half of the predictions are wrong.
+    logits = torch.tensor([[-3.0, 3.0]] * 8)
+    y = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
+    gate = torch.full((8,), 12.0, requires_grad=True)
+    out = HeadOutput(logits, gate, torch.zeros(8, 2))
+    SelectiveLoss(risk_weight=30.0, fnr_penalty=200.0)(out, y)["objective"].backward()
+    assert gate.grad.abs().max().item() < 1e-3  # the selective terms pass almost nothing
+    gate.grad = None
+    SelectiveLoss(risk_weight=30.0, fnr_penalty=200.0, correct_weight=1.0)(out, y)["objective"].backward()
+    wrong = y == 0
+    assert torch.all(gate.grad[wrong] > 0.1 / 8)  # descent lowers the gate of the wrong ones
+    assert gate.grad[~wrong].abs().max().item() < 1e-3
+
+
+def test_a_gate_with_the_margin_input_learns_that_confident_predictions_are_correct():
+    # Labels flip often near the class boundary and never far from it: "correct" is a function of
+    # the confidence |z1 - z0|, which a gate linear in the trunk features cannot express.
+    torch.manual_seed(0)
+    x = torch.rand(3000, 2) * 2 - 1
+    flip = torch.rand(3000) < 0.45 * (x[:, 0].abs() < 0.25).float()
+    y = torch.where(flip, 1 - (x[:, 0] > 0).long(), (x[:, 0] > 0).long())
+    head = Stage1Head(2, dropout=0.0, with_gate=True, gate_margin_input=True)
+    loss = GateHeadLoss(build_criterion(y, 0.0, weighted=False),
+                        SelectiveLoss(fnr_penalty=0.0, risk_weight=0.0, coverage_weight=0.0, correct_weight=1.0))
+    _fit(head, loss, x, y, steps=300, batch=256, lr=1e-2)
+    weight = head.gate_margin.weight.detach()
+    assert weight[1].item() > 0.05, weight  # the |d| weight: more confident -> more likely correct
+    with torch.no_grad():
+        out = head(x)
+    correct = out.logits.argmax(1) == y
+    g = out.gate
+    assert g[correct].mean() > g[~correct].mean() + 0.5

@@ -308,3 +308,17 @@ def test_peak_memory_reset_describes_one_training_run_not_the_process_lifetime()
         assert peak_rss_gb() < after_ballast - 0.05  # Linux: the peak starts afresh
     else:
         assert peak_rss_gb() >= after_ballast - 1e-6  # elsewhere: the documented process-lifetime peak
+
+
+def test_gate_margin_input_trains_the_gate_margin_weights_only_when_on(tmp_path):
+    from stage1_core.training.recipes import build_loss
+
+    train, val = make_split(256, 0, "t"), make_split(64, 1, "v")
+    weights = {}
+    for on in (False, True):
+        config = make_config(epochs=2, max_batch_size=32, gate_margin_input=on, gate_correct_weight=1.0)
+        result = train_head(config, train, val, tmp_path / str(on), progress=False, with_gate=True,
+                            loss_fn=build_loss("selective", config, train.labels))
+        weights[on] = load_state_dict_file(result.best_checkpoint)["gate_margin.weight"]
+    assert torch.equal(weights[False], torch.zeros(2))
+    assert weights[True].abs().sum() > 0
