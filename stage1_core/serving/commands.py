@@ -40,6 +40,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest request body (default {limits.max_bytes})")
     parser.add_argument("--max-images", type=int, default=limits.max_images,
                         help=f"most images in one batch request (default {limits.max_images})")
+    parser.add_argument("--max-pixels", type=int, default=limits.max_pixels,
+                        help=f"largest image, width x height (default {limits.max_pixels})")
     parser.add_argument("--timeout", type=float, default=30.0, help="answer 504 after this many seconds (default 30)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -51,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from stage1_core.serving.inputs import Limits
     from stage1_core.serving.server import serve
 
-    for name in ("max_batch", "max_queue", "max_bytes", "max_images"):
+    for name in ("max_batch", "max_queue", "max_bytes", "max_images", "max_pixels"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.max_wait_ms <= 10_000 or args.timeout <= 0:
@@ -59,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         request_timeout_s=args.timeout,
-        limits=Limits(max_bytes=args.max_bytes, max_images=args.max_images),
+        limits=Limits(max_bytes=args.max_bytes, max_images=args.max_images, max_pixels=args.max_pixels),
     )
     try:
         return serve(args.bundle, args.expected_id, args.host, args.port, args.artifacts_root, args.backbone,
