@@ -401,6 +401,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
     if args.action == "export-miner":
         return _serving.cmd_export_miner(args)
+    if args.out is not None:
+        raise CliError(f"unexpected argument {args.out} for 'bundle verify' (OUT belongs to export-miner)")
 
     problems = verify_bundle(args.directory, expected_id=args.expected_id)
     if problems:

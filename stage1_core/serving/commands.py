@@ -34,6 +34,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="most images per forward pass (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="longest a request waits for others to batch with (default 5 ms)")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="threads that decode and resize a batch's images (default 0: the batch worker itself)")
     parser.add_argument("--max-queue", type=int, default=1024,
                         help="requests waiting beyond this are answered 503 (default 1024)")
     parser.add_argument("--max-bytes", type=int, default=limits.max_bytes,
@@ -53,6 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from stage1_core.serving.inputs import Limits
     from stage1_core.serving.server import serve
 
+    if args.num_workers < 0:
+        raise CliError(f"--num-workers must be >= 0, got {args.num_workers}")
     for name in ("max_batch", "max_queue", "max_bytes", "max_images", "max_pixels"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -60,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError("--max-wait-ms must be in [0, 10000] and --timeout > 0")
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        request_timeout_s=args.timeout,
+        request_timeout_s=args.timeout, num_workers=args.num_workers,
         limits=Limits(max_bytes=args.max_bytes, max_images=args.max_images, max_pixels=args.max_pixels),
     )
     try:

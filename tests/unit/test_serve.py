@@ -390,13 +390,18 @@ def test_reload_switches_atomically_and_refusals_keep_the_old_bundle(tmp_path, b
                 answers.append({**answer, "index": index, "status": status})
 
         threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+        def wait_for(count: int) -> None:
+            deadline = time.monotonic() + 60
+            while len(answers) < count and time.monotonic() < deadline:
+                time.sleep(0.02)
+
         for thread in threads:
             thread.start()
-        time.sleep(0.3)
+        wait_for(8)
         status, reloaded = svc.request("POST", "/reload", json.dumps({"bundle": str(a), "id": id_a}).encode(),
                                        "application/json")
         after_reload = len(answers)
-        time.sleep(0.3)
+        wait_for(after_reload + len(threads) + 8)
         stop.set()
         for thread in threads:
             thread.join(30)
@@ -416,3 +421,16 @@ def test_reload_switches_atomically_and_refusals_keep_the_old_bundle(tmp_path, b
     finally:
         svc.stop()
     assert svc.stopped_cleanly(), "\n".join(svc.lines)
+
+
+@pytest.mark.parametrize("p", [float("nan"), float("inf"), -0.1, 1.5, None, True, "0.5"])
+def test_a_malformed_probability_is_never_answered(p):
+    from types import SimpleNamespace
+
+    from stage1_core.serving.app import served_record
+
+    record = {"p_roadwork": p, "exit": False, "label": None, "prediction_set": [0, 1]}
+    with pytest.raises(ValueError, match="not a probability"):
+        served_record(record, SimpleNamespace(bundle_id="x"))
+    good = served_record({**record, "p_roadwork": 0.25}, SimpleNamespace(bundle_id="x"))
+    assert good == {"p_roadwork": 0.25, "exit": False, "label": None, "prediction_set": [0, 1], "bundle_id": "x"}
