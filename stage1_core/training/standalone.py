@@ -106,9 +106,13 @@ def load_samples(config: Any, artifacts_root: Path, progress: bool = True) -> tu
 
 
 def build_splits(config: Any, train: Sequence[Sample], val: Sequence[Sample], output_dir: Path) -> Splits:
-    """Hash splits of ``val`` (and all of ``train``), written to ``output_dir/splits.json``."""
+    """Hash splits of ``val`` (and all of ``train``), written to ``output_dir/splits.json``.
+
+    The assignment uses ``split_seed`` (as the Dagster path does): trying training seeds never
+    redraws val_select / val_calib / val_test.
+    """
     ratios = (config.val_select_ratio, config.val_calib_ratio, config.val_test_ratio)
-    splits = make_splits(train, val, seed=config.seed, ratios=ratios)
+    splits = make_splits(train, val, seed=config.split_seed, ratios=ratios)
     save_splits(splits, output_dir / "splits.json")
     return splits
 
