@@ -33,6 +33,11 @@ POLICIES_BY_PHASE: dict[int, tuple[str, ...]] = {
     6: ("softmax", "gate", "scrc"),
 }
 
+#: Optimisers each phase's row allows (``phases.PhaseRecipe.optimizers``; a test keeps them equal):
+#: F-SAM / SAM are phase 5's part, every other phase trains with AdamW.
+OPTIMIZERS_BY_PHASE: dict[int, tuple[str, ...]] = {1: ("adamw",), 2: ("adamw",), 3: ("adamw",), 4: ("adamw",),
+                                                   5: ("fsam", "sam"), 6: ("adamw",)}
+
 #: Old field names still accepted on input, mapped to their current name.
 LEGACY_ALIASES = {"exit_threshold": "legacy_exit_threshold_for_logging"}
 
@@ -387,6 +392,13 @@ class Stage1ProConfig(BaseModel):
             p.append(
                 f"exit_policy={self.exit_policy!r} is invalid for phase {self.phase}: allowed {list(allowed)} "
                 f"(phases 1-2 softmax; 3-5 softmax|gate; 6 any)"
+            )
+        optimizers = OPTIMIZERS_BY_PHASE.get(self.phase, ())
+        if optimizers and self.optimizer not in optimizers:
+            p.append(
+                f"optimizer={self.optimizer!r} is invalid for phase {self.phase}: its row trains with "
+                f"{' or '.join(optimizers)} (SAM / F-SAM are phase 5's part; set phase: 5 to use them, "
+                f"or leave optimizer at adamw - each phase's row decides its optimizer)"
             )
         return p
 

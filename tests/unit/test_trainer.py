@@ -215,7 +215,7 @@ def test_train_mode_runs_the_frozen_backbone_each_step_and_resumes(tmp_path):
 
 def test_fsam_trains_with_two_passes_per_step_and_resumes_exactly(tmp_path, data):
     train, val = data
-    config = make_config(epochs=3, optimizer="fsam", sam_rho=0.05)
+    config = make_config(epochs=3, phase=5, optimizer="fsam", sam_rho=0.05)
     full = train_head(config, train, val, tmp_path / "full", progress=False)
     steps = 3 * 4  # 128 samples / 16 per batch / 2 per accumulation group
     assert full.losses_finite and full.global_step == steps
