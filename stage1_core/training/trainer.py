@@ -383,6 +383,9 @@ def train_head(
             return inputs
         backbone.model.eval()  # deterministic features: no RoPE jitter, no dropout
         if trainable_backbone:
+            from stage1_core.model.backbone import eval_keeping_checkpointing
+
+            eval_keeping_checkpointing(backbone.model)  # gradient_checkpointing: blocks still recompute
             return backbone(inputs)
         with torch.no_grad():
             return backbone(inputs)
