@@ -211,6 +211,32 @@ def ece_statistic(probs, labels, n_bins: int = 10, name: str = "ece") -> Statist
     return lambda w: {name: np.abs(w @ gap).sum(axis=1) / _totals(w)}
 
 
+def classwise_ece_statistic(probs, labels, n_bins: int = 10, name: str = "classwise_ece") -> Statistic:
+    """Classwise ECE (:func:`~stage1_core.metrics.calibration.classwise_ece`) per resample."""
+    pr = as_probs(probs)
+    y = as_labels(labels, n=pr.shape[0], n_classes=pr.shape[1])
+    gaps = []
+    for k in range(pr.shape[1]):
+        pk = pr[:, k]
+        onehot = np.zeros((pr.shape[0], n_bins))
+        onehot[np.arange(pr.shape[0]), np.maximum(bin_index(pk, n_bins), 0)] = 1.0
+        gaps.append(onehot * ((y == k).astype(np.float64) - pk)[:, None])
+    return lambda w: {name: np.mean([np.abs(w @ gap).sum(axis=1) for gap in gaps], axis=0) / _totals(w)}
+
+
+def set_statistic(exit_mask, prediction_sets) -> Statistic:
+    """``rejection_rate`` (deferred fraction, 1 - coverage) and ``average_set_size`` per resample.
+
+    Every policy answers with a prediction set (an exited sample its label, a deferred one
+    ``{0, 1}``; SCRC its own sets), so the average set size is defined for all of them.
+    """
+    deferred = (~np.asarray(exit_mask, dtype=bool)).astype(np.float64)
+    sizes = np.asarray([len(s) for s in prediction_sets], dtype=np.float64)
+    if deferred.ndim != 1 or sizes.shape != deferred.shape:
+        raise ValueError(f"exit_mask {deferred.shape} and prediction_sets ({sizes.shape[0]}) must be 1-D of one length")
+    return lambda w: {"rejection_rate": w @ deferred / _totals(w), "average_set_size": w @ sizes / _totals(w)}
+
+
 def nll_statistic(probs, labels, eps: float = 1e-12, name: str = "nll") -> Statistic:
     pr = as_probs(probs)
     y = as_labels(labels, n=pr.shape[0], n_classes=pr.shape[1])
