@@ -25,6 +25,7 @@ __all__ = [
     "BootstrapResult",
     "Statistic",
     "bootstrap",
+    "bootstrap_distribution",
     "resample_indices",
     "counts_from_indices",
     "combine",
@@ -32,10 +33,12 @@ __all__ = [
     "balanced_accuracy_statistic",
     "mcc_statistic",
     "ece_statistic",
+    "classwise_ece_statistic",
     "nll_statistic",
     "brier_statistic",
     "selective_statistic",
     "coverage_statistic",
+    "set_statistic",
     "coverage_at_prior_statistic",
     "exit_statistic",
 ]
@@ -94,6 +97,36 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
+def bootstrap_distribution(
+    statistic: Statistic,
+    n_samples: int,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    indices: np.ndarray | None = None,
+    chunk_size: int = 100,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """``(point estimates, per-resample values)`` of every value ``statistic`` returns.
+
+    The resamples are those :func:`bootstrap` summarises (same ``seed`` and ``n_resamples``, same
+    draws), so a plot of the distribution matches the reported intervals. NaN marks a resample
+    where the metric is undefined.
+    """
+    if indices is None:
+        indices = resample_indices(n_samples, n_resamples, seed)
+    elif indices.ndim != 2 or indices.shape[1] != n_samples:
+        raise ValueError(f"indices must have shape [B, {n_samples}], got {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= n_samples):
+        raise ValueError(f"indices must lie in 0..{n_samples - 1}")
+    point = {k: float(np.asarray(v)[0]) for k, v in statistic(np.ones((1, n_samples))).items()}
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in point}
+    for start in range(0, indices.shape[0], chunk_size):
+        w = counts_from_indices(indices[start : start + chunk_size], n_samples)
+        for k, v in statistic(w).items():
+            chunks[k].append(np.asarray(v, dtype=np.float64))
+    return point, {k: np.concatenate(parts) for k, parts in chunks.items()}
+
+
 def bootstrap(
     statistic: Statistic,
     n_samples: int,
@@ -111,22 +144,11 @@ def bootstrap(
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
-    if indices is None:
-        indices = resample_indices(n_samples, n_resamples, seed)
-    elif indices.ndim != 2 or indices.shape[1] != n_samples:
-        raise ValueError(f"indices must have shape [B, {n_samples}], got {indices.shape}")
-    if indices.size and (indices.min() < 0 or indices.max() >= n_samples):
-        raise ValueError(f"indices must lie in 0..{n_samples - 1}")
-    point = {k: float(np.asarray(v)[0]) for k, v in statistic(np.ones((1, n_samples))).items()}
-    chunks: dict[str, list[np.ndarray]] = {k: [] for k in point}
-    for start in range(0, indices.shape[0], chunk_size):
-        w = counts_from_indices(indices[start : start + chunk_size], n_samples)
-        for k, v in statistic(w).items():
-            chunks[k].append(np.asarray(v, dtype=np.float64))
+    point, distribution = bootstrap_distribution(statistic, n_samples, n_resamples=n_resamples, seed=seed,
+                                                 indices=indices, chunk_size=chunk_size)
     alpha = (1.0 - confidence) / 2.0
     results = {}
-    for k, parts in chunks.items():
-        values = np.concatenate(parts)
+    for k, values in distribution.items():
         defined = values[~np.isnan(values)]
         if defined.size:
             lo, hi = np.percentile(defined, [100 * alpha, 100 * (1 - alpha)])
