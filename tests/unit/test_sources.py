@@ -49,3 +49,14 @@ def test_skip_missing_sources_goes_on_without_them_and_names_each(tmp_path, capl
         assert any(name in record.getMessage() for record in caplog.records), name
     # A missing required source is still refused.
     assert _config(tmp_path, skip_missing_sources=True, val_labels_file=str(tmp_path / "no.csv")).dataset_problems()
+
+
+def test_configs_natix_yaml_describes_the_layout_the_code_reads():
+    from stage1_core.data.sources import EXTRA_SOURCES, LABELS_NAME
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "natix.yaml"
+    comments = "\n".join(line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line)
+    for _, switch, field, images in EXTRA_SOURCES:
+        assert f"{images}/" in comments and switch in path.read_text(), (switch, field, images)
+    assert f"{LABELS_NAME}" in comments and "holds labels.csv" not in comments
+    assert Stage1ProConfig.from_file(path).skip_missing_sources is False
