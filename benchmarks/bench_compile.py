@@ -35,7 +35,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_ms(compiled: bool, hidden: int, batch: int, device: torch.device, steps: int, repeats: int) -> tuple[float, float]:
+def step_ms(
+    compiled: bool, hidden: int, batch: int, device: torch.device, steps: int, repeats: int
+) -> tuple[float, float]:
     """(median ms per training step after warm-up, seconds of the first step - compilation included)."""
     torch.manual_seed(0)
     head = Stage1Head(hidden, 0.3).to(device)
@@ -69,7 +71,8 @@ def step_ms(compiled: bool, hidden: int, batch: int, device: torch.device, steps
 
 def run_seconds(compiled: bool, args: argparse.Namespace, device: torch.device) -> float:
     g = torch.Generator().manual_seed(0)
-    train = TensorSplit(torch.randn(args.n_train, args.hidden, generator=g), torch.randint(0, 2, (args.n_train,), generator=g))
+    train = TensorSplit(torch.randn(args.n_train, args.hidden, generator=g),
+                        torch.randint(0, 2, (args.n_train,), generator=g))
     val = TensorSplit(torch.randn(1024, args.hidden, generator=g), torch.randint(0, 2, (1024,), generator=g))
     config = Stage1ProConfig(epochs=args.epochs, warmup_epochs=0, max_batch_size=args.batch, grad_accum_steps=1,
                              use_amp=False, compile_head=compiled)

@@ -3,9 +3,10 @@
 Each phase is its job, ``dagster job execute -m stage1_assets.definitions -j phaseN_train_gate_bundle
 --tags '{"dagster/partition": "phaseN"}'``: every asset of the phase with that phase's gate checks,
 a run the UI lists under the job's name. The full event log goes to
-``$DAGSTER_HOME/.dagster_home/logs/<phase>.log`` (beside the instance's data); the terminal gets one line per step and per gate check with
-its verdict. The demo stops at the first phase whose run fails (a gate, a step or data validation)
-and ends with the per-phase table of ``stage1 summary --all``.
+``$DAGSTER_HOME/.dagster_home/logs/<phase>.log`` (beside the instance's data); the terminal gets
+one line per step and per gate check with its verdict. The demo stops at the first phase whose
+run fails (a gate, a step or data validation) and ends with the per-phase table of
+``stage1 summary --all``.
 
     python -m stage1_assets.demo [--phase phaseN]
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys

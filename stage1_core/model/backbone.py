@@ -183,7 +183,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     """
     hf = _hf_model(model)
     if not getattr(hf, "supports_gradient_checkpointing", False):
-        raise BackboneError(f"{type(hf).__name__} does not support gradient checkpointing: set gradient_checkpointing: false")
+        raise BackboneError(
+            f"{type(hf).__name__} does not support gradient checkpointing: set gradient_checkpointing: false")
     kwargs = {"use_reentrant": False}
     if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 name
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -193,7 +193,8 @@ def plot_exit_bootstrap(
         if key == "fnr_on_exited":
             ax.axvline(target_fnr, color="tab:red", linestyle="--", label=f"target {target_fnr:g}")
         undefined = values.size - defined.size
-        ax.set_title(f"{label}\n{defined.size} resamples" + (f", {undefined} undefined" if undefined else ""), fontsize=9)
+        note = f", {undefined} undefined" if undefined else ""
+        ax.set_title(f"{label}\n{defined.size} resamples{note}", fontsize=9)
         ax.set_xlabel(label)
         ax.set_ylabel("resamples")
         ax.grid(alpha=0.3)

@@ -132,7 +132,8 @@ def adapt_with_explora(cfg: Any, source_dir: Path, root: Path, splits: Any, inde
     workers = resolve_num_workers(cfg.num_workers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seed_everything(int(cfg.seed))
-    trainer = ExPLoRATrainer(source, _explora_config(settings, workers, gradient_checkpointing=bool(cfg.gradient_checkpointing)), device=device)
+    explora = _explora_config(settings, workers, gradient_checkpointing=bool(cfg.gradient_checkpointing))
+    trainer = ExPLoRATrainer(source, explora, device=device)
     history = trainer.fit(train_set, held_out=held_set, checkpoint_path=store / CHECKPOINT)
     control = ExPLoRATrainer(source, _explora_config(settings, workers, train_backbone=False), device=device)
     control_history = control.fit(train_set, held_out=held_set, checkpoint_path=store / CONTROL_CHECKPOINT)

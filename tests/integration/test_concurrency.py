@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BIN, REPO, Project, clone_project, output
+from tests.integration.conftest import BIN, Project, clone_project, output
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from stage1_core.config import Stage1ProConfig
-from tests.integration.conftest import BIN, REPO, Project, clone_project, output
+from tests.integration.conftest import BIN, Project, clone_project, output
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
