@@ -6,7 +6,8 @@ Two measurements on the same random features, eager head against ``torch.compile
 * steady state: milliseconds per training step (forward, backward, AdamW step) after warm-up,
   the median of ``--repeats`` timed blocks;
 * whole run: wall seconds of :func:`stage1_core.training.trainer.train_head` for ``--epochs``
-  epochs, compilation included.
+  epochs. It runs after the steady-state measurement, so the compiled run reuses the kernels
+  Inductor compiled and cached in this process: the first-step line is what a fresh process pays.
 
 ``compile_head: null`` (the default) compiles only on CUDA; the printed ratios say whether that
 default holds on the machine at hand.
