@@ -3,9 +3,10 @@
 Each phase is its job, ``dagster job execute -m stage1_assets.definitions -j phaseN_train_gate_bundle
 --tags '{"dagster/partition": "phaseN"}'``: every asset of the phase with that phase's gate checks,
 a run the UI lists under the job's name. The full event log goes to
-``$DAGSTER_HOME/logs/<phase>.log``; the terminal gets one line per step and per gate check with
-its verdict. The demo stops at the first phase whose run fails (a gate, a step or data validation)
-and ends with the per-phase table of ``stage1 summary --all``.
+``$DAGSTER_HOME/.dagster_home/logs/<phase>.log`` (beside the instance's data); the terminal gets
+one line per step and per gate check with its verdict. The demo stops at the first phase whose
+run fails (a gate, a step or data validation) and ends with the per-phase table of
+``stage1 summary --all``.
 
 An optional phase (phase 5) whose *gate* fails does not stop the demo: the failure is printed with
 its figures, the skip is recorded through the documented mechanism (the ``skip_phase5`` job, so
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", default=None, help="run only this phase (e.g. phase3)")
     args = parser.parse_args(argv)
-    home = Path(os.environ.get("DAGSTER_HOME", ".dagster_home"))
-    log_dir = home / "logs"
+    from stage1_assets.instance import instance_data_dir
+
+    log_dir = instance_data_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     if args.phase:
         try:

@@ -33,6 +33,14 @@ POLICIES_BY_PHASE: dict[int, tuple[str, ...]] = {
     6: ("softmax", "gate", "scrc"),
 }
 
+#: Optimisers each phase's row allows (``phases.PhaseRecipe.optimizers``; a test keeps them equal):
+#: F-SAM / SAM are phase 5's part, every other phase trains with AdamW.
+OPTIMIZERS_BY_PHASE: dict[int, tuple[str, ...]] = {1: ("adamw",), 2: ("adamw",), 3: ("adamw",), 4: ("adamw",),
+                                                   5: ("fsam", "sam"), 6: ("adamw",)}
+
+#: Directory fields of the optional training sources (``skip_missing_sources`` may leave them out).
+OPTIONAL_SOURCE_FIELDS = ("roadwork_iccv_dir", "roadwork_extra_dir", "kaggle_construction_dir", "kaggle_road_issues_dir")
+
 #: Old field names still accepted on input, mapped to their current name.
 LEGACY_ALIASES = {"exit_threshold": "legacy_exit_threshold_for_logging"}
 
@@ -121,6 +129,9 @@ class Stage1ProConfig(BaseModel):
     use_kaggle_data: bool = False
     kaggle_construction_dir: str | None = None
     kaggle_road_issues_dir: str | None = None
+    #: Go on without a switched-on optional source (extra roadwork / Kaggle) that is absent, naming
+    #: it (stage1_core.data.sources); false: refuse the run and list every absent source.
+    skip_missing_sources: bool = False
     max_batch_size: int = 64
     fallback_batch_size: int = 32
     grad_accum_steps: int = 2
@@ -144,6 +155,9 @@ class Stage1ProConfig(BaseModel):
     log_file: str = "training.log"
 
     # Beyond the baseline.
+    #: Also keep the full checkpoint of every epoch as checkpoint_epochN.pth (the baseline kept
+    #: only the last); each is as large as checkpoint_last.pth (sizes in training.json).
+    save_every_epoch: bool = False
     ema_warmup: bool = True
     #: Standardise the head's input with the training features' per-dimension mean and std (fixed
     #: buffers of the head, carried by checkpoints and bundles); a warm-started head keeps its own.
@@ -235,6 +249,8 @@ class Stage1ProConfig(BaseModel):
     #: The heads' learning rate while fine-tuning is lr_head times this (the probe-trained head only
     #: needs to follow the adapters; LP-FT practice).
     finetune_head_lr_scale: float = 0.1
+    #: Recompute the backbone blocks' activations in backward (Hugging Face activation
+    #: checkpointing) in PEFT fine-tuning and ExPLoRA: less memory, ~1 more forward pass, same results.
     gradient_checkpointing: bool = False
 
     # Phase 5: SAM / Friendly-SAM.
@@ -388,6 +404,13 @@ class Stage1ProConfig(BaseModel):
                 f"exit_policy={self.exit_policy!r} is invalid for phase {self.phase}: allowed {list(allowed)} "
                 f"(phases 1-2 softmax; 3-5 softmax|gate; 6 any)"
             )
+        optimizers = OPTIMIZERS_BY_PHASE.get(self.phase, ())
+        if optimizers and self.optimizer not in optimizers:
+            p.append(
+                f"optimizer={self.optimizer!r} is invalid for phase {self.phase}: its row trains with "
+                f"{' or '.join(optimizers)} (SAM / F-SAM are phase 5's part; set phase: 5 to use them, "
+                f"or leave optimizer at adamw - each phase's row decides its optimizer)"
+            )
         return p
 
     def dataset_paths(self) -> dict[str, str | None]:
@@ -412,6 +435,8 @@ class Stage1ProConfig(BaseModel):
         """Every missing dataset path at once (empty when all exist)."""
         problems = []
         for name, value in self.dataset_paths().items():
+            if self.skip_missing_sources and name in OPTIONAL_SOURCE_FIELDS:
+                continue  # an absent optional source is left out and named (data/sources.py)
             if not value:
                 problems.append(f"{name} is not set (data_source='natix' needs it)")
             elif not Path(value).exists():

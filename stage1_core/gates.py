@@ -303,6 +303,7 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "nll": (0.0, math.inf), "brier": (0.0, 2.0), "augrc": (0.0, 0.5), "coverage": (0.0, 1.0),
     "coverage_at_deploy_prior": (0.0, 1.0), "fnr_on_exited": (0.0, 1.0), "fnr_on_exited_cp_upper": (0.0, 1.0),
     "exit_accuracy": (0.0, 1.0),
+    "classwise_ece": (0.0, 1.0), "rejection_rate": (0.0, 1.0), "average_set_size": (0.0, 2.0),
 }
 
 

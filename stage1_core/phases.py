@@ -51,6 +51,11 @@ class PhaseRecipe:
     #: Start the heads from the best head of the phase whose backbone this one builds on
     #: (``backbone_kind == "previous"``): same features, so the head is a valid starting point.
     warm_start: bool = False
+    #: Optimisers the row allows; the first is its own. A run config's ``optimizer`` is used only
+    #: when the row allows it (phase 5: ``sam`` instead of ``fsam``); every other phase trains with
+    #: the row's own, and a config whose ``phase`` row does not allow its ``optimizer`` is refused
+    #: (``config.OPTIMIZERS_BY_PHASE``, kept equal to these rows by a test).
+    optimizers: tuple[str, ...] = ("adamw",)
     optional: bool = False
     available: bool = True
     missing: str = ""
@@ -262,7 +267,7 @@ PHASES: dict[int, PhaseRecipe] = {
         loss_kind="selective",
         backbone_kind="explora",
         train_mode="finetune",
-        overrides={"selection_metric": "augrc", "exit_policy": "gate", "optimizer": "adamw"},
+        overrides={"selection_metric": "augrc", "exit_policy": "gate"},
     ),
     5: PhaseRecipe(
         phase=5,
@@ -279,8 +284,9 @@ PHASES: dict[int, PhaseRecipe] = {
         loss_kind="selective",
         backbone_kind="explora",
         train_mode="finetune",
+        optimizers=("fsam", "sam"),
         optional=True,
-        overrides={"selection_metric": "augrc", "exit_policy": "gate", "optimizer": "fsam"},
+        overrides={"selection_metric": "augrc", "exit_policy": "gate"},
     ),
     6: PhaseRecipe(
         phase=6,
@@ -330,13 +336,16 @@ def get_recipe(key: str | int) -> PhaseRecipe:
 
 
 def config_for_phase(config: Stage1ProConfig, key: str | int) -> Stage1ProConfig:
-    """The run config with the phase's recipe applied (phase number, selection metric, exit policy).
+    """The run config with the phase's recipe applied (phase number, selection metric, exit policy,
+    optimizer).
 
     The recipe decides what a phase deploys (phase 3 the gate policy, ...), so the gate criteria
-    always judge the policy they were written for.
+    always judge the policy they were written for, and how it trains: the config's ``optimizer``
+    only where the row allows it (``optimizer: fsam`` never reaches phases 1-4 and 6).
     """
     recipe = get_recipe(key)
-    changes: dict[str, object] = {"phase": recipe.phase, **recipe.overrides}
+    optimizer = config.optimizer if config.optimizer in recipe.optimizers else recipe.optimizers[0]
+    changes: dict[str, object] = {"phase": recipe.phase, "optimizer": optimizer, **recipe.overrides}
     return config.with_updates(**changes)
 
 

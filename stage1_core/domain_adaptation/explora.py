@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from stage1_core.artifacts import ArtifactError, atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
-from stage1_core.model.backbone import DINOv3Backbone, fingerprint_model
+from stage1_core.model.backbone import DINOv3Backbone, enable_gradient_checkpointing, fingerprint_model
 from stage1_core.model.peft import adapter_kind, apply_lora, merge_adapters, num_blocks
 
 FORMAT_VERSION = 1
@@ -109,6 +109,9 @@ class ExPLoRAConfig:
     progress: bool = True
     autocast: bool = True
     train_backbone: bool = True
+    #: Recompute the encoder blocks' activations in backward (Hugging Face activation
+    #: checkpointing): less memory, about one more forward pass per step, same results.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -283,6 +286,8 @@ class ExPLoRATrainer:
             ).to(self.device)
         self.model = model
         self._unfreeze()
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.optimizer = torch.optim.AdamW(self._param_groups(), betas=(0.9, 0.95))
         self.epoch = 0
         self.global_step = 0

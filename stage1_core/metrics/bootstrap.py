@@ -25,6 +25,7 @@ __all__ = [
     "BootstrapResult",
     "Statistic",
     "bootstrap",
+    "bootstrap_distribution",
     "resample_indices",
     "counts_from_indices",
     "combine",
@@ -32,10 +33,12 @@ __all__ = [
     "balanced_accuracy_statistic",
     "mcc_statistic",
     "ece_statistic",
+    "classwise_ece_statistic",
     "nll_statistic",
     "brier_statistic",
     "selective_statistic",
     "coverage_statistic",
+    "set_statistic",
     "coverage_at_prior_statistic",
     "exit_statistic",
 ]
@@ -94,6 +97,36 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
+def bootstrap_distribution(
+    statistic: Statistic,
+    n_samples: int,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    indices: np.ndarray | None = None,
+    chunk_size: int = 100,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """``(point estimates, per-resample values)`` of every value ``statistic`` returns.
+
+    The resamples are those :func:`bootstrap` summarises (same ``seed`` and ``n_resamples``, same
+    draws), so a plot of the distribution matches the reported intervals. NaN marks a resample
+    where the metric is undefined.
+    """
+    if indices is None:
+        indices = resample_indices(n_samples, n_resamples, seed)
+    elif indices.ndim != 2 or indices.shape[1] != n_samples:
+        raise ValueError(f"indices must have shape [B, {n_samples}], got {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= n_samples):
+        raise ValueError(f"indices must lie in 0..{n_samples - 1}")
+    point = {k: float(np.asarray(v)[0]) for k, v in statistic(np.ones((1, n_samples))).items()}
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in point}
+    for start in range(0, indices.shape[0], chunk_size):
+        w = counts_from_indices(indices[start : start + chunk_size], n_samples)
+        for k, v in statistic(w).items():
+            chunks[k].append(np.asarray(v, dtype=np.float64))
+    return point, {k: np.concatenate(parts) for k, parts in chunks.items()}
+
+
 def bootstrap(
     statistic: Statistic,
     n_samples: int,
@@ -111,22 +144,11 @@ def bootstrap(
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
-    if indices is None:
-        indices = resample_indices(n_samples, n_resamples, seed)
-    elif indices.ndim != 2 or indices.shape[1] != n_samples:
-        raise ValueError(f"indices must have shape [B, {n_samples}], got {indices.shape}")
-    if indices.size and (indices.min() < 0 or indices.max() >= n_samples):
-        raise ValueError(f"indices must lie in 0..{n_samples - 1}")
-    point = {k: float(np.asarray(v)[0]) for k, v in statistic(np.ones((1, n_samples))).items()}
-    chunks: dict[str, list[np.ndarray]] = {k: [] for k in point}
-    for start in range(0, indices.shape[0], chunk_size):
-        w = counts_from_indices(indices[start : start + chunk_size], n_samples)
-        for k, v in statistic(w).items():
-            chunks[k].append(np.asarray(v, dtype=np.float64))
+    point, distribution = bootstrap_distribution(statistic, n_samples, n_resamples=n_resamples, seed=seed,
+                                                 indices=indices, chunk_size=chunk_size)
     alpha = (1.0 - confidence) / 2.0
     results = {}
-    for k, parts in chunks.items():
-        values = np.concatenate(parts)
+    for k, values in distribution.items():
         defined = values[~np.isnan(values)]
         if defined.size:
             lo, hi = np.percentile(defined, [100 * alpha, 100 * (1 - alpha)])
@@ -209,6 +231,32 @@ def ece_statistic(probs, labels, n_bins: int = 10, name: str = "ece") -> Statist
     onehot[np.flatnonzero(inside), bins[inside]] = 1.0
     gap = onehot * (correct - conf)[:, None]
     return lambda w: {name: np.abs(w @ gap).sum(axis=1) / _totals(w)}
+
+
+def classwise_ece_statistic(probs, labels, n_bins: int = 10, name: str = "classwise_ece") -> Statistic:
+    """Classwise ECE (:func:`~stage1_core.metrics.calibration.classwise_ece`) per resample."""
+    pr = as_probs(probs)
+    y = as_labels(labels, n=pr.shape[0], n_classes=pr.shape[1])
+    gaps = []
+    for k in range(pr.shape[1]):
+        pk = pr[:, k]
+        onehot = np.zeros((pr.shape[0], n_bins))
+        onehot[np.arange(pr.shape[0]), np.maximum(bin_index(pk, n_bins), 0)] = 1.0
+        gaps.append(onehot * ((y == k).astype(np.float64) - pk)[:, None])
+    return lambda w: {name: np.mean([np.abs(w @ gap).sum(axis=1) for gap in gaps], axis=0) / _totals(w)}
+
+
+def set_statistic(exit_mask, prediction_sets) -> Statistic:
+    """``rejection_rate`` (deferred fraction, 1 - coverage) and ``average_set_size`` per resample.
+
+    Every policy answers with a prediction set (an exited sample its label, a deferred one
+    ``{0, 1}``; SCRC its own sets), so the average set size is defined for all of them.
+    """
+    deferred = (~np.asarray(exit_mask, dtype=bool)).astype(np.float64)
+    sizes = np.asarray([len(s) for s in prediction_sets], dtype=np.float64)
+    if deferred.ndim != 1 or sizes.shape != deferred.shape:
+        raise ValueError(f"exit_mask {deferred.shape} and prediction_sets ({sizes.shape[0]}) must be 1-D of one length")
+    return lambda w: {"rejection_rate": w @ deferred / _totals(w), "average_set_size": w @ sizes / _totals(w)}
 
 
 def nll_statistic(probs, labels, eps: float = 1e-12, name: str = "nll") -> Statistic:

@@ -160,6 +160,55 @@ def fingerprint_model(model: nn.Module, config: Any) -> str:
     return digest.hexdigest()
 
 
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a :class:`DINOv3Backbone` and/or a peft ``PeftModel``."""
+    model = model.model if isinstance(model, DINOv3Backbone) else model
+    get_base = getattr(model, "get_base_model", None)  # peft.PeftModel
+    return get_base() if callable(get_base) else model
+
+
+def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``model`` whose activations are recomputed in backward."""
+    hf = _hf_model(model)
+    return [m for m in hf.modules() if m is not hf and getattr(m, "gradient_checkpointing", False) is True]
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Turn on Hugging Face activation checkpointing of every transformer block; return how many.
+
+    Each block keeps only its input during the forward pass and recomputes its activations in
+    backward (non-reentrant ``torch.utils.checkpoint``, which works with frozen base weights and
+    adapters), trading about one extra forward pass for activation memory that no longer grows
+    with depth. The results are unchanged.
+    """
+    hf = _hf_model(model)
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise BackboneError(
+            f"{type(hf).__name__} does not support gradient checkpointing: set gradient_checkpointing: false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 name
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    blocks = checkpointed_blocks(hf)
+    if not blocks:
+        raise BackboneError(f"{type(hf).__name__}: gradient checkpointing enabled no block")
+    return len(blocks)
+
+
+def eval_keeping_checkpointing(model: nn.Module) -> None:
+    """``model.eval()`` (no RoPE jitter, no dropout), but checkpointed blocks still recompute.
+
+    Hugging Face checkpoints a block only while its ``training`` flag is set, and the trainer
+    runs adapted backbones in eval mode for deterministic features. Only the blocks' own flag is
+    set back (their children - attention, dropout, drop path - stay in eval mode, and the block's
+    forward itself does not read the flag), so the features are those of eval mode.
+    """
+    model.eval()
+    for block in checkpointed_blocks(model):
+        block.training = True
+
+
 class DINOv3Backbone(nn.Module):
     """A Hugging Face vision transformer used as a frozen CLS feature extractor.
 

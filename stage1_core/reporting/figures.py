@@ -19,7 +19,7 @@ from ..metrics import bootstrap as bs  # noqa: E402
 from ..metrics.calibration import bin_edges, compute_ece, reliability_bins  # noqa: E402
 from ..metrics.selective import augrc, risk_coverage_curve  # noqa: E402
 
-__all__ = ["plot_risk_coverage", "plot_reliability", "plot_threshold_sweep"]
+__all__ = ["plot_risk_coverage", "plot_reliability", "plot_threshold_sweep", "plot_exit_bootstrap"]
 
 _DPI = 120
 
@@ -161,4 +161,43 @@ def plot_threshold_sweep(certification_result: Any, target_fnr: float, out_path:
     handles_fnr = ax_fnr.get_legend_handles_labels()
     ax.legend(handles[0] + handles_fnr[0], handles[1] + handles_fnr[1], loc="upper center",
               bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+    return _save(fig, out_path)
+
+
+def plot_exit_bootstrap(
+    distribution: Mapping[str, np.ndarray],
+    point: Mapping[str, float],
+    out_path: str | Path,
+    *,
+    target_fnr: float,
+    confidence: float = 0.95,
+    title: str = "Bootstrap distributions on val_test",
+) -> Path:
+    """Histograms of FNR on exited samples and of coverage over the bootstrap resamples.
+
+    ``distribution`` holds ``fnr_on_exited`` and ``coverage`` per resample (NaN where a resample
+    has no exited positive), ``point`` their estimates on the full set. The percentile interval
+    is shaded and ``target_fnr`` marked, so the spread behind the reported interval is visible.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    alpha = (1.0 - confidence) / 2.0
+    for ax, key, label, colour in ((axes[0], "fnr_on_exited", "FNR on exited samples", "tab:red"),
+                                   (axes[1], "coverage", "coverage (fraction exited)", "tab:blue")):
+        values = np.asarray(distribution[key], dtype=np.float64)
+        defined = values[~np.isnan(values)]
+        if defined.size:
+            lo, hi = np.percentile(defined, [100 * alpha, 100 * (1 - alpha)])
+            ax.hist(defined, bins=min(40, max(5, int(np.sqrt(defined.size)))), color=colour, alpha=0.6)
+            ax.axvspan(lo, hi, color=colour, alpha=0.12, label=f"{confidence:.0%} interval [{lo:.4f}, {hi:.4f}]")
+        ax.axvline(point[key], color="black", linestyle="-", label=f"estimate {point[key]:.4f}")
+        if key == "fnr_on_exited":
+            ax.axvline(target_fnr, color="tab:red", linestyle="--", label=f"target {target_fnr:g}")
+        undefined = values.size - defined.size
+        note = f", {undefined} undefined" if undefined else ""
+        ax.set_title(f"{label}\n{defined.size} resamples{note}", fontsize=9)
+        ax.set_xlabel(label)
+        ax.set_ylabel("resamples")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     return _save(fig, out_path)

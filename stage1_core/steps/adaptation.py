@@ -48,14 +48,15 @@ def explora_settings(cfg: Any) -> dict[str, Any]:
     }
 
 
-def _explora_config(settings: dict[str, Any], num_workers: int, train_backbone: bool = True):
+def _explora_config(settings: dict[str, Any], num_workers: int, train_backbone: bool = True,
+                    gradient_checkpointing: bool = False):
     from stage1_core.domain_adaptation.explora import ExPLoRAConfig
 
     return ExPLoRAConfig(
         unfrozen_blocks=settings["unfrozen_blocks"], lora_r=settings["lora_r"], mask_ratio=settings["mask_ratio"],
         epochs=settings["epochs"], lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"],
         max_images=settings["max_images"], held_out_images=settings["held_out_images"], num_workers=num_workers,
-        train_backbone=train_backbone,
+        train_backbone=train_backbone, gradient_checkpointing=gradient_checkpointing,
     )
 
 
@@ -131,7 +132,8 @@ def adapt_with_explora(cfg: Any, source_dir: Path, root: Path, splits: Any, inde
     workers = resolve_num_workers(cfg.num_workers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seed_everything(int(cfg.seed))
-    trainer = ExPLoRATrainer(source, _explora_config(settings, workers), device=device)
+    explora = _explora_config(settings, workers, gradient_checkpointing=bool(cfg.gradient_checkpointing))
+    trainer = ExPLoRATrainer(source, explora, device=device)
     history = trainer.fit(train_set, held_out=held_set, checkpoint_path=store / CHECKPOINT)
     control = ExPLoRATrainer(source, _explora_config(settings, workers, train_backbone=False), device=device)
     control_history = control.fit(train_set, held_out=held_set, checkpoint_path=store / CONTROL_CHECKPOINT)

@@ -74,6 +74,10 @@ def data_sources(config: Stage1ProConfig, layout: Layout) -> tuple[list[tuple[st
         val = [(VAL_SOURCE, str(root / "val"), str(root / "val_labels.csv"))]
         return train, val, info
     config.validate_for_run()
+    if config.skip_missing_sources:
+        from stage1_core.data.sources import missing_extra_sources
+
+        info["skipped_sources"] = [f"{name} ({why})" for name, why in missing_extra_sources(config).items()]
     train = [(TRAIN_SOURCE, config.train_image_dir, config.train_labels_file), *extra_sources(config)]
     val = [(VAL_SOURCE, config.val_image_dir, config.val_labels_file)]
     return train, val, info

@@ -7,6 +7,7 @@ the live config; a config that asks for another promise makes the policy stale i
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from stage1_core.steps.training import plain_row, read_training
 
 EVALUATION_FILE = "evaluation.json"
 METRICS_FILE = "metrics.csv"
+#: The checkpoint's training log completed with the certified policy's val_test figures (plan 7.3).
+TRAINING_LOG_FILE = "training_log.csv"
 DECISIONS_FILE = "decisions.pt"
 
 
@@ -99,14 +102,42 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
                                                        n_bootstrap=min(cfg.bootstrap_samples, 200), seed=cfg.seed),
         "reliability (val_test)": plot_reliability(probs, labels, out_dir / "reliability.png"),
     }
+    figures["bootstrap distributions of FNR on exits and coverage (val_test)"] = _plot_exit_bootstrap(
+        decisions, labels, cfg, target, out_dir / "exit_bootstrap.png")
+    _complete_training_log(layout, partition, cfg.exit_policy, report, out_dir / TRAINING_LOG_FILE)
     sweep = layout.path("exit_policy", partition) / "threshold_sweep.png"
     if sweep.is_file():
         figures["threshold sweep (val_calib)"] = sweep
     figures.update(extra_figures)
+    # training_log.csv holds wall-clock seconds: left out of the lineage id, like the figures.
     record = ctx.finish("evaluation", [METRICS_FILE, DECISIONS_FILE, EVALUATION_FILE], inputs)
     rows = [plain_row(r) for r in report.table.to_dict(orient="records")]
     return StepResult(path, dict(summary, path=out_dir / METRICS_FILE, lineage_id=record.id),
                       tables={"metrics": rows}, figures=figures, record=record)
+
+
+def _plot_exit_bootstrap(decisions: Any, labels: np.ndarray, cfg: Stage1ProConfig, target: float, path: Path) -> Path:
+    """The bootstrap distributions behind the reported FNR and coverage intervals (same resamples)."""
+    from stage1_core.metrics import bootstrap as bs
+    from stage1_core.reporting.figures import plot_exit_bootstrap
+
+    exits = np.asarray(decisions.exit, dtype=bool)
+    statistic = bs.combine(bs.coverage_statistic(exits), bs.exit_statistic(exits, np.asarray(decisions.label), labels))
+    point, distribution = bs.bootstrap_distribution(statistic, len(labels), n_resamples=cfg.bootstrap_samples,
+                                                    seed=cfg.seed)
+    return plot_exit_bootstrap(distribution, point, path, target_fnr=target, confidence=cfg.bootstrap_confidence)
+
+
+def _complete_training_log(layout: Layout, partition: str, policy: str, report: Any, path: Path) -> Path:
+    """The checkpoint's training log with the certified policy's val_test FNR and coverage on its last row."""
+    from stage1_core.training.logging_csv import complete_log
+
+    training = read_training(layout, partition)
+    fnr, coverage = report.row("fnr_on_exited"), report.row("coverage")
+    figures = {"fnr_on_exited": fnr["value"], "fnr_ci": (fnr["ci_lower"], fnr["ci_upper"]),
+               "fnr_cp_upper": report.headline["fnr_on_exited_cp_upper"], "coverage": coverage["value"],
+               "coverage_ci": (coverage["ci_lower"], coverage["ci_upper"])}
+    return complete_log(layout.path("checkpoint", partition) / training["log_csv"], path, policy, figures)
 
 
 def read_metrics_csv(layout: Layout, partition: str) -> list[dict[str, Any]]:

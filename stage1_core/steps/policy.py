@@ -36,6 +36,8 @@ class FittedPolicy:
 
 Fitter = Callable[[StepContext, Path], FittedPolicy]
 POLICY_FITTERS: dict[str, Fitter] = {}
+#: The exit_policy step's own log: what calibration and certification reported (stage1_core.logfile).
+POLICY_LOG_FILE = "exit_policy.log"
 #: Companion files a fitter may write beside its policy file (removed when a refit writes none).
 COMPANION_FILES: tuple[str, ...] = ("scrc_calibration.pt",)
 
@@ -100,7 +102,13 @@ def fit_exit_policy(config: Stage1ProConfig, layout: Layout, partition: str) -> 
     if name not in POLICY_FITTERS:
         raise ValueError(f"exit policy {name!r} has no fitter; known: {sorted(POLICY_FITTERS)}")
     out_dir = layout.dir("exit_policy", partition)
-    fitted = POLICY_FITTERS[name](ctx, out_dir)
+    from stage1_core.logfile import artifact_log, log_figures
+
+    with artifact_log(out_dir / POLICY_LOG_FILE) as log:  # calibration and certification, beside the policy
+        log.info("fitting the %s exit policy of %s on val_calib (target FNR on exits %s, confidence %s)",
+                 name, partition, ctx.cfg.target_fnr_exit, ctx.cfg.fnr_confidence)
+        fitted = POLICY_FITTERS[name](ctx, out_dir)
+        log_figures(log, f"{name} policy", fitted.metadata)
     cls = policy_class(name)
     for other in POLICIES.values():
         if other.policy_file != cls.policy_file:

@@ -124,7 +124,9 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
         "log_csv": Path(result.log_csv).relative_to(out_dir).as_posix(),
         "environment": runtime_environment(),
         "memory": {"peak_rss_gb": result.peak_rss_gb, "peak_cuda_gb": result.peak_cuda_gb,
-                   "budget_gb": float(cfg.memory_budget_gb)},
+                   "budget_gb": float(cfg.memory_budget_gb), "device_memory_gb": result.device_memory_gb,
+                   "warning": result.memory_warning},
+        "checkpoint_sizes": checkpoint_sizes(out_dir),
         "loss_spike_factor": float(cfg.loss_spike_factor),
         "grad_norms": [float(v) for v in result.grad_norms],
         "step_losses": [float(v) for v in result.step_losses],
@@ -152,6 +154,11 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
 
 
 PROBE_DIR = "linear_probe"
+
+
+def checkpoint_sizes(out_dir: Path) -> dict[str, int]:
+    """Bytes of every ``*.pth`` the training wrote under ``out_dir`` (relative path -> size)."""
+    return {p.relative_to(out_dir).as_posix(): p.stat().st_size for p in sorted(Path(out_dir).rglob("*.pth"))}
 
 
 def _require_best(result: Any, partition: str) -> None:
@@ -185,9 +192,10 @@ def _plot_grad_norms(summary: dict[str, Any], out_path: Path) -> Path:
 
 def log_row(record: dict[str, Any]) -> dict[str, Any]:
     """A trainer history record under the training-log column names, as fractions (not percent)."""
-    from stage1_core.training.logging_csv import BASELINE_FORMATS, SELECTIVE_PREFIX, selective_column
+    from stage1_core.training.logging_csv import BASELINE_FORMATS, GATE_FORMATS, SELECTIVE_PREFIX, selective_column
 
     row: dict[str, Any] = {column: record.get(key) for column, (key, _, _) in BASELINE_FORMATS.items()}
+    row.update({column: record[key] for column, (key, _, _) in GATE_FORMATS.items() if key in record})
     row["Epoch"] = int(row["Epoch"])
     for key, value in record.items():
         if key.startswith(SELECTIVE_PREFIX):

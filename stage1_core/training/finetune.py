@@ -46,6 +46,8 @@ class FinetuneResult:
     batch_size: int
     oom_fallback: bool
     images_per_epoch: int
+    #: Transformer blocks whose activations were recomputed in backward (``gradient_checkpointing``).
+    checkpointed_blocks: int = 0
 
 
 def apply_peft(backbone: Any, cfg: Any) -> Any:
@@ -121,6 +123,13 @@ def finetune(
     backbone = apply_peft(base, cfg)
     sample = _sample_batch(val_select_samples if len(val_select_samples) else train_samples)
     peft_init = verify_peft(reference, backbone.model, sample)
+    if cfg.gradient_checkpointing:  # before the batch-size probe, so the probe sees the smaller peak
+        from stage1_core.model.backbone import enable_gradient_checkpointing, eval_keeping_checkpointing
+
+        checkpointed = enable_gradient_checkpointing(backbone)
+        eval_keeping_checkpointing(backbone.model)
+    else:
+        checkpointed = 0
     epochs = int(cfg.finetune_epochs)
     ft_cfg = cfg.with_updates(epochs=epochs, warmup_epochs=min(int(cfg.warmup_epochs), epochs - 1),
                               lr_head=float(cfg.lr_head) * float(cfg.finetune_head_lr_scale))
@@ -149,4 +158,5 @@ def finetune(
     return FinetuneResult(
         train=result, peft_init=peft_init, peft_final=peft_final, backbone_dir=directory, fingerprint=fingerprint,
         batch_size=batch_size, oom_fallback=batch_size != int(cfg.max_batch_size), images_per_epoch=len(chosen),
+        checkpointed_blocks=checkpointed,
     )

@@ -52,22 +52,11 @@ def synthetic_data_dir(config: Any, artifacts_root: Path) -> Path:
 
 
 def train_source_configs(config: Any) -> list[tuple[str, str, str]]:
-    """``(source, image_dir, labels_file)`` of every training source the flags ask for.
+    """``(source, image_dir, labels_file)`` of every training source the flags ask for
+    (:func:`stage1_core.data.sources.training_sources`: layouts, ``skip_missing_sources``)."""
+    from stage1_core.data.sources import training_sources
 
-    Layouts as in the baseline: ROADWork and the Roboflow extras keep ``train_images/`` and
-    ``train_labels.csv``; the Kaggle sets keep ``train/`` and ``train_labels.csv``.
-    """
-    sources = [("natix", str(config.train_image_dir), str(config.train_labels_file))]
-    if config.use_extra_roadwork:
-        for name, root in (("roadwork_iccv", config.roadwork_iccv_dir), ("roadwork_extra", config.roadwork_extra_dir)):
-            sources.append((name, str(Path(root) / "train_images"), str(Path(root) / "train_labels.csv")))
-    if config.use_kaggle_data:
-        for name, root in (
-            ("kaggle_construction", config.kaggle_construction_dir),
-            ("kaggle_road_issues", config.kaggle_road_issues_dir),
-        ):
-            sources.append((name, str(Path(root) / "train"), str(Path(root) / "train_labels.csv")))
-    return sources
+    return training_sources(config)
 
 
 def load_samples(config: Any, artifacts_root: Path, progress: bool = True) -> tuple[list[Sample], list[Sample]]:
@@ -106,9 +95,13 @@ def load_samples(config: Any, artifacts_root: Path, progress: bool = True) -> tu
 
 
 def build_splits(config: Any, train: Sequence[Sample], val: Sequence[Sample], output_dir: Path) -> Splits:
-    """Hash splits of ``val`` (and all of ``train``), written to ``output_dir/splits.json``."""
+    """Hash splits of ``val`` (and all of ``train``), written to ``output_dir/splits.json``.
+
+    The assignment uses ``split_seed`` (as the Dagster path does): trying training seeds never
+    redraws val_select / val_calib / val_test.
+    """
     ratios = (config.val_select_ratio, config.val_calib_ratio, config.val_test_ratio)
-    splits = make_splits(train, val, seed=config.seed, ratios=ratios)
+    splits = make_splits(train, val, seed=config.split_seed, ratios=ratios)
     save_splits(splits, output_dir / "splits.json")
     return splits
 

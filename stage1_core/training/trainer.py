@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from stage1_core.artifacts import atomic_write_bytes
 from stage1_core.features import TensorSplit
 from stage1_core.model.head import (
     HeadOutput,
@@ -70,6 +71,8 @@ BEST_ACCURACY_FILE = "model_best_accuracy.pth"
 #: Trainable backbone parameters (adapters) of the best epoch, when the backbone is fine-tuned.
 BEST_ADAPTERS_FILE = "adapters_best.pth"
 LAST_CHECKPOINT_FILE = "checkpoint_last.pth"
+#: Full checkpoint of every epoch (``save_every_epoch``), the baseline's checkpoint format.
+EPOCH_CHECKPOINT_FILE = "checkpoint_epoch{epoch}.pth"
 SELECTION_METRICS = {"accuracy": "max", "augrc": "min"}
 EVAL_CHUNK = 8192
 POSTFIX_EVERY = 10
@@ -140,11 +143,18 @@ class TrainResult:
     peak_cuda_gb: float | None = None
     #: Adapter weights of the best epoch (fine-tuning only).
     best_adapters: Path | None = None
+    #: Memory of the device trained on (GPU total, else physical RAM), GiB, and the warning given
+    #: when the peak came within ``MEMORY_WARNING_FRACTION`` of it (None when it did not).
+    device_memory_gb: float | None = None
+    memory_warning: str | None = None
+    #: ``checkpoint_epochN.pth`` files written (``save_every_epoch``).
+    epoch_checkpoints: list[Path] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("best_checkpoint", "last_checkpoint", "log_csv", "accuracy_best_checkpoint", "best_adapters"):
             data[key] = str(data[key]) if data[key] is not None else None
+        data["epoch_checkpoints"] = [str(p) for p in self.epoch_checkpoints]
         return data
 
 
@@ -216,7 +226,8 @@ class _State:
 
 
 def _validation_metrics(
-    logits: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, exit_threshold: float
+    logits: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, exit_threshold: float,
+    gate: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     from stage1_core.metrics.calibration import compute_ece
     from stage1_core.metrics.selective import selective_metrics
@@ -236,18 +247,28 @@ def _validation_metrics(
         "exit_coverage": float(exit_mask.mean()),
         "exit_acc": exit_acc,
     }
+    if gate is not None:  # gated head: the raw gate's acceptance (monitoring; certified later on val_calib)
+        accepted = (torch.sigmoid(gate.float()) >= 0.5).cpu().numpy()
+        out["gate_coverage"] = float(accepted.mean())
+        out["gate_acc"] = float((pred[accepted] == y[accepted]).mean()) if accepted.any() else None
     selective = selective_metrics(probs.max(axis=1), (pred != y).astype(np.float64))
     out.update({f"{SELECTIVE_PREFIX}{k}": float(v) for k, v in selective.items()})
     return out
 
 
 @torch.no_grad()
-def _head_logits(model: nn.Module, features: torch.Tensor, amp: AmpSettings, device: torch.device) -> torch.Tensor:
-    chunks = []
+def _head_logits(
+    model: nn.Module, features: torch.Tensor, amp: AmpSettings, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class logits and, for a gated head, the gate logits (else None)."""
+    chunks, gates = [], []
     with amp.autocast(device):
         for start in range(0, features.shape[0], EVAL_CHUNK):
-            chunks.append(head_logits(model(features[start : start + EVAL_CHUNK])).float())
-    return torch.cat(chunks)
+            output = model(features[start : start + EVAL_CHUNK])
+            chunks.append(head_logits(output).float())
+            if isinstance(output, HeadOutput):
+                gates.append(output.gate.float())
+    return torch.cat(chunks), (torch.cat(gates) if gates else None)
 
 
 @torch.no_grad()
@@ -365,7 +386,8 @@ def train_head(
     state = _State()
     if resume_checkpoint is None:
         # A best checkpoint left by an earlier run in the same directory is never this run's best.
-        for stale in (out / BEST_FILE, out / BEST_ACCURACY_FILE, out / BEST_ADAPTERS_FILE):
+        for stale in (out / BEST_FILE, out / BEST_ACCURACY_FILE, out / BEST_ADAPTERS_FILE,
+                      *out.glob(EPOCH_CHECKPOINT_FILE.format(epoch="*"))):
             stale.unlink(missing_ok=True)
     if resume_checkpoint is not None:
         state = _resume(
@@ -383,6 +405,9 @@ def train_head(
             return inputs
         backbone.model.eval()  # deterministic features: no RoPE jitter, no dropout
         if trainable_backbone:
+            from stage1_core.model.backbone import eval_keeping_checkpointing
+
+            eval_keeping_checkpointing(backbone.model)  # gradient_checkpointing: blocks still recompute
             return backbone(inputs)
         with torch.no_grad():
             return backbone(inputs)
@@ -397,6 +422,7 @@ def train_head(
     best_acc_path = out / BEST_ACCURACY_FILE
     best_adapters_path = out / BEST_ADAPTERS_FILE
     last_path = out / LAST_CHECKPOINT_FILE
+    epoch_checkpoints: list[Path] = []
     for epoch in range(state.start_epoch, int(config.epochs)):
         if state.stopped_early or not state.losses_finite:
             break
@@ -415,8 +441,9 @@ def train_head(
         with context:
             if not isinstance(val_select, TensorSplit) and (val_cache is None or trainable_backbone):
                 val_cache = _loader_features(backbone, val_select, device, amp)  # type: ignore[arg-type]
-            logits = _head_logits(model, val_cache.features, amp, device)
-            val = _validation_metrics(logits, val_cache.labels, criterion, float(config.legacy_exit_threshold_for_logging))
+            logits, gate = _head_logits(model, val_cache.features, amp, device)
+            val = _validation_metrics(logits, val_cache.labels, criterion, float(config.legacy_exit_threshold_for_logging),
+                                      gate)
             value = val["val_acc"] if metric == "accuracy" else val[f"{SELECTIVE_PREFIX}augrc"]
             improved = math.isfinite(value) and _is_better(value, state.best_metric, mode)
             accuracy_improved = val["val_acc"] > state.best_accuracy
@@ -460,11 +487,21 @@ def train_head(
             logger.info("early stopping: %d epochs without improvement of %s", state.patience, metric)
         _save_full_checkpoint(last_path, epoch, config, head, optimizer, scheduler, scaler, ema, generators, state, metric,
                               backbone.model if trainable_backbone else None)
+        if getattr(config, "save_every_epoch", False):
+            epoch_path = out / EPOCH_CHECKPOINT_FILE.format(epoch=epoch + 1)
+            atomic_write_bytes(epoch_path, last_path.read_bytes())
+            epoch_checkpoints.append(epoch_path)
         if state.stopped_early:
             break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
 
+    peak_cuda = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
+    peak_rss = peak_rss_gb()
+    limit = device_memory_gb(device)
+    warning = memory_warning(peak_cuda if peak_cuda is not None else peak_rss, limit, device.type)
+    if warning:
+        logger.warning(warning)
     return TrainResult(
         best_checkpoint=best_path if (best_path.is_file() and state.best_epoch > 0) else None,
         last_checkpoint=last_path,
@@ -482,10 +519,40 @@ def train_head(
         hidden_size=hidden,
         grad_norms=list(state.grad_norms),
         step_losses=list(state.step_losses),
-        peak_rss_gb=peak_rss_gb(),
-        peak_cuda_gb=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
+        peak_rss_gb=peak_rss,
+        peak_cuda_gb=peak_cuda,
         best_adapters=best_adapters_path if (trainable_backbone and best_adapters_path.is_file() and state.best_epoch > 0) else None,
+        device_memory_gb=limit,
+        memory_warning=warning,
+        epoch_checkpoints=epoch_checkpoints,
     )
+
+
+#: Peak memory above this fraction of the device's memory is reported as a warning.
+MEMORY_WARNING_FRACTION = 0.9
+
+
+def device_memory_gb(device: torch.device) -> float | None:
+    """Total memory of ``device`` in GiB: the GPU's, else the machine's physical RAM (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    try:
+        import os
+
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def memory_warning(peak_gb: float | None, limit_gb: float | None, device_type: str,
+                   fraction: float = MEMORY_WARNING_FRACTION) -> str | None:
+    """A warning when ``peak_gb`` reached ``fraction`` of ``limit_gb`` (else None), with what to do."""
+    if peak_gb is None or not limit_gb or peak_gb < fraction * limit_gb:
+        return None
+    what = "GPU memory (max allocated)" if device_type == "cuda" else "physical memory (peak RSS)"
+    return (f"training peaked at {peak_gb:.2f} GiB of {what}, {100 * peak_gb / limit_gb:.0f}% of the device's "
+            f"{limit_gb:.2f} GiB: a larger batch or model may run out of memory - lower max_batch_size, set "
+            f"gradient_checkpointing: true (fine-tuning) or use_amp: true")
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -19,26 +19,28 @@ BIN = Path(sys.executable).parent
 
 
 class Project:
-    """A temporary DAGSTER_HOME + artifacts root + config, and the CLIs run against them."""
+    """A temporary project root (DAGSTER_HOME, holding the repository's dagster.yaml, and the CLIs'
+    working directory, so the instance's data lands in its .dagster_home/) + artifacts root + config."""
 
     def __init__(self, base: Path, config: dict):
         self.base = base
-        self.home = base / "dagster_home"
+        self.home = base / "project"
         self.artifacts = base / "artifacts"
         self.config_path = base / "config.yaml"
         self.home.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "configs" / "dagster.yaml", self.home / "dagster.yaml")
+        shutil.copy(REPO / "dagster.yaml", self.home / "dagster.yaml")
         self.config_path.write_text(yaml.safe_dump(config))
 
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(DAGSTER_HOME=str(self.home), STAGE1_CONFIG=str(self.config_path),
-                   STAGE1_ARTIFACTS=str(self.artifacts), PYTHONUNBUFFERED="1")
+                   STAGE1_ARTIFACTS=str(self.artifacts), PYTHONUNBUFFERED="1", DAGSTER_DISABLE_TELEMETRY="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p))
         return env
 
     def run(self, *args: str, timeout: int = 2400) -> subprocess.CompletedProcess:
-        return subprocess.run(list(args), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(list(args), cwd=self.home, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def materialize(self, select: str, partition: str | None) -> subprocess.CompletedProcess:
         """``dagster asset materialize``; ``partition=None`` for a selection of unpartitioned assets."""
@@ -50,19 +52,11 @@ class Project:
 
     @contextlib.contextmanager
     def instance(self) -> Iterator[Any]:
-        """The Dagster instance on disk (``DAGSTER_HOME`` pointed at this project while it is open)."""
-        import dagster as dg
+        """The Dagster instance on disk (DAGSTER_HOME and working directory at this project while it is open)."""
+        from stage1_assets.instance import open_instance
 
-        old = os.environ.get("DAGSTER_HOME")
-        os.environ["DAGSTER_HOME"] = str(self.home)
-        try:
-            with dg.DagsterInstance.get() as instance:
-                yield instance
-        finally:
-            if old is None:
-                os.environ.pop("DAGSTER_HOME")
-            else:
-                os.environ["DAGSTER_HOME"] = old
+        with open_instance(self.home) as instance:
+            yield instance
 
     def check_records(self, partition: str) -> dict[str, bool | None]:
         """Latest verdict of every gate check of ``partition``, read from the instance on disk."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BIN, REPO, Project, clone_project, output
+from tests.integration.conftest import BIN, Project, clone_project, output
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -50,7 +50,7 @@ def kill_leftover_runs():
 def start(project: Project, select: str, partition: str, **env: str) -> subprocess.Popen:
     args = [str(BIN / "dagster"), "asset", "materialize", "-m", "stage1_assets.definitions", "--select", select,
             "--partition", partition]
-    proc = subprocess.Popen(args, cwd=REPO, env={**project.env, **env}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, cwd=project.home, env={**project.env, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     STARTED.append(proc)
     return proc

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from stage1_core.config import Stage1ProConfig
-from tests.integration.conftest import BIN, REPO, Project, clone_project, output
+from tests.integration.conftest import BIN, Project, clone_project, output
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -62,7 +62,7 @@ def materialize(project: Project, select: str, fault: str | None = None, extra_e
         env["STAGE1_FAULT_INJECT"] = f"{fault}:group"
     args = [str(BIN / "dagster"), "asset", "materialize", "-m", "stage1_assets.definitions", "--select", select,
             "--partition", PARTITION]
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(args, cwd=project.home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)

@@ -100,8 +100,8 @@ def dagster_ui(ui_project) -> Iterator[tuple[str, Path]]:
     log = ui_project.base / "dagster_dev.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=REPO, env=ui_project.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+            cwd=ui_project.home, env=ui_project.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -171,19 +171,11 @@ def latest_metadata(project: Project, asset: str, partition: str) -> dict[str, A
     """The metadata of the latest materialisation of ``asset[partition]``, read from the instance."""
     import dagster as dg
 
-    old = os.environ.get("DAGSTER_HOME")
-    os.environ["DAGSTER_HOME"] = str(project.home)
-    try:
-        with dg.DagsterInstance.get() as instance:
-            records = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
-            assert records, f"{asset}[{partition}] was never materialised in {project.home}"
-            return dict(records[0].asset_materialization.metadata)
-    finally:
-        if old is None:
-            os.environ.pop("DAGSTER_HOME")
-        else:
-            os.environ["DAGSTER_HOME"] = old
+    with project.instance() as instance:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+        assert records, f"{asset}[{partition}] was never materialised in {project.home}"
+        return dict(records[0].asset_materialization.metadata)
 
 
 #: Right edge of each inline table and figure against the right edge of the metadata pane: what

@@ -142,3 +142,45 @@ def test_fingerprint_tracks_weights_not_provenance(small_dir):
         next(backbone.model.parameters()).add_(1e-3)
     assert backbone.fingerprint(refresh=True) != before
     assert backbone_module.fingerprint_model(backbone.model, backbone.config) == backbone.fingerprint()
+
+
+def _saved_bytes_and_grads(backbone: DINOv3Backbone, pixels: torch.Tensor) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
+    """Bytes of the tensors autograd keeps for backward during one forward, the features, the adapter grads."""
+    from stage1_core.model.backbone import eval_keeping_checkpointing
+
+    kept: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    eval_keeping_checkpointing(backbone.model)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        features = backbone(pixels)
+    features.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in backbone.trainable_parameters()]
+    backbone.model.zero_grad(set_to_none=True)
+    return sum(kept), features.detach(), grads
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_gradients(small_dir):
+    from stage1_core.model.backbone import checkpointed_blocks, enable_gradient_checkpointing
+    from stage1_core.model.peft import apply_lora
+
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = apply_lora(DINOv3Backbone.load(small_dir), 2, 2)
+    checkpointed = apply_lora(DINOv3Backbone.load(small_dir), 2, 2)
+    checkpointed.model.load_state_dict(plain.model.state_dict())
+    assert checkpointed_blocks(checkpointed) == []
+    assert enable_gradient_checkpointing(checkpointed) == SMALL_CONFIG["num_hidden_layers"]
+    bytes_plain, features_plain, grads_plain = _saved_bytes_and_grads(plain, pixels)
+    bytes_ckpt, features_ckpt, grads_ckpt = _saved_bytes_and_grads(checkpointed, pixels)
+    # Only the blocks' inputs are kept; their activations are recomputed in backward.
+    print(f"saved for backward: {bytes_plain} B plain, {bytes_ckpt} B checkpointed")
+    assert bytes_ckpt < 0.5 * bytes_plain, (bytes_ckpt, bytes_plain)
+    assert torch.allclose(features_ckpt, features_plain, atol=1e-6)
+    assert len(grads_ckpt) == len(grads_plain) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_ckpt, grads_plain))
+    # The blocks' children stay in eval mode: no dropout, no RoPE jitter.
+    assert all(b.training for b in checkpointed_blocks(checkpointed))
+    assert not any(m.training for b in checkpointed_blocks(checkpointed) for m in b.modules() if m is not b)

@@ -107,3 +107,26 @@ def test_bad_input_raises():
     decisions = SoftmaxExitPolicy(0.8).decide(probs[:50])
     with pytest.raises(ValueError, match="decisions cover 50"):
         evaluate_decisions(probs, y, decisions, deploy_prior=0.5, target_fnr=0.02, delta=0.05)
+
+
+def test_every_policy_reports_set_size_rejection_rate_and_classwise_ece():
+    from stage1_core.metrics.calibration import classwise_ece
+    from stage1_core.policies.base import Decisions
+
+    probs, y = _data(600)
+    decisions = SoftmaxExitPolicy(0.8).decide(probs)
+    exits = np.asarray(decisions.exit, dtype=bool)
+    report = evaluate_decisions(probs, y, decisions, deploy_prior=0.5, target_fnr=0.02, delta=0.05, n_bootstrap=200)
+    assert 0 < exits.mean() < 1
+    assert report.row("rejection_rate")["value"] == pytest.approx(1 - exits.mean(), abs=1e-12)
+    assert report.row("average_set_size")["value"] == pytest.approx(1 + (1 - exits.mean()), abs=1e-12)
+    assert report.row("classwise_ece")["value"] == pytest.approx(classwise_ece(probs, y), abs=1e-12)
+    for metric in ("rejection_rate", "average_set_size", "classwise_ece"):
+        row = report.row(metric)
+        assert row["ci_lower"] <= row["value"] <= row["ci_upper"] and row["std"] > 0, metric
+        assert report.headline[metric] == row["value"]
+    # SCRC-style sets: the set sizes are read from the decisions, not derived from exit.
+    sets = [(1,) if i % 3 == 0 else (0, 1) if i % 3 == 1 else (0,) for i in range(len(y))]
+    scrc = Decisions(exits, decisions.label, decisions.p_roadwork, sets)
+    other = evaluate_decisions(probs, y, scrc, deploy_prior=0.5, target_fnr=0.02, delta=0.05, n_bootstrap=200)
+    assert other.row("average_set_size")["value"] == pytest.approx(np.mean([len(s) for s in sets]), abs=1e-12)

@@ -266,3 +266,13 @@ def test_invalid_settings_are_refused():
 def test_missing_pre_training_image_is_reported(image_files, tmp_path):
     with pytest.raises(FileNotFoundError, match="1 pre-training image"):
         unlabeled_images(image_files[:2] + [tmp_path / "gone.png"])
+
+
+def test_gradient_checkpointing_recomputes_the_encoder_blocks_and_gives_the_same_losses(source, repetitive):
+    from stage1_core.model.backbone import checkpointed_blocks
+
+    plain = ExPLoRATrainer(source, ExPLoRAConfig(epochs=1, **FAST))
+    checkpointed = ExPLoRATrainer(source, ExPLoRAConfig(epochs=1, gradient_checkpointing=True, **FAST))
+    assert checkpointed_blocks(plain.model) == [] and len(checkpointed_blocks(checkpointed.model)) == SMALL["num_hidden_layers"]
+    losses = [trainer.train_epoch(TensorDataset(repetitive)) for trainer in (plain, checkpointed)]
+    assert np.isfinite(losses).all() and abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), losses

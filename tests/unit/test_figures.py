@@ -43,3 +43,20 @@ def test_threshold_sweep_png_from_result_and_document(tmp_path, n):
     _check_png(plot_threshold_sweep(doc, 0.02, tmp_path / "b" / "sweep.png"))
     with pytest.raises(TypeError):
         plot_threshold_sweep(42, 0.02, tmp_path / "c.png")
+
+
+def test_exit_bootstrap_png_and_distribution_matches_the_reported_intervals(tmp_path):
+    from stage1_core.metrics import bootstrap as bs
+    from stage1_core.reporting.figures import plot_exit_bootstrap
+
+    probs, y = _data()
+    exits = probs.max(axis=1) >= 0.9
+    stat = bs.combine(bs.coverage_statistic(exits), bs.exit_statistic(exits, probs.argmax(axis=1), y))
+    point, distribution = bs.bootstrap_distribution(stat, len(y), n_resamples=300, seed=3)
+    summary = bs.bootstrap(stat, len(y), n_resamples=300, seed=3)
+    for key in ("coverage", "fnr_on_exited"):
+        values = distribution[key][~np.isnan(distribution[key])]
+        assert distribution[key].shape == (300,) and point[key] == summary[key].value
+        assert np.percentile(values, 2.5) == pytest.approx(summary[key].ci_lower)
+        assert np.percentile(values, 97.5) == pytest.approx(summary[key].ci_upper)
+    _check_png(plot_exit_bootstrap(distribution, point, tmp_path / "b" / "exit_bootstrap.png", target_fnr=0.02))

@@ -409,7 +409,7 @@ def test_training_optimizer_gives_the_head_its_lr_and_backbone_adapters_layer_wi
     backbone = apply_lora(DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                                                          intermediate_size=64, image_size=32)), 2, 2)
     head = Stage1Head(32, 0.0)
-    cfg = Stage1ProConfig(lr_head=1e-3, lr_backbone=1e-4, layer_lr_decay=0.5, optimizer="fsam", sam_rho=0.1)
+    cfg = Stage1ProConfig(lr_head=1e-3, lr_backbone=1e-4, layer_lr_decay=0.5, phase=5, optimizer="fsam", sam_rho=0.1)
     optimizer = build_training_optimizer(cfg, head, backbone)
     assert isinstance(optimizer, FriendlySAM)
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}

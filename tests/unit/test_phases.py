@@ -35,7 +35,7 @@ def test_phase4_and_5_adapt_the_backbone_and_fine_tune_and_phase5_is_phase4_with
     assert (four.backbone_kind, four.train_mode, four.head_kind) == ("explora", "finetune", "gated")
     assert five.optional and five.requires == (4,)
     assert (five.backbone_kind, five.train_mode, five.loss_kind) == (four.backbone_kind, four.train_mode, four.loss_kind)
-    assert five.overrides["optimizer"] == "fsam" and four.overrides["optimizer"] == "adamw"
+    assert five.optimizers[0] == "fsam" and four.optimizers == ("adamw",)
     names4, names5 = {c.name for c in four.criteria}, {c.name for c in five.criteria}
     assert {"explora_pretraining_completed", "peft_applied_correctly", "performance_maintained",
             "no_memory_issues", "bundle_verified"} <= names4
@@ -79,3 +79,28 @@ def test_phase_number_rejects_unknown(bad):
 
 def test_every_phase_has_a_recipe():
     assert sorted(PHASES) == [1, 2, 3, 4, 5, 6]
+
+
+def test_each_phase_row_decides_its_optimizer():
+    """``optimizer: sam`` (allowed by phase 5's row) never reaches another phase."""
+    config = Stage1ProConfig(phase=5, optimizer="sam")
+    assert [config_for_phase(config, n).optimizer for n in PHASES] == ["adamw"] * 4 + ["sam", "adamw"]
+    assert [config_for_phase(Stage1ProConfig(), n).optimizer for n in PHASES] == ["adamw"] * 4 + ["fsam", "adamw"]
+
+
+@pytest.mark.parametrize("phase", [1, 2, 3, 4, 6])
+def test_a_config_picking_fsam_for_a_phase_whose_row_forbids_it_is_refused(phase):
+    from stage1_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"optimizer='fsam' is invalid for phase {phase}: its row trains with adamw"):
+        Stage1ProConfig.from_dict({"phase": phase, "optimizer": "fsam"})
+    if phase < 6:
+        with pytest.raises(ConfigError, match=f"exit_policy='scrc' is invalid for phase {phase}"):
+            Stage1ProConfig.from_dict({"phase": phase, "exit_policy": "scrc"})
+
+
+def test_config_validation_tables_match_the_phase_rows():
+    from stage1_core.config import OPTIMIZERS_BY_PHASE, POLICIES_BY_PHASE
+
+    assert OPTIMIZERS_BY_PHASE == {n: recipe.optimizers for n, recipe in PHASES.items()}
+    assert POLICIES_BY_PHASE == {n: recipe.exit_policies for n, recipe in PHASES.items()}

@@ -5,6 +5,7 @@ Also the split rules: the exit policy may only see val_calib, evaluation only va
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -142,6 +143,8 @@ def test_phase1_steps_produce_a_certified_policy_and_passing_gates(trained):
     thresholds = read_json(layout.root / "exit_policy" / "phase1" / "thresholds.json", schema="thresholds")
     assert thresholds["certified"] and 0.5 <= thresholds["exit_threshold"] <= 1.0
     assert thresholds["checkpoint_id"] == pipeline.read_training(layout, "phase1")["checkpoint_id"]
+    policy_log = (layout.root / "exit_policy" / "phase1" / "exit_policy.log").read_text()
+    assert "fitting the softmax exit policy of phase1 on val_calib" in policy_log and "softmax policy: " in policy_log
     pipeline.export_phase_bundle(config, layout, "phase1", run_id="test-run")
     bundle = pipeline.bundle_dir(layout, "phase1")
     assert (bundle / "bundle.json").is_file() and not list((layout.root / "bundle" / "phase1").glob(".staging*"))
@@ -162,6 +165,17 @@ def test_evaluation_writes_metrics_with_intervals(trained):
     evaluation = read_json(layout.root / "evaluation" / "phase1" / "evaluation.json")
     splits = read_json(layout.root / "splits" / "splits.json")
     assert evaluation["n_test"] == len(splits["splits"]["val_test"]["sample_ids"])
+    for name in ("rejection_rate", "average_set_size", "classwise_ece"):
+        assert rows[name]["ci_lower"] <= rows[name]["value"] <= rows[name]["ci_upper"], name
+    assert (layout.root / "evaluation" / "phase1" / "exit_bootstrap.png").stat().st_size > 10_000
+    with open(layout.root / "evaluation" / "phase1" / "training_log.csv", newline="") as handle:
+        log = list(csv.DictReader(handle))
+    assert log[-1]["Exit_Policy"] == "softmax"
+    assert float(log[-1]["FNR_on_exited"]) == pytest.approx(rows["fnr_on_exited"]["value"], abs=1e-6)
+    assert float(log[-1]["Policy_Coverage_CI_Lower"]) == pytest.approx(rows["coverage"]["ci_lower"], abs=1e-6)
+    training = pipeline.read_training(layout, "phase1")
+    assert training["checkpoint_sizes"]["model_best.pth"] == (layout.root / "checkpoint" / "phase1" / "model_best.pth").stat().st_size
+    assert training["memory"]["device_memory_gb"] > 0 and "warning" in training["memory"]
 
 
 def restamp_predictions(config, layout):

@@ -39,14 +39,16 @@ def test_a_killed_run_is_marked_failed_and_its_gpu_slot_freed(tmp_path, monkeypa
 
     from stage1_assets.recovery import process_alive, reap_dead_runs
 
-    (tmp_path / "dagster.yaml").write_text((REPO / "configs" / "dagster.yaml").read_text())
+    (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
-    child = subprocess.run([sys.executable, "-c", KILLED_RUN], env=env, capture_output=True, text=True, timeout=240)
+    child = subprocess.run([sys.executable, "-c", KILLED_RUN], env=env, capture_output=True, text=True, timeout=240,
+                           cwd=tmp_path)
     assert child.returncode == -signal.SIGKILL and "holding" in child.stdout, child.stderr[-3000:]
     assert not process_alive(2**22 + 12345)  # above the largest pid Linux hands out
     assert process_alive(os.getpid())
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # dagster.yaml's paths are relative to the project root
     with dg.DagsterInstance.get() as instance:
         (run,) = instance.get_runs()
         assert run.status == DagsterRunStatus.STARTED

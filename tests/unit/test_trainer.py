@@ -121,6 +121,7 @@ def test_csv_log_keeps_the_baseline_header_first(tmp_path, data):
         header, *rows = list(csv.reader(handle))
     assert tuple(header[: len(BASELINE_HEADER)]) == BASELINE_HEADER
     assert {"AUGRC", "AURC", "Risk@0.8", "Coverage@0.02", "Epoch_Seconds"} <= set(header)
+    assert "GateCoverage" not in header  # no gate, no gate columns
     assert len(rows) == 2 and rows[1][0] == "2"
     best = max(float(r[header.index("Val_Acc")]) for r in rows)
     assert float(rows[-1][header.index("Best_Val_Acc")]) == pytest.approx(best)
@@ -215,7 +216,7 @@ def test_train_mode_runs_the_frozen_backbone_each_step_and_resumes(tmp_path):
 
 def test_fsam_trains_with_two_passes_per_step_and_resumes_exactly(tmp_path, data):
     train, val = data
-    config = make_config(epochs=3, optimizer="fsam", sam_rho=0.05)
+    config = make_config(epochs=3, phase=5, optimizer="fsam", sam_rho=0.05)
     full = train_head(config, train, val, tmp_path / "full", progress=False)
     steps = 3 * 4  # 128 samples / 16 per batch / 2 per accumulation group
     assert full.losses_finite and full.global_step == steps
@@ -320,5 +321,44 @@ def test_gate_margin_input_trains_the_gate_margin_weights_only_when_on(tmp_path)
         result = train_head(config, train, val, tmp_path / str(on), progress=False, with_gate=True,
                             loss_fn=build_loss("selective", config, train.labels))
         weights[on] = load_state_dict_file(result.best_checkpoint)["gate_margin.weight"]
+        with open(result.log_csv) as handle:
+            header, *rows = list(csv.reader(handle))
+        assert header[len(BASELINE_HEADER):len(BASELINE_HEADER) + 2] == ["GateCoverage", "GateAcc"]
+        for row, record in zip(rows, result.history, strict=True):
+            assert float(row[header.index("GateCoverage")]) == pytest.approx(100 * record["gate_coverage"], abs=0.05)
+            assert 0.0 <= record["gate_coverage"] <= 1.0
     assert torch.equal(weights[False], torch.zeros(2))
     assert weights[True].abs().sum() > 0
+
+
+def test_validation_metrics_report_the_raw_gates_coverage_and_accuracy_on_what_it_accepts():
+    from stage1_core.training.trainer import _validation_metrics
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0]])
+    labels = torch.tensor([0, 1, 0, 1])  # rows 0-1 right, rows 2-3 wrong
+    gate = torch.tensor([3.0, 1.0, 0.5, -2.0])  # accepts rows 0-2
+    out = _validation_metrics(logits, labels, torch.nn.CrossEntropyLoss(), 0.88, gate)
+    assert out["gate_coverage"] == pytest.approx(0.75) and out["gate_acc"] == pytest.approx(2 / 3)
+    nothing = _validation_metrics(logits, labels, torch.nn.CrossEntropyLoss(), 0.88, torch.full((4,), -5.0))
+    assert nothing["gate_coverage"] == 0.0 and nothing["gate_acc"] is None
+    assert "gate_coverage" not in _validation_metrics(logits, labels, torch.nn.CrossEntropyLoss(), 0.88)
+
+
+def test_save_every_epoch_keeps_each_epochs_full_checkpoint_and_a_new_run_drops_old_ones(tmp_path, data):
+    train, val = data
+    result = train_head(make_config(epochs=2, save_every_epoch=True), train, val, tmp_path, progress=False)
+    assert [p.name for p in result.epoch_checkpoints] == ["checkpoint_epoch1.pth", "checkpoint_epoch2.pth"]
+    first = load_checkpoint(tmp_path / "checkpoint_epoch1.pth")
+    assert first["epoch"] == 0 and set(first) >= {"model_state_dict", "optimizer_state_dict", "ema_state_dict"}
+    assert (tmp_path / "checkpoint_epoch2.pth").read_bytes() == result.last_checkpoint.read_bytes()
+    again = train_head(make_config(epochs=1, warmup_epochs=0), train, val, tmp_path, progress=False)
+    assert again.epoch_checkpoints == [] and not list(tmp_path.glob("checkpoint_epoch*.pth"))
+
+
+def test_memory_warning_only_near_the_device_limit():
+    from stage1_core.training.trainer import memory_warning
+
+    assert memory_warning(10.0, 80.0, "cuda") is None and memory_warning(None, 80.0, "cuda") is None
+    assert memory_warning(10.0, None, "cpu") is None
+    message = memory_warning(75.0, 80.0, "cuda")
+    assert "75.00 GiB" in message and "94%" in message and "max_batch_size" in message
