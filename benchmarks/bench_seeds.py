@@ -32,15 +32,15 @@ FRESH_SEEDS = (2001, 2002, 2003, 2004, 2005)
 def seed_environment(work: Path, seed: int, base_config: Path) -> dict[str, str]:
     """A DAGSTER_HOME, artifacts root and config (the default with ``synthetic_seed``) for one seed."""
     root = work / f"seed_{seed}"
-    home = root / "dagster_home"
-    home.mkdir(parents=True, exist_ok=True)
-    instance_file = REPO / "dagster.yaml" if (REPO / "dagster.yaml").is_file() else REPO / "configs" / "dagster.yaml"
-    (home / "dagster.yaml").write_text(instance_file.read_text())
+    (root / ".dagster_home" / "logs").mkdir(parents=True, exist_ok=True)
+    (root / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
     config = yaml.safe_load(base_config.read_text())
     config["synthetic_seed"] = seed
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    return {"DAGSTER_HOME": str(home), "STAGE1_ARTIFACTS": str(root / "artifacts"), "STAGE1_CONFIG": str(config_path)}
+    return {"DAGSTER_HOME": str(root), "STAGE1_ARTIFACTS": str(root / "artifacts"), "STAGE1_CONFIG": str(config_path),
+            "DAGSTER_DISABLE_TELEMETRY": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
 
 
 def phase_row(seed: int, partition: str, rc: int, wall: float) -> dict[str, Any]:
@@ -94,15 +94,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_seeds_"))
-    os.chdir(REPO)
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="bench_seeds_"))).resolve()
     from stage1_assets.demo import run_phase
 
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
-        os.environ.update(seed_environment(work, seed, args.config))
-        log_dir = Path(os.environ["DAGSTER_HOME"]) / "logs"
-        log_dir.mkdir(exist_ok=True)
+        os.environ.update(seed_environment(work, seed, args.config.resolve()))
+        os.chdir(os.environ["DAGSTER_HOME"])  # dagster.yaml's paths are relative to the project root
+        log_dir = Path(".dagster_home") / "logs"
         for partition in args.phases:
             rc, wall, _ = run_phase(partition, log_dir)
             row = phase_row(seed, partition, rc, wall)
@@ -112,7 +111,7 @@ def main() -> None:
                 break
     (work / "rows.json").write_text(json.dumps(rows, indent=1))
     print("\n" + summary_table(rows, args.phases))
-    print(f"\nrows in {work / 'rows.json'}; logs under {work}/seed_*/dagster_home/logs")
+    print(f"\nrows in {work / 'rows.json'}; logs under {work}/seed_*/.dagster_home/logs")
 
 
 if __name__ == "__main__":
