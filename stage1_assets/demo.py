@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -106,7 +107,9 @@ def gate_failure_reason(partition: str) -> str | None:
 def record_demo_skip(partition: str, reason: str) -> int:
     """Record the skip through the ``skip_<phase>`` job (shown in the UI); its exit code."""
     run_config = {"ops": {f"record_skip_{partition}": {"config": {"reason": DEMO_SKIP + reason}}}}
-    log_dir = Path(os.environ.get("DAGSTER_HOME", ".dagster_home")) / "logs"
+    from stage1_assets.instance import instance_data_dir
+
+    log_dir = instance_data_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     config_file = log_dir / f"skip_{partition}.run_config.json"
     config_file.write_text(json.dumps(run_config), encoding="utf-8")
