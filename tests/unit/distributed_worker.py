@@ -22,8 +22,9 @@ KILL_ENV = "STAGE1_TEST_KILL"
 class Images(Dataset):
     """Seeded random images with ids and labels (the shape a LabelledImageDataset offers)."""
 
-    def __init__(self, n: int, seed: int = 0, prefix: str = "img", size: int = 32) -> None:
+    def __init__(self, n: int, seed: int = 0, prefix: str = "img", size: int = 32, noise: float = 0.0) -> None:
         g = torch.Generator().manual_seed(seed)
+        self.noise = noise
         self.images = torch.randn(n, 3, size, size, generator=g)
         self.labels = [int(x) for x in (torch.arange(n) % 3 != 0).long()]
         self.sample_ids = [f"{prefix}_{i:03d}.jpg" for i in range(n)]
@@ -32,6 +33,8 @@ class Images(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
+        if self.noise:  # drawn from the process's global RNG, like a random augmentation
+            return self.images[index] + self.noise * torch.randn(self.images[index].shape), self.labels[index]
         kill = os.environ.get(KILL_ENV)
         if kill:
             rank, row = (int(v) for v in kill.split(":"))
@@ -57,7 +60,45 @@ def extract(args: dict) -> None:
     Path(args["out"], f"passes.rank{os.environ['RANK']}.json").write_text(json.dumps(passes))
 
 
-SCENARIOS = {"extract": extract}
+def train_config():
+    from stage1_core.config import Stage1ProConfig
+
+    return Stage1ProConfig(peft_type="lora", peft_r=2, peft_blocks=1, epochs=2, warmup_epochs=1, max_batch_size=8,
+                           fallback_batch_size=8, grad_accum_steps=2, dropout=0.0, label_smoothing=0.0, class_weighting="none",
+                           use_amp=False, num_workers=0, lr_head=1e-2, lr_backbone=1e-2, early_stop_patience=10,
+                           seed=0)
+
+
+def train_run(backbone_dir: str, out: Path, noise: float = 0.0, **kwargs):
+    """``train_head`` on images with LoRA adapters; the global batch of 8 is shared by the ranks."""
+    from stage1_core.data.loaders import make_dataloader
+    from stage1_core.distributed import ddp, env
+    from stage1_core.model.backbone import DINOv3Backbone
+    from stage1_core.training.finetune import apply_peft
+    from stage1_core.training.trainer import train_head
+
+    cfg = train_config()
+    torch.manual_seed(0)
+    backbone = apply_peft(DINOv3Backbone.load(backbone_dir), cfg)
+    train = Images(36, seed=2, noise=noise)  # 4 global batches of 8 per epoch (4 left over), 2 steps
+    if env.active():
+        loader = ddp.train_loader(train, cfg.max_batch_size, 0, "cpu", cfg.seed)
+    else:
+        loader = make_dataloader(train, cfg.max_batch_size, train=True, num_workers=0, seed=cfg.seed)
+    val = make_dataloader(Images(10, seed=3), 8, train=False, num_workers=0)
+    return train_head(cfg, loader, val, out, backbone=backbone, device="cpu", progress=False, **kwargs)
+
+
+def train(args: dict) -> None:
+    out = Path(args["out"])
+    train_run(args["backbone"], out / "plain")
+    train_run(args["backbone"], out / "noisy_full", noise=0.5)
+    train_run(args["backbone"], out / "noisy_resumed", noise=0.5, stop_after_epoch=1)
+    train_run(args["backbone"], out / "noisy_resumed", noise=0.5,
+              resume_checkpoint=out / "noisy_resumed" / "checkpoint_last.pth")
+
+
+SCENARIOS = {"extract": extract, "train": train}
 
 
 def main() -> None:
