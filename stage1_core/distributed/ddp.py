@@ -75,10 +75,14 @@ class RankSlicedBatchSampler(Sampler[list[int]]):
         self.index = env.rank() if index is None else index
 
     def __len__(self) -> int:
-        return len(self.batches)
+        batches = len(self.batches)
+        short = not self.batches.drop_last and 0 < len(self.batches.sampler) % self.batches.batch_size < self.world
+        return batches - 1 if short else batches
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches:
+            if len(batch) < self.world:  # a last batch too small to give every rank a row is skipped
+                return
             yield batch[env.rank_slice(len(batch), self.world, self.index)]
 
 

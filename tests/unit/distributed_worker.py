@@ -89,8 +89,35 @@ def train_run(backbone_dir: str, out: Path, noise: float = 0.0, **kwargs):
     return train_head(cfg, loader, val, out, backbone=backbone, device="cpu", progress=False, **kwargs)
 
 
+def explora_run(backbone_dir: str, checkpoint: Path | None = None, stop_after: int | None = None):
+    """ExPLoRA on 22 seeded images, global batch 8 (the last batch of 6 shared too), 2 epochs."""
+    from torch.utils.data import TensorDataset
+
+    from stage1_core.domain_adaptation.explora import ExPLoRAConfig, ExPLoRATrainer
+    from stage1_core.model.backbone import DINOv3Backbone
+
+    config = ExPLoRAConfig(unfrozen_blocks=1, lora_r=2, epochs=2, batch_size=8, decoder_dim=16, decoder_heads=2,
+                           num_workers=0, progress=False, lr=1e-2, decoder_lr=1e-2)
+    trainer = ExPLoRATrainer(DINOv3Backbone.load(backbone_dir), config, device="cpu")
+    trainer.fit(TensorDataset(Images(22, seed=4).images), checkpoint_path=checkpoint, stop_after=stop_after)
+    return trainer
+
+
+def explora_weights(trainer) -> dict[str, torch.Tensor]:
+    state = trainer.state_dict()
+    return {**{f"backbone.{k}": v for k, v in state["backbone_trainable"].items()},
+            **{f"decoder.{k}": v for k, v in state["decoder"].items()}}
+
+
 def train(args: dict) -> None:
+    from stage1_core.distributed import env
+
     out = Path(args["out"])
+    full = explora_weights(explora_run(args["explora_backbone"]))
+    explora_run(args["explora_backbone"], out / "explora.pt", stop_after=1)
+    resumed = explora_weights(explora_run(args["explora_backbone"], out / "explora.pt"))
+    if env.is_main():
+        torch.save({"full": full, "resumed": resumed}, out / "explora_weights.pt")
     train_run(args["backbone"], out / "plain")
     train_run(args["backbone"], out / "noisy_full", noise=0.5)
     train_run(args["backbone"], out / "noisy_resumed", noise=0.5, stop_after_epoch=1)
