@@ -124,3 +124,9 @@ def rank_slice(length: int, world: int | None = None, index: int | None = None) 
     base, extra = divmod(length, world)
     start = index * base + min(index, extra)
     return slice(start, start + base + (1 if index < extra else 0))
+
+
+def environment() -> dict[str, Any]:
+    """How this process computes (ranks, backend, threads per rank): recorded with artifacts, never in their ids."""
+    return {"world_size": world_size(), "backend": dist.get_backend() if active() else None,
+            "threads": torch.get_num_threads()}
