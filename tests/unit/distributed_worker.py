@@ -89,6 +89,19 @@ def train_run(backbone_dir: str, out: Path, noise: float = 0.0, **kwargs):
     return train_head(cfg, loader, val, out, backbone=backbone, device="cpu", progress=False, **kwargs)
 
 
+def cached_run(out: Path):
+    """``train_head`` on cached features (the linear-probe stage), global batch 8, accumulation 2."""
+    from stage1_core.features import TensorSplit
+    from stage1_core.training.trainer import train_head
+
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(40, 16, generator=g)
+    labels = (features[:, 0] > 0).long()
+    train = TensorSplit(features[:32], labels[:32], None, "train")
+    val = TensorSplit(features[32:], labels[32:], None, "val_select")
+    return train_head(train_config(), train, val, out, device="cpu", progress=False)
+
+
 def explora_run(backbone_dir: str, checkpoint: Path | None = None, stop_after: int | None = None):
     """ExPLoRA on 22 seeded images, global batch 8 (the last batch of 6 shared too), 2 epochs."""
     from torch.utils.data import TensorDataset
@@ -113,6 +126,7 @@ def train(args: dict) -> None:
     from stage1_core.distributed import env
 
     out = Path(args["out"])
+    cached_run(out / "cached")
     full = explora_weights(explora_run(args["explora_backbone"]))
     explora_run(args["explora_backbone"], out / "explora.pt", stop_after=1)
     resumed = explora_weights(explora_run(args["explora_backbone"], out / "explora.pt"))

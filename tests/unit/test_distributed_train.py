@@ -9,7 +9,7 @@ import torch
 
 from stage1_core.distributed.ddp import RANK_RNG_KEY, RankSlicedBatchSampler
 from stage1_core.training.checkpoints import load_checkpoint
-from tests.unit.distributed_worker import explora_run, explora_weights, train_run
+from tests.unit.distributed_worker import cached_run, explora_run, explora_weights, train_run
 from tests.unit.test_backbone import save_small_backbone
 from tests.unit.test_distributed_extract import torchrun
 
@@ -37,6 +37,7 @@ def runs(tmp_path_factory) -> Path:
                     timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     train_run(str(backbone), root / "one")
+    cached_run(root / "one_cached")
     torch.save(explora_weights(explora_run(str(fixed))), root / "explora_one.pt")
     return root
 
@@ -58,6 +59,14 @@ def test_two_ranks_with_half_batches_end_with_the_weights_of_one_process(runs):
     h1 = [round(r["train_loss"], 5) for r in start["history"]]
     h2 = [round(r["train_loss"], 5) for r in load_checkpoint(runs / "two" / "plain" / "checkpoint_last.pth")["history"]]
     assert h1 == h2, "the logged training loss is the mean over every rank's batches"
+
+
+def test_head_training_on_cached_features_with_two_ranks_matches_one_process(runs):
+    one = load_checkpoint(runs / "one_cached" / "checkpoint_last.pth")
+    two = load_checkpoint(runs / "two" / "cached" / "checkpoint_last.pth")
+    assert one["global_step"] == two["global_step"] == 2 * 2  # 4 global batches of 8, accumulation 2
+    for name, value in one["model_state_dict"].items():
+        torch.testing.assert_close(two["model_state_dict"][name], value, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
 
 
 def test_stop_and_resume_on_two_ranks_equals_the_uninterrupted_run(runs):
