@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stage1_core.distributed.ddp import RANK_RNG_KEY, RankSlicedBatchSampler
+from stage1_core.distributed import env
+from stage1_core.distributed.ddp import RANK_RNG_KEY, RankSlicedBatchSampler, check_global_batch, rng_states_for_this_rank
 from stage1_core.training.checkpoints import load_checkpoint
 from tests.unit.distributed_worker import cached_run, explora_run, explora_weights, train_run
 from tests.unit.test_backbone import save_small_backbone
@@ -20,6 +21,24 @@ def test_rank_slices_of_the_global_batches_add_up_to_what_one_process_draws():
     assert len(one) == len(parts[0]) == len(parts[1]) == 3  # drop_last: 21 // 6
     assert [a + b for a, b in zip(*parts)] == one
     assert all(len(batch) == 3 for part in parts for batch in part)
+
+
+def test_without_a_process_group_there_is_one_rank_and_resumes_need_the_same_count():
+    assert (env.rank(), env.world_size(), env.is_main(), env.active()) == (0, 1, True, False)
+    assert env.all_reduce_sum([1.5, 2]) == [1.5, 2] and env.gather_objects("x") == ["x"]
+    assert [env.rank_slice(7, 3, r) for r in range(3)] == [slice(0, 3), slice(3, 5), slice(5, 7)]
+    assert check_global_batch(6) == 6
+    assert rng_states_for_this_rank({"rng_states": "mine"}, "ckpt") == "mine"
+    with pytest.raises(ValueError, match="written by 2 rank"):
+        rng_states_for_this_rank({"rng_states": "r0", RANK_RNG_KEY: ["r0", "r1"]}, "ckpt")
+
+
+def test_a_last_batch_too_small_for_every_rank_is_skipped_on_every_rank():
+    parts = [list(RankSlicedBatchSampler(9, 4, torch.Generator().manual_seed(1), drop_last=False, world=2, index=r))
+             for r in range(2)]
+    assert [len(p) for p in parts] == [2, 2]  # 4 + 4, the lone 9th sample skipped
+    assert len(RankSlicedBatchSampler(9, 4, None, shuffle=False, drop_last=False, world=2, index=0)) == 2
+    assert len(RankSlicedBatchSampler(10, 4, None, shuffle=False, drop_last=False, world=2, index=0)) == 3
 
 
 @pytest.fixture(scope="module")
