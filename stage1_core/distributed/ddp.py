@@ -92,13 +92,15 @@ def train_loader(dataset: Dataset, global_batch: int, num_workers: int | None, d
     from stage1_core.data.loaders import resolve_num_workers, seed_worker
 
     check_global_batch(global_batch)
-    if len(dataset) < global_batch:  # type: ignore[arg-type]
-        raise ValueError(f"training set has {len(dataset)} samples, fewer than the global batch {global_batch}")  # type: ignore[arg-type]
+    size = len(dataset)  # type: ignore[arg-type]
+    if size < global_batch:
+        raise ValueError(f"training set has {size} samples, fewer than the global batch {global_batch}; lower the "
+                         f"batch size or add data")
     workers = resolve_num_workers(num_workers)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
-        dataset, batch_sampler=RankSlicedBatchSampler(len(dataset), global_batch, generator),  # type: ignore[arg-type]
+        dataset, batch_sampler=RankSlicedBatchSampler(size, global_batch, generator),
         num_workers=workers, pin_memory=torch.device(device).type == "cuda" and torch.cuda.is_available(),
         persistent_workers=workers > 0, worker_init_fn=seed_worker if workers > 0 else None, generator=generator,
     )
