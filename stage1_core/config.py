@@ -163,6 +163,11 @@ class Stage1ProConfig(BaseModel):
     #: buffers of the head, carried by checkpoints and bundles); a warm-started head keeps its own.
     standardize_features: bool = True
     num_workers: int | None = None
+    #: Processes that extract features and train (ExPLoRA, PEFT fine-tuning) together: 1 runs in
+    #: the calling process; more launch ``torchrun`` (DDP, gloo on CPU / NCCL on GPUs) through
+    #: Dagster Pipes. Batch sizes stay global batches, so it changes speed, not results (README
+    #: "Scaling out" says how far); recorded as environment, never part of an artifact id.
+    world_size: int = 1
     compile_head: bool | None = None
     skip_corrupt: bool = False
     augmentation: Literal["aggressive", "moderate", "light"] = "moderate"
@@ -339,6 +344,7 @@ class Stage1ProConfig(BaseModel):
         need(self.early_stop_patience >= 1, "early_stop_patience", ">= 1")
         need(0.5 <= self.legacy_exit_threshold_for_logging <= 1.0, "legacy_exit_threshold_for_logging", "in [0.5, 1]")
         need(self.num_workers is None or self.num_workers >= 0, "num_workers", ">= 0 or null (auto)")
+        need(self.world_size >= 1, "world_size", ">= 1")
         need(1 <= self.phase <= 6, "phase", "an integer in [1, 6]")
         need(self.synthetic_n_train >= 10, "synthetic_n_train", ">= 10")
         need(self.synthetic_n_val >= 30, "synthetic_n_val", ">= 30")
@@ -573,6 +579,7 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
     "max_batch_size": {"minimum": 1},
     "fallback_batch_size": {"minimum": 1},
     "grad_accum_steps": {"minimum": 1},
+    "world_size": {"minimum": 1},
     "ema_decay": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
     "early_stop_patience": {"minimum": 1},
     "legacy_exit_threshold_for_logging": {"minimum": 0.5, "maximum": 1},

@@ -280,7 +280,7 @@ def _save_tensor(path: Path, tensor: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _split_entry(
+def split_entry(
     split: str, ids: Sequence[str], features: torch.Tensor, labels: torch.Tensor | None, directory: Path
 ) -> dict[str, Any]:
     """Write one split's tensors; ``labels=None`` stores features only (labels live elsewhere)."""
@@ -362,6 +362,17 @@ def extract_split_features(
 
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
+    from stage1_core.distributed import env
+
+    if env.active():
+        # Inside a torchrun job every rank extracts its shard; rank 0 merges and writes the manifest.
+        from stage1_core.distributed.extract import extract_sharded
+
+        return extract_sharded(
+            backbone, datasets, directory, transform_desc, sample_ids, batch_size, device, progress,
+            max_batch_size=max_batch_size, fallback_batch_size=fallback_batch_size, num_workers=num_workers,
+            store_labels=store_labels,
+        )
     # One writer per cache directory (phases sharing a backbone share it); a second one waits
     # (STAGE1_LOCK_TIMEOUT) or is refused, and once in, reuses what the first one wrote.
     with path_lock(directory / LOCK_NAME, f"feature cache {directory}", timeout=default_timeout()):
@@ -386,10 +397,47 @@ def _extract_locked(
     store_labels: bool,
 ) -> CacheManifest:
     """:func:`extract_split_features` once the cache directory's lock is held."""
-    from stage1_core.progress import progress as tqdm
+    from stage1_core.data.loaders import pick_batch_size
 
-    from stage1_core.data.loaders import ThreadBatches, make_dataloader, pick_batch_size
+    manifest, ids_per_split, todo = plan_extraction(backbone, datasets, directory, transform_desc, sample_ids)
+    if not todo:
+        logger.info("feature cache %s reused for splits %s (0 forward passes)", directory, list(manifest.reused_splits))
+        return manifest
+    # Until the new splits are complete the manifest lists only the splits that stay valid.
+    _write_manifest(manifest)
+    device = torch.device(device) if device is not None else backbone.device
+    if batch_size is None:
+        sample_shape = tuple(datasets[todo[0]][0][0].shape) if device.type == "cuda" else (3, 224, 224)
+        batch_size = pick_batch_size(backbone, max_batch_size, fallback_batch_size, device, sample_shape)
+    passes = 0
+    entries = manifest.splits
+    for split in todo:
+        features, labels, done = extract_rows(backbone, datasets[split], batch_size, device, num_workers=num_workers,
+                                              progress=progress, desc=f"extract {split}", store_labels=store_labels)
+        passes += done
+        entries[split] = split_entry(split, ids_per_split[split], features, labels if store_labels else None, directory)
+        logger.info("extracted %s features %s -> %s", split, tuple(features.shape), directory / features_file(split))
+    return finish_manifest(manifest, entries, ids_per_split, passes)
 
+
+def finish_manifest(manifest: CacheManifest, entries: dict[str, dict[str, Any]],
+                    ids_per_split: Mapping[str, Sequence[str]], forward_passes: int) -> CacheManifest:
+    """List ``entries`` (their files already written) in the manifest and write it: the cache's last write."""
+    manifest.splits = entries
+    manifest.key = _key_of(manifest.backbone_fingerprint, manifest.transform, entries, ids_per_split)
+    manifest.forward_passes = forward_passes
+    _write_manifest(manifest)
+    return manifest
+
+
+def plan_extraction(
+    backbone: Any,
+    datasets: Mapping[str, Dataset],
+    directory: Path,
+    transform_desc: str,
+    sample_ids: Mapping[str, Sequence[str]] | None,
+) -> tuple[CacheManifest, dict[str, list[str]], list[str]]:
+    """``(manifest listing the splits that stay valid, ids per requested split, splits to extract)``."""
     fingerprint = backbone.fingerprint()
     ids_per_split = {split: _dataset_ids(split, ds, sample_ids) for split, ds in datasets.items()}
     previous = _try_manifest(directory)
@@ -415,51 +463,54 @@ def _extract_locked(
         backbone={"source": getattr(backbone, "source", None), "dtype": str(getattr(backbone, "dtype", ""))},
         reused_splits=tuple(reused),
     )
-    if not todo:
-        logger.info("feature cache %s reused for splits %s (0 forward passes)", directory, reused)
-        return manifest
-    # Until the new splits are complete the manifest lists only the splits that stay valid.
-    _write_manifest(manifest)
-    device = torch.device(device) if device is not None else backbone.device
-    if batch_size is None:
-        sample_shape = tuple(datasets[todo[0]][0][0].shape) if device.type == "cuda" else (3, 224, 224)
-        batch_size = pick_batch_size(backbone, max_batch_size, fallback_batch_size, device, sample_shape)
-    passes = 0
-    for split in todo:
-        dataset = datasets[split]
-        ids = ids_per_split[split]
-        n = len(ids)
-        features = torch.empty((n, backbone.hidden_size), dtype=torch.float32)
-        labels = torch.empty((n,), dtype=torch.int64)
-        # The evaluation transform runs as uint8 decode/resize/crop in decoding threads (or
-        # DataLoader workers) and one normalisation per batch on the device: bit-identical to
-        # the per-image transform, so the transform text is the cache key either way.
-        fast = dataset.eval_pixels() if hasattr(dataset, "eval_pixels") else None
-        if fast is not None and THREADED_DECODING:
-            pixels, pipeline = fast
-            loader = ThreadBatches(pixels, batch_size, num_workers=num_workers, device=device)
-        else:
-            source, pipeline = fast if fast is not None else (dataset, None)
-            loader = make_dataloader(source, batch_size, train=False, num_workers=num_workers, device=device)
-        position = 0
-        for images, targets in tqdm(loader, desc=f"extract {split}", unit="batch", disable=not progress):
-            images = images.to(device, non_blocking=True)
-            batch = backbone.extract(pipeline.normalise(images) if pipeline is not None else images)
-            passes += 1
-            size = batch.shape[0]
-            features[position : position + size] = batch.float().cpu()
-            if store_labels:
-                labels[position : position + size] = torch.as_tensor(targets, dtype=torch.int64)
-            position += size
-        if position != n:
-            raise FeatureCacheError(f"split {split!r}: the loader yielded {position} samples, expected {n}")
-        entries[split] = _split_entry(split, ids, features, labels if store_labels else None, directory)
-        logger.info("extracted %s features %s -> %s", split, tuple(features.shape), directory / features_file(split))
-    manifest.splits = entries
-    manifest.key = _key_of(fingerprint, transform_desc, entries, ids_per_split)
-    manifest.forward_passes = passes
-    _write_manifest(manifest)
-    return manifest
+    return manifest, ids_per_split, todo
+
+
+def extract_rows(
+    backbone: Any,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    *,
+    num_workers: int | None = None,
+    progress: bool = True,
+    desc: str = "extract",
+    store_labels: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(features [N, hidden] float32 CPU, labels [N] int64, forward passes)`` of every row of ``dataset``.
+
+    Batches are consecutive rows of ``batch_size`` (the last one may be smaller), so the rows of a
+    batch - and hence the features, on a fixed thread count - do not depend on who runs it.
+    """
+    from stage1_core.data.loaders import ThreadBatches, make_dataloader
+    from stage1_core.progress import progress as tqdm
+
+    n = len(dataset)  # type: ignore[arg-type]
+    features = torch.empty((n, backbone.hidden_size), dtype=torch.float32)
+    labels = torch.empty((n,), dtype=torch.int64)
+    # The evaluation transform runs as uint8 decode/resize/crop in decoding threads (or
+    # DataLoader workers) and one normalisation per batch on the device: bit-identical to
+    # the per-image transform, so the transform text is the cache key either way.
+    fast = dataset.eval_pixels() if hasattr(dataset, "eval_pixels") else None
+    if fast is not None and THREADED_DECODING:
+        pixels, pipeline = fast
+        loader: Any = ThreadBatches(pixels, batch_size, num_workers=num_workers, device=device)
+    else:
+        source, pipeline = fast if fast is not None else (dataset, None)
+        loader = make_dataloader(source, batch_size, train=False, num_workers=num_workers, device=device)
+    position = passes = 0
+    for images, targets in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        images = images.to(device, non_blocking=True)
+        batch = backbone.extract(pipeline.normalise(images) if pipeline is not None else images)
+        passes += 1
+        size = batch.shape[0]
+        features[position : position + size] = batch.float().cpu()
+        if store_labels:
+            labels[position : position + size] = torch.as_tensor(targets, dtype=torch.int64)
+        position += size
+    if position != n:
+        raise FeatureCacheError(f"{desc}: the loader yielded {position} samples, expected {n}")
+    return features, labels, passes
 
 
 def _load_tensor(path: Path) -> torch.Tensor:
@@ -583,7 +634,7 @@ def import_legacy_cache(
     if problems:
         raise FeatureCacheError(f"{old_dir}: cannot import the legacy cache:\n  " + "\n  ".join(problems))
     entries = {
-        split: _split_entry(split, sample_ids[split], legacy[split].features.contiguous(), legacy[split].labels, directory)
+        split: split_entry(split, sample_ids[split], legacy[split].features.contiguous(), legacy[split].labels, directory)
         for split in sample_ids
     }
     manifest = CacheManifest(

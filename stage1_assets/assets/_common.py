@@ -331,6 +331,7 @@ def run_step(context: Any, stage1: Any, asset: str, step: Any, *args: Any, reads
     but depends in the graph only on what it packages).
     """
     from stage1_assets.recovery import tag_host
+    from stage1_core.distributed.steps import DISTRIBUTED_ASSETS
     from stage1_core.locking import AssetLockedError, step_locks
     from stage1_core.steps.context import UNPARTITIONED
 
@@ -343,6 +344,13 @@ def run_step(context: Any, stage1: Any, asset: str, step: Any, *args: Any, reads
     try:
         with step_locks(layout.root, asset, partition, inputs), as_failure(layout, asset, partition):
             config = stage1.load_config()
+            if partition and config.world_size > 1 and asset in DISTRIBUTED_ASSETS:
+                from stage1_assets.distributed import run_with_torchrun
+
+                remote, reported = run_with_torchrun(context, config, layout, asset, partition)
+                built = step_result(remote, figure_store(context.instance))
+                return dg.MaterializeResult(metadata={**built.metadata, **(reported.metadata or {})},
+                                            data_version=reported.data_version)
             call_args = (config, layout) + ((partition,) if partition else ()) + args
             return step_result(step(*call_args, **kwargs), figure_store(context.instance))
     except AssetLockedError as exc:

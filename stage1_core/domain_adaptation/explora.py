@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from stage1_core.artifacts import ArtifactError, atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
+from stage1_core.distributed import ddp, env
 from stage1_core.model.backbone import DINOv3Backbone, enable_gradient_checkpointing, fingerprint_model
 from stage1_core.model.peft import adapter_kind, apply_lora, merge_adapters, num_blocks
 
@@ -353,12 +354,13 @@ class ExPLoRATrainer:
         enabled = self.config.autocast and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def _loss_terms(self, pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_terms(
+        self, pixels: torch.Tensor, mask: torch.Tensor, reconstruct: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = pixels.to(self.device, non_blocking=True)
         mask = mask.to(self.device)
         with self._autocast():
-            out = self.encoder(pixel_values=pixels, bool_masked_pos=mask)
-            prediction = self.decoder(out.last_hidden_state[:, self.num_prefix_tokens:])
+            prediction = (reconstruct or _Reconstruction(self))(pixels, mask)
         return masked_patch_loss(prediction, patchify(pixels, self.patch_size), mask)
 
     def _lr_factor(self, step: int) -> float:
@@ -380,30 +382,49 @@ class ExPLoRATrainer:
         return Subset(dataset, sorted(order[:cap].tolist()))
 
     def train_epoch(self, dataset: Dataset) -> float:
-        """One pass over ``dataset`` (tensors ``[3, H, W]``); returns the mean masked-patch loss."""
+        """One pass over ``dataset`` (tensors ``[3, H, W]``); returns the mean masked-patch loss.
+
+        In a ``torch.distributed`` job ``batch_size`` is the global batch: every rank draws the
+        batches and masks one process would and takes its slice (:mod:`stage1_core.distributed.ddp`);
+        the loss is the global masked-patch sum over the global count, so the step equals one
+        process's. A last global batch smaller than the number of ranks is skipped.
+        """
         cfg = self.config
         self.steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
         start = time.perf_counter()
         loss_sum = count_sum = 0.0
-        with _seeded(_derive_seed(cfg.seed, "epoch", self.epoch), self.device):
-            loader = DataLoader(
-                dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                generator=torch.Generator().manual_seed(_derive_seed(cfg.seed, "order", self.epoch)),
-                pin_memory=self.device.type == "cuda",
-            )
+        world, reconstruct = env.world_size(), None
+        # Augmentations draw from the global RNG: each rank its own stream, a function of seed and epoch.
+        epoch_seed = _derive_seed(cfg.seed, "epoch", self.epoch, *(("rank", env.rank()) if env.rank() else ()))
+        with _seeded(epoch_seed, self.device):
+            order = torch.Generator().manual_seed(_derive_seed(cfg.seed, "order", self.epoch))
+            if env.active():
+                reconstruct = ddp.wrap(_Reconstruction(self), self.device)
+                sampler = ddp.RankSlicedBatchSampler(len(dataset), cfg.batch_size, order, drop_last=False)
+                loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, generator=order,
+                                    pin_memory=self.device.type == "cuda")
+            else:
+                loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                                    generator=order, pin_memory=self.device.type == "cuda")
             masks = torch.Generator().manual_seed(_derive_seed(cfg.seed, "mask", self.epoch))
             self.model.train()
             self.decoder.train()
             bar = tqdm(loader, desc=f"ExPLoRA {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-            for pixels in bar:
+            for index, pixels in enumerate(bar):
                 pixels = pixels[0] if isinstance(pixels, (tuple, list)) else pixels
-                mask = random_patch_mask(pixels.shape[0], self.num_patches, cfg.mask_ratio, masks)
+                rows = min(cfg.batch_size, len(dataset) - index * cfg.batch_size)  # the global batch's size
+                mask = random_patch_mask(rows, self.num_patches, cfg.mask_ratio, masks)[env.rank_slice(rows)]
                 factor = self._lr_factor(self.global_step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
-                total, count = self._loss_terms(pixels, mask)
+                total, count = self._loss_terms(pixels, mask, reconstruct)
                 loss = total / count
-                if not torch.isfinite(loss):
+                if reconstruct is not None:
+                    # DDP averages gradients over the ranks: scale so the step is d(global sum / global count).
+                    global_total, global_count = env.all_reduce_sum([float(total.detach()), float(count)])
+                    loss = total * world / global_count
+                    total, count = torch.tensor(global_total), torch.tensor(global_count)
+                if not torch.isfinite(total / count):
                     raise FloatingPointError(f"ExPLoRA loss is {loss.item()} at step {self.global_step}")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -413,7 +434,7 @@ class ExPLoRATrainer:
                 self.global_step += 1
                 loss_sum += float(total.detach())
                 count_sum += float(count)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{float(total.detach()) / float(count):.4f}")
         self.model.eval()
         self.epoch += 1
         mean_loss = loss_sum / max(count_sum, 1.0)
@@ -504,8 +525,15 @@ class ExPLoRATrainer:
         }
 
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Write :meth:`state_dict` atomically with ``torch.save``."""
-        return save_tensors(path, self.state_dict())
+        """Write :meth:`state_dict` atomically with ``torch.save`` (rank 0 of a distributed job).
+
+        Every random draw of an epoch derives from the seed, the epoch and the rank, so the
+        checkpoint taken at an epoch's end is all any rank needs to resume exactly.
+        """
+        if env.is_main():
+            save_tensors(path, self.state_dict())
+        env.barrier()
+        return Path(path)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from ``path`` (loaded with ``weights_only=True``); refuses another source or settings."""
@@ -548,6 +576,9 @@ class ExPLoRATrainer:
         reads it.
         """
         out_dir = Path(out_dir)
+        if not env.is_main():  # rank 0 writes; the others wait until the directory is in place
+            env.barrier()
+            return out_dir
         merged = self.merged_model()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -575,7 +606,22 @@ class ExPLoRATrainer:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        env.barrier()
         return out_dir
+
+
+class _Reconstruction(nn.Module):
+    """Encoder (with its masked patches) and pixel decoder as one module, so DDP can wrap them together."""
+
+    def __init__(self, trainer: "ExPLoRATrainer") -> None:
+        super().__init__()
+        self.model, self.decoder = trainer.model, trainer.decoder
+        self._encoder = trainer.encoder
+        self.num_prefix_tokens = trainer.num_prefix_tokens
+
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self._encoder(pixel_values=pixels, bool_masked_pos=mask)
+        return self.decoder(out.last_hidden_state[:, self.num_prefix_tokens:])
 
 
 def reconstruction_gain(

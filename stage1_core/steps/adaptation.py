@@ -140,6 +140,10 @@ def adapt_with_explora(cfg: Any, source_dir: Path, root: Path, splits: Any, inde
     model_dir = trainer.merge_and_save(store / MODEL_DIR)
     adapted = DINOv3Backbone.load(model_dir)
     gain = reconstruction_gain(history, margin=float(cfg.explora_min_gain), control=control_history)
+    from stage1_core.distributed import env
+
+    if not env.is_main():  # the other ranks of a torchrun job trained with rank 0, which writes the store
+        return {"directory": str(model_dir), "fingerprint": adapted.fingerprint(), "reused": False}
     figure = plot_explora_losses(history, store / FIGURE)
     marker = {
         "method": "explora",

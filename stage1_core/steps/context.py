@@ -110,9 +110,12 @@ class StepContext:
 
         partition = None if asset in UNPARTITIONED else self.partition
         records = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
+        from stage1_core.distributed.env import environment
+
+        # How it ran (ranks, threads) is recorded beside the id, never in it.
         return make_record(
             self.layout.dir(asset, partition), asset, partition, records,
-            params_for(asset, self.cfg), files, id_parts=id_parts, extra=extra,
+            params_for(asset, self.cfg), files, id_parts=id_parts, extra={"environment": environment(), **(extra or {})},
         )
 
 

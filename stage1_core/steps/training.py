@@ -16,6 +16,7 @@ import torch
 from stage1_core.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.data.splits import VAL_SPLITS, require_split
+from stage1_core.distributed import env
 from stage1_core.phases import get_recipe
 from stage1_core.steps.backbone import load_split, read_backbone
 from stage1_core.steps.context import Layout, StepContext, StepResult
@@ -33,6 +34,7 @@ def runtime_environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "threads": torch.get_num_threads(),
+        "world_size": env.world_size(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
         "python": platform.python_version(),
     }
@@ -46,63 +48,17 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
     images (:mod:`stage1_core.training.finetune`); the checkpoint then also holds the merged
     fine-tuned backbone, which predictions and the bundle use.
     """
-    from stage1_core.training.recipes import build_loss
-    from stage1_core.training.trainer import train_head
-
     ctx = StepContext(config, layout, partition)
     recipe = get_recipe(partition)
     wanted = [("cached_features", partition), ("splits", None), ("dataset_index", None)]
-    warm_from = None
     if recipe.warm_start:
         from stage1_core.steps.backbone import previous_backbone_phase
 
-        warm_from = previous_backbone_phase(layout, partition)
-        wanted.append(("checkpoint", warm_from))
+        wanted.append(("checkpoint", previous_backbone_phase(layout, partition)))
     inputs = ctx.require("checkpoint", wanted)
     cfg = ctx.cfg
-    require_split("train", "fit")
-    require_split("val_select", "select")
-    train = load_split(layout, partition, "train")
-    val_select = load_split(layout, partition, "val_select")
     out_dir = layout.dir("checkpoint", partition)
-    loss_fn = build_loss(recipe.loss_kind, cfg, train.labels)
-    with_gate = recipe.head_kind == "gated"
-    probe_dir = out_dir / PROBE_DIR if recipe.train_mode == "finetune" else out_dir
-    init_head_state = None
-    extra: dict[str, Any] = {}
-    if warm_from is not None:
-        from stage1_core.training.checkpoints import load_state_dict_file
-
-        warm = read_training(layout, warm_from)
-        init_head_state = load_state_dict_file(layout.path("checkpoint", warm_from) / warm["best_checkpoint"])
-        extra["warm_start"] = {"phase": warm_from, "checkpoint_id": warm["checkpoint_id"]}
-    result = train_head(cfg, train, val_select, probe_dir, selection_metric=cfg.selection_metric, progress=True,
-                        loss_fn=loss_fn, with_gate=with_gate, init_head_state=init_head_state)
-    _require_best(result, partition)
-    tables: dict[str, list[dict[str, Any]]] = {}
-    if recipe.train_mode == "finetune":
-        from stage1_core.training.checkpoints import load_state_dict_file
-        from stage1_core.training.finetune import finetune
-
-        probe = {"best_epoch": int(result.best_epoch), "best_metric": float(result.best_metric),
-                 "best_val_accuracy": float(result.best_val_accuracy), "epochs_run": int(result.epochs_run)}
-        splits, index = read_splits(layout)
-        backbone_dir = read_backbone(layout, partition)["directory"]
-        tuned = finetune(cfg, backbone_dir, [index.by_id[i] for i in splits.ids["train"]],
-                         [index.by_id[i] for i in splits.ids["val_select"]], out_dir,
-                         init_head_state=load_state_dict_file(result.best_checkpoint),
-                         loss_fn=build_loss(recipe.loss_kind, cfg, train.labels))
-        result = tuned.train
-        _require_best(result, partition)
-        extra.update({
-            "linear_probe": probe,
-            "finetuned_backbone": {"directory": tuned.backbone_dir.name, "fingerprint": tuned.fingerprint},
-            "peft": {"type": cfg.peft_type, "r": int(cfg.peft_r), "blocks": int(cfg.peft_blocks),
-                     "init": tuned.peft_init, "final": tuned.peft_final},
-            "batch_size": tuned.batch_size, "oom_fallback": tuned.oom_fallback,
-            "images_per_epoch": tuned.images_per_epoch,
-        })
-        tables["peft_modules"] = [{"module": m} for m in tuned.peft_init["adapted_modules"]]
+    result, extra, tables = fit_phase(cfg, layout, partition)
     checkpoint_id = _checkpoint_id(result, extra)
     history = [log_row(record) for record in result.history]
     best_row = next(row for row in history if row["Epoch"] == int(result.best_epoch))
@@ -151,6 +107,67 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
                         peft_merged_max_abs_diff=extra["peft"]["final"].get("merged_max_abs_diff"),
                         peft_init_max_abs_diff=extra["peft"]["init"]["init_max_abs_diff"])
     return StepResult(path, metadata, tables={"history": history, **tables}, figures=figures, record=record)
+
+
+def fit_phase(cfg: Stage1ProConfig, layout: Layout, partition: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Train the phase's models into ``checkpoint[partition]``: ``(train result, extra summary, tables)``.
+
+    Every rank of a ``torchrun`` job calls this (rank 0 from :func:`train_phase`); the trainers
+    share the work and rank 0 writes the files.
+    """
+    from stage1_core.training.recipes import build_loss
+    from stage1_core.training.trainer import train_head
+
+    recipe = get_recipe(partition)
+    warm_from = None
+    if recipe.warm_start:
+        from stage1_core.steps.backbone import previous_backbone_phase
+
+        warm_from = previous_backbone_phase(layout, partition)
+    require_split("train", "fit")
+    require_split("val_select", "select")
+    train = load_split(layout, partition, "train")
+    val_select = load_split(layout, partition, "val_select")
+    out_dir = layout.dir("checkpoint", partition)
+    loss_fn = build_loss(recipe.loss_kind, cfg, train.labels)
+    with_gate = recipe.head_kind == "gated"
+    probe_dir = out_dir / PROBE_DIR if recipe.train_mode == "finetune" else out_dir
+    init_head_state = None
+    extra: dict[str, Any] = {}
+    if warm_from is not None:
+        from stage1_core.training.checkpoints import load_state_dict_file
+
+        warm = read_training(layout, warm_from)
+        init_head_state = load_state_dict_file(layout.path("checkpoint", warm_from) / warm["best_checkpoint"])
+        extra["warm_start"] = {"phase": warm_from, "checkpoint_id": warm["checkpoint_id"]}
+    result = train_head(cfg, train, val_select, probe_dir, selection_metric=cfg.selection_metric, progress=True,
+                        loss_fn=loss_fn, with_gate=with_gate, init_head_state=init_head_state)
+    _require_best(result, partition)
+    tables: dict[str, list[dict[str, Any]]] = {}
+    if recipe.train_mode == "finetune":
+        from stage1_core.training.checkpoints import load_state_dict_file
+        from stage1_core.training.finetune import finetune
+
+        probe = {"best_epoch": int(result.best_epoch), "best_metric": float(result.best_metric),
+                 "best_val_accuracy": float(result.best_val_accuracy), "epochs_run": int(result.epochs_run)}
+        splits, index = read_splits(layout)
+        backbone_dir = read_backbone(layout, partition)["directory"]
+        tuned = finetune(cfg, backbone_dir, [index.by_id[i] for i in splits.ids["train"]],
+                         [index.by_id[i] for i in splits.ids["val_select"]], out_dir,
+                         init_head_state=load_state_dict_file(result.best_checkpoint),
+                         loss_fn=build_loss(recipe.loss_kind, cfg, train.labels))
+        result = tuned.train
+        _require_best(result, partition)
+        extra.update({
+            "linear_probe": probe,
+            "finetuned_backbone": {"directory": tuned.backbone_dir.name, "fingerprint": tuned.fingerprint},
+            "peft": {"type": cfg.peft_type, "r": int(cfg.peft_r), "blocks": int(cfg.peft_blocks),
+                     "init": tuned.peft_init, "final": tuned.peft_final},
+            "batch_size": tuned.batch_size, "oom_fallback": tuned.oom_fallback,
+            "images_per_epoch": tuned.images_per_epoch,
+        })
+        tables["peft_modules"] = [{"module": m} for m in tuned.peft_init["adapted_modules"]]
+    return result, extra, tables
 
 
 PROBE_DIR = "linear_probe"

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from stage1_core.distributed import ddp, env
 from stage1_core.training.trainer import TrainResult, resolve_device, train_head
 
 FINETUNED_DIR = "backbone"
@@ -138,8 +139,13 @@ def finetune(
     train_set = LabelledImageDataset(chosen, augment=True, augmentation=cfg.augmentation)
     val_set = LabelledImageDataset(list(val_select_samples))
     batch_size = pick_batch_size(backbone, int(cfg.max_batch_size), int(cfg.fallback_batch_size), device, backward=True)
-    train_loader = make_dataloader(train_set, batch_size, train=True, num_workers=cfg.num_workers, device=device,
-                                   seed=int(cfg.seed))
+    if env.active():
+        # batch_size is the global batch: each rank takes its slice of the batches one process would draw.
+        batch_size = env.all_reduce_min(batch_size)
+        train_loader = ddp.train_loader(train_set, batch_size, cfg.num_workers, device, int(cfg.seed))
+    else:
+        train_loader = make_dataloader(train_set, batch_size, train=True, num_workers=cfg.num_workers, device=device,
+                                       seed=int(cfg.seed))
     val_loader = make_dataloader(val_set, batch_size, train=False, num_workers=cfg.num_workers, device=device)
     result = train_head(ft_cfg, train_loader, val_loader, out, backbone=backbone, device=device, progress=progress,
                         loss_fn=loss_fn, with_gate=True, init_head_state=init_head_state)
@@ -153,7 +159,10 @@ def finetune(
                 params[name].copy_(value)
         peft_final = verify_peft(reference, backbone.model, sample)
         merged = merge_adapters(backbone)
-        directory = _save_merged(merged.model, out / FINETUNED_DIR)
+        if env.is_main():
+            _save_merged(merged.model, out / FINETUNED_DIR)
+        env.barrier()
+        directory = out / FINETUNED_DIR
         fingerprint = DINOv3Backbone.load(directory).fingerprint()
     return FinetuneResult(
         train=result, peft_init=peft_init, peft_final=peft_final, backbone_dir=directory, fingerprint=fingerprint,

@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stage1_core.artifacts import atomic_write_bytes
+from stage1_core.distributed import ddp, env
 from stage1_core.features import TensorSplit
 from stage1_core.model.head import (
     HeadOutput,
@@ -168,6 +169,7 @@ class _CachedBatches:
         self.generator = generator
         self.device = device
         self.num_batches = len(split) // batch_size
+        ddp.check_global_batch(batch_size)  # under DDP each rank takes its slice of every global batch
         if self.num_batches == 0:
             raise TrainingError(
                 f"the training split has {len(split)} samples, fewer than one batch of {batch_size} "
@@ -180,7 +182,7 @@ class _CachedBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(self.labels.shape[0], generator=self.generator).to(self.device)
         for i in range(self.num_batches):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            index = order[i * self.batch_size : (i + 1) * self.batch_size][env.rank_slice(self.batch_size)]
             yield self.features[index], self.labels[index]
 
 
@@ -352,6 +354,8 @@ def train_head(
         weighted=getattr(config, "class_weighting", "balanced") == "balanced",
     )
     trainable_backbone = list(backbone.trainable_parameters()) if (backbone is not None and not cached) else []
+    ddp.broadcast_trainable(head, backbone.model if trainable_backbone else None)
+    ddp.seed_rank(int(config.seed))  # before a resume restores each rank's own states
     optimizer = build_training_optimizer(config, head, backbone.model if trainable_backbone else None)
     clip_params = [p for p in head.parameters() if p.requires_grad] + trainable_backbone
 
@@ -384,7 +388,7 @@ def train_head(
         check_ema_horizon(ema.decay, total_steps, ema.warmup)
 
     state = _State()
-    if resume_checkpoint is None:
+    if resume_checkpoint is None and env.is_main():
         # A best checkpoint left by an earlier run in the same directory is never this run's best.
         for stale in (out / BEST_FILE, out / BEST_ACCURACY_FILE, out / BEST_ADAPTERS_FILE,
                       *out.glob(EPOCH_CHECKPOINT_FILE.format(epoch="*"))):
@@ -418,6 +422,13 @@ def train_head(
     def loss_of(output: torch.Tensor | HeadOutput, labels: torch.Tensor) -> torch.Tensor:
         return loss_fn(output, labels) if loss_fn is not None else criterion(head_logits(output), labels)
 
+    train_model, train_features_of = model, features_of
+    if env.active():
+        # One DDP module over the head and the trainable backbone; rank 0's weights go to every rank.
+        joint = ddp.JointModel(model, backbone.model if trainable_backbone else None, features_of)
+        train_model = ddp.wrap(joint, device, find_unused=with_gate)
+        train_features_of = _identity
+    main = env.is_main()  # rank 0 writes every file; all ranks take the same decisions
     best_path = out / BEST_FILE
     best_acc_path = out / BEST_ACCURACY_FILE
     best_adapters_path = out / BEST_ADAPTERS_FILE
@@ -428,7 +439,7 @@ def train_head(
             break
         started = time.perf_counter()
         train_stats = _train_epoch(
-            model, batches, features_of, loss_of, optimizer, scheduler, scaler, ema, clip_params,
+            train_model, batches, train_features_of, loss_of, optimizer, scheduler, scaler, ema, clip_params,
             accum, float(config.max_grad_norm), amp, device, progress, f"Epoch {epoch + 1}/{config.epochs} [Train]", state,
         )
         if not math.isfinite(train_stats["train_loss"]):
@@ -447,11 +458,11 @@ def train_head(
             value = val["val_acc"] if metric == "accuracy" else val[f"{SELECTIVE_PREFIX}augrc"]
             improved = math.isfinite(value) and _is_better(value, state.best_metric, mode)
             accuracy_improved = val["val_acc"] > state.best_accuracy
-            if improved:
+            if improved and main:
                 save_state_dict(best_path, head.state_dict())
                 if trainable_backbone:
                     save_state_dict(best_adapters_path, _trainable_state(backbone.model))
-            if metric != "accuracy" and accuracy_improved:
+            if metric != "accuracy" and accuracy_improved and main:
                 save_state_dict(best_acc_path, head.state_dict())
         if improved:
             state.best_metric, state.best_epoch, state.patience = float(value), epoch + 1, 0
@@ -473,7 +484,8 @@ def train_head(
             "epoch_seconds": time.perf_counter() - started,
         }
         state.history.append(record)
-        write_log(log_path, state.history)
+        if main:
+            write_log(log_path, state.history)
         exit_acc = "n/a (nothing exits)" if val["exit_acc"] is None else f"{100 * val['exit_acc']:.2f}%"
         logger.info(
             "epoch %d/%d: train loss %.4f acc %.2f%% | val_select loss %.4f acc %.2f%% ECE %.4f AUGRC %.4f | "
@@ -485,16 +497,19 @@ def train_head(
         if state.patience >= int(config.early_stop_patience):
             state.stopped_early = True
             logger.info("early stopping: %d epochs without improvement of %s", state.patience, metric)
-        _save_full_checkpoint(last_path, epoch, config, head, optimizer, scheduler, scaler, ema, generators, state, metric,
-                              backbone.model if trainable_backbone else None)
-        if getattr(config, "save_every_epoch", False):
-            epoch_path = out / EPOCH_CHECKPOINT_FILE.format(epoch=epoch + 1)
-            atomic_write_bytes(epoch_path, last_path.read_bytes())
-            epoch_checkpoints.append(epoch_path)
+        rng_states = ddp.gather_rng_states(generators)  # every rank's, for an exact resume on every rank
+        if main:
+            _save_full_checkpoint(last_path, epoch, config, head, optimizer, scheduler, scaler, ema, generators, state,
+                                  metric, backbone.model if trainable_backbone else None, rng_states)
+            if getattr(config, "save_every_epoch", False):
+                epoch_path = out / EPOCH_CHECKPOINT_FILE.format(epoch=epoch + 1)
+                atomic_write_bytes(epoch_path, last_path.read_bytes())
+                epoch_checkpoints.append(epoch_path)
         if state.stopped_early:
             break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+    env.barrier()  # rank 0's files exist for every rank past this point
 
     peak_cuda = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
     peak_rss = peak_rss_gb()
@@ -586,6 +601,10 @@ def peak_rss_gb() -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
+def _identity(inputs: torch.Tensor) -> torch.Tensor:
+    return inputs
+
+
 def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters of ``module`` by name (a fine-tuned backbone's adapters)."""
     return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
@@ -663,9 +682,12 @@ def _train_epoch(
             steps_in_group = len(group)
             group = []
         else:
-            output, loss = forward(inputs, labels)
-            scaled = loss / divisor
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            # Under DDP the gradients are all-reduced once per group, on the batch that closes it.
+            sync = model.no_sync() if (not closes_group and hasattr(model, "no_sync")) else contextlib.nullcontext()
+            with sync:
+                output, loss = forward(inputs, labels)
+                scaled = loss / divisor
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += loss.detach()
             group_loss += loss.detach()
             correct += (head_logits(output).detach().argmax(dim=1) == labels).sum()
@@ -699,7 +721,8 @@ def _train_epoch(
                     lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                 )
     bar.close()
-    return {"train_loss": float(loss_sum) / num_batches, "train_acc": int(correct) / max(seen, 1)}
+    total, right, count, batches_seen = env.all_reduce_sum([float(loss_sum), int(correct), seen, num_batches])
+    return {"train_loss": total / batches_seen, "train_acc": right / max(count, 1)}
 
 
 def _save_full_checkpoint(
@@ -715,7 +738,9 @@ def _save_full_checkpoint(
     state: _State,
     metric: str,
     backbone: nn.Module | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> None:
+    """Write the full checkpoint; ``rng_states`` holds every rank's states when several ranks train."""
     checkpoint: dict[str, Any] = {
         "epoch": epoch,
         "model_state_dict": head.state_dict(),
@@ -724,7 +749,7 @@ def _save_full_checkpoint(
         "best_acc": 100.0 * state.best_accuracy,
         "patience_counter": state.patience,
         "config": _config_dict(config),
-        "rng_states": capture_rng_states(generators),
+        "rng_states": rng_states[0] if rng_states else capture_rng_states(generators),
         "global_step": state.global_step,
         "best_metric": state.best_metric,
         "best_epoch": state.best_epoch,
@@ -735,6 +760,8 @@ def _save_full_checkpoint(
         "grad_norms": list(state.grad_norms),
         "step_losses": list(state.step_losses),
     }
+    if rng_states is not None and len(rng_states) > 1:
+        checkpoint[ddp.RANK_RNG_KEY] = rng_states
     if backbone is not None:
         checkpoint["backbone_trainable_state_dict"] = _trainable_state(backbone)
     if ema is not None:
@@ -779,7 +806,10 @@ def _resume(
     changed = sorted(k for k in current if k in saved and saved[k] != current[k] and k not in ("resume_checkpoint", "created_at", "git_commit"))
     if changed:
         logger.warning("resuming %s with changed settings: %s", path, ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed))
-    restore_rng_states(ckpt["rng_states"], generators)
+    try:
+        restore_rng_states(ddp.rng_states_for_this_rank(ckpt, path), generators)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
     history = list(ckpt["history"])
     return _State(
         start_epoch=int(ckpt["epoch"]) + 1,
