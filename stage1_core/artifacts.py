@@ -20,6 +20,7 @@ specs are separated by ``;``. Unset, each write costs one ``os.environ`` look-up
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ import tempfile
 from fnmatch import fnmatch
 from functools import lru_cache
 from importlib import resources
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +87,51 @@ def fault_point(path: str | Path, when: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+#: Choice lists a schema names with ``{"x-choices": "<list>"}``, filled on every load from the
+#: registry that owns them (``"module:function"``, imported on first use): the exit policies the
+#: phase table names, the policy files of the registered policies.
+_CHOICES: dict[str, Callable[[], Iterable[str]] | str] = {
+    "exit_policy": "stage1_core.phases:exit_policy_names",
+    "policy_file": "stage1_core.policies:policy_file_names",
+}
+
+
+def register_choices(name: str, provider: Callable[[], Iterable[str]]) -> None:
+    """Let schemas refer to ``provider()``'s values as ``{"x-choices": name}`` (read on every load)."""
+    _CHOICES[name] = provider
+
+
 @lru_cache(maxsize=None)
-def load_schema(name: str) -> dict[str, Any]:
-    """Return the JSON schema called ``name`` (e.g. ``"thresholds"``)."""
+def _schema_file(name: str) -> tuple[dict[str, Any], bool]:
     try:
         text = resources.files(SCHEMA_PACKAGE).joinpath(f"{name}.schema.json").read_text("utf-8")
     except FileNotFoundError as exc:
         raise ArtifactError(f"unknown schema {name!r}: no {name}.schema.json in {SCHEMA_PACKAGE}") from exc
-    return json.loads(text)
+    return json.loads(text), '"x-choices"' in text
+
+
+def _fill_choices(node: Any, schema: str) -> Any:
+    if isinstance(node, dict):
+        out = {k: _fill_choices(v, schema) for k, v in node.items()}
+        if "x-choices" in node:
+            provider = _CHOICES.get(node["x-choices"])
+            if provider is None:
+                raise ArtifactError(f"{schema}.schema.json refers to the choice list {node['x-choices']!r}, "
+                                    f"which nothing registered; known: {sorted(_CHOICES)}")
+            if isinstance(provider, str):
+                module, _, attr = provider.partition(":")
+                provider = _CHOICES[node["x-choices"]] = getattr(importlib.import_module(module), attr)
+            out["enum"] = list(dict.fromkeys(provider()))
+        return out
+    if isinstance(node, list):
+        return [_fill_choices(v, schema) for v in node]
+    return node
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """Return the JSON schema called ``name`` (e.g. ``"thresholds"``), its choice lists filled."""
+    schema, has_choices = _schema_file(name)
+    return _fill_choices(schema, name) if has_choices else schema
 
 
 def _json_path(error: jsonschema.ValidationError) -> str:
@@ -104,8 +143,9 @@ def _json_path(error: jsonschema.ValidationError) -> str:
 
 def schema_errors(data: Any, schema: str) -> list[str]:
     """All violations of ``schema`` in ``data`` as ``"<json path>: <message>"`` strings."""
-    validator_cls = jsonschema.validators.validator_for(load_schema(schema))
-    validator = validator_cls(load_schema(schema), format_checker=validator_cls.FORMAT_CHECKER)
+    resolved = load_schema(schema)
+    validator_cls = jsonschema.validators.validator_for(resolved)
+    validator = validator_cls(resolved, format_checker=validator_cls.FORMAT_CHECKER)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     return [f"{_json_path(e)}: {e.message}" for e in errors]
 

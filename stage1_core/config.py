@@ -18,20 +18,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from stage1_core.artifacts import read_json, write_json
+from stage1_core.phases import PHASES, POLICIES_BY_PHASE, exit_policy_names
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_BACKBONES = ("tiny-dinov3",)
 DEFAULT_MODEL_PATH = f"{BUILTIN_PREFIX}tiny-dinov3"
 
-#: Exit policies each phase may deploy (ARCHITECTURE.md, phase gates).
-POLICIES_BY_PHASE: dict[int, tuple[str, ...]] = {
-    1: ("softmax",),
-    2: ("softmax",),
-    3: ("softmax", "gate"),
-    4: ("softmax", "gate"),
-    5: ("softmax", "gate"),
-    6: ("softmax", "gate", "scrc"),
-}
+__all__ = ["Stage1ProConfig", "ConfigError", "POLICIES_BY_PHASE", "config_json_schema"]
 
 #: Old field names still accepted on input, mapped to their current name.
 LEGACY_ALIASES = {"exit_threshold": "legacy_exit_threshold_for_logging"}
@@ -168,7 +161,8 @@ class Stage1ProConfig(BaseModel):
     val_test_ratio: float = 0.34
     target_fnr_exit: float = 0.02
     fnr_confidence: float = 0.95
-    exit_policy: Literal["softmax", "gate", "scrc"] = "softmax"
+    #: One of the exit policies the phase table lets this phase deploy (``phases.exit_policy_names``).
+    exit_policy: str = "softmax"
     bootstrap_samples: int = 1000
     bootstrap_confidence: float = 0.95
     deploy_prior: float = 0.5
@@ -382,11 +376,15 @@ class Stage1ProConfig(BaseModel):
         if self.model_path.startswith(BUILTIN_PREFIX):
             name = self.model_path[len(BUILTIN_PREFIX):]
             need(name in BUILTIN_BACKBONES, "model_path", f"a directory or one of {[BUILTIN_PREFIX + b for b in BUILTIN_BACKBONES]}")
+        names = exit_policy_names()
         allowed = POLICIES_BY_PHASE.get(self.phase, ())
-        if allowed and self.exit_policy not in allowed:
+        if self.exit_policy not in names:
+            p.append(f"exit_policy={self.exit_policy!r}: unknown exit policy; choose one of {list(names)}")
+        elif allowed and self.exit_policy not in allowed:
+            phases = [n for n, recipe in PHASES.items() if self.exit_policy in recipe.exit_policies]
             p.append(
                 f"exit_policy={self.exit_policy!r} is invalid for phase {self.phase}: allowed {list(allowed)} "
-                f"(phases 1-2 softmax; 3-5 softmax|gate; 6 any)"
+                f"({self.exit_policy!r} only in phases {phases})"
             )
         return p
 
@@ -612,6 +610,7 @@ def config_json_schema() -> dict[str, Any]:
                     option.update(bounds)
         else:
             prop.update(bounds)
+    schema["properties"]["exit_policy"].update({"x-choices": "exit_policy", "enum": list(exit_policy_names())})
     for prop in schema["properties"].values():
         prop.pop("default", None)
     return schema

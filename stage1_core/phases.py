@@ -7,9 +7,12 @@ criterion.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from stage1_core.config import Stage1ProConfig
+if TYPE_CHECKING:  # config.py reads this table (which phase may deploy which policy), not the reverse
+    from stage1_core.config import Stage1ProConfig
 
 
 class PhaseUnavailableError(RuntimeError):
@@ -302,6 +305,28 @@ PHASES: dict[int, PhaseRecipe] = {
 }
 
 PHASE_KEYS = [recipe.key for recipe in PHASES.values()]
+
+
+class _PoliciesByPhase(Mapping):
+    """Phase number -> the exit policies it may deploy, read live from :data:`PHASES`."""
+
+    def __getitem__(self, phase: int) -> tuple[str, ...]:
+        return PHASES[phase].exit_policies
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(PHASES)
+
+    def __len__(self) -> int:
+        return len(PHASES)
+
+
+#: Exit policies each phase may deploy (a view of the table's ``exit_policies``).
+POLICIES_BY_PHASE: Mapping[int, tuple[str, ...]] = _PoliciesByPhase()
+
+
+def exit_policy_names() -> tuple[str, ...]:
+    """Every exit policy some phase may deploy, in table order (the config's choices)."""
+    return tuple(dict.fromkeys(name for recipe in PHASES.values() for name in recipe.exit_policies))
 
 
 def phase_number(key: str | int) -> int:

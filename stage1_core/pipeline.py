@@ -3,7 +3,7 @@
 Each step lives in its own module under :mod:`stage1_core.steps` and is re-exported here, so the
 Dagster assets in ``stage1_assets`` and the tests have one import. Steps are phase-agnostic: the
 phase's recipe (``phases.py``) names the head, loss and exit policy, and registries
-(:mod:`stage1_core.training.recipes`, :data:`stage1_core.steps.policy.POLICY_FITTERS`,
+(:mod:`stage1_core.training.recipes`, :data:`stage1_core.policies.POLICIES`,
 :data:`stage1_core.criteria.REGISTRY`) supply the parts. Every step checks the lineage of its
 inputs (:mod:`stage1_core.lineage`) before it reads them.
 

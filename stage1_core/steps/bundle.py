@@ -19,6 +19,7 @@ import numpy as np
 from stage1_core.artifacts import fault_point, load_tensors, read_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.phases import phase_number
+from stage1_core.policies import policy_class
 from stage1_core.steps.backbone import eval_transform, model_features, read_backbone
 from stage1_core.steps.context import Layout, StepContext, StepResult
 from stage1_core.steps.evaluation import DECISIONS_FILE, EVALUATION_FILE, METRICS_FILE
@@ -59,14 +60,10 @@ def compare_bundle_decisions(
     return [], int(len(exit_then)), mismatched
 
 
-def _headline(policy_doc: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
-    threshold = policy_doc.get("exit_threshold", policy_doc.get("gate_threshold"))
+def _headline(policy_name: str, policy_doc: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
     return {
         "certified": bool(policy_doc["certified"]),
-        "exit_threshold": threshold,
-        "calib_coverage": policy_doc["coverage"],
-        "calib_fnr_upper_bound": policy_doc.get("fnr_upper_bound", policy_doc.get("fnr_bound")),
-        **{k: policy_doc[k] for k in ("lambda1", "lambda2") if k in policy_doc},
+        **policy_class(policy_name).headline(policy_doc),
         **{k: v for k, v in evaluation.items() if isinstance(v, (int, float, bool, str)) or v is None},
     }
 
@@ -133,7 +130,7 @@ def export_phase_bundle(config: Stage1ProConfig, layout: Layout, partition: str,
     policy_doc = read_policy_document(layout, partition, cfg.exit_policy)
     training = read_training(layout, partition)
     _, transform_desc = eval_transform()
-    headline = _headline(policy_doc, evaluation)
+    headline = _headline(cfg.exit_policy, policy_doc, evaluation)
     chain = {name: record.id for name, record in inputs.items()}
     for record in inputs.values():
         chain.update(record.chain)

@@ -15,6 +15,7 @@ import torch
 from stage1_core.artifacts import save_tensors, write_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.data.splits import require_split
+from stage1_core.policies import policy_class
 from stage1_core.steps.backbone import model_features
 from stage1_core.steps.context import Layout, StepContext, StepResult
 from stage1_core.steps.policy import build_predictor, read_policy_document
@@ -51,8 +52,8 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     logits, raw_gate = predictor.head_outputs_from_features(data.features)
     probs = predictor.probabilities(logits)
     decisions = predictor.policy.decide(probs, gate_scores=raw_gate)
-    if cfg.exit_policy == "scrc":
-        probs = decisions.probs  # SCRC answers from its calibrated q: report what is deployed
+    policy = policy_class(cfg.exit_policy)
+    probs = policy.reported_probs(decisions, probs)
     labels = data.labels.numpy().astype(int)
     report = evaluate_decisions(
         probs, labels, decisions, deploy_prior=cfg.deploy_prior, n_bootstrap=cfg.bootstrap_samples,
@@ -81,16 +82,8 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
         "val_test_alpha": cfg.val_test_alpha,
         "val_test_fnr_check": val_test_fnr_figures(n_pos, n_fn, target, delta, cfg.val_test_alpha),
     }
-    extra_figures = {}
-    if cfg.exit_policy == "gate":
-        from stage1_core.steps.gate_evaluation import gate_comparison
-
-        summary["gate_comparison"], extra_figures = gate_comparison(
-            certificate, probs, raw_gate, np.asarray(decisions.exit, dtype=bool), labels, cfg, out_dir)
-    elif cfg.exit_policy == "scrc":
-        from stage1_core.steps.scrc_evaluation import scrc_comparison
-
-        summary["scrc_comparison"], extra_figures = scrc_comparison(certificate, decisions, labels, cfg, out_dir)
+    extras, extra_figures = policy.evaluation_extras(certificate, probs, raw_gate, decisions, labels, cfg, out_dir)
+    summary.update(extras)
     path = write_json(out_dir / EVALUATION_FILE, summary, schema="evaluation")
     confidence = probs.max(1)
     residuals = (probs.argmax(1) != labels).astype(float)

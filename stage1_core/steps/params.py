@@ -42,10 +42,10 @@ EXPLORA_FIELDS = (
     "explora_batch_size", "explora_max_images", "explora_held_out_images", "explora_min_gain",
     "unlabeled_image_dir", "seed",
 )
+#: Settings every exit policy's certificate depends on; a policy adds its own (``ExitPolicy.settings``).
 POLICY_FIELDS = ("exit_policy", "target_fnr_exit", "fnr_confidence", "gate_calibration")
-#: Conformal risk training (only for the ``crt`` loss) and the SCRC policy's calibration (only for ``scrc``).
+#: Conformal risk training (only for the ``crt`` loss).
 CRT_FIELDS = ("crt_weight", "crt_temperature", "crt_fraction", "crt_batch_size")
-SCRC_FIELDS = ("scrc_variant", "use_dirichlet", "dirichlet_lambda", "dirichlet_mu", "calibration_iters")
 EVALUATION_FIELDS = ("bootstrap_samples", "bootstrap_confidence", "deploy_prior", "val_test_check", "val_test_alpha")
 
 
@@ -81,10 +81,9 @@ def _checkpoint(cfg: Stage1ProConfig) -> dict[str, Any]:
 
 
 def _exit_policy(cfg: Stage1ProConfig) -> dict[str, Any]:
-    params = _pick(cfg, POLICY_FIELDS)
-    if cfg.exit_policy == "scrc":
-        params.update(_pick(cfg, SCRC_FIELDS))
-    return params
+    from stage1_core.policies import policy_class  # scipy: the code location imports this module
+
+    return {**_pick(cfg, POLICY_FIELDS), **_pick(cfg, policy_class(cfg.exit_policy).settings)}
 
 
 PARAMS: dict[str, Callable[[Stage1ProConfig], dict[str, Any]]] = {
