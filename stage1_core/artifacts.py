@@ -101,6 +101,23 @@ def register_choices(name: str, provider: Callable[[], Iterable[str]]) -> None:
     _CHOICES[name] = provider
 
 
+#: Schemas registered in code (a policy defined outside this package brings its own), by name.
+_REGISTERED_SCHEMAS: dict[str, dict[str, Any]] = {}
+
+
+def register_schema(name: str, schema: dict[str, Any]) -> None:
+    """Make ``schema`` available as ``name`` to :func:`load_schema` (refused if a package file has that name)."""
+    if resources.files(SCHEMA_PACKAGE).joinpath(f"{name}.schema.json").is_file():
+        raise ArtifactError(f"schema {name!r} already exists as {SCHEMA_PACKAGE}/{name}.schema.json")
+    jsonschema.validators.validator_for(schema).check_schema(schema)
+    _REGISTERED_SCHEMAS[name] = schema
+
+
+def unregister_schema(name: str) -> None:
+    """Forget a schema registered with :func:`register_schema` (tests that add one for a while)."""
+    _REGISTERED_SCHEMAS.pop(name, None)
+
+
 @lru_cache(maxsize=None)
 def _schema_file(name: str) -> tuple[dict[str, Any], bool]:
     try:
@@ -130,6 +147,8 @@ def _fill_choices(node: Any, schema: str) -> Any:
 
 def load_schema(name: str) -> dict[str, Any]:
     """Return the JSON schema called ``name`` (e.g. ``"thresholds"``), its choice lists filled."""
+    if name in _REGISTERED_SCHEMAS:
+        return _fill_choices(_REGISTERED_SCHEMAS[name], name)
     schema, has_choices = _schema_file(name)
     return _fill_choices(schema, name) if has_choices else schema
 

@@ -166,8 +166,11 @@ def _policy_document(ctx: StepContext) -> tuple[dict[str, Any] | None, list[str]
 
 @criterion("thresholds_certified")
 def _thresholds_certified(ctx: StepContext) -> GateVerdict:
+    from stage1_core.policies import policy_class
+
     doc, problems = _policy_document(ctx)
-    return gates.check_thresholds_certified(doc, problems)
+    policy = policy_class(ctx.cfg.exit_policy)
+    return gates.check_thresholds_certified(doc, problems, policy.threshold_key, policy.bound_key)
 
 
 def _evaluation(ctx: StepContext) -> dict[str, Any]:

@@ -96,8 +96,13 @@ def check_val_accuracy_vs_baseline(
     )
 
 
-def check_thresholds_certified(thresholds: Mapping[str, Any] | None, schema_problems: Sequence[str]) -> GateVerdict:
-    """thresholds.json is schema-valid and its threshold is certified on val_calib."""
+def check_thresholds_certified(thresholds: Mapping[str, Any] | None, schema_problems: Sequence[str],
+                               threshold_key: str | None = None, bound_key: str | None = None) -> GateVerdict:
+    """The policy file is schema-valid and its threshold is certified on val_calib.
+
+    ``threshold_key`` / ``bound_key`` name the policy file's threshold and FNR bound (the policy
+    class's ``threshold_key`` / ``bound_key``); by default the first present of the built-in names.
+    """
     if thresholds is None or schema_problems:
         return GateVerdict(
             "thresholds_certified",
@@ -106,8 +111,9 @@ def check_thresholds_certified(thresholds: Mapping[str, Any] | None, schema_prob
             {"schema_valid": False},
         )
     certified = bool(thresholds.get("certified"))
-    threshold = next((thresholds[k] for k in ("exit_threshold", "gate_threshold", "lambda1") if k in thresholds), None)
-    bound = thresholds.get("fnr_upper_bound", thresholds.get("fnr_bound"))
+    keys = (threshold_key,) if threshold_key else ("exit_threshold", "gate_threshold", "lambda1")
+    threshold = next((thresholds[k] for k in keys if k in thresholds), None)
+    bound = thresholds.get(bound_key) if bound_key else thresholds.get("fnr_upper_bound", thresholds.get("fnr_bound"))
     figures = {
         "schema_valid": True,
         "certified": certified,

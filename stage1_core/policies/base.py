@@ -112,8 +112,9 @@ class ExitPolicy(ABC):
     settings: ClassVar[tuple[str, ...]] = ()
     #: Companion files a fit may write beside the policy file (removed when a refit writes none).
     companion_file_names: ClassVar[tuple[str, ...]] = ()
-    #: Key of the certified threshold in the policy file (the generic README section and headline).
+    #: Keys of the certified threshold and of its FNR upper bound in the policy file.
     threshold_key: ClassVar[str] = "exit_threshold"
+    bound_key: ClassVar[str] = "fnr_upper_bound"
     #: Plain words completing "An image exits when ..." (the generic README section).
     exit_rule: ClassVar[str] = "its score reaches t"
 
@@ -148,7 +149,7 @@ class ExitPolicy(ABC):
     def headline(cls, doc: Mapping[str, Any]) -> dict[str, Any]:
         """The certificate's operating point for the bundle headline: threshold and FNR bound."""
         return {"exit_threshold": doc.get(cls.threshold_key), "calib_coverage": doc["coverage"],
-                "calib_fnr_upper_bound": doc.get("fnr_upper_bound")}
+                "calib_fnr_upper_bound": doc.get(cls.bound_key)}
 
     @classmethod
     def companion_descriptions(cls, doc: Mapping[str, Any]) -> dict[str, str]:
@@ -176,7 +177,7 @@ class ExitPolicy(ABC):
             f"`{doc.get('method', 'n/a')}`, the false-negative rate among exited roadwork images "
             f"(FNR on exits) is at most {fmt(target)} with probability at least "
             f"{fmt(None if delta is None else 1 - delta)}: its one-sided Clopper-Pearson upper bound is "
-            f"{fmt(doc.get('fnr_upper_bound'))} from {doc.get('n_exited_positives', 'n/a')} exited "
+            f"{fmt(doc.get(cls.bound_key))} from {doc.get('n_exited_positives', 'n/a')} exited "
             f"positives (observed FNR on exits {fmt(doc.get('fnr_on_exits'))}).",
             "",
             f"Coverage (fraction of images exited) on val_calib: {pct(doc.get('coverage'))}"

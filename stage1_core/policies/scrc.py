@@ -175,6 +175,8 @@ class SCRCExitPolicy(ExitPolicy):
     schema = "scrcparams"
     settings = ("scrc_variant", "use_dirichlet", "dirichlet_lambda", "dirichlet_mu", "calibration_iters")
     companion_file_names = (CALIBRATION_FILE,)
+    threshold_key = "lambda1"
+    bound_key = "fnr_bound"
 
     def __init__(
         self,
@@ -356,7 +358,7 @@ class SCRCExitPolicy(ExitPolicy):
     def headline(cls, doc: Any) -> dict[str, Any]:
         """SCRC's operating point: (lambda1, lambda2) and its FNR bound."""
         return {"exit_threshold": doc.get("exit_threshold"), "calib_coverage": doc["coverage"],
-                "calib_fnr_upper_bound": doc.get("fnr_bound"),
+                "calib_fnr_upper_bound": doc.get(cls.bound_key),
                 **{k: doc[k] for k in ("lambda1", "lambda2") if k in doc}}
 
     @classmethod
