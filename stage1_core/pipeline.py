@@ -4,7 +4,7 @@ Each step lives in its own module under :mod:`stage1_core.steps` and is re-expor
 Dagster assets in ``stage1_assets`` and the tests have one import. Steps are phase-agnostic: the
 phase's recipe (``phases.py``) names the head, loss and exit policy, and registries
 (:mod:`stage1_core.training.recipes`, :data:`stage1_core.policies.POLICIES`,
-:data:`stage1_core.criteria.REGISTRY`) supply the parts. Every step checks the lineage of its
+:data:`stage1_core.acceptance.READERS`) supply the parts. Every step checks the lineage of its
 inputs (:mod:`stage1_core.lineage`) before it reads them.
 
 Split usage is enforced here: ``train`` fits weights, ``val_select`` selects checkpoints,
@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("baseline_accuracy", "evaluate_criterion"), "stage1_core.criteria"),
+    "baseline_accuracy": "stage1_core.acceptance.standing",
+    "evaluate_criterion": "stage1_core.acceptance.verdicts",
     **dict.fromkeys(("cache_features", "load_split", "load_split_features", "prepare_backbone"),
                     "stage1_core.steps.backbone"),
     **dict.fromkeys(("bundle_dir", "compare_bundle_decisions", "current_bundle_problems", "export_phase_bundle"),
@@ -58,7 +59,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static tools see the real names
-    from stage1_core.criteria import baseline_accuracy, evaluate_criterion
+    from stage1_core.acceptance.standing import baseline_accuracy
+    from stage1_core.acceptance.verdicts import evaluate_criterion
     from stage1_core.steps.backbone import cache_features, load_split, load_split_features, prepare_backbone
     from stage1_core.steps.bundle import bundle_dir, compare_bundle_decisions, current_bundle_problems, export_phase_bundle
     from stage1_core.steps.context import Layout, StepContext, StepResult

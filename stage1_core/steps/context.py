@@ -15,7 +15,8 @@ from typing import Any
 
 from stage1_core.config import Stage1ProConfig
 from stage1_core.lineage import Record, asset_name, check_inputs, make_record, read_record, record_path
-from stage1_core.phases import config_for_phase
+from stage1_core.phase_state import reference_phase
+from stage1_core.phases import config_for_phase, phase_number
 
 
 class Layout:
@@ -75,6 +76,10 @@ class StepContext:
         self.layout = layout
         self.partition = partition
         self.cfg = config_for_phase(config, partition) if partition else config
+
+    def reference_phase(self, asset: str = "evaluation") -> str | None:
+        """The earlier phase this one is compared with: the latest one with ``asset`` that was not skipped."""
+        return reference_phase(self.layout, phase_number(self.partition), asset)
 
     def current(self, name: str) -> Record | None:
         """The current lineage record of an asset by name, None when it has none."""

@@ -37,7 +37,7 @@ def finite_or_none(value: Any) -> Any:
 def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:
     """Evaluate the deployed decisions on val_test only, with bootstrap and Clopper-Pearson intervals."""
     from stage1_core.evaluation import evaluate_decisions
-    from stage1_core.gates import val_test_fnr_figures
+    from stage1_core.acceptance.standing import val_test_fnr_figures
     from stage1_core.reporting.figures import plot_reliability, plot_risk_coverage
 
     ctx = StepContext(config, layout, partition)

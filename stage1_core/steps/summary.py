@@ -52,7 +52,7 @@ def _pct(value: Any) -> str:
 
 def phase_status(config: Stage1ProConfig, layout: Layout, partition: str) -> dict[str, Any]:
     """One phase's state: gate verdicts, failures, the current bundle and its headline figures."""
-    from stage1_core.criteria import read_verdicts
+    from stage1_core.acceptance.verdicts import read_verdicts
     from stage1_core.steps.bundle import bundle_dir, current_bundle_problems
 
     recipe = PHASES[phase_number(partition)]

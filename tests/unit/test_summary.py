@@ -6,7 +6,7 @@ from pathlib import Path
 
 from stage1_core.cli import main
 from stage1_core.config import Stage1ProConfig
-from stage1_core.criteria import record_verdict
+from stage1_core.acceptance.verdicts import record_verdict
 from stage1_core.gates import GateVerdict
 from stage1_core.phase_state import skip_phase
 from stage1_core.phases import PHASES
@@ -81,7 +81,7 @@ def test_cli_table_has_a_state_column_and_exits_nonzero_without_a_bundle(tmp_pat
 
 
 def test_a_verdict_on_an_asset_materialised_again_since_is_not_shown(tmp_path: Path, monkeypatch):
-    import stage1_core.criteria as criteria
+    import stage1_core.acceptance.verdicts as criteria
 
     layout = Layout(tmp_path)
     first, second = _available()[:2]

@@ -1,0 +1,67 @@
+"""What criteria read: the phase's training record, evaluation, policy certificate, reference phase.
+
+Shared by the criterion families; each reader checks the lineage of what it reads first
+(``ctx.require``), so a verdict never judges a stale artifact.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stage1_core.artifacts import ArtifactError, read_json, schema_errors
+from stage1_core.gates import GateVerdict
+
+if TYPE_CHECKING:
+    from stage1_core.steps.context import StepContext
+
+
+def training_record(ctx: StepContext) -> dict[str, Any]:
+    from stage1_core.steps.training import read_training
+
+    ctx.require("checkpoint-check", [("checkpoint", ctx.partition)])
+    return read_training(ctx.layout, ctx.partition)
+
+
+def evaluation_record(ctx: StepContext) -> dict[str, Any]:
+    from stage1_core.steps.evaluation import EVALUATION_FILE
+
+    ctx.require("evaluation-check", [("evaluation", ctx.partition)])
+    return read_json(ctx.layout.path("evaluation", ctx.partition) / EVALUATION_FILE, schema="evaluation")
+
+
+def certified_coverage(ctx: StepContext, partition: str) -> float:
+    from stage1_core.steps.evaluation import EVALUATION_FILE
+    from stage1_core.steps.policy import read_policy_document
+
+    policy = read_json(ctx.layout.path("evaluation", partition) / EVALUATION_FILE, schema="evaluation")["policy"]
+    return float(read_policy_document(ctx.layout, partition, policy)["coverage"])
+
+
+def scrc_policy(ctx: StepContext):
+    """``(scrcparams document, SCRCExitPolicy)`` of the phase; ValueError when its policy is not SCRC."""
+    from stage1_core.policies import load_policy
+    from stage1_core.steps.policy import policy_path, read_policy_document
+
+    if ctx.cfg.exit_policy != "scrc":
+        raise ValueError(f"{ctx.partition} deploys the {ctx.cfg.exit_policy!r} policy, not SCRC")
+    return (read_policy_document(ctx.layout, ctx.partition, "scrc"),
+            load_policy("scrc", policy_path(ctx.layout, ctx.partition, "scrc")))
+
+
+def scrc_comparison(ctx: StepContext) -> dict[str, Any]:
+    comparison = evaluation_record(ctx).get("scrc_comparison")
+    if comparison is None:
+        raise ValueError(f"evaluation[{ctx.partition}] holds no SCRC comparison (is its policy SCRC?)")
+    return comparison
+
+
+def deployed_probabilities(ctx: StepContext, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(probs, labels)`` the deployed policy answers from on ``split``: SCRC's calibrated q, else the softmax."""
+    from stage1_core.steps.training import load_prediction_outputs
+
+    probs, raw, labels = load_prediction_outputs(ctx.layout, ctx.partition, split)
+    if ctx.cfg.exit_policy == "scrc":
+        probs = scrc_policy(ctx)[1].calibrated(probs, raw)[0]
+    return probs, labels
