@@ -15,6 +15,14 @@ policy exits nothing are counted as failures) and the lowest head accuracy.
 
 (A strictly increasing calibration map leaves the certified exit set of the raw gate unchanged,
 so the raw gate score stands for the calibrated one.)
+
+Tuning never touches the embedded default's certified splits: the script refuses an artifacts
+root whose data was generated with the default's ``synthetic_seed`` (its val_calib certifies the
+default's policies and its val_test confirms them). Tune on other data seeds (1001-1003 by
+convention; 2001-2005 are kept fresh for ``benchmarks/bench_seeds.py``):
+
+    STAGE1_ARTIFACTS=/tmp/tune1001 STAGE1_CONFIG=<default with synthetic_seed: 1001> make demo PHASE=phase1
+    python benchmarks/tune_gate.py --artifacts /tmp/tune1001 --set synthetic_seed=1001 --field ... --values ...
 """
 
 from __future__ import annotations
@@ -62,6 +70,23 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float | int | None]]:
     return out
 
 
+def refuse_default_data(artifacts: Path, default_config: Path = Path("configs/default.yaml")) -> None:
+    """Exit when ``artifacts`` holds the embedded default's data set (its val_calib and val_test are certified splits)."""
+    marker = artifacts / "data" / "synthetic" / "synthetic.json"
+    if not marker.is_file():
+        raise SystemExit(f"{marker} not found: tune on an artifacts root where phase 1 ran on generated data")
+    seed = json.loads(marker.read_text())["params"]["seed"]
+    from stage1_core.config import Stage1ProConfig
+
+    default_seed = Stage1ProConfig.from_file(default_config).synthetic_seed
+    if seed == default_seed:
+        raise SystemExit(
+            f"{artifacts} holds the embedded default's data (synthetic_seed {seed}): its val_calib and val_test "
+            f"certify and confirm the default's policies and must not steer its knobs. Tune on another data seed "
+            f"(e.g. synthetic_seed 1001, see this script's docstring)."
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True, help="artifacts root where phase 1 ran")
@@ -72,6 +97,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("artifacts/tune_gate"))
     args = parser.parse_args()
 
+    refuse_default_data(args.artifacts)
     pointer = json.loads((args.artifacts / "cached_features" / "phase1" / "cache.json").read_text())
     store = Path(pointer["store"])
     data_dir = args.artifacts / "data" / "synthetic"

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stage1_core.serving import commands as _serving
 
 PROG = "stage1"
 DEFAULT_ARTIFACTS_ROOT = "artifacts"
@@ -384,15 +385,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["verify"], help="verify: schema, checksums, file set, pointers, weights, lineage")
+    parser.add_argument("action", choices=["verify", "export-miner"],
+                        help="verify: schema, checksums, file set, pointers, weights, lineage; "
+                             "export-miner: write a StreetVision miner submission folder")
     parser.add_argument("directory", type=Path, help="deploy bundle directory")
     parser.add_argument("--id", dest="expected_id", default=None,
                         help="refuse the bundle unless its id (sha256 of bundle.json) is this one")
+    _serving.add_export_miner_arguments(parser)
 
 
-@subcommand("bundle", "work with deploy bundles (stage1 bundle verify DIR [--id ID])", add_bundle_arguments)
+@subcommand("bundle", "work with deploy bundles (stage1 bundle verify DIR [--id ID]; "
+            "stage1 bundle export-miner DIR OUT --model-name --version --submitted-by)", add_bundle_arguments)
 def cmd_bundle(args: argparse.Namespace) -> int:
     from stage1_core.bundle.load import bundle_id, verify_bundle
+
+    if args.action == "export-miner":
+        return _serving.cmd_export_miner(args)
+    if args.out is not None:
+        raise CliError(f"unexpected argument {args.out} for 'bundle verify' (OUT belongs to export-miner)")
 
     problems = verify_bundle(args.directory, expected_id=args.expected_id)
     if problems:
@@ -406,6 +416,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         f"{manifest['active_exit_policy']} from {manifest['policy_file']}, {len(manifest['sha256'])} files checksummed)"
     )
     return 0
+
+
+subcommand("serve", "serve a bundle over HTTP (POST /predict, GET /health, GET /metrics, POST /reload)",
+           _serving.add_serve_arguments)(_serving.cmd_serve)
 
 
 def add_summary_arguments(parser: argparse.ArgumentParser) -> None:

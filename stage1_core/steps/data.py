@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ import numpy as np
 from stage1_core.artifacts import atomic_write_text, read_json, sha256_file, write_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.data.datasets import Sample, find_corrupt_images, read_sources
+from stage1_core.data.duplicates import REPORT_COLUMNS, VAL_IN_TRAIN, VAL_IN_UNLABELED, resolve_duplicates
 from stage1_core.data.splits import SPLIT_NAMES, load_splits, make_splits, save_splits
 from stage1_core.steps.context import Layout, StepContext, StepResult
 
@@ -27,6 +29,9 @@ TRAIN_SOURCE = "natix_train"
 VAL_SOURCE = "natix"
 INDEX_FILE = "dataset_index.csv"
 INDEX_COLUMNS = ("id", "path", "label", "source", "origin", "line", "sha256")
+DUPLICATES_FILE = "duplicates.csv"
+
+logger = logging.getLogger(__name__)
 def ensure_synthetic_data(config: Stage1ProConfig, out_dir: Path) -> dict[str, Any]:
     """Generate the embedded synthetic data set once per (size, seed, generator version); reuse it afterwards.
 
@@ -82,6 +87,25 @@ def hash_images(samples: list[Sample]) -> dict[str, str]:
     return {s.sample_id: d for s, d in zip(samples, digests)}
 
 
+def hash_unlabeled_images(directory: str | None) -> dict[str, Path]:
+    """sha256 -> path of every image in the ExPLoRA unlabeled folder (empty when none is configured)."""
+    if not directory:
+        return {}
+    from stage1_core.domain_adaptation.data import IMAGE_SUFFIXES
+
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"unlabeled_image_dir {root} is not a directory - fix the path or unset it")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    threads = min(8, (os.cpu_count() or 1) + 2)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        digests = list(pool.map(sha256_file, paths))
+    found: dict[str, Path] = {}
+    for path, digest in zip(paths, digests):
+        found.setdefault(digest, path)
+    return found
+
+
 def build_dataset_index(config: Stage1ProConfig, layout: Layout) -> StepResult:
     """Validate every labels file (all problems at once) and write ``dataset_index.csv``."""
     ctx = StepContext(config, layout)
@@ -101,6 +125,13 @@ def build_dataset_index(config: Stage1ProConfig, layout: Layout) -> StepResult:
     train = [s for s in train if s.sample_id not in corrupt]
     val = [s for s in val if s.sample_id not in corrupt]
     digests = hash_images(train + val)
+    duplicates = resolve_duplicates(train, val, digests, hash_unlabeled_images(config.unlabeled_image_dir),
+                                    labels_file_of)
+    train, val = duplicates.train, duplicates.val
+    if duplicates.dropped:
+        logger.warning("%d duplicate image(s) left out of the index (see %s):\n  %s", len(duplicates.dropped),
+                       DUPLICATES_FILE, "\n  ".join(f"{d.sample.path} (line {d.sample.line}): {d.reason}; copy of "
+                                                      f"{d.kept_path}" for d in duplicates.dropped[:20]))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(INDEX_COLUMNS)
@@ -108,8 +139,13 @@ def build_dataset_index(config: Stage1ProConfig, layout: Layout) -> StepResult:
         for s in samples:
             writer.writerow([s.sample_id, str(s.path), s.label, s.source, origin, s.line, digests[s.sample_id]])
     directory = layout.dir("dataset_index")
+    report = io.StringIO()
+    report_writer = csv.DictWriter(report, fieldnames=REPORT_COLUMNS, lineterminator="\n")
+    report_writer.writeheader()
+    report_writer.writerows(d.row() for d in duplicates.dropped)
+    atomic_write_text(directory / DUPLICATES_FILE, report.getvalue())
     path = atomic_write_text(directory / INDEX_FILE, buffer.getvalue())
-    record = ctx.finish("dataset_index", [INDEX_FILE], [])
+    record = ctx.finish("dataset_index", [INDEX_FILE, DUPLICATES_FILE], [])
     per_source = []
     for origin, samples in (("train", train), ("val", val)):
         for source in sorted({s.source for s in samples}):
@@ -117,10 +153,14 @@ def build_dataset_index(config: Stage1ProConfig, layout: Layout) -> StepResult:
             per_source.append({"origin": origin, "source": source, "total": len(labels),
                                "roadwork": sum(labels), "no_roadwork": len(labels) - sum(labels)})
     metadata = {"path": path, "lineage_id": record.id, "n_train": len(train), "n_val": len(val),
-                "skipped_corrupt": len(corrupt),
+                "skipped_corrupt": len(corrupt), "dropped_duplicates": len(duplicates.dropped),
+                "dropped_val_leaks": duplicates.count(VAL_IN_TRAIN) + duplicates.count(VAL_IN_UNLABELED),
                 "train_positive_rate": float(np.mean([s.label for s in train])) if train else 0.0,
                 "val_positive_rate": float(np.mean([s.label for s in val])) if val else 0.0, **info}
-    return StepResult(path, metadata, tables={"per_source": per_source}, record=record)
+    tables = {"per_source": per_source}
+    if duplicates.dropped:
+        tables["duplicates"] = [d.row() for d in duplicates.dropped]
+    return StepResult(path, metadata, tables=tables, record=record)
 
 
 class DatasetIndex:

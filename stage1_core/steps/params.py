@@ -33,8 +33,17 @@ FINETUNE_FIELDS = (
     "peft_type", "peft_r", "peft_blocks", "lr_backbone", "layer_lr_decay", "finetune_epochs", "finetune_max_images",
     "finetune_head_lr_scale", "augmentation", "max_batch_size", "fallback_batch_size",
 )
-#: Figures a gate criterion judges, recorded with the checkpoint of the phases whose gate has it.
-CRITERION_FIELDS = {"no_memory_issues": ("memory_budget_gb",), "training_stable": ("loss_spike_factor",)}
+#: Settings a gate criterion reads (a threshold, margin or reading of its rule), recorded with the
+#: asset the criterion judges in the phases whose gate has it: changing one makes that asset, and so
+#: its verdict, stale (its consumers refuse it, naming the setting) instead of loosening a passed
+#: gate silently.
+CRITERION_FIELDS = {
+    "val_accuracy_vs_baseline": ("baseline_val_accuracy",),
+    "gate_beats_softmax": ("gate_min_gain",),
+    "no_classification_regression": ("exit_accuracy_check",),
+    "no_memory_issues": ("memory_budget_gb",),
+    "training_stable": ("loss_spike_factor",),
+}
 #: SAM / F-SAM settings (only when ``optimizer`` is not AdamW).
 SAM_FIELDS = ("sam_rho", "sam_adaptive", "fsam_sigma", "fsam_lmbda")
 EXPLORA_FIELDS = (
@@ -75,8 +84,16 @@ def _checkpoint(cfg: Stage1ProConfig) -> dict[str, Any]:
         params.update(_pick(cfg, SAM_FIELDS))
     if recipe.loss_kind == "crt":
         params.update(_pick(cfg, CRT_FIELDS))
-    for name in (c.name for c in recipe.criteria):
-        params.update(_pick(cfg, CRITERION_FIELDS.get(name, ())))
+    params.update(_criterion_params(cfg, "checkpoint"))
+    return params
+
+
+def _criterion_params(cfg: Stage1ProConfig, asset: str) -> dict[str, Any]:
+    """The :data:`CRITERION_FIELDS` of the phase's criteria that judge ``asset``."""
+    params: dict[str, Any] = {}
+    for criterion in get_recipe(cfg.phase).criteria:
+        if criterion.asset == asset:
+            params.update(_pick(cfg, CRITERION_FIELDS.get(criterion.name, ())))
     return params
 
 
@@ -94,7 +111,7 @@ PARAMS: dict[str, Callable[[Stage1ProConfig], dict[str, Any]]] = {
     "checkpoint": _checkpoint,
     "predictions": lambda cfg: {},
     "exit_policy": _exit_policy,
-    "evaluation": lambda cfg: _pick(cfg, EVALUATION_FIELDS),
+    "evaluation": lambda cfg: {**_pick(cfg, EVALUATION_FIELDS), **_criterion_params(cfg, "evaluation")},
     "bundle": lambda cfg: {},
 }
 

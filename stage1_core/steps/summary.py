@@ -118,16 +118,19 @@ def phase_summary_lines(status: dict[str, Any]) -> list[str]:
 
 #: The state of a phase in the overview: its gate passed, failed (a criterion, a step or data
 #: validation), has not run (or not to the end), was skipped on purpose, or is not in this release.
-STATES = ("passed", "failed", "not run", "skipped", "not available")
+STATES = ("passed", "failed", "failed, skipped", "not run", "skipped", "not available")
 
 
 def phase_state(status: dict[str, Any], recipe: PhaseRecipe, skip: dict[str, Any] | None) -> tuple[str, str]:
     """``(state, detail)`` of one phase: one of :data:`STATES` and a short plain-text reason."""
     if not recipe.available or not recipe.criteria:
         return "not available", "not wired into the pipeline in this release"
+    verdict = status["verdict"]
+    if skip is not None and verdict == "GATE FAILED":
+        return "failed, skipped", (f"gate failed: {', '.join(v['criterion'] for v in status['failing'])}; "
+                                   f"skipped: {skip.get('reason') or 'no reason given'}")
     if skip is not None:
         return "skipped", f"skipped on purpose: {skip.get('reason') or 'no reason given'}"
-    verdict = status["verdict"]
     if verdict == "passed":
         tail = "" if status["bundle_current"] else "; " + status["bundle_problems"][0]
         return "passed", "gate passed" + tail

@@ -50,6 +50,15 @@ def test_loosened_live_target_cannot_ship_under_the_old_certificate(tmp_path, ph
     assert "exit_policy[phase1] was made with" in text and "target_fnr_exit=0.02 (config now 0.1)" in text, output(result)
 
 
+def test_loosened_gate_threshold_cannot_ship_under_the_old_verdict(tmp_path, phase1_project):
+    project = clone_project(phase1_project, tmp_path, baseline_val_accuracy=0.5)
+    result = project.materialize("bundle", "phase1")
+    assert result.returncode != 0, output(result)
+    text = result.stdout + result.stderr
+    assert "checkpoint[phase1] was made with" in text and "baseline_val_accuracy=None (config now 0.5)" in text, \
+        output(result)
+
+
 def test_rebuilt_model_without_a_new_policy_is_refused(tmp_path, phase1_project):
     project = clone_project(phase1_project, tmp_path, seed=7)
     rebuilt = project.materialize("checkpoint,predictions", "phase1")

@@ -105,3 +105,14 @@ def test_a_verdict_on_an_asset_materialised_again_since_is_not_shown(tmp_path: P
     assert names[0] not in criteria.read_verdicts(layout, second)
     assert names[0] in criteria.read_verdicts(layout, second, current_only=False)
     assert _states(layout)[second][0] == "not run"
+
+
+def test_an_optional_phase_that_failed_its_gate_and_was_skipped_reads_failed_skipped(tmp_path: Path):
+    optional = [r for r in PHASES.values() if r.optional and r.available and r.criteria]
+    layout = Layout(tmp_path)
+    for recipe in optional:
+        record_verdict(layout, recipe.key, GateVerdict(recipe.criteria[0].name, False, "gain CI [-0.1, +0.2] <= 0"))
+        skip_phase(layout, recipe.key, "make demo: gate failed")
+        state, detail = _states(layout)[recipe.key]
+        assert state == "failed, skipped"
+        assert recipe.criteria[0].name in detail and "skipped: make demo: gate failed" in detail
