@@ -11,10 +11,12 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from stage1_core.gates import COVERAGE_TOLERANCE, GateVerdict
+import numpy as np
 
-from .compare import compare
-from .readers import certified_coverage, evaluation_record, training_record
+from stage1_core.gates import GateVerdict
+
+from .compare import paired_compare, paired_verdict
+from .readers import bootstrap_settings, evaluation_record, paired_val_test, training_record
 from .registry import declare, reader
 
 if TYPE_CHECKING:
@@ -33,8 +35,9 @@ declare("peft_applied_correctly", "checkpoint",
         "reported)")
 
 declare("performance_maintained", "evaluation",
-        "val_select accuracy >= the previous phase's - 0.5 point and certified coverage on val_calib >= "
-        "the previous phase's - 2 points (figures of both phases)")
+        "not worse than the previous phase, paired per image on val_test: accuracy (CI lower end of the "
+        "difference >= -accuracy_margin) and the deployed policy's coverage (>= -coverage_margin); the "
+        "verdict states n, the disagreement share and each margin's power for equal models")
 
 declare("no_memory_issues", "checkpoint",
         "training needed no out-of-memory batch-size fallback and its peak memory stayed within "
@@ -106,31 +109,18 @@ def check_peft_applied(init: Mapping[str, Any], final: Mapping[str, Any]) -> Gat
     return GateVerdict("peft_applied_correctly", not problems, message, figures)
 
 
-PERFORMANCE_ACCURACY_TOLERANCE = 0.005
-
-
-def check_performance_maintained(current: Mapping[str, float], previous: Mapping[str, float], previous_phase: str,
-                                 accuracy_tolerance: float = PERFORMANCE_ACCURACY_TOLERANCE,
-                                 coverage_tolerance: float = COVERAGE_TOLERANCE) -> GateVerdict:
-    """val_select accuracy >= previous - 0.5 point and certified val_calib coverage >= previous - 2 points."""
-    problems = []
-    accuracy = compare(current["accuracy"], previous["accuracy"], margin=accuracy_tolerance)
-    coverage = compare(current["coverage"], previous["coverage"], margin=coverage_tolerance)
-    acc_drop, cov_drop = accuracy.shortfall, coverage.shortfall
-    if not accuracy.passed:
-        problems.append(f"val_select accuracy {current['accuracy']:.4f} is {acc_drop:.4f} below {previous_phase}'s "
-                        f"{previous['accuracy']:.4f} (allowed {accuracy_tolerance})")
-    if not coverage.passed:
-        problems.append(f"certified coverage {current['coverage']:.4f} is {cov_drop:.4f} below {previous_phase}'s "
-                        f"{previous['coverage']:.4f} (allowed {coverage_tolerance})")
-    message = "; ".join(problems) or (
-        f"val_select accuracy {current['accuracy']:.4f} ({previous_phase} {previous['accuracy']:.4f}), certified "
-        f"coverage {current['coverage']:.4f} ({previous_phase} {previous['coverage']:.4f})")
-    return GateVerdict("performance_maintained", not problems, message,
-                       {"accuracy": current["accuracy"], "previous_accuracy": previous["accuracy"],
-                        "coverage": current["coverage"], "previous_coverage": previous["coverage"],
-                        "previous_phase": previous_phase, "accuracy_tolerance": accuracy_tolerance,
-                        "coverage_tolerance": coverage_tolerance})
+def check_performance_maintained(current: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray],
+                                 previous_phase: str, accuracy_margin: float, coverage_margin: float,
+                                 bootstrap: Mapping[str, Any]) -> GateVerdict:
+    """Non-inferiority of accuracy and coverage vs the previous phase on the same val_test images."""
+    accuracy = paired_compare(current["correct"], previous["correct"], margin=accuracy_margin,
+                              direction="non-inferiority", **bootstrap)
+    coverage = paired_compare(current["exit"], previous["exit"], margin=coverage_margin,
+                              direction="non-inferiority", **bootstrap)
+    return paired_verdict("performance_maintained",
+                          [("accuracy", f"val_test accuracy vs {previous_phase}", *accuracy),
+                           ("coverage", f"val_test coverage vs {previous_phase}", *coverage)],
+                          figures={"previous_phase": previous_phase})
 
 
 def check_no_memory_issues(oom_fallback: bool | None, peak_gb: float | None, budget_gb: float,
@@ -177,16 +167,13 @@ def _peft_applied(ctx: StepContext) -> GateVerdict:
 
 @reader("performance_maintained")
 def _performance_maintained(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.training import read_training
-
     evaluation_record(ctx)
     previous = ctx.reference_phase()
     if previous is None:
         return GateVerdict("performance_maintained", False, f"no earlier phase of {ctx.partition} to compare with", {})
-    current = {"accuracy": training_record(ctx)["best_val_accuracy"], "coverage": certified_coverage(ctx, ctx.partition)}
-    before = {"accuracy": read_training(ctx.layout, previous)["best_val_accuracy"],
-              "coverage": certified_coverage(ctx, previous)}
-    return check_performance_maintained(current, before, previous)
+    current, before = paired_val_test(ctx, previous)
+    return check_performance_maintained(current, before, previous, float(ctx.cfg.accuracy_margin),
+                                        float(ctx.cfg.coverage_margin), bootstrap_settings(ctx))
 
 
 @reader("no_memory_issues")

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stage1_core.gates import ACCURACY_TOLERANCE, GateVerdict, _finite
+from stage1_core.gates import GateVerdict, _finite
 
-from .compare import compare
-from .readers import certified_coverage, evaluation_record, scrc_comparison, scrc_policy
+from .compare import paired_compare, paired_verdict
+from .readers import bootstrap_settings, evaluation_record, scrc_comparison, scrc_policy, val_test_outcomes
 from .registry import declare, reader
 
 if TYPE_CHECKING:
@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 # ----- declarations ------------------------------------------------------------------------
 
 declare("risk_training_works", "evaluation",
-        "conformal risk training ran with finite losses and its model's certified coverage on val_calib "
-        "is >= the previous phase's - 1 point (gain reported)")
+        "conformal risk training ran with finite losses and is not worse than its ablation: the checkpoint "
+        "it started from (the previous phase's) through the same SCRC fit (calibrators on val_select, "
+        "certificate on val_calib), both decided on the same val_test images; passes when the paired "
+        "bootstrap CI's lower end of the coverage difference is >= -coverage_margin (gain and CI reported)")
 
 declare("coverage_maximised", "evaluation",
         "the deployed (lambda1, lambda2) is the max-coverage certified candidate (independent "
@@ -43,29 +45,48 @@ declare("prediction_sets_valid", "evaluation",
 
 
 def check_risk_training_works(
-    history: Sequence[Mapping[str, Any]], losses_finite: bool, coverage: float, previous_coverage: float,
-    previous_phase: str, tolerance: float = ACCURACY_TOLERANCE,
+    history: Sequence[Mapping[str, Any]], losses_finite: bool, current_exit: np.ndarray, ablation_exit: np.ndarray,
+    ablation: str, coverage_margin: float, bootstrap: Mapping[str, Any],
 ) -> GateVerdict:
-    """Conformal risk training ran with finite losses, and its model's certified coverage on val_calib is
-    >= the previous phase's - ``tolerance`` (1 point); the gain is reported either way."""
+    """Finite losses, and the deployed SCRC policy's val_test coverage not worse than the ablation's.
+
+    ``ablation_exit`` are the val_test exits of the same SCRC fit on the checkpoint without risk
+    training (``ablation`` names it); non-inferiority with ``coverage_margin``, the gain and its
+    paired CI reported either way.
+    """
     train_losses = [row.get("Train_Loss") for row in history]
     val_losses = [row.get("Val_Loss") for row in history]
     finite = bool(losses_finite) and len(history) > 0 and _finite(train_losses) and _finite(val_losses)
-    kept = compare(coverage, previous_coverage, margin=tolerance)
-    gain = kept.difference
     problems = []
     if not finite:
         problems.append("no epoch was logged" if not history else "a training or validation loss was not finite")
-    if not kept.passed:
-        problems.append(f"certified coverage {coverage:.4f} is {-gain:.4f} below {previous_phase}'s "
-                        f"{previous_coverage:.4f} (tolerance {tolerance})")
-    message = "; ".join(problems) or (
-        f"{len(history)} epoch(s), finite losses; certified coverage {coverage:.4f} vs {previous_phase}'s "
-        f"{previous_coverage:.4f}: gain {gain:+.4f}")
-    return GateVerdict("risk_training_works", not problems, message,
-                       {"losses_finite": finite, "epochs_run": len(history), "coverage": float(coverage),
-                        "previous_coverage": float(previous_coverage), "previous_phase": previous_phase,
-                        "coverage_gain": gain, "tolerance": tolerance})
+    coverage = paired_compare(current_exit, ablation_exit, margin=coverage_margin, direction="non-inferiority",
+                              **bootstrap)
+    return paired_verdict("risk_training_works",
+                          [("coverage", f"val_test SCRC coverage with risk training vs without ({ablation})", *coverage)],
+                          problems, {"losses_finite": finite, "epochs_run": len(history), "ablation": ablation})
+
+
+def ablation_exits(cfg: Any, outputs: Mapping[str, Any], checkpoint_id: str) -> np.ndarray:
+    """val_test exits of the deployed policy family fit the same way on another checkpoint's outputs.
+
+    ``outputs`` holds that checkpoint's :class:`~stage1_core.policies.base.SplitOutputs` of
+    val_select, val_calib and val_test; the fit sees only the splits its policy names.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from stage1_core.policies.base import FitInputs
+    from stage1_core.policies.registry import policy_class
+
+    cls = policy_class(cfg.exit_policy)
+    fit_outputs = {split: outputs[split] for split in cls.fit_splits(cfg)}
+    with tempfile.TemporaryDirectory(prefix="ablation_") as scratch:
+        fitted = cls.fit(FitInputs(fit_outputs, cfg, Path(scratch), checkpoint_id))
+        policy = cls.from_dict(fitted.document)
+        test = outputs["val_test"]
+        decisions = policy.decide(test.probs, gate_scores=test.gate_logits)
+    return np.asarray(decisions.exit, dtype=float)
 
 
 def scrc_exits_plain(g: np.ndarray, q: np.ndarray, lambda1: float | None, lambda2: float | None
@@ -248,19 +269,24 @@ def check_prediction_sets_valid(
 
 @reader("risk_training_works")
 def _risk_training_works(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.training import read_training
+    from stage1_core.policies.base import SplitOutputs
+    from stage1_core.steps.backbone import previous_backbone_phase
+    from stage1_core.steps.training import load_prediction_outputs, read_training
 
     evaluation_record(ctx)
     training = read_training(ctx.layout, ctx.partition)
-    from stage1_core.steps.backbone import previous_backbone_phase
-
     previous = previous_backbone_phase(ctx.layout, ctx.partition)
-    if not (ctx.layout.path("evaluation", previous) / "evaluation.json").is_file():
-        return GateVerdict("risk_training_works", False,
-                           f"{previous} has no evaluation, so there is no model to compare conformal risk training with", {})
-    return check_risk_training_works(training["history"], bool(training["losses_finite"]),
-                                           certified_coverage(ctx, ctx.partition), certified_coverage(ctx, previous),
-                                           previous)
+    ctx.require("evaluation-check", [("predictions", previous), ("checkpoint", previous)])
+    current = val_test_outcomes(ctx, ctx.partition)
+    outputs = {split: SplitOutputs(*load_prediction_outputs(ctx.layout, previous, split))
+               for split in ("val_select", "val_calib", "val_test")}
+    if not np.array_equal(outputs["val_test"].labels, current["labels"]):
+        raise ValueError(f"{previous}'s val_test predictions are not of {ctx.partition}'s val_test images: "
+                         f"re-materialise its predictions on the current splits")
+    ablation = ablation_exits(ctx.cfg, outputs, read_training(ctx.layout, previous)["checkpoint_id"])
+    return check_risk_training_works(training["history"], bool(training["losses_finite"]), current["exit"], ablation,
+                                     f"{previous}'s checkpoint, same SCRC fit", float(ctx.cfg.coverage_margin),
+                                     bootstrap_settings(ctx))
 
 
 @reader("coverage_maximised")

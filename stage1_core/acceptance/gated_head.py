@@ -7,15 +7,16 @@ artifacts it reads, through :mod:`stage1_core.acceptance.readers`) and its pure 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stage1_core.gates import ACCURACY_TOLERANCE, GateVerdict
+from stage1_core.gates import GateVerdict
 
-from .compare import compare
-from .readers import evaluation_record, training_record
+from .compare import SLACK, compare, paired_compare, paired_verdict
+from .readers import bootstrap_settings, evaluation_record, paired_val_test, training_record
 from .registry import declare, reader
 
 if TYPE_CHECKING:
@@ -29,12 +30,15 @@ declare("gate_trains", "checkpoint",
         "the gate separates correct from wrong predictions (AUROC > 0.5)")
 
 declare("gate_beats_softmax", "evaluation",
-        "on val_test the certified gate policy exits more than the certified softmax policy fit on the "
-        "same checkpoint's val_calib logits, by more than gate_min_gain (paired bootstrap CI reported)")
+        "superiority on val_test: the certified gate policy exits more images than the certified softmax "
+        "policy fit on the same checkpoint's val_calib logits; passes only when the paired bootstrap CI's "
+        "lower end of the coverage gain exceeds gate_min_gain (two equal policies pass with probability "
+        "<= 2.5%)")
 
 declare("no_classification_regression", "evaluation",
-        "cls accuracy on val_select not lower than the previous phase's by more than 1 point; exit "
-        "accuracy of the gate policy not lower than the softmax policy's by more than 1 point")
+        "not worse, paired per image on val_test: the class head's accuracy vs the previous phase's "
+        "(CI lower end of the difference >= -accuracy_margin) and the gate policy's exit accuracy vs the "
+        "softmax policy's on the same checkpoint (CI lower end >= -exit_accuracy_margin)")
 
 declare("gate_calibration_improves", "evaluation",
         "on val_test the calibrated gate score has ECE and Brier <= those of the raw sigmoid")
@@ -70,65 +74,51 @@ def check_gate_trains(
 
 def check_gate_beats_softmax(gate_coverage: float, softmax_coverage: float, ci: Mapping[str, float],
                              min_gain: float = 0.0) -> GateVerdict:
-    """On val_test the certified gate policy's coverage exceeds the softmax policy's by > ``min_gain``."""
-    gain = gate_coverage - softmax_coverage
-    passed = gain > min_gain
+    """Superiority: the paired bootstrap CI's lower end of the val_test coverage gain exceeds ``min_gain``."""
+    gain = compare(gate_coverage, softmax_coverage, margin=max(min_gain, 0.0), direction="superiority",
+                   ci=(float(ci["ci_lower"]), float(ci["ci_upper"])))
+    passed = gain.worst_gain > min_gain + SLACK
     message = (
-        f"val_test coverage gate {gate_coverage:.4f} vs softmax {softmax_coverage:.4f}: gain {gain:+.4f} "
-        f"(paired bootstrap CI [{ci['ci_lower']:+.4f}, {ci['ci_upper']:+.4f}]), needs > {min_gain:+.4f}"
+        f"val_test coverage gate {gate_coverage:.4f} vs softmax {softmax_coverage:.4f}: gain {gain.difference:+.4f} "
+        f"(paired bootstrap CI [{ci['ci_lower']:+.4f}, {ci['ci_upper']:+.4f}]); superiority needs the CI's lower "
+        f"end > {min_gain:+.4f}: {'passes' if passed else 'FAILS'}"
     )
     return GateVerdict("gate_beats_softmax", passed, message,
-                       {"gate_coverage": gate_coverage, "softmax_coverage": softmax_coverage, "gain": gain,
+                       {"gate_coverage": gate_coverage, "softmax_coverage": softmax_coverage, "gain": gain.difference,
                         "gain_ci_lower": ci["ci_lower"], "gain_ci_upper": ci["ci_upper"], "min_gain": min_gain})
 
 
 def check_no_classification_regression(
-    accuracy: float, previous_accuracy: float, previous_phase: str, gate_exit_accuracy: float | None,
-    softmax_exit_accuracy: float | None, tolerance: float = ACCURACY_TOLERANCE,
-    exit_accuracy_ci: Mapping[str, float] | None = None, rule: str = "confirm",
+    current: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray], previous_phase: str,
+    gate_exit_accuracy: float | None, softmax_exit_accuracy: float | None,
+    exit_accuracy_ci: Mapping[str, float] | None, accuracy_margin: float, exit_accuracy_margin: float,
+    bootstrap: Mapping[str, Any],
 ) -> GateVerdict:
-    """cls accuracy within 1 point of the previous phase; gate exit accuracy within 1 point of softmax's.
+    """Non-inferiority, paired on val_test: accuracy vs the previous phase; gate vs softmax exit accuracy.
 
-    The exit-accuracy clause compares two policies on the same val_test images. With ``rule``
-    "confirm" and ``exit_accuracy_ci`` (the paired bootstrap CI of gate minus softmax exit
-    accuracy) it is a confirmation test, like the val_test FNR criterion: it fails when the whole
-    CI lies below ``-tolerance`` (significant evidence of a loss larger than the tolerance). With
-    ``rule`` "point", or without a CI, it compares the point estimates. The point estimate and
-    the CI (when given) are always reported.
+    ``current`` / ``previous`` hold the per-image 0/1 ``correct`` of the two fixed class heads;
+    ``exit_accuracy_ci`` is the paired bootstrap CI of gate minus softmax exit accuracy the
+    evaluation computed on the same images. Without that CI the exit-accuracy clause fails (no
+    evidence), as it does when the gate policy exits nothing.
     """
-    if rule not in ("confirm", "point"):
-        raise ValueError(f"rule must be 'confirm' or 'point', got {rule!r}")
+    parts = [("accuracy", f"val_test accuracy vs {previous_phase}",
+              *paired_compare(current["correct"], previous["correct"], margin=accuracy_margin,
+                              direction="non-inferiority", **bootstrap))]
     problems = []
-    if not compare(accuracy, previous_accuracy, margin=tolerance).passed:
-        problems.append(f"val_select accuracy {accuracy:.4f} is more than {tolerance} below {previous_phase}'s "
-                        f"{previous_accuracy:.4f}")
-    figures: dict[str, Any] = {"accuracy": accuracy, "previous_accuracy": previous_accuracy,
-                               "previous_phase": previous_phase, "gate_exit_accuracy": gate_exit_accuracy,
-                               "softmax_exit_accuracy": softmax_exit_accuracy, "tolerance": tolerance,
-                               "exit_accuracy_rule": rule}
-    detail = ""
+    figures: dict[str, Any] = {"previous_phase": previous_phase, "gate_exit_accuracy": gate_exit_accuracy,
+                               "softmax_exit_accuracy": softmax_exit_accuracy}
     if gate_exit_accuracy is None:
         problems.append("the gate policy exits nothing on val_test, so its exit accuracy is undefined")
-    elif softmax_exit_accuracy is not None:
-        difference = gate_exit_accuracy - softmax_exit_accuracy
-        figures["exit_accuracy_difference"] = difference
-        if exit_accuracy_ci is not None:
-            lower, upper = float(exit_accuracy_ci["ci_lower"]), float(exit_accuracy_ci["ci_upper"])
-            figures.update(exit_accuracy_difference_ci_lower=lower, exit_accuracy_difference_ci_upper=upper)
-            detail = f" (difference {difference:+.4f}, paired bootstrap CI [{lower:+.4f}, {upper:+.4f}])"
-        if exit_accuracy_ci is not None and rule == "confirm":
-            if not upper >= -tolerance - 1e-12:
-                problems.append(f"gate exit accuracy {gate_exit_accuracy:.4f} is significantly more than {tolerance} "
-                                f"below the softmax policy's {softmax_exit_accuracy:.4f}{detail}")
-        elif -difference > tolerance + 1e-12:
-            problems.append(f"gate exit accuracy {gate_exit_accuracy:.4f} is more than {tolerance} below the softmax "
-                            f"policy's {softmax_exit_accuracy:.4f}{detail}")
-    message = "; ".join(problems) or (
-        f"val_select accuracy {accuracy:.4f} ({previous_phase} {previous_accuracy:.4f}); exit accuracy gate "
-        f"{gate_exit_accuracy:.4f} vs softmax "
-        f"{softmax_exit_accuracy if softmax_exit_accuracy is not None else float('nan'):.4f}{detail}"
-    )
-    return GateVerdict("no_classification_regression", not problems, message, figures)
+    elif softmax_exit_accuracy is None:
+        problems.append("the softmax policy exits nothing on val_test: no exit accuracy to compare with")
+    elif exit_accuracy_ci is None or not all(math.isfinite(float(exit_accuracy_ci[k])) for k in ("ci_lower", "ci_upper")):
+        problems.append("no paired CI of the exit-accuracy difference: no evidence that the gate is not worse")
+    else:
+        exit_accuracy = compare(gate_exit_accuracy, softmax_exit_accuracy, margin=exit_accuracy_margin,
+                                ci=(float(exit_accuracy_ci["ci_lower"]), float(exit_accuracy_ci["ci_upper"])))
+        parts.append(("exit_accuracy", "val_test exit accuracy gate vs softmax", exit_accuracy,
+                      {"n": int(np.asarray(current["correct"]).size)}))
+    return paired_verdict("no_classification_regression", [p for p in parts], problems, figures)
 
 
 def check_gate_calibration_improves(calibration: Mapping[str, float]) -> GateVerdict:
@@ -184,18 +174,15 @@ def _gate_beats_softmax(ctx: StepContext) -> GateVerdict:
 
 @reader("no_classification_regression")
 def _no_classification_regression(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.training import read_training
-
     c = _gate_comparison(ctx)
     previous = ctx.reference_phase()
     if previous is None:
         return GateVerdict("no_classification_regression", False, "no earlier phase to compare with", {})
-    current = read_training(ctx.layout, ctx.partition)["best_val_accuracy"]
-    before = read_training(ctx.layout, previous)["best_val_accuracy"]
-    return check_no_classification_regression(current, before, previous, c["gate"]["exit_accuracy"],
-                                                    c["softmax"]["exit_accuracy"],
-                                                    exit_accuracy_ci=c.get("exit_accuracy_difference"),
-                                                    rule=ctx.cfg.exit_accuracy_check)
+    current, before = paired_val_test(ctx, previous)
+    return check_no_classification_regression(
+        current, before, previous, c["gate"]["exit_accuracy"], c["softmax"]["exit_accuracy"],
+        c.get("exit_accuracy_difference"), float(ctx.cfg.accuracy_margin), float(ctx.cfg.exit_accuracy_margin),
+        bootstrap_settings(ctx))
 
 
 @reader("gate_calibration_improves")

@@ -65,3 +65,36 @@ def deployed_probabilities(ctx: StepContext, split: str) -> tuple[np.ndarray, np
     if ctx.cfg.exit_policy == "scrc":
         probs = scrc_policy(ctx)[1].calibrated(probs, raw)[0]
     return probs, labels
+
+
+def val_test_outcomes(ctx: StepContext, partition: str) -> dict[str, np.ndarray]:
+    """A phase's fixed decisions on val_test, per image: ``labels``, ``exit``, ``correct`` (0/1 arrays)."""
+    from stage1_core.artifacts import load_tensors
+    from stage1_core.steps.evaluation import DECISIONS_FILE
+    from stage1_core.steps.training import load_prediction_outputs
+
+    ctx.require("evaluation-check", [("evaluation", partition)])
+    decisions = load_tensors(ctx.layout.path("evaluation", partition) / DECISIONS_FILE)
+    labels = load_prediction_outputs(ctx.layout, partition, "val_test")[2]
+    predicted = decisions["label"].numpy()
+    return {"labels": np.asarray(labels), "exit": decisions["exit"].numpy().astype(float),
+            "correct": (predicted == np.asarray(labels)).astype(float)}
+
+
+def paired_val_test(ctx: StepContext, reference: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(current, reference)`` val_test outcomes of two phases, checked to be the same images in the same order."""
+    current, before = val_test_outcomes(ctx, ctx.partition), val_test_outcomes(ctx, reference)
+    if current["labels"].shape != before["labels"].shape or not np.array_equal(current["labels"], before["labels"]):
+        raise ValueError(
+            f"{ctx.partition} and {reference} were evaluated on different val_test images "
+            f"({current['labels'].size} vs {before['labels'].size}, or other labels): re-materialise both evaluations "
+            f"on the current splits"
+        )
+    return current, before
+
+
+def bootstrap_settings(ctx: StepContext) -> dict[str, Any]:
+    """The paired bootstrap's resamples, confidence and seed, from the config the evaluation recorded."""
+    cfg = ctx.cfg
+    return {"n_resamples": int(cfg.bootstrap_samples), "confidence": float(cfg.bootstrap_confidence),
+            "seed": int(cfg.seed)}

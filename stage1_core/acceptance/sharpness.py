@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stage1_core.gates import COVERAGE_TOLERANCE, GateVerdict
+from stage1_core.gates import GateVerdict
 
-from .readers import certified_coverage, evaluation_record, training_record
+from .compare import SLACK, paired_compare, paired_verdict
+
+from .readers import bootstrap_settings, evaluation_record, paired_val_test, training_record
 from .registry import declare, reader
 
 if TYPE_CHECKING:
@@ -29,8 +31,10 @@ declare("training_stable", "checkpoint",
         "gradient norm (gradient-norm trace in the metadata)")
 
 declare("improves_over_adamw", "evaluation",
-        "the SAM/F-SAM run's val_select selection metric is better than the AdamW reference phase's, and "
-        "its certified coverage on val_calib is not lower by more than 2 points")
+        "superiority on val_test, paired per image: the SAM/F-SAM run's AUGRC (max-softmax confidence) is "
+        "lower than the AdamW reference phase's, the paired bootstrap CI's lower end of the gain (AUGRC "
+        "AdamW - AUGRC F-SAM) above fsam_min_gain (two equal models pass with probability <= 2.5%), and its "
+        "coverage not worse (CI lower end of the difference >= -coverage_margin)")
 
 
 # ----- rules (pure) ---------------------------------------------------------------------
@@ -83,29 +87,32 @@ def check_training_stable(step_losses: Sequence[float], grad_norms: Sequence[flo
                         "median_grad_norm": float(np.median(finite_norms)) if finite_norms else None})
 
 
-def check_improves_over_adamw(current: Mapping[str, Any], reference: Mapping[str, Any], metric: str, mode: str,
-                              coverage_tolerance: float = COVERAGE_TOLERANCE) -> GateVerdict:
-    """The SAM/F-SAM run's selection metric beats the AdamW reference's; certified coverage within 2 points.
+def check_improves_over_adamw(augrc_gain: Mapping[str, float], current_exit: np.ndarray, reference_exit: np.ndarray,
+                              reference_phase: str, min_gain: float, coverage_margin: float,
+                              bootstrap: Mapping[str, Any]) -> GateVerdict:
+    """Superiority of the val_test AUGRC (CI lower end of the gain > ``min_gain``) and non-inferior coverage.
 
-    ``mode`` is ``"min"`` (AUGRC: lower is better) or ``"max"`` (accuracy).
+    ``augrc_gain`` is :func:`~stage1_core.metrics.paired.paired_bootstrap_augrc_gain` with the AdamW
+    run as ``b``; the exits are the two fixed policies' per-image decisions on the same images.
     """
-    value, ref_value = float(current["selection_value"]), float(reference["selection_value"])
-    better = value < ref_value if mode == "min" else value > ref_value
-    cov_drop = float(reference["coverage"]) - float(current["coverage"])
     problems = []
+    lower, upper = float(augrc_gain["ci_lower"]), float(augrc_gain["ci_upper"])
+    better = lower > min_gain + SLACK
+    line = (f"val_test AUGRC {augrc_gain['augrc_a']:.5f} vs {reference_phase} (AdamW) {augrc_gain['augrc_b']:.5f}: "
+            f"gain {augrc_gain['gain']:+.5f}, paired bootstrap CI [{lower:+.5f}, {upper:+.5f}]; superiority needs "
+            f"the CI's lower end > {min_gain:+.5f}: {'passes' if better else 'FAILS'}")
     if not better:
-        problems.append(f"val_select {metric} {value:.5f} is not better than {reference['phase']}'s {ref_value:.5f} "
-                        f"({'lower' if mode == 'min' else 'higher'} is better)")
-    if cov_drop > coverage_tolerance + 1e-12:
-        problems.append(f"certified coverage {current['coverage']:.4f} is {cov_drop:.4f} below {reference['phase']}'s "
-                        f"{reference['coverage']:.4f}")
-    message = "; ".join(problems) or (
-        f"val_select {metric} {value:.5f} vs {reference['phase']} (AdamW) {ref_value:.5f}; certified coverage "
-        f"{current['coverage']:.4f} vs {reference['coverage']:.4f}")
-    return GateVerdict("improves_over_adamw", not problems, message,
-                       {"metric": metric, "value": value, "reference_value": ref_value, "reference_phase": reference["phase"],
-                        "coverage": float(current["coverage"]), "reference_coverage": float(reference["coverage"]),
-                        "optimizer": current.get("optimizer"), "reference_optimizer": reference.get("optimizer")})
+        problems.append(line)
+    coverage = paired_compare(current_exit, reference_exit, margin=coverage_margin, direction="non-inferiority",
+                              **bootstrap)
+    verdict = paired_verdict("improves_over_adamw", [("coverage", f"val_test coverage vs {reference_phase}", *coverage)],
+                             problems, {"augrc": augrc_gain["augrc_a"], "reference_augrc": augrc_gain["augrc_b"],
+                                        "augrc_gain": augrc_gain["gain"], "augrc_gain_ci_lower": lower,
+                                        "augrc_gain_ci_upper": upper, "min_gain": min_gain,
+                                        "reference_phase": reference_phase})
+    if verdict.passed:
+        return GateVerdict(verdict.criterion, True, f"{line}; {verdict.message}", verdict.figures)
+    return verdict
 
 
 # ----- readers ---------------------------------------------------------------------------
@@ -120,21 +127,21 @@ def _training_stable(ctx: StepContext) -> GateVerdict:
 
 @reader("improves_over_adamw")
 def _improves_over_adamw(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.training import read_training
-    from stage1_core.training.trainer import SELECTION_METRICS
+    from stage1_core.metrics.paired import paired_bootstrap_augrc_gain
+    from stage1_core.steps.training import load_prediction_outputs, read_training
 
     evaluation_record(ctx)
-    training = training_record(ctx)
+    training_record(ctx)
     previous = ctx.reference_phase()
     if previous is None:
         return GateVerdict("improves_over_adamw", False, f"no AdamW reference phase of {ctx.partition} was evaluated", {})
-    before = read_training(ctx.layout, previous)
-    if before.get("optimizer", "adamw") != "adamw" or before["selection_metric"] != training["selection_metric"]:
-        return GateVerdict("improves_over_adamw", False,
-                           f"{previous} is not an AdamW run with the same selection metric, so it is no reference", {})
-    metric = training["selection_metric"]
-    current = {"selection_value": training["best_metric"], "coverage": certified_coverage(ctx, ctx.partition),
-               "optimizer": training.get("optimizer")}
-    reference = {"selection_value": before["best_metric"], "coverage": certified_coverage(ctx, previous),
-                 "phase": previous, "optimizer": before.get("optimizer", "adamw")}
-    return check_improves_over_adamw(current, reference, metric, SELECTION_METRICS[metric])
+    if read_training(ctx.layout, previous).get("optimizer", "adamw") != "adamw":
+        return GateVerdict("improves_over_adamw", False, f"{previous} is not an AdamW run, so it is no reference", {})
+    current, before = paired_val_test(ctx, previous)
+    probs_a, _, labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_test")
+    probs_b, _, _ = load_prediction_outputs(ctx.layout, previous, "val_test")
+    bootstrap = bootstrap_settings(ctx)
+    gain = paired_bootstrap_augrc_gain(probs_a.max(1), (probs_a.argmax(1) != labels).astype(float),
+                                       probs_b.max(1), (probs_b.argmax(1) != labels).astype(float), **bootstrap)
+    return check_improves_over_adamw(gain, current["exit"], before["exit"], previous, float(ctx.cfg.fsam_min_gain),
+                                     float(ctx.cfg.coverage_margin), bootstrap)

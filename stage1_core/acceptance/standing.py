@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stage1_core.artifacts import ArtifactError, read_json, schema_errors
-from stage1_core.gates import ACCURACY_TOLERANCE, COVERAGE_TOLERANCE, GateVerdict, _finite, _float_or_none
+from stage1_core.gates import ACCURACY_TOLERANCE, GateVerdict, _finite, _float_or_none
 
-from .compare import compare
-from .readers import deployed_probabilities, evaluation_record, training_record
+from .compare import paired_compare, paired_verdict
+from .readers import bootstrap_settings, deployed_probabilities, evaluation_record, paired_val_test, training_record
 from .registry import declare, reader
 
 if TYPE_CHECKING:
@@ -51,8 +51,10 @@ declare("metrics_in_range", "evaluation",
         "every reported metric and interval lies in its valid range")
 
 declare("no_regression_vs_previous_phase", "evaluation",
-        "accuracy not lower than the previous phase by more than 1 point, certified coverage not lower by"
-        " more than 2 points")
+        "not worse than the previous phase on the same val_test images, paired per image: accuracy and "
+        "the deployed policy's coverage each pass only when the paired bootstrap CI's lower end of the "
+        "difference is >= -accuracy_margin / -coverage_margin (2 / 3 points by default); the verdict "
+        "states n, the disagreement share and the power of each margin for two models of equal quality")
 
 
 # ----- rules (pure) ---------------------------------------------------------------------
@@ -336,31 +338,26 @@ def check_metrics_in_range(rows: Iterable[Mapping[str, Any]]) -> GateVerdict:
 
 
 def check_no_regression(
-    previous: Mapping[str, float],
-    current: Mapping[str, float],
-    accuracy_tolerance: float = ACCURACY_TOLERANCE,
-    coverage_tolerance: float = COVERAGE_TOLERANCE,
+    current: Mapping[str, np.ndarray],
+    previous: Mapping[str, np.ndarray],
+    previous_phase: str,
+    accuracy_margin: float,
+    coverage_margin: float,
+    bootstrap: Mapping[str, Any],
 ) -> GateVerdict:
-    """Accuracy not lower than the previous phase by > 1 point, certified coverage not by > 2 points."""
-    accuracy = compare(current["accuracy"], previous["accuracy"], margin=accuracy_tolerance)
-    coverage = compare(current["coverage"], previous["coverage"], margin=coverage_tolerance)
-    acc_drop, cov_drop = accuracy.shortfall, coverage.shortfall
-    failures = []
-    if not accuracy.passed:
-        failures.append(f"accuracy {current['accuracy']:.4f} is {acc_drop:.4f} below the previous phase's {previous['accuracy']:.4f}")
-    if not coverage.passed:
-        failures.append(f"certified coverage {current['coverage']:.4f} is {cov_drop:.4f} below the previous phase's {previous['coverage']:.4f}")
-    passed = not failures
-    message = (
-        f"accuracy {current['accuracy']:.4f} (prev {previous['accuracy']:.4f}), coverage "
-        f"{current['coverage']:.4f} (prev {previous['coverage']:.4f})"
-        if passed else "; ".join(failures)
-    )
-    return GateVerdict(
-        "no_regression_vs_previous_phase", passed, message,
-        {"accuracy": current["accuracy"], "previous_accuracy": previous["accuracy"], "accuracy_drop": acc_drop,
-         "coverage": current["coverage"], "previous_coverage": previous["coverage"], "coverage_drop": cov_drop},
-    )
+    """Non-inferiority of accuracy and coverage vs the previous phase, paired on the same val_test images.
+
+    ``current`` / ``previous`` hold per-image 0/1 arrays ``correct`` and ``exit`` of the two fixed
+    models and policies; ``bootstrap`` the paired bootstrap's ``n_resamples``, ``confidence``, ``seed``.
+    """
+    accuracy = paired_compare(current["correct"], previous["correct"], margin=accuracy_margin,
+                              direction="non-inferiority", **bootstrap)
+    coverage = paired_compare(current["exit"], previous["exit"], margin=coverage_margin,
+                              direction="non-inferiority", **bootstrap)
+    return paired_verdict("no_regression_vs_previous_phase",
+                          [("accuracy", f"val_test accuracy vs {previous_phase}", *accuracy),
+                           ("coverage", f"val_test coverage vs {previous_phase}", *coverage)],
+                          figures={"previous_phase": previous_phase})
 
 
 # ----- readers ---------------------------------------------------------------------------
@@ -464,18 +461,11 @@ def _metrics_in_range(ctx: StepContext) -> GateVerdict:
 
 @reader("no_regression_vs_previous_phase")
 def _no_regression(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.evaluation import EVALUATION_FILE
-    from stage1_core.steps.policy import read_policy_document
-
+    evaluation_record(ctx)
     previous = ctx.reference_phase()
     if previous is None:
         return GateVerdict("no_regression_vs_previous_phase", False,
                            f"no earlier phase of {ctx.partition} has an evaluation to compare with", {})
-    cur = evaluation_record(ctx)
-    prev = read_json(ctx.layout.path("evaluation", previous) / EVALUATION_FILE, schema="evaluation")
-    prev_cov = read_policy_document(ctx.layout, previous, prev["policy"])["coverage"]
-    cur_cov = read_policy_document(ctx.layout, ctx.partition, ctx.cfg.exit_policy)["coverage"]
-    verdict = check_no_regression({"accuracy": prev["accuracy"], "coverage": prev_cov},
-                                        {"accuracy": cur["accuracy"], "coverage": cur_cov})
-    return GateVerdict(verdict.criterion, verdict.passed, f"vs {previous}: {verdict.message}",
-                       {**verdict.figures, "previous_phase": previous})
+    current, before = paired_val_test(ctx, previous)
+    return check_no_regression(current, before, previous, float(ctx.cfg.accuracy_margin),
+                               float(ctx.cfg.coverage_margin), bootstrap_settings(ctx))

@@ -39,10 +39,14 @@ FINETUNE_FIELDS = (
 #: gate silently.
 CRITERION_FIELDS = {
     "val_accuracy_vs_baseline": ("baseline_val_accuracy",),
+    "no_regression_vs_previous_phase": ("accuracy_margin", "coverage_margin"),
     "gate_beats_softmax": ("gate_min_gain",),
-    "no_classification_regression": ("exit_accuracy_check",),
+    "no_classification_regression": ("accuracy_margin", "exit_accuracy_margin"),
+    "performance_maintained": ("accuracy_margin", "coverage_margin"),
     "no_memory_issues": ("memory_budget_gb",),
     "training_stable": ("loss_spike_factor",),
+    "improves_over_adamw": ("fsam_min_gain", "coverage_margin"),
+    "risk_training_works": ("coverage_margin",),
 }
 #: SAM / F-SAM settings (only when ``optimizer`` is not AdamW).
 SAM_FIELDS = ("sam_rho", "sam_adaptive", "fsam_sigma", "fsam_lmbda")
