@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from stage1_core.gates import COVERAGE_TOLERANCE, GateVerdict
+from stage1_core.store import read_backbone, read_training
 
 from .compare import compare
 from .readers import certified_coverage, evaluation_record, training_record
@@ -156,8 +157,6 @@ def check_no_memory_issues(oom_fallback: bool | None, peak_gb: float | None, bud
 
 @reader("explora_pretraining_completed")
 def _explora_pretraining(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.backbone import read_backbone
-
     ctx.require("backbone-check", [("backbone", ctx.partition)])
     explora = read_backbone(ctx.layout, ctx.partition).get("explora")
     if explora is None:
@@ -177,8 +176,6 @@ def _peft_applied(ctx: StepContext) -> GateVerdict:
 
 @reader("performance_maintained")
 def _performance_maintained(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.training import read_training
-
     evaluation_record(ctx)
     previous = ctx.reference_phase()
     if previous is None:
@@ -191,8 +188,6 @@ def _performance_maintained(ctx: StepContext) -> GateVerdict:
 
 @reader("no_memory_issues")
 def _no_memory_issues(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.training import read_training
-
     training = training_record(ctx)
     memory = training.get("memory") or {}
     peak = memory.get("peak_cuda_gb") if memory.get("peak_cuda_gb") is not None else memory.get("peak_rss_gb")

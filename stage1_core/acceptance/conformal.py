@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stage1_core.gates import ACCURACY_TOLERANCE, GateVerdict, _finite
+from stage1_core.store import DECISIONS_FILE, read_training
 
 from .compare import compare
 from .readers import certified_coverage, evaluation_record, scrc_comparison, scrc_policy
@@ -248,8 +249,6 @@ def check_prediction_sets_valid(
 
 @reader("risk_training_works")
 def _risk_training_works(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.training import read_training
-
     evaluation_record(ctx)
     training = read_training(ctx.layout, ctx.partition)
     from stage1_core.steps.backbone import previous_backbone_phase
@@ -266,7 +265,6 @@ def _risk_training_works(ctx: StepContext) -> GateVerdict:
 @reader("coverage_maximised")
 def _coverage_maximised(ctx: StepContext) -> GateVerdict:
     from stage1_core.artifacts import load_tensors
-    from stage1_core.steps.evaluation import DECISIONS_FILE
     from stage1_core.steps.training import load_prediction_outputs
 
     comparison = scrc_comparison(ctx)
@@ -286,7 +284,6 @@ def _coverage_maximised(ctx: StepContext) -> GateVerdict:
 @reader("prediction_sets_valid")
 def _prediction_sets_valid(ctx: StepContext) -> GateVerdict:
     from stage1_core.artifacts import load_tensors
-    from stage1_core.steps.evaluation import DECISIONS_FILE
     from stage1_core.steps.training import load_prediction_outputs
 
     comparison = scrc_comparison(ctx)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stage1_core.gates import ACCURACY_TOLERANCE, GateVerdict
+from stage1_core.store import read_training
 
 from .compare import compare
 from .readers import evaluation_record, training_record
@@ -184,8 +185,6 @@ def _gate_beats_softmax(ctx: StepContext) -> GateVerdict:
 
 @reader("no_classification_regression")
 def _no_classification_regression(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.training import read_training
-
     c = _gate_comparison(ctx)
     previous = ctx.reference_phase()
     if previous is None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stage1_core.gates import COVERAGE_TOLERANCE, GateVerdict
+from stage1_core.store import read_training
 
 from .readers import certified_coverage, evaluation_record, training_record
 from .registry import declare, reader
@@ -120,7 +121,6 @@ def _training_stable(ctx: StepContext) -> GateVerdict:
 
 @reader("improves_over_adamw")
 def _improves_over_adamw(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.training import read_training
     from stage1_core.training.trainer import SELECTION_METRICS
 
     evaluation_record(ctx)

@@ -15,6 +15,7 @@ import numpy as np
 
 from stage1_core.artifacts import ArtifactError, read_json, schema_errors
 from stage1_core.gates import ACCURACY_TOLERANCE, COVERAGE_TOLERANCE, GateVerdict, _finite, _float_or_none
+from stage1_core.store import EVALUATION_FILE, policy_path, read_metrics_csv, read_policy_document
 
 from .compare import compare
 from .readers import deployed_probabilities, evaluation_record, training_record
@@ -386,7 +387,6 @@ def baseline_accuracy(ctx: StepContext) -> tuple[float, str]:
 
 def policy_document(ctx: StepContext) -> tuple[dict[str, Any] | None, list[str]]:
     from stage1_core.policies import policy_class
-    from stage1_core.steps.policy import policy_path
 
     ctx.require("exit_policy-check", [("exit_policy", ctx.partition)])
     name = ctx.cfg.exit_policy
@@ -435,7 +435,7 @@ def _thresholds_certified(ctx: StepContext) -> GateVerdict:
 def _val_test_fnr(ctx: StepContext) -> GateVerdict:
     evaluation = evaluation_record(ctx)
     return check_test_fnr(
-        evaluation["n_exited_positives"], evaluation["n_false_negatives"], evaluation["fnr_target"],
+        evaluation["n_exited_positives"], evaluation["n_false_negatives"], evaluation["target_fnr_exit"],
         evaluation["delta"], mode=evaluation["val_test_check"], alpha=evaluation["val_test_alpha"],
         bootstrap_ci=evaluation.get("fnr_on_exited_ci"),
     )
@@ -445,7 +445,6 @@ def _val_test_fnr(ctx: StepContext) -> GateVerdict:
 def _selective_recomputed(ctx: StepContext) -> GateVerdict:
     """Recomputed from the probabilities the deployed policy answers from (for SCRC the
     Dirichlet-calibrated q that evaluation reports), independently of the evaluation step."""
-    from stage1_core.steps.evaluation import read_metrics_csv
 
     evaluation_record(ctx)
     rows = {r["metric"]: r["value"] for r in read_metrics_csv(ctx.layout, ctx.partition)}
@@ -456,17 +455,12 @@ def _selective_recomputed(ctx: StepContext) -> GateVerdict:
 
 @reader("metrics_in_range")
 def _metrics_in_range(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.evaluation import read_metrics_csv
-
     evaluation_record(ctx)
     return check_metrics_in_range(read_metrics_csv(ctx.layout, ctx.partition))
 
 
 @reader("no_regression_vs_previous_phase")
 def _no_regression(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.evaluation import EVALUATION_FILE
-    from stage1_core.steps.policy import read_policy_document
-
     previous = ctx.reference_phase()
     if previous is None:
         return GateVerdict("no_regression_vs_previous_phase", False,
