@@ -10,7 +10,8 @@ criterion's verdict. Timestamps and lineage ids are left out (ids change where k
     python benchmarks/behaviour_snapshot.py record before.json [--bundles DIR]
     python benchmarks/behaviour_snapshot.py compare before.json after.json
 
-``compare`` prints every differing figure and exits 1 if any differs.
+``compare`` prints every differing figure and exits 1 if any differs; keys renamed since the
+reference (:data:`RENAMED`) are compared under their new name.
 """
 
 from __future__ import annotations
@@ -115,8 +116,20 @@ def diff(a: Any, b: Any, where: str, out: list[str]) -> None:
         out.append(f"{where}: {a!r} -> {b!r}")
 
 
+#: Keys renamed since the reference snapshot (old -> new): compared under the new name.
+RENAMED = {"fnr_target": "target_fnr_exit", "fnr_target_met": "target_fnr_exit_met"}
+
+
+def renamed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {RENAMED.get(k, k): renamed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [renamed(v) for v in value]
+    return value
+
+
 def compare(before: Path, after: Path) -> int:
-    a, b = json.loads(before.read_text()), json.loads(after.read_text())
+    a, b = renamed(json.loads(before.read_text())), json.loads(after.read_text())
     problems: list[str] = []
     diff(a, b, "", problems)
     for partition in sorted(a):

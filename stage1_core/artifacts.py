@@ -22,13 +22,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
+import shutil
 import signal
 import tempfile
 from fnmatch import fnmatch
 from functools import lru_cache
 from importlib import resources
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +214,46 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 ``text`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-ready copy of ``value``: numpy scalars to Python, tuples to lists, keys to str, and
+    non-finite floats to None (JSON has no NaN or infinity; None reads as "not defined")."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def publish_directory(staged: str | Path, target: str | Path, replace: bool = True) -> Path:
+    """Move the finished directory ``staged`` to ``target`` atomically and return ``target``.
+
+    ``staged`` must be a sibling of ``target`` (same file system). With ``replace`` an existing
+    ``target`` is swapped out (renamed aside, then removed; put back if the swap fails), so
+    ``target`` always holds the previous or the complete new content; without it an existing
+    ``target`` raises FileExistsError and ``staged`` is left for the caller.
+    """
+    staged, target = Path(staged), Path(target)
+    if not target.exists() and not target.is_symlink():
+        os.rename(staged, target)
+        return target
+    if not replace:
+        raise FileExistsError(f"{target} exists; not replacing it with {staged}")
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()
+    os.rename(target, old)
+    try:
+        os.rename(staged, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def write_json(path: str | Path, data: Any, schema: str | None = None) -> Path:

@@ -515,6 +515,17 @@ class Stage1ProConfig(BaseModel):
         return write_json(path, data, schema="config")
 
     @classmethod
+    def _upgrade_saved(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A config.json saved by an earlier release, read today: retired fields dropped, fields it
+        predates filled with their defaults (a new field's default is the earlier behaviour), so an
+        older bundle still loads; every field it does hold is validated as written."""
+        data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
+        for name, field in cls.model_fields.items():
+            if name not in data and not field.is_required():
+                data[name] = field.get_default(call_default_factory=True)
+        return data
+
+    @classmethod
     def load(cls, path: str | Path) -> "Stage1ProConfig":
         """Read config.json, validate it against config.schema.json and the model."""
         from stage1_core.artifacts import ArtifactError
@@ -531,6 +542,7 @@ class Stage1ProConfig(BaseModel):
                     data[new] = data.pop(old)
             if _find_key(data, "target_coverage"):
                 raise ConfigError([TARGET_COVERAGE_REFUSAL], path)
+            data = cls._upgrade_saved(data)
         from stage1_core.artifacts import schema_errors
 
         problems = schema_errors(data, "config")

@@ -63,26 +63,33 @@ class PhaseRecipe:
 #: a phase row names the ones its gate holds.
 CRITERIA = acceptance.CRITERIA
 
-STANDING = ("training_completed", "val_accuracy_vs_baseline", "selected_checkpoint_is_best", "thresholds_certified",
-            "val_test_fnr_bound", "selective_metrics_recomputed", "metrics_in_range",
-            "no_regression_vs_previous_phase", "bundle_verified")
-GATE = ("gate_trains", "gate_beats_softmax", "no_classification_regression", "gate_calibration_improves")
+#: Criteria of every phase gate, then each family's (the module of ``acceptance`` that declares them).
+STANDING_CRITERIA = (
+    "training_completed", "val_accuracy_vs_baseline", "selected_checkpoint_is_best", "thresholds_certified",
+    "val_test_fnr_bound", "selective_metrics_recomputed", "metrics_in_range", "no_regression_vs_previous_phase",
+    "bundle_verified",
+)
+GATED_HEAD_CRITERIA = ("gate_trains", "gate_beats_softmax", "no_classification_regression", "gate_calibration_improves")
+ADAPTATION_CRITERIA = ("explora_pretraining_completed", "peft_applied_correctly", "performance_maintained",
+                       "no_memory_issues")
+SHARPNESS_CRITERIA = ("training_stable", "improves_over_adamw", "no_memory_issues")
+CONFORMAL_CRITERIA = ("risk_training_works", "coverage_maximised", "prediction_sets_valid")
 
 
 def _criteria(*names: str) -> tuple[Criterion, ...]:
+    """The named criteria, in declaration order."""
+    unknown = set(names) - set(CRITERIA)
+    if unknown:
+        raise ValueError(f"phase table names undeclared criteria {sorted(unknown)}; declared: {list(CRITERIA)}")
     return tuple(CRITERIA[name] for name in CRITERIA if name in names)
 
 
-GATE4 = ("explora_pretraining_completed", "peft_applied_correctly", "performance_maintained", "no_memory_issues")
-GATE5 = ("training_stable", "improves_over_adamw", "no_memory_issues")
-GATE6 = ("risk_training_works", "coverage_maximised", "prediction_sets_valid")
-
-PHASE1_CRITERIA = _criteria(*(n for n in STANDING if n != "no_regression_vs_previous_phase"))
-PHASE2_CRITERIA = _criteria(*STANDING)
-PHASE3_CRITERIA = _criteria(*STANDING, *GATE)
-PHASE4_CRITERIA = _criteria(*STANDING, *GATE4)
-PHASE5_CRITERIA = _criteria(*STANDING, *GATE5)
-PHASE6_CRITERIA = _criteria(*STANDING, *GATE6)
+PHASE1_CRITERIA = _criteria(*(n for n in STANDING_CRITERIA if n != "no_regression_vs_previous_phase"))
+PHASE2_CRITERIA = _criteria(*STANDING_CRITERIA)
+PHASE3_CRITERIA = _criteria(*STANDING_CRITERIA, *GATED_HEAD_CRITERIA)
+PHASE4_CRITERIA = _criteria(*STANDING_CRITERIA, *ADAPTATION_CRITERIA)
+PHASE5_CRITERIA = _criteria(*STANDING_CRITERIA, *SHARPNESS_CRITERIA)
+PHASE6_CRITERIA = _criteria(*STANDING_CRITERIA, *CONFORMAL_CRITERIA)
 
 PHASES: dict[int, PhaseRecipe] = {
     1: PhaseRecipe(

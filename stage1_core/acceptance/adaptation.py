@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stage1_core.store import read_backbone, read_training
+
 from stage1_core.gates import GateVerdict
 
 from .compare import paired_compare, paired_verdict
@@ -146,8 +148,6 @@ def check_no_memory_issues(oom_fallback: bool | None, peak_gb: float | None, bud
 
 @reader("explora_pretraining_completed")
 def _explora_pretraining(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.backbone import read_backbone
-
     ctx.require("backbone-check", [("backbone", ctx.partition)])
     explora = read_backbone(ctx.layout, ctx.partition).get("explora")
     if explora is None:
@@ -178,8 +178,6 @@ def _performance_maintained(ctx: StepContext) -> GateVerdict:
 
 @reader("no_memory_issues")
 def _no_memory_issues(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.training import read_training
-
     training = training_record(ctx)
     memory = training.get("memory") or {}
     peak = memory.get("peak_cuda_gb") if memory.get("peak_cuda_gb") is not None else memory.get("peak_rss_gb")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stage1_core.gates import GateVerdict, _finite
+from stage1_core.store import DECISIONS_FILE, read_training
 
 from .compare import paired_compare, paired_verdict
 from .readers import bootstrap_settings, evaluation_record, scrc_comparison, scrc_policy, val_test_outcomes
@@ -271,7 +272,7 @@ def check_prediction_sets_valid(
 def _risk_training_works(ctx: StepContext) -> GateVerdict:
     from stage1_core.policies.base import SplitOutputs
     from stage1_core.steps.backbone import previous_backbone_phase
-    from stage1_core.steps.training import load_prediction_outputs, read_training
+    from stage1_core.steps.training import load_prediction_outputs
 
     evaluation_record(ctx)
     training = read_training(ctx.layout, ctx.partition)
@@ -292,7 +293,6 @@ def _risk_training_works(ctx: StepContext) -> GateVerdict:
 @reader("coverage_maximised")
 def _coverage_maximised(ctx: StepContext) -> GateVerdict:
     from stage1_core.artifacts import load_tensors
-    from stage1_core.steps.evaluation import DECISIONS_FILE
     from stage1_core.steps.training import load_prediction_outputs
 
     comparison = scrc_comparison(ctx)
@@ -312,7 +312,6 @@ def _coverage_maximised(ctx: StepContext) -> GateVerdict:
 @reader("prediction_sets_valid")
 def _prediction_sets_valid(ctx: StepContext) -> GateVerdict:
     from stage1_core.artifacts import load_tensors
-    from stage1_core.steps.evaluation import DECISIONS_FILE
     from stage1_core.steps.training import load_prediction_outputs
 
     comparison = scrc_comparison(ctx)

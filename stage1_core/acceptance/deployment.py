@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from stage1_core.gates import GateVerdict
+from stage1_core.store import bundle_dir
 
 from .registry import declare, reader
 
@@ -48,7 +49,7 @@ def check_bundle_verified(problems: Sequence[str], n_compared: int, n_mismatched
 
 @reader("bundle_verified")
 def _bundle_verified(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.bundle import bundle_dir, compare_bundle_decisions
+    from stage1_core.steps.bundle import compare_bundle_decisions
 
     record = ctx.current(f"bundle[{ctx.partition}]")
     expected = record.extra.get("bundle_id") if record else None

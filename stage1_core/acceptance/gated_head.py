@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stage1_core.gates import GateVerdict
+from stage1_core.store import read_training
 
 from .compare import SLACK, compare, paired_compare, paired_verdict
 from .readers import bootstrap_settings, evaluation_record, paired_val_test, training_record

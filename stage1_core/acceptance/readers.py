@@ -10,31 +10,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stage1_core.artifacts import ArtifactError, read_json, schema_errors
-from stage1_core.gates import GateVerdict
+from stage1_core.artifacts import read_json
+from stage1_core.store import EVALUATION_FILE, policy_path, read_policy_document, read_training
 
 if TYPE_CHECKING:
     from stage1_core.steps.context import StepContext
 
 
 def training_record(ctx: StepContext) -> dict[str, Any]:
-    from stage1_core.steps.training import read_training
-
     ctx.require("checkpoint-check", [("checkpoint", ctx.partition)])
     return read_training(ctx.layout, ctx.partition)
 
 
 def evaluation_record(ctx: StepContext) -> dict[str, Any]:
-    from stage1_core.steps.evaluation import EVALUATION_FILE
-
     ctx.require("evaluation-check", [("evaluation", ctx.partition)])
     return read_json(ctx.layout.path("evaluation", ctx.partition) / EVALUATION_FILE, schema="evaluation")
 
 
 def certified_coverage(ctx: StepContext, partition: str) -> float:
-    from stage1_core.steps.evaluation import EVALUATION_FILE
-    from stage1_core.steps.policy import read_policy_document
-
     policy = read_json(ctx.layout.path("evaluation", partition) / EVALUATION_FILE, schema="evaluation")["policy"]
     return float(read_policy_document(ctx.layout, partition, policy)["coverage"])
 
@@ -42,7 +35,6 @@ def certified_coverage(ctx: StepContext, partition: str) -> float:
 def scrc_policy(ctx: StepContext):
     """``(scrcparams document, SCRCExitPolicy)`` of the phase; ValueError when its policy is not SCRC."""
     from stage1_core.policies import load_policy
-    from stage1_core.steps.policy import policy_path, read_policy_document
 
     if ctx.cfg.exit_policy != "scrc":
         raise ValueError(f"{ctx.partition} deploys the {ctx.cfg.exit_policy!r} policy, not SCRC")

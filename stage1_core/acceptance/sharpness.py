@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stage1_core.gates import GateVerdict
+from stage1_core.store import read_training
 
 from .compare import SLACK, paired_compare, paired_verdict
 
@@ -128,7 +129,7 @@ def _training_stable(ctx: StepContext) -> GateVerdict:
 @reader("improves_over_adamw")
 def _improves_over_adamw(ctx: StepContext) -> GateVerdict:
     from stage1_core.metrics.paired import paired_bootstrap_augrc_gain
-    from stage1_core.steps.training import load_prediction_outputs, read_training
+    from stage1_core.steps.training import load_prediction_outputs
 
     evaluation_record(ctx)
     training_record(ctx)

@@ -15,6 +15,7 @@ import numpy as np
 
 from stage1_core.artifacts import ArtifactError, read_json, schema_errors
 from stage1_core.gates import ACCURACY_TOLERANCE, GateVerdict, _finite, _float_or_none
+from stage1_core.store import EVALUATION_FILE, policy_path, read_metrics_csv, read_policy_document
 
 from .compare import paired_compare, paired_verdict
 from .readers import bootstrap_settings, deployed_probabilities, evaluation_record, paired_val_test, training_record
@@ -38,7 +39,10 @@ declare("selected_checkpoint_is_best", "checkpoint",
         "in phase 1, AUGRC from phase 2)")
 
 declare("thresholds_certified", "exit_policy",
-        "thresholds.json is schema-valid and certified on val_calib")
+        "the policy file is schema-valid, certified on val_calib with the PAC guarantee the product "
+        "promises (P(FNR on exits > target) <= delta; an in-expectation guarantee such as SCRC-T's is "
+        "refused), and a replay of the whole certification from the stored predictions (same search, "
+        "same candidates, same delta) arrives at the same threshold, coverage and counts")
 
 declare("val_test_fnr_bound", "evaluation",
         "on val_test the one-sided Clopper-Pearson upper bound of FNR_on_exited <= target_fnr_exit (too "
@@ -149,8 +153,10 @@ def check_selected_checkpoint_is_best(
 
 
 def check_thresholds_certified(thresholds: Mapping[str, Any] | None, schema_problems: Sequence[str],
-                               threshold_key: str | None = None, bound_key: str | None = None) -> GateVerdict:
-    """The policy file is schema-valid and its threshold is certified on val_calib.
+                               threshold_key: str | None = None, bound_key: str | None = None,
+                               replayed: Mapping[str, Any] | None = None) -> GateVerdict:
+    """The policy file is schema-valid, certified with a PAC guarantee, and ``replayed`` (the same fit
+    run again on the stored predictions) agrees with it on threshold, bound, coverage and counts.
 
     ``threshold_key`` / ``bound_key`` name the policy file's threshold and FNR bound (the policy
     class's ``threshold_key`` / ``bound_key``); by default the first present of the built-in names.
@@ -176,15 +182,38 @@ def check_thresholds_certified(thresholds: Mapping[str, Any] | None, schema_prob
         "n_exited_positives": thresholds.get("n_exited_positives"),
         "method": thresholds.get("method"),
     }
-    if certified:
+    guarantee = thresholds.get("guarantee", "pac")
+    figures["guarantee"] = guarantee
+    problems = []
+    if certified and str(guarantee).lower() != "pac":
+        problems.append(
+            f"the policy's guarantee holds in {guarantee}, not with probability 1 - delta (PAC): "
+            f"{thresholds.get('scrc_variant', thresholds.get('policy'))} cannot be deployed (SCRC-T needs the test "
+            f"batch, which a one-image predictor never has); deploy scrc_variant: I"
+        )
+    if replayed is not None:
+        figures["replayed"] = True
+        for key in ("certified", threshold_key or "exit_threshold", bound_key or "fnr_upper_bound", "coverage",
+                    "n_exited_positives"):
+            if key in thresholds or key in replayed:
+                stored, again = thresholds.get(key), replayed.get(key)
+                same = (stored == again if not (isinstance(stored, float) and isinstance(again, float))
+                        else math.isclose(stored, again, rel_tol=0.0, abs_tol=1e-12))
+                if not same:
+                    problems.append(f"replaying the certification from the stored predictions gives {key}={again!r}, "
+                                    f"the policy file says {stored!r}")
+    if not certified:
+        message = f"no threshold certified on val_calib: {thresholds.get('reason')}"
+    elif problems:
+        message = "; ".join(problems)
+    else:
         message = (
             f"{thresholds.get('policy', 'softmax')} threshold {threshold:.6f} certified by {thresholds.get('method')}: "
             f"coverage {thresholds['coverage']:.4f}, FNR bound {bound:.4f} "
             f"on {thresholds['n_exited_positives']} exited positives"
+            + ("; a replay from the stored predictions arrives at the same threshold and counts" if replayed else "")
         )
-    else:
-        message = f"no threshold certified on val_calib: {thresholds.get('reason')}"
-    return GateVerdict("thresholds_certified", certified, message, figures)
+    return GateVerdict("thresholds_certified", certified and not problems, message, figures)
 
 
 def val_test_fnr_figures(
@@ -383,7 +412,6 @@ def baseline_accuracy(ctx: StepContext) -> tuple[float, str]:
 
 def policy_document(ctx: StepContext) -> tuple[dict[str, Any] | None, list[str]]:
     from stage1_core.policies import policy_class
-    from stage1_core.steps.policy import policy_path
 
     ctx.require("exit_policy-check", [("exit_policy", ctx.partition)])
     name = ctx.cfg.exit_policy
@@ -425,14 +453,28 @@ def _thresholds_certified(ctx: StepContext) -> GateVerdict:
 
     doc, problems = policy_document(ctx)
     policy = policy_class(ctx.cfg.exit_policy)
-    return check_thresholds_certified(doc, problems, policy.threshold_key, policy.bound_key)
+    replayed = replay_certificate(ctx) if doc is not None and not problems else None
+    return check_thresholds_certified(doc, problems, policy.threshold_key, policy.bound_key, replayed)
+
+
+def replay_certificate(ctx: StepContext) -> dict[str, Any]:
+    """The policy document the phase's policy class fits again from the stored predictions (scratch directory)."""
+    import tempfile
+    from pathlib import Path
+
+    from stage1_core.policies import policy_class
+    from stage1_core.steps.policy import fit_inputs
+
+    cls = policy_class(ctx.cfg.exit_policy)
+    with tempfile.TemporaryDirectory(prefix="replay_") as scratch:
+        return dict(cls.fit(fit_inputs(ctx, cls.fit_splits(ctx.cfg), Path(scratch))).document)
 
 
 @reader("val_test_fnr_bound")
 def _val_test_fnr(ctx: StepContext) -> GateVerdict:
     evaluation = evaluation_record(ctx)
     return check_test_fnr(
-        evaluation["n_exited_positives"], evaluation["n_false_negatives"], evaluation["fnr_target"],
+        evaluation["n_exited_positives"], evaluation["n_false_negatives"], evaluation["target_fnr_exit"],
         evaluation["delta"], mode=evaluation["val_test_check"], alpha=evaluation["val_test_alpha"],
         bootstrap_ci=evaluation.get("fnr_on_exited_ci"),
     )
@@ -442,7 +484,6 @@ def _val_test_fnr(ctx: StepContext) -> GateVerdict:
 def _selective_recomputed(ctx: StepContext) -> GateVerdict:
     """Recomputed from the probabilities the deployed policy answers from (for SCRC the
     Dirichlet-calibrated q that evaluation reports), independently of the evaluation step."""
-    from stage1_core.steps.evaluation import read_metrics_csv
 
     evaluation_record(ctx)
     rows = {r["metric"]: r["value"] for r in read_metrics_csv(ctx.layout, ctx.partition)}
@@ -453,8 +494,6 @@ def _selective_recomputed(ctx: StepContext) -> GateVerdict:
 
 @reader("metrics_in_range")
 def _metrics_in_range(ctx: StepContext) -> GateVerdict:
-    from stage1_core.steps.evaluation import read_metrics_csv
-
     evaluation_record(ctx)
     return check_metrics_in_range(read_metrics_csv(ctx.layout, ctx.partition))
 

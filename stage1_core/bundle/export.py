@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -19,7 +18,16 @@ from typing import Any
 
 import torch
 
-from stage1_core.artifacts import ArtifactError, atomic_write_bytes, atomic_write_text, load_tensors, read_json, sha256_file, write_json
+from stage1_core.artifacts import (
+    ArtifactError,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_tensors,
+    publish_directory,
+    read_json,
+    sha256_file,
+    write_json,
+)
 from stage1_core.bundle.load import (
     MANIFEST_NAME,
     POLICY_FILE_NAMES,
@@ -163,22 +171,6 @@ def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) ->
     return "\n".join(lines)
 
 
-def _replace_dir(new: Path, out_dir: Path) -> None:
-    """Move the finished bundle ``new`` to ``out_dir``, replacing a previous bundle there."""
-    if not out_dir.exists() and not out_dir.is_symlink():
-        os.rename(new, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    old.rmdir()
-    os.rename(out_dir, old)
-    try:
-        os.rename(new, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_bundle(
     out_dir: str | Path,
     *,
@@ -304,7 +296,7 @@ def export_bundle(
         problems = verify_bundle(tmp)
         if problems:
             raise BundleError(problems, tmp)
-        _replace_dir(tmp, out_dir)
+        publish_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,32 +6,18 @@ the live config; a config that asks for another promise makes the policy stale i
 
 from __future__ import annotations
 
-import csv
-from typing import Any
-
 import numpy as np
 import torch
 
-from stage1_core.artifacts import save_tensors, write_json
+from stage1_core.artifacts import jsonable, save_tensors, write_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.data.splits import require_split
 from stage1_core.policies import policy_class
 from stage1_core.steps.backbone import model_features
 from stage1_core.steps.context import Layout, StepContext, StepResult
-from stage1_core.steps.policy import build_predictor, read_policy_document
-from stage1_core.steps.training import plain_row, read_training
+from stage1_core.steps.policy import build_predictor
+from stage1_core.store import DECISIONS_FILE, EVALUATION_FILE, METRICS_FILE, read_policy_document, read_training
 
-EVALUATION_FILE = "evaluation.json"
-METRICS_FILE = "metrics.csv"
-DECISIONS_FILE = "decisions.pt"
-
-
-def finite_or_none(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:
@@ -77,7 +63,7 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
         "n_test": int(len(labels)),
         "n_exited_positives": n_pos,
         "n_false_negatives": n_fn,
-        **{k: finite_or_none(v) for k, v in report.headline.items()},
+        **jsonable(report.headline),
         "val_test_check": cfg.val_test_check,
         "val_test_alpha": cfg.val_test_alpha,
         "val_test_fnr_check": val_test_fnr_figures(n_pos, n_fn, target, delta, cfg.val_test_alpha),
@@ -97,21 +83,7 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
         figures["threshold sweep (val_calib)"] = sweep
     figures.update(extra_figures)
     record = ctx.finish("evaluation", [METRICS_FILE, DECISIONS_FILE, EVALUATION_FILE], inputs)
-    rows = [plain_row(r) for r in report.table.to_dict(orient="records")]
+    rows = [jsonable(r) for r in report.table.to_dict(orient="records")]
     return StepResult(path, dict(summary, path=out_dir / METRICS_FILE, lineage_id=record.id),
                       tables={"metrics": rows}, figures=figures, record=record)
 
-
-def read_metrics_csv(layout: Layout, partition: str) -> list[dict[str, Any]]:
-    path = layout.path("evaluation", partition) / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: materialise evaluation first")
-    rows = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            parsed: dict[str, Any] = {"metric": row["metric"]}
-            for key, value in row.items():
-                if key != "metric":
-                    parsed[key] = float(value) if value not in ("", None) else None
-            rows.append(parsed)
-    return rows

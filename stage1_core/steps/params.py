@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stage1_core.config import Stage1ProConfig
+from stage1_core.lineage import parse_name
 from stage1_core.phases import config_for_phase, get_recipe
 
 DATA_FIELDS = (
@@ -127,8 +128,6 @@ def params_for(asset: str, cfg: Stage1ProConfig) -> dict[str, Any]:
 
 def expected_params(name: str, config: Stage1ProConfig) -> dict[str, Any] | None:
     """What the live config asks of the asset named ``name`` (``"checkpoint[phase1]"``)."""
-    from stage1_core.steps.context import parse_name
-
     asset, partition = parse_name(name)
     if asset not in PARAMS:
         return None

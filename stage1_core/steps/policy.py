@@ -9,21 +9,17 @@ file (the policy's ``policy_file``), removing any other policy file left in the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from stage1_core.artifacts import read_json, write_json
+from stage1_core.artifacts import write_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.data.splits import require_split
 from stage1_core.policies import POLICIES, FitInputs, SplitOutputs, load_policy, policy_class
 from stage1_core.steps.context import Layout, StepContext, StepResult
-from stage1_core.steps.training import load_head, load_prediction_outputs, read_training
+from stage1_core.steps.training import load_head, load_prediction_outputs
+from stage1_core.store import policy_path, read_training
 
 #: What a policy may do with each split it asks for (``require_split`` refuses anything else).
 FIT_SPLIT_ROLES = {"val_select": "select", "val_calib": "calibrate"}
-
-
-def policy_path(layout: Layout, partition: str, name: str) -> Path:
-    return layout.path("exit_policy", partition) / policy_class(name).policy_file
 
 
 def fit_inputs(ctx: StepContext, splits: tuple[str, ...], out_dir: Path) -> FitInputs:
@@ -57,10 +53,6 @@ def fit_exit_policy(config: Stage1ProConfig, layout: Layout, partition: str) -> 
                                "delta": fitted.document["delta"]})
     metadata = {"path": path, "policy": cls.name, "lineage_id": record.id, **fitted.metadata}
     return StepResult(path, metadata, tables=fitted.tables, figures=fitted.figures, record=record)
-
-
-def read_policy_document(layout: Layout, partition: str, name: str) -> dict[str, Any]:
-    return read_json(policy_path(layout, partition, name), schema=policy_class(name).schema)
 
 
 def build_predictor(config: Stage1ProConfig, layout: Layout, partition: str):

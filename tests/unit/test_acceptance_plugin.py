@@ -49,7 +49,7 @@ def toy_criterion():
 
 
 def test_a_criterion_declared_in_a_test_module_is_decided_and_recorded(toy_criterion, tmp_path):
-    from stage1_core.acceptance.verdicts import read_verdicts
+    from stage1_core.store import read_verdicts
 
     config = Stage1ProConfig.from_dict(CONFIG)
     layout = write_feature_phase(tmp_path, config, np.random.default_rng(0))
