@@ -20,13 +20,17 @@ specs are separated by ``;``. Unset, each write costs one ``os.environ`` look-up
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import math
 import os
+import shutil
 import signal
 import tempfile
 from fnmatch import fnmatch
 from functools import lru_cache
 from importlib import resources
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +89,70 @@ def fault_point(path: str | Path, when: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+#: Choice lists a schema names with ``{"x-choices": "<list>"}``, filled on every load from the
+#: registry that owns them (``"module:function"``, imported on first use): the exit policies the
+#: phase table names, the policy files of the registered policies.
+_CHOICES: dict[str, Callable[[], Iterable[str]] | str] = {
+    "exit_policy": "stage1_core.phases:exit_policy_names",
+    "policy_file": "stage1_core.policies:policy_file_names",
+}
+
+
+def register_choices(name: str, provider: Callable[[], Iterable[str]]) -> None:
+    """Let schemas refer to ``provider()``'s values as ``{"x-choices": name}`` (read on every load)."""
+    _CHOICES[name] = provider
+
+
+#: Schemas registered in code (a policy defined outside this package brings its own), by name.
+_REGISTERED_SCHEMAS: dict[str, dict[str, Any]] = {}
+
+
+def register_schema(name: str, schema: dict[str, Any]) -> None:
+    """Make ``schema`` available as ``name`` to :func:`load_schema` (refused if a package file has that name)."""
+    if resources.files(SCHEMA_PACKAGE).joinpath(f"{name}.schema.json").is_file():
+        raise ArtifactError(f"schema {name!r} already exists as {SCHEMA_PACKAGE}/{name}.schema.json")
+    jsonschema.validators.validator_for(schema).check_schema(schema)
+    _REGISTERED_SCHEMAS[name] = schema
+
+
+def unregister_schema(name: str) -> None:
+    """Forget a schema registered with :func:`register_schema` (tests that add one for a while)."""
+    _REGISTERED_SCHEMAS.pop(name, None)
+
+
 @lru_cache(maxsize=None)
-def load_schema(name: str) -> dict[str, Any]:
-    """Return the JSON schema called ``name`` (e.g. ``"thresholds"``)."""
+def _schema_file(name: str) -> tuple[dict[str, Any], bool]:
     try:
         text = resources.files(SCHEMA_PACKAGE).joinpath(f"{name}.schema.json").read_text("utf-8")
     except FileNotFoundError as exc:
         raise ArtifactError(f"unknown schema {name!r}: no {name}.schema.json in {SCHEMA_PACKAGE}") from exc
-    return json.loads(text)
+    return json.loads(text), '"x-choices"' in text
+
+
+def _fill_choices(node: Any, schema: str) -> Any:
+    if isinstance(node, dict):
+        out = {k: _fill_choices(v, schema) for k, v in node.items()}
+        if "x-choices" in node:
+            provider = _CHOICES.get(node["x-choices"])
+            if provider is None:
+                raise ArtifactError(f"{schema}.schema.json refers to the choice list {node['x-choices']!r}, "
+                                    f"which nothing registered; known: {sorted(_CHOICES)}")
+            if isinstance(provider, str):
+                module, _, attr = provider.partition(":")
+                provider = _CHOICES[node["x-choices"]] = getattr(importlib.import_module(module), attr)
+            out["enum"] = list(dict.fromkeys(provider()))
+        return out
+    if isinstance(node, list):
+        return [_fill_choices(v, schema) for v in node]
+    return node
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """Return the JSON schema called ``name`` (e.g. ``"thresholds"``), its choice lists filled."""
+    if name in _REGISTERED_SCHEMAS:
+        return _fill_choices(_REGISTERED_SCHEMAS[name], name)
+    schema, has_choices = _schema_file(name)
+    return _fill_choices(schema, name) if has_choices else schema
 
 
 def _json_path(error: jsonschema.ValidationError) -> str:
@@ -104,8 +164,9 @@ def _json_path(error: jsonschema.ValidationError) -> str:
 
 def schema_errors(data: Any, schema: str) -> list[str]:
     """All violations of ``schema`` in ``data`` as ``"<json path>: <message>"`` strings."""
-    validator_cls = jsonschema.validators.validator_for(load_schema(schema))
-    validator = validator_cls(load_schema(schema), format_checker=validator_cls.FORMAT_CHECKER)
+    resolved = load_schema(schema)
+    validator_cls = jsonschema.validators.validator_for(resolved)
+    validator = validator_cls(resolved, format_checker=validator_cls.FORMAT_CHECKER)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     return [f"{_json_path(e)}: {e.message}" for e in errors]
 
@@ -153,6 +214,46 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 ``text`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-ready copy of ``value``: numpy scalars to Python, tuples to lists, keys to str, and
+    non-finite floats to None (JSON has no NaN or infinity; None reads as "not defined")."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def publish_directory(staged: str | Path, target: str | Path, replace: bool = True) -> Path:
+    """Move the finished directory ``staged`` to ``target`` atomically and return ``target``.
+
+    ``staged`` must be a sibling of ``target`` (same file system). With ``replace`` an existing
+    ``target`` is swapped out (renamed aside, then removed; put back if the swap fails), so
+    ``target`` always holds the previous or the complete new content; without it an existing
+    ``target`` raises FileExistsError and ``staged`` is left for the caller.
+    """
+    staged, target = Path(staged), Path(target)
+    if not target.exists() and not target.is_symlink():
+        os.rename(staged, target)
+        return target
+    if not replace:
+        raise FileExistsError(f"{target} exists; not replacing it with {staged}")
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()
+    os.rename(target, old)
+    try:
+        os.rename(staged, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def write_json(path: str | Path, data: Any, schema: str | None = None) -> Path:

@@ -18,20 +18,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from stage1_core.artifacts import read_json, write_json
+from stage1_core.phases import PHASES, POLICIES_BY_PHASE, exit_policy_names
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_BACKBONES = ("tiny-dinov3",)
 DEFAULT_MODEL_PATH = f"{BUILTIN_PREFIX}tiny-dinov3"
 
-#: Exit policies each phase may deploy (ARCHITECTURE.md, phase gates).
-POLICIES_BY_PHASE: dict[int, tuple[str, ...]] = {
-    1: ("softmax",),
-    2: ("softmax",),
-    3: ("softmax", "gate"),
-    4: ("softmax", "gate"),
-    5: ("softmax", "gate"),
-    6: ("softmax", "gate", "scrc"),
-}
+__all__ = ["Stage1ProConfig", "ConfigError", "POLICIES_BY_PHASE", "config_json_schema"]
 
 #: Optimisers each phase's row allows (``phases.PhaseRecipe.optimizers``; a test keeps them equal):
 #: F-SAM / SAM are phase 5's part, every other phase trains with AdamW.
@@ -43,6 +36,11 @@ OPTIONAL_SOURCE_FIELDS = ("roadwork_iccv_dir", "roadwork_extra_dir", "kaggle_con
 
 #: Old field names still accepted on input, mapped to their current name.
 LEGACY_ALIASES = {"exit_threshold": "legacy_exit_threshold_for_logging"}
+#: Fields of earlier releases that no longer steer anything, dropped when a config (e.g. an older
+#: bundle's config.json) is read: ``exit_accuracy_check`` chose how the gate's exit-accuracy clause
+#: was read ("confirm" / "point"); that clause is now a non-inferiority test with
+#: ``exit_accuracy_margin``, stricter than either reading.
+RETIRED_FIELDS = ("exit_accuracy_check",)
 
 TARGET_COVERAGE_REFUSAL = (
     "target_coverage is not a setting of Stage-1 Pro: the only constraint is target_fnr_exit "
@@ -187,7 +185,8 @@ class Stage1ProConfig(BaseModel):
     val_test_ratio: float = 0.34
     target_fnr_exit: float = 0.02
     fnr_confidence: float = 0.95
-    exit_policy: Literal["softmax", "gate", "scrc"] = "softmax"
+    #: One of the exit policies the phase table lets this phase deploy (``phases.exit_policy_names``).
+    exit_policy: str = "softmax"
     bootstrap_samples: int = 1000
     bootstrap_confidence: float = 0.95
     deploy_prior: float = 0.5
@@ -196,10 +195,17 @@ class Stage1ProConfig(BaseModel):
     #: second certificate (Clopper-Pearson upper bound <= target).
     val_test_check: Literal["confirm", "bound"] = "confirm"
     val_test_alpha: float = 0.05
-    #: How the gate criterion "no classification regression" judges gate minus softmax exit
-    #: accuracy on val_test: "confirm" fails when its paired bootstrap CI lies wholly below -1
-    #: point; "point" when the point estimate does (the issue's literal rule).
-    exit_accuracy_check: Literal["confirm", "point"] = "confirm"
+    #: Margins of the comparative gate criteria, judged on val_test, paired per image, with the
+    #: burden of proof on the claim (acceptance/compare.py): "not worse" passes only when the
+    #: paired bootstrap CI's lower end of the gain is >= -margin. Fixed from the disagreement
+    #: rates on other data seeds so that two models of equal quality pass with probability >= 0.9
+    #: at the embedded default's split sizes (README "Comparative criteria and their power").
+    #: Accuracy of the class head vs the previous phase (phases 2-6).
+    accuracy_margin: float = 0.02
+    #: Coverage of the deployed policy vs the previous phase's (or the ablation's) on the same images.
+    coverage_margin: float = 0.03
+    #: Exit accuracy of the gate policy vs the softmax policy on the same checkpoint (phase 3).
+    exit_accuracy_margin: float = 0.01
     selection_metric: Literal["accuracy", "augrc"] = "accuracy"
     baseline_val_accuracy: float | None = None
     peft_type: Literal["none", "lora", "dora", "doran"] = "dora"
@@ -224,8 +230,12 @@ class Stage1ProConfig(BaseModel):
     gate_margin_input: bool = False
     #: Calibration of the gate score on val_calib (phase 3+).
     gate_calibration: Literal["platt", "isotonic", "none"] = "platt"
-    #: Required val_test coverage gain of the gate policy over the softmax policy (phase 3 gate).
+    #: Required val_test coverage gain of the gate policy over the softmax policy (phase 3 gate):
+    #: the paired bootstrap CI's lower end of the gain must exceed it.
     gate_min_gain: float = 0.0
+    #: Required val_test AUGRC gain of the SAM/F-SAM run over the AdamW run (phase 5 gate): the
+    #: paired bootstrap CI's lower end of (AUGRC AdamW - AUGRC F-SAM) must exceed it.
+    fsam_min_gain: float = 0.0
     use_dirichlet: bool = False
     calibration_iters: int = 300
     #: Memory budget of a training step (peak RSS; CUDA max allocated on a GPU), judged by the
@@ -293,6 +303,8 @@ class Stage1ProConfig(BaseModel):
         if hits:
             raise ValueError(f"{', '.join(hits)}: {TARGET_COVERAGE_REFUSAL}")
         data = dict(data)
+        for retired in RETIRED_FIELDS:
+            data.pop(retired, None)
         for old, new in LEGACY_ALIASES.items():
             if old in data:
                 if new in data and data[new] != data[old]:
@@ -374,6 +386,9 @@ class Stage1ProConfig(BaseModel):
         need(self.gate_miss_temperature >= 0, "gate_miss_temperature", ">= 0")
         need(self.gate_correct_weight >= 0, "gate_correct_weight", ">= 0")
         need(-1.0 < self.gate_min_gain < 1.0, "gate_min_gain", "in (-1, 1)")
+        need(0.0 <= self.fsam_min_gain < 1.0, "fsam_min_gain", "in [0, 1)")
+        for name in ("accuracy_margin", "coverage_margin", "exit_accuracy_margin"):
+            need(0.0 <= getattr(self, name) <= 0.2, name, "in [0, 0.2] (a share: 0.01 is one point)")
         need(0.0 < self.val_test_alpha < 0.5, "val_test_alpha", "in (0, 0.5)")
         need(self.aux_weight >= 0, "aux_weight", ">= 0")
         need(self.calibration_iters >= 1, "calibration_iters", ">= 1")
@@ -404,11 +419,15 @@ class Stage1ProConfig(BaseModel):
         if self.model_path.startswith(BUILTIN_PREFIX):
             name = self.model_path[len(BUILTIN_PREFIX):]
             need(name in BUILTIN_BACKBONES, "model_path", f"a directory or one of {[BUILTIN_PREFIX + b for b in BUILTIN_BACKBONES]}")
+        names = exit_policy_names()
         allowed = POLICIES_BY_PHASE.get(self.phase, ())
-        if allowed and self.exit_policy not in allowed:
+        if self.exit_policy not in names:
+            p.append(f"exit_policy={self.exit_policy!r}: unknown exit policy; choose one of {list(names)}")
+        elif allowed and self.exit_policy not in allowed:
+            phases = [n for n, recipe in PHASES.items() if self.exit_policy in recipe.exit_policies]
             p.append(
                 f"exit_policy={self.exit_policy!r} is invalid for phase {self.phase}: allowed {list(allowed)} "
-                f"(phases 1-2 softmax; 3-5 softmax|gate; 6 any)"
+                f"({self.exit_policy!r} only in phases {phases})"
             )
         optimizers = OPTIMIZERS_BY_PHASE.get(self.phase, ())
         if optimizers and self.optimizer not in optimizers:
@@ -527,6 +546,17 @@ class Stage1ProConfig(BaseModel):
         return write_json(path, data, schema="config")
 
     @classmethod
+    def _upgrade_saved(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A config.json saved by an earlier release, read today: retired fields dropped, fields it
+        predates filled with their defaults (a new field's default is the earlier behaviour), so an
+        older bundle still loads; every field it does hold is validated as written."""
+        data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
+        for name, field in cls.model_fields.items():
+            if name not in data and not field.is_required():
+                data[name] = field.get_default(call_default_factory=True)
+        return data
+
+    @classmethod
     def load(cls, path: str | Path) -> "Stage1ProConfig":
         """Read config.json, validate it against config.schema.json and the model."""
         from stage1_core.artifacts import ArtifactError
@@ -543,6 +573,7 @@ class Stage1ProConfig(BaseModel):
                     data[new] = data.pop(old)
             if _find_key(data, "target_coverage"):
                 raise ConfigError([TARGET_COVERAGE_REFUSAL], path)
+            data = cls._upgrade_saved(data)
         from stage1_core.artifacts import schema_errors
 
         problems = schema_errors(data, "config")
@@ -601,6 +632,10 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
     "peft_blocks": {"minimum": 0},
     "calibration_iters": {"minimum": 1},
     "memory_budget_gb": {"exclusiveMinimum": 0},
+    "accuracy_margin": {"minimum": 0, "maximum": 0.2},
+    "coverage_margin": {"minimum": 0, "maximum": 0.2},
+    "exit_accuracy_margin": {"minimum": 0, "maximum": 0.2},
+    "fsam_min_gain": {"minimum": 0, "exclusiveMaximum": 1},
     "explora_epochs": {"minimum": 1},
     "explora_r": {"minimum": 0},
     "explora_unfrozen_blocks": {"minimum": 0},
@@ -644,6 +679,7 @@ def config_json_schema() -> dict[str, Any]:
                     option.update(bounds)
         else:
             prop.update(bounds)
+    schema["properties"]["exit_policy"].update({"x-choices": "exit_policy", "enum": list(exit_policy_names())})
     for prop in schema["properties"].values():
         prop.pop("default", None)
     return schema

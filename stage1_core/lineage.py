@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stage1_core.artifacts import ArtifactError, read_json, sha256_file, write_json
+from stage1_core.artifacts import ArtifactError, jsonable, read_json, sha256_file, write_json
 
 RECORD_FILE = "lineage.json"
 ID_LENGTH = 24
@@ -62,16 +61,6 @@ def content_id(*parts: Any) -> str:
 def asset_name(asset: str, partition: str | None = None) -> str:
     """``"checkpoint[phase1]"`` for a partitioned asset, ``"splits"`` otherwise."""
     return f"{asset}[{partition}]" if partition else asset
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -137,7 +126,7 @@ def make_record(
     for r in inputs:
         chain.update(r.chain)
     chain.update(direct)
-    plain_params = _plain(dict(params))
+    plain_params = jsonable(dict(params))
     own = id_parts if id_parts is not None else checksums
     rid = content_id(asset, partition, own, plain_params, dict(sorted(direct.items())))
     record = Record(asset, partition, rid, direct, chain, plain_params, checksums, directory, dict(extra or {}))
@@ -223,7 +212,7 @@ def check_inputs(
             wanted = expected_params(name)
             if wanted is None:
                 continue
-            wanted = _plain(dict(wanted))
+            wanted = jsonable(dict(wanted))
             diffs = [
                 f"{key}={rec.params.get(key)!r} (config now {value!r})"
                 for key, value in sorted(wanted.items())
@@ -233,3 +222,11 @@ def check_inputs(
                 stale(name, f"{name} was made with {', '.join(diffs)}", name)
     if problems:
         raise StaleInputError(consumer, problems, rebuild)
+
+
+def parse_name(name: str) -> tuple[str, str | None]:
+    """``"checkpoint[phase1]"`` -> ``("checkpoint", "phase1")``; ``"splits"`` -> ``("splits", None)``."""
+    if name.endswith("]") and "[" in name:
+        asset, partition = name[:-1].split("[", 1)
+        return asset, partition
+    return name, None

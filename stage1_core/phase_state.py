@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stage1_core.artifacts import read_json, write_json
+from stage1_core.lineage import record_path
 from stage1_core.phases import PHASES, phase_number
 
 STATE_DIR = "phase_state"
@@ -63,3 +64,18 @@ def read_skip(layout: Any, partition: str) -> dict[str, Any] | None:
     """The skip record of ``partition``, or None when it is not skipped."""
     path = _skip_path(_root(layout), PHASES[phase_number(partition)].key)
     return read_json(path) if path.is_file() else None
+
+
+def reference_phase(layout: Any, number: int, asset: str = "evaluation") -> str | None:
+    """The phase a regression is measured against: the latest earlier phase with that asset.
+
+    Phase 5 is optional, so phase 6 compares with phase 5 only when phase 5 was evaluated and is
+    not skipped (a skipped phase is never a reference, whatever it left behind).
+    """
+    for earlier in range(number - 1, 0, -1):
+        key = PHASES[earlier].key
+        if PHASES[earlier].optional and read_skip(layout, key) is not None:
+            continue
+        if record_path(layout.path(asset, key)).is_file():
+            return key
+    return None

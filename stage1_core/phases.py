@@ -1,28 +1,26 @@
 """The phase table: what each of the six risk-ordered phases trains and what its gate demands.
 
 One place to read them. The Dagster layer builds its partitions, training recipes and blocking
-asset checks from this table; ``stage1_core.gates`` holds the pure functions that decide each
-criterion.
+asset checks from this table; a row names its parts by key: exit policies registered in
+:mod:`stage1_core.policies`, criteria declared in :mod:`stage1_core.acceptance` (with their
+readers and pure rules).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from stage1_core.config import Stage1ProConfig
+from stage1_core import acceptance
+from stage1_core.acceptance import Criterion
+
+if TYPE_CHECKING:  # config.py reads this table (which phase may deploy which policy), not the reverse
+    from stage1_core.config import Stage1ProConfig
 
 
 class PhaseUnavailableError(RuntimeError):
     """A phase whose training recipe is not part of this release was requested."""
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """One acceptance criterion of a phase gate (one blocking asset check each)."""
-
-    name: str
-    asset: str
-    description: str
 
 
 @dataclass(frozen=True)
@@ -66,149 +64,37 @@ class PhaseRecipe:
         return f"phase{self.phase}"
 
 
-#: Every gate criterion; each is one blocking, phase-partitioned asset check on ``asset``.
-#: A phase's recipe lists the criteria that make up its gate.
-CRITERIA: dict[str, Criterion] = {
-    c.name: c
-    for c in (
-        Criterion("training_completed", "checkpoint", "training ran to a best checkpoint with finite losses"),
-        Criterion(
-            "val_accuracy_vs_baseline",
-            "checkpoint",
-            "val_select accuracy >= baseline - 1 point (baseline_val_accuracy from config, else a "
-            "class-weighted logistic-regression probe on the same cached features)",
-        ),
-        Criterion(
-            "selected_checkpoint_is_best",
-            "checkpoint",
-            "the chosen checkpoint is the best epoch on val_select by the phase's selection metric "
-            "(accuracy in phase 1, AUGRC from phase 2)",
-        ),
-        Criterion("thresholds_certified", "exit_policy", "thresholds.json is schema-valid and certified on val_calib"),
-        Criterion(
-            "val_test_fnr_bound",
-            "evaluation",
-            "on val_test the one-sided Clopper-Pearson upper bound of FNR_on_exited <= target_fnr_exit "
-            "(too few exited positives fails, stating how many are needed)",
-        ),
-        Criterion(
-            "selective_metrics_recomputed",
-            "evaluation",
-            "reported AUGRC and Risk@Coverage equal an independent recomputation from the saved logits",
-        ),
-        Criterion("metrics_in_range", "evaluation", "every reported metric and interval lies in its valid range"),
-        Criterion(
-            "no_regression_vs_previous_phase",
-            "evaluation",
-            "accuracy not lower than the previous phase by more than 1 point, certified coverage not lower "
-            "by more than 2 points",
-        ),
-        Criterion(
-            "gate_trains",
-            "checkpoint",
-            "the gate head trains: finite losses, gate scores on val_select spread out (not collapsed) and "
-            "the gate separates correct from wrong predictions (AUROC > 0.5)",
-        ),
-        Criterion(
-            "gate_beats_softmax",
-            "evaluation",
-            "on val_test the certified gate policy exits more than the certified softmax policy fit on the same "
-            "checkpoint's val_calib logits, by more than gate_min_gain (paired bootstrap CI reported)",
-        ),
-        Criterion(
-            "no_classification_regression",
-            "evaluation",
-            "cls accuracy on val_select not lower than the previous phase's by more than 1 point; exit accuracy "
-            "of the gate policy not lower than the softmax policy's by more than 1 point",
-        ),
-        Criterion(
-            "gate_calibration_improves",
-            "evaluation",
-            "on val_test the calibrated gate score has ECE and Brier <= those of the raw sigmoid",
-        ),
-        Criterion(
-            "explora_pretraining_completed",
-            "backbone",
-            "ExPLoRA pre-training ran with finite losses and lowered the masked-reconstruction loss on held-out "
-            "train images by at least explora_min_gain (relative), with a decoder-only control reported",
-        ),
-        Criterion(
-            "peft_applied_correctly",
-            "checkpoint",
-            "the expected backbone modules carry adapters, the adapted model at initialisation equals the base, "
-            "merged equals unmerged, only adapter and head parameters train (trainable fraction reported)",
-        ),
-        Criterion(
-            "performance_maintained",
-            "evaluation",
-            "val_select accuracy >= the previous phase's - 0.5 point and certified coverage on val_calib >= the "
-            "previous phase's - 2 points (figures of both phases)",
-        ),
-        Criterion(
-            "no_memory_issues",
-            "checkpoint",
-            "training needed no out-of-memory batch-size fallback and its peak memory stayed within "
-            "memory_budget_gb (the reference phase's peak reported beside it)",
-        ),
-        Criterion(
-            "training_stable",
-            "checkpoint",
-            "no training-loss spike above loss_spike_factor times the running median and no non-finite gradient "
-            "norm (gradient-norm trace in the metadata)",
-        ),
-        Criterion(
-            "improves_over_adamw",
-            "evaluation",
-            "the SAM/F-SAM run's val_select selection metric is better than the AdamW reference phase's, and its "
-            "certified coverage on val_calib is not lower by more than 2 points",
-        ),
-        Criterion(
-            "risk_training_works",
-            "evaluation",
-            "conformal risk training ran with finite losses and its model's certified coverage on val_calib is "
-            ">= the previous phase's - 1 point (gain reported)",
-        ),
-        Criterion(
-            "coverage_maximised",
-            "evaluation",
-            "the deployed (lambda1, lambda2) is the max-coverage certified candidate (independent recomputation) "
-            "and the SCRC val_test coverage >= the certified softmax and gate policies' on the same checkpoint",
-        ),
-        Criterion(
-            "prediction_sets_valid",
-            "evaluation",
-            "prediction sets are nested in lambda2, singleton sets are exactly the exits, and the empirical set "
-            "coverage on val_test lies within its bootstrap CI of the target the sets were built for",
-        ),
-        Criterion(
-            "bundle_verified",
-            "bundle",
-            "the published bundle verifies (schema, checksums, file set, load) and its predictor reproduces "
-            "the evaluation's val_test decisions exactly",
-        ),
-    )
-}
+#: Every gate criterion, declared beside its reader and rule in :mod:`stage1_core.acceptance`;
+#: a phase row names the ones its gate holds.
+CRITERIA = acceptance.CRITERIA
 
-STANDING = ("training_completed", "val_accuracy_vs_baseline", "selected_checkpoint_is_best", "thresholds_certified",
-            "val_test_fnr_bound", "selective_metrics_recomputed", "metrics_in_range",
-            "no_regression_vs_previous_phase", "bundle_verified")
-GATE = ("gate_trains", "gate_beats_softmax", "no_classification_regression", "gate_calibration_improves")
+#: Criteria of every phase gate, then each family's (the module of ``acceptance`` that declares them).
+STANDING_CRITERIA = (
+    "training_completed", "val_accuracy_vs_baseline", "selected_checkpoint_is_best", "thresholds_certified",
+    "val_test_fnr_bound", "selective_metrics_recomputed", "metrics_in_range", "no_regression_vs_previous_phase",
+    "bundle_verified",
+)
+GATED_HEAD_CRITERIA = ("gate_trains", "gate_beats_softmax", "no_classification_regression", "gate_calibration_improves")
+ADAPTATION_CRITERIA = ("explora_pretraining_completed", "peft_applied_correctly", "performance_maintained",
+                       "no_memory_issues")
+SHARPNESS_CRITERIA = ("training_stable", "improves_over_adamw", "no_memory_issues")
+CONFORMAL_CRITERIA = ("risk_training_works", "coverage_maximised", "prediction_sets_valid")
 
 
 def _criteria(*names: str) -> tuple[Criterion, ...]:
+    """The named criteria, in declaration order."""
+    unknown = set(names) - set(CRITERIA)
+    if unknown:
+        raise ValueError(f"phase table names undeclared criteria {sorted(unknown)}; declared: {list(CRITERIA)}")
     return tuple(CRITERIA[name] for name in CRITERIA if name in names)
 
 
-GATE4 = ("explora_pretraining_completed", "peft_applied_correctly", "performance_maintained", "no_memory_issues")
-GATE5 = ("training_stable", "improves_over_adamw", "no_memory_issues")
-GATE6 = ("risk_training_works", "coverage_maximised", "prediction_sets_valid")
-
-PHASE1_CRITERIA = _criteria(*(n for n in STANDING if n != "no_regression_vs_previous_phase"))
-PHASE2_CRITERIA = _criteria(*STANDING)
-PHASE3_CRITERIA = _criteria(*STANDING, *GATE)
-PHASE4_CRITERIA = _criteria(*STANDING, *GATE4)
-PHASE5_CRITERIA = _criteria(*STANDING, *GATE5)
-PHASE6_CRITERIA = _criteria(*STANDING, *GATE6)
+PHASE1_CRITERIA = _criteria(*(n for n in STANDING_CRITERIA if n != "no_regression_vs_previous_phase"))
+PHASE2_CRITERIA = _criteria(*STANDING_CRITERIA)
+PHASE3_CRITERIA = _criteria(*STANDING_CRITERIA, *GATED_HEAD_CRITERIA)
+PHASE4_CRITERIA = _criteria(*STANDING_CRITERIA, *ADAPTATION_CRITERIA)
+PHASE5_CRITERIA = _criteria(*STANDING_CRITERIA, *SHARPNESS_CRITERIA)
+PHASE6_CRITERIA = _criteria(*STANDING_CRITERIA, *CONFORMAL_CRITERIA)
 
 PHASES: dict[int, PhaseRecipe] = {
     1: PhaseRecipe(
@@ -308,6 +194,28 @@ PHASES: dict[int, PhaseRecipe] = {
 }
 
 PHASE_KEYS = [recipe.key for recipe in PHASES.values()]
+
+
+class _PoliciesByPhase(Mapping):
+    """Phase number -> the exit policies it may deploy, read live from :data:`PHASES`."""
+
+    def __getitem__(self, phase: int) -> tuple[str, ...]:
+        return PHASES[phase].exit_policies
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(PHASES)
+
+    def __len__(self) -> int:
+        return len(PHASES)
+
+
+#: Exit policies each phase may deploy (a view of the table's ``exit_policies``).
+POLICIES_BY_PHASE: Mapping[int, tuple[str, ...]] = _PoliciesByPhase()
+
+
+def exit_policy_names() -> tuple[str, ...]:
+    """Every exit policy some phase may deploy, in table order (the config's choices)."""
+    return tuple(dict.fromkeys(name for recipe in PHASES.values() for name in recipe.exit_policies))
 
 
 def phase_number(key: str | int) -> int:

@@ -3,8 +3,8 @@
 Each step lives in its own module under :mod:`stage1_core.steps` and is re-exported here, so the
 Dagster assets in ``stage1_assets`` and the tests have one import. Steps are phase-agnostic: the
 phase's recipe (``phases.py``) names the head, loss and exit policy, and registries
-(:mod:`stage1_core.training.recipes`, :data:`stage1_core.steps.policy.POLICY_FITTERS`,
-:data:`stage1_core.criteria.REGISTRY`) supply the parts. Every step checks the lineage of its
+(:mod:`stage1_core.training.recipes`, :data:`stage1_core.policies.POLICIES`,
+:data:`stage1_core.acceptance.READERS`) supply the parts. Every step checks the lineage of its
 inputs (:mod:`stage1_core.lineage`) before it reads them.
 
 Split usage is enforced here: ``train`` fits weights, ``val_select`` selects checkpoints,
@@ -23,18 +23,20 @@ from typing import TYPE_CHECKING, Any
 
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("baseline_accuracy", "evaluate_criterion"), "stage1_core.criteria"),
+    "baseline_accuracy": "stage1_core.acceptance.standing",
+    "evaluate_criterion": "stage1_core.acceptance.verdicts",
     **dict.fromkeys(("cache_features", "load_split", "load_split_features", "prepare_backbone"),
                     "stage1_core.steps.backbone"),
-    **dict.fromkeys(("bundle_dir", "compare_bundle_decisions", "current_bundle_problems", "export_phase_bundle"),
+    **dict.fromkeys(("compare_bundle_decisions", "current_bundle_problems", "export_phase_bundle"),
                     "stage1_core.steps.bundle"),
+    **dict.fromkeys(("bundle_dir", "read_metrics_csv", "read_training"), "stage1_core.store"),
     **dict.fromkeys(("Layout", "StepContext", "StepResult"), "stage1_core.steps.context"),
     **dict.fromkeys(("build_dataset_index", "build_splits", "read_dataset_index", "read_splits"),
                     "stage1_core.steps.data"),
-    **dict.fromkeys(("evaluate_phase", "read_metrics_csv"), "stage1_core.steps.evaluation"),
+    "evaluate_phase": "stage1_core.steps.evaluation",
     **dict.fromkeys(("build_predictor", "fit_exit_policy"), "stage1_core.steps.policy"),
     **dict.fromkeys(("phase_status", "read_phase_summary"), "stage1_core.steps.summary"),
-    **dict.fromkeys(("load_head", "load_predictions", "log_row", "predict_splits", "read_training", "train_phase"),
+    **dict.fromkeys(("load_head", "load_predictions", "log_row", "predict_splits", "train_phase"),
                     "stage1_core.steps.training"),
 }
 
@@ -58,12 +60,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static tools see the real names
-    from stage1_core.criteria import baseline_accuracy, evaluate_criterion
+    from stage1_core.acceptance.standing import baseline_accuracy
+    from stage1_core.acceptance.verdicts import evaluate_criterion
     from stage1_core.steps.backbone import cache_features, load_split, load_split_features, prepare_backbone
-    from stage1_core.steps.bundle import bundle_dir, compare_bundle_decisions, current_bundle_problems, export_phase_bundle
+    from stage1_core.steps.bundle import compare_bundle_decisions, current_bundle_problems, export_phase_bundle
     from stage1_core.steps.context import Layout, StepContext, StepResult
     from stage1_core.steps.data import build_dataset_index, build_splits, read_dataset_index, read_splits
-    from stage1_core.steps.evaluation import evaluate_phase, read_metrics_csv
+    from stage1_core.steps.evaluation import evaluate_phase
     from stage1_core.steps.policy import build_predictor, fit_exit_policy
     from stage1_core.steps.summary import phase_status, read_phase_summary
-    from stage1_core.steps.training import load_head, load_predictions, log_row, predict_splits, read_training, train_phase
+    from stage1_core.steps.training import load_head, load_predictions, log_row, predict_splits, train_phase
+    from stage1_core.store import bundle_dir, read_metrics_csv, read_training

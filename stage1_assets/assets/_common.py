@@ -24,7 +24,7 @@ CODE_VERSION = "2"
 #: Settings that are the same in every materialisation of a run config: shown once, in the
 #: asset's definition metadata (:func:`constants_metadata`), not in every event.
 CONSTANT_KEYS = frozenset({
-    "fnr_target", "target_fnr", "delta", "n_bootstrap", "deploy_prior", "bootstrap_confidence",
+    "target_fnr_exit", "target_fnr", "delta", "n_bootstrap", "deploy_prior", "bootstrap_confidence",
     "val_test_alpha", "val_test_check", "alpha",
 })
 
@@ -267,7 +267,7 @@ def constants_metadata(config: Any) -> dict[str, Any]:
     if config is None:
         return {}
     values = {
-        "fnr_target": config.target_fnr_exit, "delta": config.delta, "n_bootstrap": config.bootstrap_samples,
+        "target_fnr_exit": config.target_fnr_exit, "delta": config.delta, "n_bootstrap": config.bootstrap_samples,
         "bootstrap_confidence": config.bootstrap_confidence, "deploy_prior": config.deploy_prior,
         "val_test_check": config.val_test_check, "val_test_alpha": config.val_test_alpha,
     }

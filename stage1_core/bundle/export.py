@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -19,7 +18,16 @@ from typing import Any
 
 import torch
 
-from stage1_core.artifacts import ArtifactError, atomic_write_bytes, atomic_write_text, load_tensors, read_json, sha256_file, write_json
+from stage1_core.artifacts import (
+    ArtifactError,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_tensors,
+    publish_directory,
+    read_json,
+    sha256_file,
+    write_json,
+)
 from stage1_core.bundle.load import (
     MANIFEST_NAME,
     POLICY_FILE_NAMES,
@@ -31,6 +39,7 @@ from stage1_core.bundle.load import (
 from stage1_core.config import Stage1ProConfig, git_commit
 from stage1_core.model.head import HeadStateError, Stage1Head, load_head_state_dict
 from stage1_core.policies import load_policy, policy_class
+from stage1_core.reporting.text import fmt
 
 __all__ = ["MODEL_FILE", "BUNDLE_FILES", "code_version", "export_bundle", "render_readme"]
 
@@ -78,105 +87,6 @@ def _check_extra_name(name: str, reserved: set[str]) -> str | None:
     return None
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _pct(value: Any) -> str:
-    return "n/a" if value is None else f"{100.0 * float(value):.2f}%"
-
-
-def _policy_section(policy_name: str, doc: Mapping[str, Any]) -> list[str]:
-    """Plain-words meaning of the policy file ``doc``."""
-    threshold_key = next((k for k in ("exit_threshold", "gate_threshold") if k in doc), None)
-    threshold = doc.get(threshold_key) if threshold_key else None
-    target, delta = doc.get("target_fnr"), doc.get("delta")
-    lines = [f"Active exit policy: **{policy_name}** (file `{policy_class(policy_name).policy_file}`).", ""]
-    if policy_name == "softmax":
-        rule = "its larger softmax probability (roadwork or no roadwork) is at least t"
-    elif policy_name == "gate":
-        rule = "its calibrated gate score (the head's estimate that its prediction is right) is at least t"
-    else:
-        rule = "the policy's prediction set for it holds a single label"
-    if policy_name == "scrc":
-        return lines + _scrc_section(doc)
-    if doc.get("certified"):
-        lines += [
-            f"An image **exits** at Stage 1 (its label is final) when {rule}, with "
-            f"t = {_fmt(threshold, 6)} read from the policy file; every other image is **deferred** "
-            f"to Stage 2 (prediction set {{0, 1}}).",
-            "",
-            f"Certificate: on {doc.get('n_calib', 'n/a')} val_calib images, with method "
-            f"`{doc.get('method', 'n/a')}`, the false-negative rate among exited roadwork images "
-            f"(FNR on exits) is at most {_fmt(target)} with probability at least "
-            f"{_fmt(None if delta is None else 1 - delta)}: its one-sided Clopper-Pearson upper bound is "
-            f"{_fmt(doc.get('fnr_upper_bound'))} from {doc.get('n_exited_positives', 'n/a')} exited "
-            f"positives (observed FNR on exits {_fmt(doc.get('fnr_on_exits'))}).",
-            "",
-            f"Coverage (fraction of images exited) on val_calib: {_pct(doc.get('coverage'))}"
-            + (
-                f"; at the deployment prior {_fmt(doc.get('deploy_prior'))} (share of roadwork "
-                f"images): {_pct(doc.get('coverage_at_deploy_prior'))}."
-                if doc.get("coverage_at_deploy_prior") is not None
-                else "."
-            ),
-        ]
-    else:
-        lines += [
-            "Nothing was certified, so this policy **exits no image**: every image is deferred to "
-            "Stage 2 (prediction set {0, 1}). There is no default threshold.",
-            "",
-            f"Reason: {doc.get('reason') or 'not recorded'}",
-        ]
-    return lines
-
-
-def _scrc_section(doc: Mapping[str, Any]) -> list[str]:
-    """Plain-words meaning of ``scrcparams.json`` (two-stage selective conformal risk control)."""
-    rule = (
-        "Stage 1 selects an image when its calibrated gate score g (a Platt/isotonic map of the gate logit) "
-        "is at least lambda1; it then builds the set C = {y : q_y >= 1 - lambda2} from the Dirichlet-calibrated "
-        "probabilities q. The image **exits** iff it is selected and C holds a single label, which is its answer; "
-        "every other image is **deferred** to Stage 2 (prediction set {0, 1})."
-    )
-    if doc.get("scrc_variant") == "SCRC-T":
-        t = doc.get("transductive") or {}
-        lines = [
-            rule, "",
-            f"Variant SCRC-T (transductive): lambda1 and lambda2 are recomputed for every batch from val_calib's "
-            f"outputs (`{t.get('calibration_file')}`) and the batch itself, so images must be predicted together "
-            f"(`stage1 predict --transductive`, `Stage1Bundle.predict(images, transductive=True)`), at least "
-            f"{t.get('min_test')} at once. Stage 1 selects the top {_pct(t.get('selection_rate'))} of the pooled "
-            f"gate scores. Guarantee (in expectation, not with a confidence level): the share of selected roadwork "
-            f"images whose set misses roadwork is at most {_fmt(doc.get('target_fnr'))}.",
-        ]
-        if not doc.get("certified"):
-            lines += ["", f"On val_calib alone the target is out of reach: {doc.get('reason')}"]
-        return lines
-    if not doc.get("certified"):
-        return ["Nothing was certified, so this policy **exits no image**: every image is deferred to Stage 2 "
-                "(prediction set {0, 1}). There is no default threshold.", "", f"Reason: {doc.get('reason') or 'not recorded'}"]
-    delta = doc.get("delta")
-    return [
-        rule, "",
-        f"Variant SCRC-I: lambda1 = {_fmt(doc.get('lambda1'), 6)}, lambda2 = {_fmt(doc.get('lambda2'), 6)}, read from "
-        f"the policy file. Certificate: on {doc.get('n_calib', 'n/a')} val_calib images (method "
-        f"`{doc.get('method')}` over {doc.get('n_candidates')} candidate pairs), the FNR on exits is at most "
-        f"{_fmt(doc.get('target_fnr'))} with probability at least {_fmt(None if delta is None else 1 - delta)}: its "
-        f"one-sided Clopper-Pearson bound is {_fmt(doc.get('fnr_bound'))} from {doc.get('n_exited_positives')} exited "
-        f"positives.",
-        "",
-        f"Coverage on val_calib: {_pct(doc.get('coverage'))}; at the deployment prior {_fmt(doc.get('deploy_prior'))}: "
-        f"{_pct(doc.get('coverage_at_deploy_prior'))}.",
-    ]
-
-
 def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) -> str:
     """The bundle's README.md: contents, how to load it, what the policy means, headline figures."""
     backbone, head = manifest["backbone"], manifest["head"]
@@ -189,9 +99,8 @@ def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) ->
         files["metrics"]: "evaluation on val_test: value, bootstrap mean/std/CI, n per metric",
         files["readme"]: "this file",
     }
-    companion = (policy_doc.get("transductive") or {}).get("calibration_file")
-    if companion:
-        descriptions[companion] = "SCRC-T: val_calib's outputs and labels, from which each batch's thresholds are recomputed"
+    policy = policy_class(manifest["active_exit_policy"])
+    descriptions.update(policy.companion_descriptions(policy_doc))
     lines = [
         f"# Stage-1 roadwork classifier: deploy bundle (phase {manifest['phase']})",
         "",
@@ -215,7 +124,7 @@ def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) ->
         + f", hidden size {backbone['hidden_size']}, fingerprint `{backbone['fingerprint']}`. "
         "Loading refuses a backbone with another fingerprint.",
         f"Preprocessing: `{backbone['transform']}`.",
-        f"Head: hidden size {head['hidden_size']}, dropout {head['dropout']}, gate head: {_fmt(head['with_gate'])}.",
+        f"Head: hidden size {head['hidden_size']}, dropout {head['dropout']}, gate head: {fmt(head['with_gate'])}.",
         "",
         "## How to load",
         "",
@@ -238,14 +147,16 @@ def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) ->
         "",
         "## Exit policy",
         "",
-        *_policy_section(manifest["active_exit_policy"], policy_doc),
+        f"Active exit policy: **{policy.name}** (file `{policy.policy_file}`).",
+        "",
+        *policy.readme_section(policy_doc),
         "",
         "## Headline figures",
         "",
     ]
     if manifest["headline"]:
         lines += ["| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in manifest["headline"].items()]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in manifest["headline"].items()]
     else:
         lines.append("No headline figures were recorded; see metrics.csv.")
     lines += [
@@ -258,22 +169,6 @@ def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) ->
         "",
     ]
     return "\n".join(lines)
-
-
-def _replace_dir(new: Path, out_dir: Path) -> None:
-    """Move the finished bundle ``new`` to ``out_dir``, replacing a previous bundle there."""
-    if not out_dir.exists() and not out_dir.is_symlink():
-        os.rename(new, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    old.rmdir()
-    os.rename(out_dir, old)
-    try:
-        os.rename(new, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_bundle(
@@ -401,7 +296,7 @@ def export_bundle(
         problems = verify_bundle(tmp)
         if problems:
             raise BundleError(problems, tmp)
-        _replace_dir(tmp, out_dir)
+        publish_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from stage1_core.artifacts import publish_directory
 
 BUILTIN_PREFIX = "builtin:"
 TINY_DINOV3 = "tiny-dinov3"
@@ -103,8 +104,8 @@ def ensure_builtin_backbone(name: str, artifacts_root: str | Path) -> Path:
         model.save_pretrained(tmp)
         tmp.chmod(0o755)
         try:
-            os.rename(tmp, target)
-        except OSError:
+            publish_directory(tmp, target, replace=False)
+        except OSError:  # FileExistsError included: another process built it first
             if not _is_model_dir(target):
                 raise
     finally:

@@ -30,30 +30,48 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..calibration.gate import CALIBRATOR_METHODS, GateCalibrator, gate_events
+from scipy import special
+
+from ..calibration.gate import (
+    CALIBRATOR_METHODS,
+    GateCalibrator,
+    gate_auroc,
+    gate_calibration_metrics,
+    gate_events,
+    score_ece,
+)
 from ..calibration.threshold_sweep import (
     DEFAULT_METHOD,
     DEFAULT_N_STARTS,
     SCHEMA_VERSION,
     CertificationResult,
     certify_score_threshold,
+    certify_softmax_threshold,
 )
 from ..metrics._inputs import as_labels, as_probs
-from .base import ExitPolicy
+from ..metrics.exit import coverage_at_prior
+from ..metrics.paired import brier, exit_summary, paired_bootstrap_difference, paired_bootstrap_exit_accuracy_difference
+from .base import ExitPolicy, FitInputs, FittedPolicy, calib_metrics
+from .registry import register_policy
+from .softmax import SoftmaxExitPolicy
 
 __all__ = ["GateExitPolicy", "fit_gate_policy", "gateparams_document"]
 
 
+@register_policy
 class GateExitPolicy(ExitPolicy):
     """Exit a sample when its calibrated gate score reaches the certified threshold."""
 
     name = "gate"
     policy_file = "gateparams.json"
     schema = "gateparams"
+    threshold_key = "gate_threshold"
+    exit_rule = "its calibrated gate score (the head's estimate that its prediction is right) is at least t"
 
     def __init__(self, gate_threshold: float | None, calibrator: GateCalibrator) -> None:
         if gate_threshold is not None:
@@ -68,6 +86,108 @@ class GateExitPolicy(ExitPolicy):
             raise ValueError("the gate policy needs a fitted calibrator")
         self.gate_threshold = gate_threshold
         self.calibrator = calibrator
+
+    @classmethod
+    def fit_splits(cls, cfg: Any) -> tuple[str, ...]:
+        """val_calib, and val_select for an isotonic calibrator (see the module docstring)."""
+        return ("val_calib", "val_select") if cfg.gate_calibration == "isotonic" else ("val_calib",)
+
+    @classmethod
+    def fit(cls, inputs: FitInputs) -> FittedPolicy:
+        """Calibrate the gate score and certify exit iff calibrated score >= t on val_calib.
+
+        The calibrator (``gate_calibration``) is fitted on val_select for isotonic (its tie blocks
+        depend on the labels it sees, so fitting them on val_calib would let val_calib's labels shape
+        the tested family) and on val_calib for Platt (a strictly increasing map leaves the family of
+        candidate exit sets unchanged). The softmax policy is certified on the same checkpoint's
+        val_calib logits for comparison.
+        """
+        from ..reporting.figures import plot_threshold_sweep  # matplotlib
+
+        cfg, calib = inputs.cfg, inputs.outputs["val_calib"]
+        probs, raw, labels = calib.probs, calib.gate_logits, calib.labels
+        if raw is None:
+            raise ValueError("the checkpoint has no gate head, so the gate policy cannot be fitted")
+        fit_split = "val_select" if cfg.gate_calibration == "isotonic" else "val_calib"
+        fit_data = None
+        if fit_split == "val_select":
+            sel = inputs.outputs["val_select"]
+            fit_data = (sel.gate_logits, sel.probs, sel.labels)
+        calibrator, result = fit_gate_policy(raw, probs, labels, cfg.target_fnr_exit, cfg.delta,
+                                             calibrator_method=cfg.gate_calibration, calibrator_fit_data=fit_data)
+        softmax = certify_softmax_threshold(probs, labels, cfg.target_fnr_exit, cfg.delta)
+        gate_exits = cls(result.exit_threshold, calibrator).decide(probs, gate_scores=raw).exit
+        soft_exits = SoftmaxExitPolicy(softmax.exit_threshold).decide(probs).exit
+        doc = gateparams_document(
+            result, calibrator, inputs.checkpoint_id, cfg.deploy_prior,
+            float(coverage_at_prior(gate_exits, labels, cfg.deploy_prior)), softmax,
+            float(coverage_at_prior(soft_exits, labels, cfg.deploy_prior)),
+            val_calib_metrics={**calib_metrics(probs, labels),
+                               **gate_calibration_metrics(raw, calibrator, probs.argmax(1), labels)},
+            calibrator_fit_split=fit_split,
+        )
+        figure = plot_threshold_sweep(result, cfg.target_fnr_exit, inputs.out_dir / "threshold_sweep.png")
+        metadata = {
+            "certified": bool(result.certified), "gate_threshold": result.exit_threshold,
+            "coverage": float(result.coverage), "fnr_upper_bound": float(result.fnr_upper_bound),
+            "n_exited_positives": int(result.n_exited_positives), "method": result.method, "reason": result.reason,
+            "calibrator": cfg.gate_calibration, "calibrator_fit_split": fit_split,
+            "softmax_coverage": float(softmax.coverage), "coverage_gain_vs_softmax": doc["coverage_gain_vs_softmax"],
+        }
+        return FittedPolicy(doc, metadata, {"gate threshold sweep (val_calib)": figure})
+
+    @classmethod
+    def evaluation_extras(cls, certificate: dict[str, Any], probs: np.ndarray, gate_logits: np.ndarray | None,
+                          decisions: Any, labels: np.ndarray, cfg: Any, out_dir: Path,
+                          ) -> tuple[dict[str, Any], dict[str, Path]]:
+        """``gate_comparison``: the certified gate and softmax policies side by side on val_test.
+
+        Coverage, exit accuracy and FNR on exits of both, paired bootstrap CIs of the coverage and
+        exit-accuracy differences, and the gate calibration (ECE and Brier of the raw sigmoid vs the
+        calibrated score for the calibrator's event), with the figures a person compares.
+        """
+        from ..reporting.exit_figures import plot_fnr_coverage, plot_score_histograms  # matplotlib
+        from ..reporting.figures import plot_reliability
+
+        raw_gate = gate_logits
+        gate_exits = np.asarray(decisions.exit, dtype=bool)
+        preds = probs.argmax(1)
+        calibrator = GateCalibrator.from_dict({"method": certificate["calibrator_type"],
+                                               "event": certificate["calibrator_event"],
+                                               "params": certificate["calibrator_params"],
+                                               "n_fit": certificate["calibrator_n_fit"]})
+        calibrated = calibrator.predict(raw_gate)
+        raw_sigmoid = special.expit(raw_gate)
+        events = gate_events(preds, labels, calibrator.event).astype(float)
+        soft_exits = SoftmaxExitPolicy(certificate["softmax_comparison"]["exit_threshold"]).decide(probs).exit
+        gate = exit_summary(gate_exits, preds, labels)
+        softmax = exit_summary(soft_exits, preds, labels)
+        diff = paired_bootstrap_difference(gate_exits, soft_exits, cfg.bootstrap_samples, cfg.bootstrap_confidence,
+                                           cfg.seed)
+        accuracy_diff = paired_bootstrap_exit_accuracy_difference(preds == labels, gate_exits, soft_exits,
+                                                                  cfg.bootstrap_samples, cfg.bootstrap_confidence,
+                                                                  cfg.seed)
+        calibration = {
+            "event": calibrator.event,
+            "ece_raw_sigmoid": score_ece(raw_sigmoid, events), "ece_calibrated": score_ece(calibrated, events),
+            "brier_raw_sigmoid": brier(raw_sigmoid, events), "brier_calibrated": brier(calibrated, events),
+            "gate_auroc": gate_auroc(raw_gate, events),
+        }
+        figures = {
+            "FNR on exits vs coverage, gate and softmax (val_test)": plot_fnr_coverage(
+                {"softmax max(p)": (probs.max(1), preds), "calibrated gate": (calibrated, preds)}, labels,
+                float(certificate["target_fnr"]), out_dir / "gate_vs_softmax.png",
+                operating={"softmax max(p)": softmax["coverage"], "calibrated gate": gate["coverage"]}),
+            "gate reliability (val_test)": plot_reliability(np.stack([1 - calibrated, calibrated], 1),
+                                                            events.astype(int), out_dir / "gate_reliability.png",
+                                                            title="Calibrated gate reliability (val_test)"),
+            "gate score by outcome (val_test)": plot_score_histograms(calibrated, preds, labels,
+                                                                      out_dir / "gate_histograms.png",
+                                                                      threshold=certificate["gate_threshold"]),
+        }
+        comparison = {"gate": gate, "softmax": softmax, "coverage_gain": diff,
+                      "exit_accuracy_difference": accuracy_diff, "calibration": calibration}
+        return {"gate_comparison": comparison}, figures
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GateExitPolicy":

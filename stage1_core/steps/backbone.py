@@ -19,9 +19,8 @@ from stage1_core.data.splits import SPLIT_NAMES
 from stage1_core.phases import get_recipe
 from stage1_core.steps.context import Layout, StepContext, StepResult
 from stage1_core.steps.data import read_splits
+from stage1_core.store import BACKBONE_FILE, CACHE_POINTER, read_backbone, read_training
 
-BACKBONE_FILE = "backbone.json"
-CACHE_POINTER = "cache.json"
 
 
 def prepare_backbone(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:
@@ -53,7 +52,6 @@ def prepare_backbone(config: Stage1ProConfig, layout: Layout, partition: str) ->
         figures["ExPLoRA reconstruction loss"] = Path(adapted["figure"])
         tables["explora_epochs"] = list(adapted["history"]["epochs"])
     elif recipe.backbone_kind == "previous":
-        from stage1_core.steps.training import read_training
 
         base = previous_backbone_phase(layout, partition)
         inputs = ctx.require("backbone", [("checkpoint", base)])
@@ -110,10 +108,6 @@ def previous_backbone_phase(layout: Layout, partition: str) -> str:
             continue
         return key
     raise ValueError(f"{partition} names no earlier phase to build its backbone on")
-
-
-def read_backbone(layout: Layout, partition: str) -> dict[str, Any]:
-    return read_json(layout.path("backbone", partition) / BACKBONE_FILE, schema="backbone")
 
 
 def eval_transform():
@@ -244,7 +238,6 @@ def model_features(layout: Layout, partition: str, split: str):
     """
     from stage1_core.data.splits import VAL_SPLITS
     from stage1_core.features import TensorSplit, cache_key, load_cached_features
-    from stage1_core.steps.training import read_training
 
     tuned = read_training(layout, partition).get("finetuned_backbone")
     if not tuned:

@@ -19,20 +19,14 @@ import numpy as np
 from stage1_core.artifacts import fault_point, load_tensors, read_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.phases import phase_number
-from stage1_core.steps.backbone import eval_transform, model_features, read_backbone
+from stage1_core.policies import policy_class
+from stage1_core.steps.backbone import eval_transform, model_features
 from stage1_core.steps.context import Layout, StepContext, StepResult
-from stage1_core.steps.evaluation import DECISIONS_FILE, EVALUATION_FILE, METRICS_FILE
-from stage1_core.steps.policy import policy_path, read_policy_document
-from stage1_core.steps.training import read_training, runtime_environment
+from stage1_core.steps.training import runtime_environment
+from stage1_core.store import CURRENT_LINK, DECISIONS_FILE, EVALUATION_FILE, METRICS_FILE, bundle_dir, policy_path, read_backbone, read_policy_document, read_training
 
-CURRENT_LINK = "bundle"
 VERSIONS_DIR = "versions"
 BUNDLE_INPUTS = ("evaluation", "exit_policy", "predictions", "checkpoint", "cached_features", "backbone")
-
-
-def bundle_dir(layout: Layout, partition: str) -> Path:
-    """The current bundle of a phase (a symbolic link to its version directory)."""
-    return layout.path("bundle", partition) / CURRENT_LINK
 
 
 def compare_bundle_decisions(
@@ -59,14 +53,10 @@ def compare_bundle_decisions(
     return [], int(len(exit_then)), mismatched
 
 
-def _headline(policy_doc: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
-    threshold = policy_doc.get("exit_threshold", policy_doc.get("gate_threshold"))
+def _headline(policy_name: str, policy_doc: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
     return {
         "certified": bool(policy_doc["certified"]),
-        "exit_threshold": threshold,
-        "calib_coverage": policy_doc["coverage"],
-        "calib_fnr_upper_bound": policy_doc.get("fnr_upper_bound", policy_doc.get("fnr_bound")),
-        **{k: policy_doc[k] for k in ("lambda1", "lambda2") if k in policy_doc},
+        **policy_class(policy_name).headline(policy_doc),
         **{k: v for k, v in evaluation.items() if isinstance(v, (int, float, bool, str)) or v is None},
     }
 
@@ -131,9 +121,16 @@ def export_phase_bundle(config: Stage1ProConfig, layout: Layout, partition: str,
     backbone_info = read_backbone(layout, partition)
     evaluation = read_json(layout.path("evaluation", partition) / EVALUATION_FILE, schema="evaluation")
     policy_doc = read_policy_document(layout, partition, cfg.exit_policy)
+    if str(policy_doc.get("guarantee", "pac")).lower() != "pac":
+        raise ValueError(
+            f"exit_policy[{partition}] holds its FNR guarantee in {policy_doc['guarantee']}, not with probability "
+            f"1 - delta: it cannot be deployed (SCRC-T recomputes its thresholds from each test batch, which a "
+            f"one-image predictor never has). Set scrc_variant: I and re-materialise exit_policy; SCRC-T stays "
+            f"available as an analysis in the evaluation."
+        )
     training = read_training(layout, partition)
     _, transform_desc = eval_transform()
-    headline = _headline(policy_doc, evaluation)
+    headline = _headline(cfg.exit_policy, policy_doc, evaluation)
     chain = {name: record.id for name, record in inputs.items()}
     for record in inputs.values():
         chain.update(record.chain)

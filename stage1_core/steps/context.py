@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from stage1_core.config import Stage1ProConfig
-from stage1_core.lineage import Record, asset_name, check_inputs, make_record, read_record, record_path
-from stage1_core.phases import config_for_phase
+from stage1_core.lineage import Record, asset_name, check_inputs, make_record, parse_name, read_record, record_path
+from stage1_core.phase_state import reference_phase
+from stage1_core.phases import config_for_phase, phase_number
+from stage1_core.steps.params import expected_params, params_for
 
 
 class Layout:
@@ -59,13 +61,6 @@ class StepResult:
         return self.record.id if self.record is not None else None
 
 
-def parse_name(name: str) -> tuple[str, str | None]:
-    """``"checkpoint[phase1]"`` -> ``("checkpoint", "phase1")``; ``"splits"`` -> ``("splits", None)``."""
-    if name.endswith("]") and "[" in name:
-        asset, partition = name[:-1].split("[", 1)
-        return asset, partition
-    return name, None
-
 
 class StepContext:
     """One step's view of the artifacts: the phase config, its inputs' records, its own record."""
@@ -75,6 +70,10 @@ class StepContext:
         self.layout = layout
         self.partition = partition
         self.cfg = config_for_phase(config, partition) if partition else config
+
+    def reference_phase(self, asset: str = "evaluation") -> str | None:
+        """The earlier phase this one is compared with: the latest one with ``asset`` that was not skipped."""
+        return reference_phase(self.layout, phase_number(self.partition), asset)
 
     def current(self, name: str) -> Record | None:
         """The current lineage record of an asset by name, None when it has none."""
@@ -90,8 +89,6 @@ class StepContext:
 
     def require(self, consumer: str, inputs: Iterable[tuple[str, str | None]]) -> dict[str, Record]:
         """Read and check the inputs of ``consumer``; raise StaleInputError on any stale link."""
-        from stage1_core.steps.params import expected_params
-
         records = [self.record(asset, partition) for asset, partition in inputs]
         name = asset_name(consumer, self.partition if consumer not in UNPARTITIONED else None)
         check_inputs(name, records, self.current, lambda n: expected_params(n, self.config))
@@ -106,8 +103,6 @@ class StepContext:
         extra: Mapping[str, Any] | None = None,
     ) -> Record:
         """Write the step's lineage record (its last write) and return it."""
-        from stage1_core.steps.params import params_for
-
         partition = None if asset in UNPARTITIONED else self.partition
         records = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
         from stage1_core.distributed.env import environment

@@ -6,40 +6,29 @@ the live config; a config that asks for another promise makes the policy stale i
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from stage1_core.artifacts import save_tensors, write_json
+from stage1_core.artifacts import jsonable, save_tensors, write_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.data.splits import require_split
+from stage1_core.policies import policy_class
 from stage1_core.steps.backbone import model_features
 from stage1_core.steps.context import Layout, StepContext, StepResult
-from stage1_core.steps.policy import build_predictor, read_policy_document
-from stage1_core.steps.training import plain_row, read_training
+from stage1_core.steps.policy import build_predictor
+from stage1_core.store import DECISIONS_FILE, EVALUATION_FILE, METRICS_FILE, read_policy_document, read_training
 
-EVALUATION_FILE = "evaluation.json"
-METRICS_FILE = "metrics.csv"
 #: The checkpoint's training log completed with the certified policy's val_test figures (plan 7.3).
 TRAINING_LOG_FILE = "training_log.csv"
-DECISIONS_FILE = "decisions.pt"
-
-
-def finite_or_none(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:
     """Evaluate the deployed decisions on val_test only, with bootstrap and Clopper-Pearson intervals."""
     from stage1_core.evaluation import evaluate_decisions
-    from stage1_core.gates import val_test_fnr_figures
+    from stage1_core.acceptance.standing import val_test_fnr_figures
     from stage1_core.reporting.figures import plot_reliability, plot_risk_coverage
 
     ctx = StepContext(config, layout, partition)
@@ -54,8 +43,8 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     logits, raw_gate = predictor.head_outputs_from_features(data.features)
     probs = predictor.probabilities(logits)
     decisions = predictor.policy.decide(probs, gate_scores=raw_gate)
-    if cfg.exit_policy == "scrc":
-        probs = decisions.probs  # SCRC answers from its calibrated q: report what is deployed
+    policy = policy_class(cfg.exit_policy)
+    probs = policy.reported_probs(decisions, probs)
     labels = data.labels.numpy().astype(int)
     report = evaluate_decisions(
         probs, labels, decisions, deploy_prior=cfg.deploy_prior, n_bootstrap=cfg.bootstrap_samples,
@@ -79,21 +68,13 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
         "n_test": int(len(labels)),
         "n_exited_positives": n_pos,
         "n_false_negatives": n_fn,
-        **{k: finite_or_none(v) for k, v in report.headline.items()},
+        **jsonable(report.headline),
         "val_test_check": cfg.val_test_check,
         "val_test_alpha": cfg.val_test_alpha,
         "val_test_fnr_check": val_test_fnr_figures(n_pos, n_fn, target, delta, cfg.val_test_alpha),
     }
-    extra_figures = {}
-    if cfg.exit_policy == "gate":
-        from stage1_core.steps.gate_evaluation import gate_comparison
-
-        summary["gate_comparison"], extra_figures = gate_comparison(
-            certificate, probs, raw_gate, np.asarray(decisions.exit, dtype=bool), labels, cfg, out_dir)
-    elif cfg.exit_policy == "scrc":
-        from stage1_core.steps.scrc_evaluation import scrc_comparison
-
-        summary["scrc_comparison"], extra_figures = scrc_comparison(certificate, decisions, labels, cfg, out_dir)
+    extras, extra_figures = policy.evaluation_extras(certificate, probs, raw_gate, decisions, labels, cfg, out_dir)
+    summary.update(extras)
     path = write_json(out_dir / EVALUATION_FILE, summary, schema="evaluation")
     confidence = probs.max(1)
     residuals = (probs.argmax(1) != labels).astype(float)
@@ -111,7 +92,7 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     figures.update(extra_figures)
     # training_log.csv holds wall-clock seconds: left out of the lineage id, like the figures.
     record = ctx.finish("evaluation", [METRICS_FILE, DECISIONS_FILE, EVALUATION_FILE], inputs)
-    rows = [plain_row(r) for r in report.table.to_dict(orient="records")]
+    rows = [jsonable(r) for r in report.table.to_dict(orient="records")]
     return StepResult(path, dict(summary, path=out_dir / METRICS_FILE, lineage_id=record.id),
                       tables={"metrics": rows}, figures=figures, record=record)
 
@@ -138,18 +119,3 @@ def _complete_training_log(layout: Layout, partition: str, policy: str, report: 
                "fnr_cp_upper": report.headline["fnr_on_exited_cp_upper"], "coverage": coverage["value"],
                "coverage_ci": (coverage["ci_lower"], coverage["ci_upper"])}
     return complete_log(layout.path("checkpoint", partition) / training["log_csv"], path, policy, figures)
-
-
-def read_metrics_csv(layout: Layout, partition: str) -> list[dict[str, Any]]:
-    path = layout.path("evaluation", partition) / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: materialise evaluation first")
-    rows = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            parsed: dict[str, Any] = {"metric": row["metric"]}
-            for key, value in row.items():
-                if key != "metric":
-                    parsed[key] = float(value) if value not in ("", None) else None
-            rows.append(parsed)
-    return rows

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stage1_core.config import Stage1ProConfig
+from stage1_core.lineage import parse_name
 from stage1_core.phases import config_for_phase, get_recipe
 
 DATA_FIELDS = (
@@ -39,10 +40,14 @@ FINETUNE_FIELDS = (
 #: gate silently.
 CRITERION_FIELDS = {
     "val_accuracy_vs_baseline": ("baseline_val_accuracy",),
+    "no_regression_vs_previous_phase": ("accuracy_margin", "coverage_margin"),
     "gate_beats_softmax": ("gate_min_gain",),
-    "no_classification_regression": ("exit_accuracy_check",),
+    "no_classification_regression": ("accuracy_margin", "exit_accuracy_margin"),
+    "performance_maintained": ("accuracy_margin", "coverage_margin"),
     "no_memory_issues": ("memory_budget_gb",),
     "training_stable": ("loss_spike_factor",),
+    "improves_over_adamw": ("fsam_min_gain", "coverage_margin"),
+    "risk_training_works": ("coverage_margin",),
 }
 #: SAM / F-SAM settings (only when ``optimizer`` is not AdamW).
 SAM_FIELDS = ("sam_rho", "sam_adaptive", "fsam_sigma", "fsam_lmbda")
@@ -51,10 +56,10 @@ EXPLORA_FIELDS = (
     "explora_batch_size", "explora_max_images", "explora_held_out_images", "explora_min_gain",
     "unlabeled_image_dir", "seed",
 )
+#: Settings every exit policy's certificate depends on; a policy adds its own (``ExitPolicy.settings``).
 POLICY_FIELDS = ("exit_policy", "target_fnr_exit", "fnr_confidence", "gate_calibration")
-#: Conformal risk training (only for the ``crt`` loss) and the SCRC policy's calibration (only for ``scrc``).
+#: Conformal risk training (only for the ``crt`` loss).
 CRT_FIELDS = ("crt_weight", "crt_temperature", "crt_fraction", "crt_batch_size")
-SCRC_FIELDS = ("scrc_variant", "use_dirichlet", "dirichlet_lambda", "dirichlet_mu", "calibration_iters")
 EVALUATION_FIELDS = ("bootstrap_samples", "bootstrap_confidence", "deploy_prior", "val_test_check", "val_test_alpha")
 
 
@@ -98,10 +103,9 @@ def _criterion_params(cfg: Stage1ProConfig, asset: str) -> dict[str, Any]:
 
 
 def _exit_policy(cfg: Stage1ProConfig) -> dict[str, Any]:
-    params = _pick(cfg, POLICY_FIELDS)
-    if cfg.exit_policy == "scrc":
-        params.update(_pick(cfg, SCRC_FIELDS))
-    return params
+    from stage1_core.policies import policy_class  # scipy: the code location imports this module
+
+    return {**_pick(cfg, POLICY_FIELDS), **_pick(cfg, policy_class(cfg.exit_policy).settings)}
 
 
 PARAMS: dict[str, Callable[[Stage1ProConfig], dict[str, Any]]] = {
@@ -124,8 +128,6 @@ def params_for(asset: str, cfg: Stage1ProConfig) -> dict[str, Any]:
 
 def expected_params(name: str, config: Stage1ProConfig) -> dict[str, Any] | None:
     """What the live config asks of the asset named ``name`` (``"checkpoint[phase1]"``)."""
-    from stage1_core.steps.context import parse_name
-
     asset, partition = parse_name(name)
     if asset not in PARAMS:
         return None

@@ -13,7 +13,8 @@ from typing import Any
 from stage1_core.artifacts import read_json, write_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.phases import PHASES, PhaseRecipe, phase_number
-from stage1_core.steps.context import Layout
+from stage1_core.steps.context import UNPARTITIONED, Layout
+from stage1_core.store import bundle_dir, read_verdicts
 
 FAILURE_FILE = "failure.json"
 STEP_ORDER = ("dataset_index", "splits", "backbone", "cached_features", "checkpoint", "predictions",
@@ -22,21 +23,18 @@ STEP_ORDER = ("dataset_index", "splits", "backbone", "cached_features", "checkpo
 
 def record_failure(layout: Layout, asset: str, partition: str | None, message: str) -> None:
     """Remember that a step failed (and why) for the summary; cleared when the step next succeeds."""
-    from stage1_core.steps.context import UNPARTITIONED
 
     part = None if asset in UNPARTITIONED else partition
     write_json(layout.dir(asset, part) / FAILURE_FILE, {"asset": asset, "partition": part, "message": message})
 
 
 def clear_failure(layout: Layout, asset: str, partition: str | None) -> None:
-    from stage1_core.steps.context import UNPARTITIONED
 
     part = None if asset in UNPARTITIONED else partition
     (layout.path(asset, part) / FAILURE_FILE).unlink(missing_ok=True)
 
 
 def step_failures(layout: Layout, partition: str) -> list[dict[str, Any]]:
-    from stage1_core.steps.context import UNPARTITIONED
 
     found = []
     for asset in STEP_ORDER:
@@ -52,8 +50,7 @@ def _pct(value: Any) -> str:
 
 def phase_status(config: Stage1ProConfig, layout: Layout, partition: str) -> dict[str, Any]:
     """One phase's state: gate verdicts, failures, the current bundle and its headline figures."""
-    from stage1_core.criteria import read_verdicts
-    from stage1_core.steps.bundle import bundle_dir, current_bundle_problems
+    from stage1_core.steps.bundle import current_bundle_problems  # torch
 
     recipe = PHASES[phase_number(partition)]
     verdicts = read_verdicts(layout, partition)
@@ -103,7 +100,7 @@ def phase_summary_lines(status: dict[str, Any]) -> list[str]:
             f"  policy {h.get('policy', 'softmax')}, {_thresholds(h)}"
             if h.get("certified") else "  NOT certified on val_calib: the policy exits nothing",
             f"  certified coverage on val_calib {_pct(h.get('calib_coverage'))} "
-            f"(FNR bound {_pct(h.get('calib_fnr_upper_bound'))} <= target {_pct(h.get('fnr_target'))})",
+            f"(FNR bound {_pct(h.get('calib_fnr_upper_bound'))} <= target {_pct(h.get('target_fnr_exit', h.get('fnr_target')))})",
             f"  val_test coverage {_pct(h.get('coverage'))} at the calibration prior, "
             f"{_pct(h.get('coverage_at_deploy_prior'))} at deploy prior {h.get('deploy_prior')}",
             f"  val_test FNR on exits {fnr} ({h.get('n_false_negatives')}/{h.get('n_exited_positives')}), "

@@ -13,17 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from stage1_core.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
+from stage1_core.artifacts import jsonable, load_tensors, save_tensors, sha256_file, write_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.data.splits import VAL_SPLITS, require_split
 from stage1_core.distributed import env
 from stage1_core.phases import get_recipe
-from stage1_core.steps.backbone import load_split, read_backbone
+from stage1_core.steps.backbone import load_split
 from stage1_core.steps.context import Layout, StepContext, StepResult
 from stage1_core.steps.data import read_splits
+from stage1_core.store import PREDICTIONS_FILE, TRAINING_FILE, read_backbone, read_training
 
-TRAINING_FILE = "training.json"
-PREDICTIONS_FILE = "predictions.pt"
 
 
 def runtime_environment() -> dict[str, Any]:
@@ -217,29 +216,13 @@ def log_row(record: dict[str, Any]) -> dict[str, Any]:
     for key, value in record.items():
         if key.startswith(SELECTIVE_PREFIX):
             row[selective_column(key[len(SELECTIVE_PREFIX):])] = value
-    return plain_row(row)
-
-
-def plain_row(row: dict[str, Any]) -> dict[str, Any]:
-    """numpy scalars to Python, non-finite floats to None (JSON-ready)."""
-    out = {}
-    for key, value in row.items():
-        if isinstance(value, (np.floating, np.integer)):
-            value = value.item()
-        if isinstance(value, float) and not np.isfinite(value):
-            value = None
-        out[key] = value
-    return out
+    return jsonable(row)
 
 
 def _plot_training(history: list[dict[str, Any]], out_path: Path) -> Path:
     from stage1_core.reporting.training import plot_training_curves
 
     return plot_training_curves(history, out_path)
-
-
-def read_training(layout: Layout, partition: str) -> dict[str, Any]:
-    return read_json(layout.path("checkpoint", partition) / TRAINING_FILE, schema="training")
 
 
 def load_head(layout: Layout, partition: str) -> torch.nn.Module:

@@ -263,8 +263,9 @@ class GateHeadLoss(nn.Module):
         cls_criterion: nn.Module,
         selective: SelectiveLoss,
         aux: AuxiliaryLoss | None = None,
-        gate_loss_weight: float = 1.0,
-        aux_weight: float = 0.5,
+        *,
+        gate_loss_weight: float,
+        aux_weight: float,
     ) -> None:
         super().__init__()
         if gate_loss_weight < 0 or aux_weight < 0:

@@ -229,8 +229,8 @@ def test_evaluation_page_shows_headline_metrics_table_and_figures_inline(page, d
     headline = [k for k in HEADLINE_KEYS if k in metadata]
     assert {"coverage", "fnr_on_exited", "fnr_on_exited_cp_upper", "accuracy", "mcc"} <= set(headline), headline
     assert keys[:len(headline)] == headline, f"the figures compared across phases come first: {keys}"
-    assert not {"delta", "n_bootstrap", "deploy_prior", "fnr_target", "fnr_on_exited_ci"} & set(keys), keys
-    assert {"config/fnr_target", "config/delta"} <= set(keys), "the run's constants are definition metadata"
+    assert not {"delta", "n_bootstrap", "deploy_prior", "target_fnr_exit", "fnr_on_exited_ci"} & set(keys), keys
+    assert {"config/target_fnr_exit", "config/delta"} <= set(keys), "the run's constants are definition metadata"
     row = page.locator("tr").filter(has=page.locator("td:text-is('fnr_on_exited')")).first
     shown = row.locator("td").last.inner_text().strip()
     assert significant_digits(shown) <= 4, f"fnr_on_exited shown as {shown!r}: not rounded for display"

@@ -161,3 +161,33 @@ def test_unset_fault_injection_writes_normally(tmp_path, monkeypatch):
     artifacts.fault_point(tmp_path / "x", "mid-write")
     artifacts.write_json(tmp_path / "x.json", {"a": 1})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+
+
+def test_jsonable_has_one_rule_for_numpy_and_non_finite_values():
+    import math
+
+    import numpy as np
+
+    from stage1_core.artifacts import jsonable
+
+    value = {"a": np.float32(0.5), 1: (np.int64(3), float("nan")), "b": [math.inf, np.bool_(True)], "c": None}
+    assert jsonable(value) == {"a": 0.5, "1": [3, None], "b": [None, True], "c": None}
+    assert type(jsonable(np.float64(2.0))) is float and jsonable(-math.inf) is None
+
+
+def test_publish_directory_swaps_in_the_new_content_or_refuses_without_replace(tmp_path):
+    from stage1_core.artifacts import publish_directory
+
+    target = tmp_path / "out"
+    for content in ("first", "second"):
+        staged = tmp_path / f".staged-{content}"
+        staged.mkdir()
+        (staged / "file.txt").write_text(content)
+        assert publish_directory(staged, target) == target and not staged.exists()
+        assert (target / "file.txt").read_text() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    keep = tmp_path / ".staged-third"
+    keep.mkdir()
+    with pytest.raises(FileExistsError, match="not replacing"):
+        publish_directory(keep, target, replace=False)
+    assert keep.is_dir() and (target / "file.txt").read_text() == "second"

@@ -102,7 +102,7 @@ def test_demo_does_not_run_a_phase_a_person_skipped(monkeypatch, tmp_path):
 
 def test_gate_failure_is_read_from_the_verdicts_and_the_skip_goes_through_the_dagster_job(monkeypatch, tmp_path):
     from stage1_assets import demo
-    from stage1_core.criteria import record_verdict
+    from stage1_core.acceptance.verdicts import record_verdict
     from stage1_core.gates import GateVerdict
     from stage1_core.phase_state import read_skip
     from stage1_core.phases import PHASES

@@ -67,7 +67,7 @@ def test_table_columns_rows_and_values():
     assert np.isnan(report.row("fnr_on_exited_cp_upper")["ci_lower"])
     h = report.headline
     assert h["fnr_on_exited_cp_upper"] == expected["fnr_on_exited_cp_upper"]
-    assert h["fnr_target_met"] == (expected["fnr_on_exited_cp_upper"] <= 0.02)
+    assert h["target_fnr_exit_met"] == (expected["fnr_on_exited_cp_upper"] <= 0.02)
     assert h["n_exited_positives"] == em.n_exited_positives and h["n_test"] == len(y)
 
 
@@ -78,7 +78,7 @@ def test_exit_nothing_reports_undefined_fnr():
     assert np.isnan(report.row("fnr_on_exited")["value"])
     assert report.row("fnr_on_exited_undefined_resamples")["value"] == 200
     assert report.row("fnr_on_exited_cp_upper")["value"] == 1.0
-    assert report.headline["fnr_on_exited"] is None and report.headline["fnr_target_met"] is False
+    assert report.headline["fnr_on_exited"] is None and report.headline["target_fnr_exit_met"] is False
 
 
 def test_to_csv_round_trip(tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from stage1_core.config import Stage1ProConfig
 from stage1_core.data.datasets import Sample
-from stage1_core.gates import check_peft_applied
+from stage1_core.acceptance import check_peft_applied
 from stage1_core.model.backbone import DINOv3Backbone
 from stage1_core.model.head import Stage1Head
 from stage1_core.training.finetune import apply_peft, finetune

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from stage1_core import gates
+from stage1_core import acceptance, gates
 from stage1_core.gates import CheckRecord
 
 
@@ -15,36 +15,36 @@ def history(**columns):
 
 
 def test_training_completed():
-    ok = gates.check_training_completed(history(Train_Loss=[0.5, 0.4], Val_Loss=[0.6, 0.5]), True)
+    ok = acceptance.check_training_completed(history(Train_Loss=[0.5, 0.4], Val_Loss=[0.6, 0.5]), True)
     assert ok.passed and ok.figures["epochs_run"] == 2
-    nan = gates.check_training_completed(history(Train_Loss=[0.5, math.nan], Val_Loss=[0.6, 0.5]), True)
+    nan = acceptance.check_training_completed(history(Train_Loss=[0.5, math.nan], Val_Loss=[0.6, 0.5]), True)
     assert not nan.passed and "epoch(s) [2]" in nan.message
-    assert not gates.check_training_completed([], True).passed
-    assert not gates.check_training_completed(history(Train_Loss=[0.5], Val_Loss=[0.5]), False).passed
+    assert not acceptance.check_training_completed([], True).passed
+    assert not acceptance.check_training_completed(history(Train_Loss=[0.5], Val_Loss=[0.5]), False).passed
 
 
 def test_val_accuracy_vs_baseline_one_point_tolerance():
-    assert gates.check_val_accuracy_vs_baseline(0.90, 0.91, "probe").passed
-    failed = gates.check_val_accuracy_vs_baseline(0.8999, 0.91, "probe")
+    assert acceptance.check_val_accuracy_vs_baseline(0.90, 0.91, "probe").passed
+    failed = acceptance.check_val_accuracy_vs_baseline(0.8999, 0.91, "probe")
     assert not failed.passed and "0.9000" in failed.message
     assert failed.figures["baseline_source"] == "probe"
 
 
 def test_val_accuracy_reference_is_at_least_the_majority_rate():
     # A weak probe (0.79) must not let an always-"roadwork" head (0.88 on a 88% roadwork split) pass.
-    degenerate = gates.check_val_accuracy_vs_baseline(0.86, 0.79, "probe", majority_accuracy=0.88)
+    degenerate = acceptance.check_val_accuracy_vs_baseline(0.86, 0.79, "probe", majority_accuracy=0.88)
     assert not degenerate.passed and "majority-class rate" in degenerate.message
     assert degenerate.figures["reference_accuracy"] == 0.88
-    assert gates.check_val_accuracy_vs_baseline(0.96, 0.95, "probe", majority_accuracy=0.88).passed
+    assert acceptance.check_val_accuracy_vs_baseline(0.96, 0.95, "probe", majority_accuracy=0.88).passed
 
 
 def test_thresholds_certified():
     doc = {"certified": True, "exit_threshold": 0.97, "coverage": 0.6, "fnr_upper_bound": 0.015,
            "n_exited_positives": 400, "method": "ltt"}
-    assert gates.check_thresholds_certified(doc, []).passed
-    refused = gates.check_thresholds_certified({**doc, "certified": False, "reason": "too few positives"}, [])
+    assert acceptance.check_thresholds_certified(doc, []).passed
+    refused = acceptance.check_thresholds_certified({**doc, "certified": False, "reason": "too few positives"}, [])
     assert not refused.passed and "too few positives" in refused.message
-    invalid = gates.check_thresholds_certified(doc, ["$.coverage: bad"])
+    invalid = acceptance.check_thresholds_certified(doc, ["$.coverage: bad"])
     assert not invalid.passed and "$.coverage" in invalid.message
 
 
@@ -53,7 +53,7 @@ def test_thresholds_certified():
     [(149, 0, True), (148, 0, False), (236, 1, True), (235, 1, False), (523, 5, True), (0, 0, False)],
 )
 def test_strict_val_test_bound_matches_methods_reference(n, k, passed):
-    verdict = gates.check_test_fnr(n, k, 0.02, 0.05, mode="bound")
+    verdict = acceptance.check_test_fnr(n, k, 0.02, 0.05, mode="bound")
     assert verdict.passed is passed
     if not passed and n:
         assert "needs >=" in verdict.message
@@ -68,7 +68,7 @@ def test_strict_val_test_bound_matches_methods_reference(n, k, passed):
 def test_confirmation_test_fails_only_on_significant_evidence_of_excess_fnr(n, k, passed):
     from scipy.stats import binom
 
-    verdict = gates.check_test_fnr(n, k, 0.02, 0.05, mode="confirm", alpha=0.05, bootstrap_ci=[0.0, 0.01])
+    verdict = acceptance.check_test_fnr(n, k, 0.02, 0.05, mode="confirm", alpha=0.05, bootstrap_ci=[0.0, 0.01])
     assert verdict.passed is passed
     if n:
         assert verdict.figures["p_value_fnr_above_target"] == pytest.approx(binom.sf(k - 1, n, 0.02))
@@ -80,65 +80,84 @@ def test_confirmation_test_fails_only_on_significant_evidence_of_excess_fnr(n, k
 def test_an_honest_policy_at_the_boundary_passes_confirmation_but_rarely_a_second_bound():
     rng = np.random.default_rng(0)
     misses = rng.binomial(440, 0.018, size=2000)
-    confirm = np.mean([gates.check_test_fnr(440, int(k), 0.02, 0.05).passed for k in misses])
-    bound = np.mean([gates.check_test_fnr(440, int(k), 0.02, 0.05, mode="bound").passed for k in misses])
+    confirm = np.mean([acceptance.check_test_fnr(440, int(k), 0.02, 0.05).passed for k in misses])
+    bound = np.mean([acceptance.check_test_fnr(440, int(k), 0.02, 0.05, mode="bound").passed for k in misses])
     assert confirm > 0.95 and bound < 0.1
 
 
 def test_bundle_verified():
-    assert gates.check_bundle_verified([], 100, 0).passed
-    assert not gates.check_bundle_verified(["sha256 mismatch: model_best.pth"], 100, 0).passed
-    assert not gates.check_bundle_verified([], 100, 3).passed
-    assert not gates.check_bundle_verified([], 0, 0).passed
+    assert acceptance.check_bundle_verified([], 100, 0).passed
+    assert not acceptance.check_bundle_verified(["sha256 mismatch: model_best.pth"], 100, 0).passed
+    assert not acceptance.check_bundle_verified([], 100, 3).passed
+    assert not acceptance.check_bundle_verified([], 0, 0).passed
 
 
 def test_augrc_closed_form_reference_values():
     res = np.array([0, 1, 0, 0, 1])
-    assert gates.augrc_closed_form(np.array([0.9, 0.8, 0.7, 0.6, 0.5]), res) == pytest.approx(0.160)
-    assert gates.augrc_closed_form(np.array([0.9, 0.9, 0.7, 0.7, 0.5]), res) == pytest.approx(0.180)
+    assert acceptance.augrc_closed_form(np.array([0.9, 0.8, 0.7, 0.6, 0.5]), res) == pytest.approx(0.160)
+    assert acceptance.augrc_closed_form(np.array([0.9, 0.9, 0.7, 0.7, 0.5]), res) == pytest.approx(0.180)
 
 
 def test_selective_metrics_recomputed_detects_a_wrong_value():
     rng = np.random.default_rng(0)
     conf = rng.random(200)
     res = (rng.random(200) > conf).astype(float)
-    truth = {"augrc": gates.augrc_closed_form(conf, res)}
-    truth.update({f"risk@{c}": gates.risk_at_coverage_naive(conf, res, c) for c in (0.5, 0.6, 0.7, 0.8, 0.9)})
-    assert gates.check_selective_metrics_recomputed(truth, conf, res).passed
+    truth = {"augrc": acceptance.augrc_closed_form(conf, res)}
+    truth.update({f"risk@{c}": acceptance.risk_at_coverage_naive(conf, res, c) for c in (0.5, 0.6, 0.7, 0.8, 0.9)})
+    assert acceptance.check_selective_metrics_recomputed(truth, conf, res).passed
     wrong = dict(truth, augrc=truth["augrc"] + 0.01)
-    verdict = gates.check_selective_metrics_recomputed(wrong, conf, res)
+    verdict = acceptance.check_selective_metrics_recomputed(wrong, conf, res)
     assert not verdict.passed and "augrc" in verdict.message
     missing = {k: v for k, v in truth.items() if k != "risk@0.9"}
-    assert not gates.check_selective_metrics_recomputed(missing, conf, res).passed
+    assert not acceptance.check_selective_metrics_recomputed(missing, conf, res).passed
 
 
 def test_selected_checkpoint_is_best_both_directions():
     log = history(Val_Acc=[0.8, 0.9, 0.85], AUGRC=[0.05, 0.04, 0.03])
-    assert gates.check_selected_checkpoint_is_best(log, 2, "accuracy").passed
-    assert not gates.check_selected_checkpoint_is_best(log, 3, "accuracy").passed
-    assert gates.check_selected_checkpoint_is_best(log, 3, "augrc").passed
-    verdict = gates.check_selected_checkpoint_is_best(log, 2, "augrc")
+    assert acceptance.check_selected_checkpoint_is_best(log, 2, "accuracy").passed
+    assert not acceptance.check_selected_checkpoint_is_best(log, 3, "accuracy").passed
+    assert acceptance.check_selected_checkpoint_is_best(log, 3, "augrc").passed
+    verdict = acceptance.check_selected_checkpoint_is_best(log, 2, "augrc")
     assert not verdict.passed and verdict.figures["best_epoch"] == 3
-    assert not gates.check_selected_checkpoint_is_best(history(Val_Acc=[0.8]), 1, "augrc").passed
+    assert not acceptance.check_selected_checkpoint_is_best(history(Val_Acc=[0.8]), 1, "augrc").passed
 
 
 def test_metrics_in_range():
     rows = [{"metric": "accuracy", "value": 0.9, "ci_lower": 0.88, "ci_upper": 0.92},
             {"metric": "mcc", "value": -0.1, "ci_lower": -0.2, "ci_upper": 0.0},
             {"metric": "fnr_on_exited", "value": float("nan"), "ci_lower": None, "ci_upper": None}]
-    assert gates.check_metrics_in_range(rows).passed
+    assert acceptance.check_metrics_in_range(rows).passed
     bad = rows + [{"metric": "coverage", "value": 1.2, "ci_lower": 0.9, "ci_upper": 1.3}]
-    verdict = gates.check_metrics_in_range(bad)
+    verdict = acceptance.check_metrics_in_range(bad)
     assert not verdict.passed and "coverage.value=1.2" in verdict.message
-    assert not gates.check_metrics_in_range([]).passed
+    assert not acceptance.check_metrics_in_range([]).passed
 
 
-def test_no_regression_tolerances():
-    prev = {"accuracy": 0.95, "coverage": 0.70}
-    assert gates.check_no_regression(prev, {"accuracy": 0.941, "coverage": 0.681}).passed
-    acc = gates.check_no_regression(prev, {"accuracy": 0.93, "coverage": 0.70})
-    assert not acc.passed and "accuracy" in acc.message
-    cov = gates.check_no_regression(prev, {"accuracy": 0.95, "coverage": 0.67})
+BOOT = {"n_resamples": 400, "confidence": 0.95, "seed": 0}
+
+
+def outcomes(n: int, rate: float, flips: int = 0, seed: int = 0) -> np.ndarray:
+    """A 0/1 per-image array with ``rate`` ones; ``flips`` ones of it turned to zeros (a worse copy)."""
+    values = (np.random.default_rng(seed).random(n) < rate).astype(float)
+    ones = np.flatnonzero(values)
+    values[ones[:flips]] = 0.0
+    return values
+
+
+def test_no_regression_is_paired_non_inferiority_on_val_test():
+    base = outcomes(800, 0.92)
+    previous = {"correct": base, "exit": outcomes(800, 0.70, seed=1)}
+    same = acceptance.check_no_regression(previous, previous, "phase1", 0.02, 0.03, BOOT)
+    assert same.passed and same.figures["accuracy_power_at_margin"] == 1.0
+    # 1.5 points lower on 800 images: the old rule (point drop <= 2 points) passed; the CI's lower end does not
+    # clear -2 points, so there is no evidence that it is not worse.
+    worse = {"correct": outcomes(800, 0.92, flips=12), "exit": previous["exit"]}
+    verdict = acceptance.check_no_regression(worse, previous, "phase1", 0.02, 0.03, BOOT)
+    assert worse["correct"].mean() - base.mean() == pytest.approx(-0.015)
+    assert not verdict.passed and "accuracy" in verdict.message and "FAILS" in verdict.message
+    assert verdict.figures["accuracy_ci_lower"] < -0.02
+    cov = acceptance.check_no_regression({"correct": base, "exit": outcomes(800, 0.70, flips=40, seed=1)}, previous,
+                                         "phase1", 0.02, 0.03, BOOT)
     assert not cov.passed and "coverage" in cov.message
 
 
@@ -163,7 +182,7 @@ def test_a_check_of_a_never_materialised_asset_or_an_empty_gate_cannot_pass():
 
 
 def test_verdicts_hold_plain_bools():
-    verdict = gates.check_metrics_in_range([{"metric": "accuracy", "value": np.float64(0.9)}])
+    verdict = acceptance.check_metrics_in_range([{"metric": "accuracy", "value": np.float64(0.9)}])
     assert type(verdict.passed) is bool
     assert type(gates.GateVerdict("x", np.bool_(True), "m").passed) is bool
 
@@ -172,60 +191,59 @@ def test_gate_trains_needs_finite_losses_spread_and_separation():
     rng = np.random.default_rng(0)
     correct = rng.random(400) < 0.8
     good = np.where(correct, 0.8, 0.4) + rng.normal(0, 0.05, 400)
-    assert gates.check_gate_trains(True, good, correct).passed
-    assert not gates.check_gate_trains(False, good, correct).passed
-    collapsed = gates.check_gate_trains(True, np.full(400, 0.7), correct)
+    assert acceptance.check_gate_trains(True, good, correct).passed
+    assert not acceptance.check_gate_trains(False, good, correct).passed
+    collapsed = acceptance.check_gate_trains(True, np.full(400, 0.7), correct)
     assert not collapsed.passed and "collapsed" in collapsed.message
-    inverted = gates.check_gate_trains(True, 1 - good, correct)
+    inverted = acceptance.check_gate_trains(True, 1 - good, correct)
     assert not inverted.passed and "AUROC" in inverted.message
 
 
-def test_gate_beats_softmax_reports_the_gain_and_its_ci():
-    ci = {"ci_lower": 0.01, "ci_upper": 0.05}
-    assert gates.check_gate_beats_softmax(0.70, 0.67, ci).passed
-    verdict = gates.check_gate_beats_softmax(0.67, 0.67, ci)
+def test_gate_beats_softmax_needs_the_ci_of_the_gain_above_the_margin():
+    assert acceptance.check_gate_beats_softmax(0.70, 0.67, {"ci_lower": 0.01, "ci_upper": 0.05}).passed
+    # A 3-point gain whose CI reaches below zero: the old rule (point gain > 0) passed; a coin toss fails now.
+    noisy = acceptance.check_gate_beats_softmax(0.70, 0.67, {"ci_lower": -0.004, "ci_upper": 0.064})
+    assert not noisy.passed and "FAILS" in noisy.message
+    verdict = acceptance.check_gate_beats_softmax(0.67, 0.67, {"ci_lower": -0.01, "ci_upper": 0.01})
     assert not verdict.passed and verdict.figures["gain"] == 0.0
-    assert not gates.check_gate_beats_softmax(0.70, 0.67, ci, min_gain=0.05).passed
+    assert not acceptance.check_gate_beats_softmax(0.70, 0.67, {"ci_lower": 0.01, "ci_upper": 0.05}, min_gain=0.02).passed
 
 
-def test_no_classification_regression_checks_both_accuracies():
-    assert gates.check_no_classification_regression(0.95, 0.955, "phase2", 0.99, 0.995).passed
-    assert not gates.check_no_classification_regression(0.93, 0.95, "phase2", 0.99, 0.99).passed
-    assert not gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.97, 0.99).passed
-    assert not gates.check_no_classification_regression(0.95, 0.95, "phase2", None, 0.99).passed
+def test_no_classification_regression_checks_both_accuracies_by_their_cis():
+    previous = {"correct": outcomes(800, 0.92)}
+    ok_ci = {"ci_lower": -0.004, "ci_upper": 0.008}
+    assert acceptance.check_no_classification_regression(previous, previous, "phase2", 0.99, 0.99, ok_ci, 0.02, 0.01,
+                                                         BOOT).passed
+    worse = {"correct": outcomes(800, 0.92, flips=12)}
+    assert not acceptance.check_no_classification_regression(worse, previous, "phase2", 0.99, 0.99, ok_ci, 0.02, 0.01,
+                                                             BOOT).passed
+    assert not acceptance.check_no_classification_regression(previous, previous, "phase2", None, 0.99, ok_ci, 0.02,
+                                                             0.01, BOOT).passed
+    assert not acceptance.check_no_classification_regression(previous, previous, "phase2", 0.99, 0.99, None, 0.02, 0.01,
+                                                             BOOT).passed
 
 
-def test_exit_accuracy_clause_is_a_confirmation_test_with_a_paired_ci():
-    # 1.9 points lower, but the paired CI reaches above -1 point: no significant evidence of a larger loss.
-    noisy = gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.956, 0.975,
-                                                    exit_accuracy_ci={"ci_lower": -0.031, "ci_upper": -0.007})
-    assert noisy.passed and "CI [-0.0310, -0.0070]" in noisy.message
-    assert noisy.figures["exit_accuracy_difference"] == pytest.approx(-0.019)
-    # The whole CI below -1 point: significant evidence, fails with its figures.
-    worse = gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.94, 0.975,
-                                                    exit_accuracy_ci={"ci_lower": -0.05, "ci_upper": -0.012})
-    assert not worse.passed and "significantly more than 0.01 below" in worse.message
-    assert worse.figures["exit_accuracy_difference_ci_upper"] == -0.012
-    # The literal rule (exit_accuracy_check: point) judges the point estimate and still reports the CI.
-    literal = gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.956, 0.975, rule="point",
-                                                      exit_accuracy_ci={"ci_lower": -0.031, "ci_upper": -0.007})
-    assert not literal.passed and "more than 0.01 below" in literal.message and "CI [-0.0310, -0.0070]" in literal.message
-    assert literal.figures["exit_accuracy_rule"] == "point"
-    assert gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.97, 0.975, rule="point",
-                                                    exit_accuracy_ci={"ci_lower": -0.02, "ci_upper": 0.01}).passed
-    with pytest.raises(ValueError, match="rule"):
-        gates.check_no_classification_regression(0.95, 0.95, "phase2", 0.97, 0.975, rule="strict")
+def test_exit_accuracy_clause_passes_only_when_the_ci_lower_end_clears_the_margin():
+    previous = {"correct": outcomes(800, 0.92)}
+    # 2.2 points lower with a CI of [-3.1, -0.7]: the old "confirm" reading passed (the CI is not wholly
+    # below -1 point); non-inferiority needs the lower end above -1 point, so it fails.
+    old_pass = acceptance.check_no_classification_regression(previous, previous, "phase2", 0.953, 0.975,
+                                                             {"ci_lower": -0.031, "ci_upper": -0.007}, 0.02, 0.01, BOOT)
+    assert not old_pass.passed and "exit accuracy" in old_pass.message and "[-3.10, -0.70]" in old_pass.message
+    close = acceptance.check_no_classification_regression(previous, previous, "phase2", 0.974, 0.975,
+                                                          {"ci_lower": -0.008, "ci_upper": 0.006}, 0.02, 0.01, BOOT)
+    assert close.passed and close.figures["exit_accuracy_ci_lower"] == -0.008
 
 
 def test_gate_calibration_must_not_make_ece_or_brier_worse():
     good = {"ece_raw_sigmoid": 0.1, "ece_calibrated": 0.03, "brier_raw_sigmoid": 0.2, "brier_calibrated": 0.15}
-    assert gates.check_gate_calibration_improves(good).passed
-    assert not gates.check_gate_calibration_improves({**good, "brier_calibrated": 0.25}).passed
+    assert acceptance.check_gate_calibration_improves(good).passed
+    assert not acceptance.check_gate_calibration_improves({**good, "brier_calibrated": 0.25}).passed
 
 
 # ----- phase 4 and 5 criteria ---------------------------------------------------------------------
 
-from stage1_core.gates import (  # noqa: E402
+from stage1_core.acceptance import (  # noqa: E402
     check_explora_pretraining,
     check_improves_over_adamw,
     check_no_memory_issues,
@@ -272,11 +290,12 @@ def test_peft_applied_judges_modules_identity_at_init_merging_and_what_trains():
     assert not trains_more.passed and "non-adapter" in trains_more.message
 
 
-def test_performance_maintained_allows_half_a_point_of_accuracy_and_two_of_coverage():
-    previous = {"accuracy": 0.92, "coverage": 0.70}
-    assert check_performance_maintained({"accuracy": 0.916, "coverage": 0.681}, previous, "phase3").passed
-    assert not check_performance_maintained({"accuracy": 0.914, "coverage": 0.70}, previous, "phase3").passed
-    assert not check_performance_maintained({"accuracy": 0.93, "coverage": 0.679}, previous, "phase3").passed
+def test_performance_maintained_is_paired_non_inferiority():
+    previous = {"correct": outcomes(800, 0.92), "exit": outcomes(800, 0.7, seed=1)}
+    assert check_performance_maintained(previous, previous, "phase3", 0.02, 0.03, BOOT).passed
+    worse = {"correct": outcomes(800, 0.92, flips=12), "exit": previous["exit"]}
+    verdict = check_performance_maintained(worse, previous, "phase3", 0.02, 0.03, BOOT)
+    assert not verdict.passed and verdict.figures["accuracy_difference"] == pytest.approx(-0.015)
 
 
 def test_no_memory_issues():
@@ -322,27 +341,38 @@ def test_training_stable_fails_on_spikes_and_non_finite_gradient_norms():
     assert not check_training_stable([], [], 3.0).passed
 
 
-def test_improves_over_adamw_uses_the_metric_direction_and_the_coverage_tolerance():
-    ref = {"selection_value": 0.020, "coverage": 0.70, "phase": "phase4"}
-    assert check_improves_over_adamw({"selection_value": 0.019, "coverage": 0.69}, ref, "augrc", "min").passed
-    assert not check_improves_over_adamw({"selection_value": 0.021, "coverage": 0.75}, ref, "augrc", "min").passed
-    assert not check_improves_over_adamw({"selection_value": 0.010, "coverage": 0.67}, ref, "augrc", "min").passed
-    acc_ref = {"selection_value": 0.90, "coverage": 0.70, "phase": "phase4"}
-    assert check_improves_over_adamw({"selection_value": 0.91, "coverage": 0.70}, acc_ref, "accuracy", "max").passed
+def test_improves_over_adamw_needs_a_significant_augrc_gain():
+    exits = outcomes(800, 0.7)
+    ref_phase = "phase4"
+    clear = {"gain": 0.004, "augrc_a": 0.010, "augrc_b": 0.014, "ci_lower": 0.001, "ci_upper": 0.007}
+    assert check_improves_over_adamw(clear, exits, exits, ref_phase, 0.0, 0.03, BOOT).passed
+    # The phase-5 case of the default: AUGRC lower by 3e-5 with a CI across zero. The old rule (a strict <
+    # on val_select) passed it; a coin toss fails now.
+    coin = {"gain": 0.00003, "augrc_a": 0.01404, "augrc_b": 0.01407, "ci_lower": -0.0004, "ci_upper": 0.00037}
+    verdict = check_improves_over_adamw(coin, exits, exits, ref_phase, 0.0, 0.03, BOOT)
+    assert not verdict.passed and "FAILS" in verdict.message
+    dropped = check_improves_over_adamw(clear, outcomes(800, 0.7, flips=40), exits, ref_phase, 0.0, 0.03, BOOT)
+    assert not dropped.passed and "coverage" in dropped.message
 
 
 # ----- phase 6 ----------------------------------------------------------------------------------
 
 
-def test_risk_training_works():
+def test_risk_training_works_compares_with_its_ablation_on_the_same_images():
     h = history(Train_Loss=[0.5, 0.4], Val_Loss=[0.3, 0.2])
-    ok = gates.check_risk_training_works(h, True, 0.80, 0.805, "phase4")
-    assert ok.passed and ok.figures["coverage_gain"] == pytest.approx(-0.005) and "gain -0.0050" in ok.message
-    assert not gates.check_risk_training_works(h, True, 0.78, 0.80, "phase4").passed  # 2 points below
-    bad = gates.check_risk_training_works(history(Train_Loss=[0.5, math.nan], Val_Loss=[0.3, 0.2]), True, 0.9, 0.8, "p")
+    ablation = outcomes(800, 0.80, seed=3)
+    ok = acceptance.check_risk_training_works(h, True, ablation, ablation, "phase5 same fit", 0.03, BOOT)
+    assert ok.passed and ok.figures["coverage_difference"] == 0.0 and "ablation" in ok.figures
+    # 2.5 points below its own ablation (the old rule compared with the previous phase's gate policy
+    # instead): the CI's lower end is below -3 points, so it fails with the gain and CI in the message.
+    worse = acceptance.check_risk_training_works(h, True, outcomes(800, 0.80, flips=20, seed=3), ablation, "p5", 0.03,
+                                                 BOOT)
+    assert not worse.passed and "CI" in worse.message
+    bad = acceptance.check_risk_training_works(history(Train_Loss=[0.5, math.nan], Val_Loss=[0.3, 0.2]), True,
+                                               ablation, ablation, "p", 0.03, BOOT)
     assert not bad.passed and "not finite" in bad.message
-    assert not gates.check_risk_training_works(h, False, 0.9, 0.8, "phase4").passed
-    assert not gates.check_risk_training_works([], True, 0.9, 0.8, "phase4").passed
+    assert not acceptance.check_risk_training_works(h, False, ablation, ablation, "p", 0.03, BOOT).passed
+    assert not acceptance.check_risk_training_works([], True, ablation, ablation, "p", 0.03, BOOT).passed
 
 
 def _scrc_calibration(seed=0, n=1500):
@@ -362,7 +392,7 @@ def test_scrc_exits_plain_matches_the_library_rule():
 
     g, q, _ = _scrc_calibration()
     for lam1, lam2 in ((0.7, 0.5), (0.6, 0.9), (0.0, 0.97), (None, None)):
-        ours = gates.scrc_exits_plain(g, q, lam1, lam2)
+        ours = acceptance.scrc_exits_plain(g, q, lam1, lam2)
         lib = scrc_exits(g, q, lam1, lam2)
         np.testing.assert_array_equal(ours[0], lib[0])
         np.testing.assert_array_equal(ours[1][ours[0]], lib[1][lib[0]])
@@ -374,33 +404,33 @@ def test_recompute_inductive_finds_the_max_coverage_candidate_and_tampering():
     g, q, y = _scrc_calibration()
     result = scrc_inductive(g, q, y, 0.02, 0.05, n_lambda1=30, n_lambda2=30)
     doc = {**result.to_dict(), "test_level": result.test_level}
-    ok = gates.recompute_scrc_inductive(doc, g, q, y)
+    ok = acceptance.recompute_scrc_inductive(doc, g, q, y)
     assert ok["deployed_is_best"] and ok["rows_with_other_counts"] == 0 and ok["rows_with_wrong_verdict"] == 0
     assert ok["deployed_coverage"] == pytest.approx(result.coverage)
     comparison = {"scrc": {"coverage": 0.9}, "gate": {"coverage": 0.8}, "softmax": {"coverage": 0.9},
                   "coverage_gain_vs_gate": {"ci_lower": 0.05, "ci_upper": 0.15},
                   "coverage_gain_vs_softmax": {"ci_lower": -0.01, "ci_upper": 0.01}}
-    assert gates.check_coverage_maximised(ok, comparison).passed
+    assert acceptance.check_coverage_maximised(ok, comparison).passed
     # A less permissive certified pair deployed instead of the best one is caught.
     certified = [r for r in doc["sweep_results"] if r["certified"]]
     smaller = min(certified, key=lambda r: r["n_exited"])
     assert smaller["n_exited"] < max(r["n_exited"] for r in certified)
-    worse = gates.recompute_scrc_inductive(dict(doc, lambda1=smaller["lambda1"], lambda2=smaller["lambda2"]), g, q, y)
-    verdict = gates.check_coverage_maximised(worse, comparison)
+    worse = acceptance.recompute_scrc_inductive(dict(doc, lambda1=smaller["lambda1"], lambda2=smaller["lambda2"]), g, q, y)
+    verdict = acceptance.check_coverage_maximised(worse, comparison)
     assert not verdict.passed and "not the max-coverage" in verdict.message
     # A row claimed certified whose p-value is above the level, and edited counts, are caught.
     rows = [dict(r) for r in doc["sweep_results"]]
     failing = next(i for i, r in enumerate(rows) if r["tested"] and not r["certified"])
     rows[failing]["certified"] = True
     rows[0]["n_exited"] += 1
-    tampered = gates.recompute_scrc_inductive(dict(doc, sweep_results=rows), g, q, y)
+    tampered = acceptance.recompute_scrc_inductive(dict(doc, sweep_results=rows), g, q, y)
     assert tampered["rows_with_wrong_verdict"] >= 1 and tampered["rows_with_other_counts"] >= 1
-    assert not gates.check_coverage_maximised(tampered, comparison).passed
+    assert not acceptance.check_coverage_maximised(tampered, comparison).passed
     # SCRC significantly below a special case fails; below by noise only passes.
     loses = dict(comparison, softmax={"coverage": 0.95}, coverage_gain_vs_softmax={"ci_lower": -0.08, "ci_upper": -0.02})
-    assert not gates.check_coverage_maximised(ok, loses).passed
+    assert not acceptance.check_coverage_maximised(ok, loses).passed
     noise = dict(comparison, softmax={"coverage": 0.905}, coverage_gain_vs_softmax={"ci_lower": -0.02, "ci_upper": 0.01})
-    assert gates.check_coverage_maximised(ok, noise).passed
+    assert acceptance.check_coverage_maximised(ok, noise).passed
 
 
 def test_recompute_transductive_matches_the_library():
@@ -411,11 +441,11 @@ def test_recompute_transductive_matches_the_library():
     lib = scrc_transductive(g, q, y, gt, qt, 0.02, 0.7)
     exits = scrc_exits(gt, qt, lib.lambda1, lib.lambda2)[0]
     doc = {"target_fnr": 0.02, "transductive": {"selection_rate": 0.7}}
-    ours = gates.recompute_scrc_transductive(doc, g, q, y, gt, qt, exits)
+    ours = acceptance.recompute_scrc_transductive(doc, g, q, y, gt, qt, exits)
     assert ours["deployed_is_best"] and ours["lambda1"] == lib.lambda1 and ours["exits_differing"] == 0
     flipped = exits.copy()
     flipped[np.flatnonzero(~exits)[:3]] = True
-    assert not gates.recompute_scrc_transductive(doc, g, q, y, gt, qt, flipped)["deployed_is_best"]
+    assert not acceptance.recompute_scrc_transductive(doc, g, q, y, gt, qt, flipped)["deployed_is_best"]
 
 
 def test_prediction_sets_valid():
@@ -423,20 +453,20 @@ def test_prediction_sets_valid():
 
     g, q, y = _scrc_calibration(3, n=800)
     exits = scrc_exits(g, q, 0.6, 0.9)[0]
-    sets = np.stack([prediction_sets(q, lam) for lam in gates.lambda2_grid(0.9)])
+    sets = np.stack([prediction_sets(q, lam) for lam in acceptance.lambda2_grid(0.9)])
     assert sets.shape == (101, 800, 2)  # 0.9 is on the grid already
     good = {"value": 0.985, "ci_lower": 0.975, "ci_upper": 0.994}
-    ok = gates.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, exits, good, 0.98)
+    ok = acceptance.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, exits, good, 0.98)
     assert ok.passed and ok.figures["not_nested"] == 0 and ok.figures["target_within_ci"]
     shrinking = sets[::-1]  # sets that lose labels as lambda2 grows
-    verdict = gates.check_prediction_sets_valid(shrinking, q, g, 0.6, 0.9, exits, good, 0.98)
+    verdict = acceptance.check_prediction_sets_valid(shrinking, q, g, 0.6, 0.9, exits, good, 0.98)
     assert not verdict.passed and "nested" in verdict.message
     wrong = exits.copy()
     wrong[0] = ~wrong[0]
-    assert not gates.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, wrong, good, 0.98).passed
+    assert not acceptance.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, wrong, good, 0.98).passed
     low = {"value": 0.95, "ci_lower": 0.93, "ci_upper": 0.97}
-    verdict = gates.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, exits, low, 0.98)
+    verdict = acceptance.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, exits, low, 0.98)
     assert not verdict.passed and "significantly below" in verdict.message
-    assert not gates.check_prediction_sets_valid(sets, q, g, None, None, np.zeros(800, bool), good, 0.98).passed
+    assert not acceptance.check_prediction_sets_valid(sets, q, g, None, None, np.zeros(800, bool), good, 0.98).passed
     undefined = {"value": None, "ci_lower": None, "ci_upper": None}
-    assert not gates.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, exits, undefined, 0.98).passed
+    assert not acceptance.check_prediction_sets_valid(sets, q, g, 0.6, 0.9, exits, undefined, 0.98).passed

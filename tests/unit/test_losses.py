@@ -181,7 +181,7 @@ def test_gate_head_loss_falls_on_a_separable_problem():
     x = torch.randn(512, 2)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
     head = Stage1Head(2, dropout=0.0, with_gate=True)
-    loss = GateHeadLoss(build_criterion(y, 0.0), SelectiveLoss(fnr_penalty=100.0))
+    loss = GateHeadLoss(build_criterion(y, 0.0), SelectiveLoss(fnr_penalty=100.0), gate_loss_weight=1.0, aux_weight=0.5)
     with torch.no_grad():
         before = loss(head(x), y).item()
     _fit(head, loss, x, y, steps=100)
@@ -198,7 +198,7 @@ def test_gate_learns_to_reject_a_region_with_random_labels():
     noisy = x[:, 0] > 0
     y = torch.where(noisy, (torch.rand(2000) < 0.5).long(), (x[:, 1] > 0).long())
     head = Stage1Head(2, dropout=0.0, with_gate=True)
-    loss = GateHeadLoss(build_criterion(y, 0.0), SelectiveLoss(fnr_penalty=100.0))
+    loss = GateHeadLoss(build_criterion(y, 0.0), SelectiveLoss(fnr_penalty=100.0), gate_loss_weight=1.0, aux_weight=0.5)
     _fit(head, loss, x, y, steps=150, batch=256)
     with torch.no_grad():
         g = torch.sigmoid(head(x).gate)
@@ -279,7 +279,8 @@ def test_a_gate_with_the_margin_input_learns_that_confident_predictions_are_corr
     y = torch.where(flip, 1 - (x[:, 0] > 0).long(), (x[:, 0] > 0).long())
     head = Stage1Head(2, dropout=0.0, with_gate=True, gate_margin_input=True)
     loss = GateHeadLoss(build_criterion(y, 0.0, weighted=False),
-                        SelectiveLoss(fnr_penalty=0.0, risk_weight=0.0, coverage_weight=0.0, correct_weight=1.0))
+                        SelectiveLoss(fnr_penalty=0.0, risk_weight=0.0, coverage_weight=0.0, correct_weight=1.0),
+                        gate_loss_weight=1.0, aux_weight=0.5)
     _fit(head, loss, x, y, steps=300, batch=256, lr=1e-2)
     weight = head.gate_margin.weight.detach()
     assert weight[1].item() > 0.05, weight  # the |d| weight: more confident -> more likely correct

@@ -55,11 +55,11 @@ def test_intervals_split_into_lower_and_upper_floats():
 
 
 def test_constants_leave_the_materialisation_and_headline_comes_first():
-    values = {"n_test": 900, "mcc": 0.8, "fnr_target": 0.02, "delta": 0.05, "n_bootstrap": 200,
+    values = {"n_test": 900, "mcc": 0.8, "target_fnr_exit": 0.02, "delta": 0.05, "n_bootstrap": 200,
               "deploy_prior": 0.5, "accuracy": 0.9, "fnr_on_exited_cp_upper": 0.019, "fnr_on_exited": 0.01,
               "coverage_at_deploy_prior": 0.6, "coverage": 0.61, "policy": "softmax"}
     metadata = to_metadata(values)
-    assert not {"fnr_target", "delta", "n_bootstrap", "deploy_prior"} & set(metadata)
+    assert not {"target_fnr_exit", "delta", "n_bootstrap", "deploy_prior"} & set(metadata)
     assert list(metadata)[:6] == ["coverage", "coverage_at_deploy_prior", "fnr_on_exited",
                                   "fnr_on_exited_cp_upper", "accuracy", "mcc"]
     assert list(metadata)[6:] == ["n_test", "policy"]
@@ -86,7 +86,7 @@ def test_long_hex_ids_are_shortened_for_display():
 
 def test_constants_go_to_definition_metadata():
     metadata = constants_metadata(Stage1ProConfig())
-    assert metadata["config/fnr_target"].value == Stage1ProConfig().target_fnr_exit
+    assert metadata["config/target_fnr_exit"].value == Stage1ProConfig().target_fnr_exit
     assert {"config/delta", "config/n_bootstrap", "config/deploy_prior"} <= set(metadata)
     assert constants_metadata(None) == {}
 

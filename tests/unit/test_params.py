@@ -18,7 +18,8 @@ def _phase_with(criterion: str) -> str:
 @pytest.mark.parametrize("criterion, field, value", [
     ("val_accuracy_vs_baseline", "baseline_val_accuracy", 0.5),
     ("gate_beats_softmax", "gate_min_gain", 0.2),
-    ("no_classification_regression", "exit_accuracy_check", "point"),
+    ("no_classification_regression", "exit_accuracy_margin", 0.05),
+    ("improves_over_adamw", "fsam_min_gain", 0.01),
     ("no_memory_issues", "memory_budget_gb", 1.0),
     ("training_stable", "loss_spike_factor", 50.0),
 ])

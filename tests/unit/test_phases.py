@@ -52,7 +52,7 @@ def test_phase3_recipe_names_the_gated_head_its_loss_policy_and_gate_criteria():
 
 
 def test_every_criterion_has_a_registered_function_and_every_phase_gate_is_non_empty():
-    from stage1_core.criteria import REGISTRY
+    from stage1_core.acceptance import READERS as REGISTRY
     from stage1_core.phases import PHASES
 
     assert set(REGISTRY) == set(CRITERIA)

@@ -283,7 +283,7 @@ def test_bundle_id_protects_bundle_json_and_lineage_ties_head_policy_and_backbon
     the_id = result.metadata["bundle_id"]
     assert the_id == bundle_id(bundle) and verify_bundle(bundle, expected_id=the_id) == []
     manifest = json.loads((bundle / "bundle.json").read_text())
-    manifest["headline"]["fnr_target"] = 0.5
+    manifest["headline"]["target_fnr_exit"] = 0.5
     (bundle / "bundle.json").write_text(json.dumps(manifest))
     problems = verify_bundle(bundle, expected_id=the_id)
     assert any("is not the expected" in p for p in problems), problems

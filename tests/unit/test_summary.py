@@ -6,7 +6,7 @@ from pathlib import Path
 
 from stage1_core.cli import main
 from stage1_core.config import Stage1ProConfig
-from stage1_core.criteria import record_verdict
+from stage1_core.acceptance.verdicts import record_verdict
 from stage1_core.gates import GateVerdict
 from stage1_core.phase_state import skip_phase
 from stage1_core.phases import PHASES
@@ -81,14 +81,13 @@ def test_cli_table_has_a_state_column_and_exits_nonzero_without_a_bundle(tmp_pat
 
 
 def test_a_verdict_on_an_asset_materialised_again_since_is_not_shown(tmp_path: Path, monkeypatch):
-    import stage1_core.criteria as criteria
+    import stage1_core.store as store
 
     layout = Layout(tmp_path)
     first, second = _available()[:2]
     names = [c.name for c in next(r for r in PHASES.values() if r.key == second).criteria]
     ids = {"id": "run-1"}
-    monkeypatch.setattr(criteria, "_current_id", lambda layout, asset, partition: ids["id"])
-    monkeypatch.setattr(criteria, "record_path", lambda directory: tmp_path / "exists")
+    monkeypatch.setattr(store, "record_path", lambda directory: tmp_path / "exists")
     (tmp_path / "exists").write_text("")
 
     class Record:
@@ -96,14 +95,14 @@ def test_a_verdict_on_an_asset_materialised_again_since_is_not_shown(tmp_path: P
         def id(self):
             return ids["id"]
 
-    monkeypatch.setattr(criteria, "read_record", lambda directory, asset, partition: Record())
+    monkeypatch.setattr(store, "read_record", lambda directory, asset, partition: Record())
     record_verdict(layout, second, GateVerdict(names[0], False, "too low: 0.8 < 0.9"))
     assert _states(layout)[second] == ("failed", f"gate failed: {names[0]}")
-    assert criteria.read_verdicts(layout, second)[names[0]]["judged_id"] == "run-1"
+    assert store.read_verdicts(layout, second)[names[0]]["judged_id"] == "run-1"
     # The asset is materialised again and the run stops before the check: the old failure is gone.
     ids["id"] = "run-2"
-    assert names[0] not in criteria.read_verdicts(layout, second)
-    assert names[0] in criteria.read_verdicts(layout, second, current_only=False)
+    assert names[0] not in store.read_verdicts(layout, second)
+    assert names[0] in store.read_verdicts(layout, second, current_only=False)
     assert _states(layout)[second][0] == "not run"
 
 

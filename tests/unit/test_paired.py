@@ -1,11 +1,11 @@
-"""Paired bootstrap CIs of the gate-vs-softmax comparison (stage1_core.steps.gate_evaluation)."""
+"""Paired bootstrap CIs of two exit decisions on the same images (stage1_core.metrics.paired)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from stage1_core.steps.gate_evaluation import paired_bootstrap_difference, paired_bootstrap_exit_accuracy_difference
+from stage1_core.metrics.paired import paired_bootstrap_difference, paired_bootstrap_exit_accuracy_difference
 
 
 def test_identical_policies_differ_by_exactly_zero():

@@ -1,0 +1,82 @@
+"""Margins of the comparative criteria with 90% power for models of equal quality, from other seeds' data.
+
+A non-inferiority criterion passes when the paired CI's lower end of the difference is above
+-margin; for two models of equal quality that happens with probability Phi(margin / s - z), s the
+standard error of the paired mean difference. This script measures s's ingredients on artifacts
+roots that ran the default config on *other* data seeds (never the default's val_calib or
+val_test): the share of val_test images on which consecutive phases disagree (correct / exited),
+and the CI half-width of phase 3's gate-minus-softmax exit accuracy. It prints, per comparison,
+the margin that gives 90% power at the default's split size, so margins are fixed before the
+default's own figures are looked at.
+
+    python benchmarks/power_margins.py /tmp/seeds/seed_1001/artifacts [more roots] [--n-val-test 816]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import norm
+
+from stage1_core.artifacts import load_tensors
+from stage1_core.steps.context import Layout
+from stage1_core.steps.training import load_prediction_outputs
+from stage1_core.store import DECISIONS_FILE, EVALUATION_FILE
+
+
+def outcomes(layout: Layout, partition: str) -> dict[str, np.ndarray] | None:
+    """Per-image ``correct`` and ``exit`` of a phase's evaluated decisions on val_test (None when absent)."""
+    path = layout.path("evaluation", partition) / DECISIONS_FILE
+    if not path.is_file():
+        return None
+    decisions = load_tensors(path)
+    labels = load_prediction_outputs(layout, partition, "val_test")[2]
+    return {"correct": (decisions["label"].numpy() == labels).astype(float), "exit": decisions["exit"].numpy().astype(float)}
+
+
+def margin_for_power(disagreement: float, n: int, power: float = 0.9, confidence: float = 0.95) -> float:
+    """The non-inferiority margin at which two equal models pass with ``power`` (normal approximation)."""
+    z = norm.ppf(1 - (1 - confidence) / 2) + norm.ppf(power)
+    return float(z * math.sqrt(disagreement / n))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("roots", nargs="+", type=Path, help="artifacts roots of runs on other data seeds")
+    parser.add_argument("--n-val-test", type=int, default=816, help="val_test size of the config the margins are for")
+    args = parser.parse_args()
+    rows = []
+    for root in args.roots:
+        layout = Layout(root)
+        phases = {f"phase{k}": outcomes(layout, f"phase{k}") for k in range(1, 7)}
+        for k in range(2, 7):
+            current, previous = phases[f"phase{k}"], phases[f"phase{k - 1}"]
+            if current is None or previous is None:
+                continue
+            for what in ("correct", "exit"):
+                d = float(np.mean(current[what] != previous[what]))
+                rows.append({"root": str(root), "comparison": f"phase{k} vs phase{k - 1}", "figure": what,
+                             "n": int(current[what].size), "disagreement": round(d, 4),
+                             "margin_90_at_n": round(margin_for_power(d, args.n_val_test), 4)})
+        evaluation = layout.path("evaluation", "phase3") / EVALUATION_FILE
+        if evaluation.is_file():
+            ci = json.loads(evaluation.read_text()).get("gate_comparison", {}).get("exit_accuracy_difference")
+            if ci:
+                se = (ci["ci_upper"] - ci["ci_lower"]) / (2 * norm.ppf(0.975))
+                rows.append({"root": str(root), "comparison": "phase3 gate vs softmax", "figure": "exit_accuracy",
+                             "n": None, "disagreement": None,
+                             "margin_90_at_n": round(float((norm.ppf(0.975) + norm.ppf(0.9)) * se), 4)})
+    for row in rows:
+        print(json.dumps(row))
+    for figure in ("correct", "exit", "exit_accuracy"):
+        margins = [r["margin_90_at_n"] for r in rows if r["figure"] == figure]
+        if margins:
+            print(f"{figure}: margin for 90% power, largest over comparisons and roots: {max(margins):.4f}")
+
+
+if __name__ == "__main__":
+    main()
