@@ -50,13 +50,15 @@ def scrc_comparison(ctx: StepContext) -> dict[str, Any]:
 
 
 def deployed_probabilities(ctx: StepContext, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(probs, labels)`` the deployed policy answers from on ``split``: SCRC's calibrated q, else the softmax."""
-    from stage1_core.steps.training import load_prediction_outputs
+    """``(probs, labels)`` the deployed policy answers from on ``split`` (the policy's
+    ``reported_probs``: SCRC's calibrated q, the softmax for the others)."""
+    from stage1_core.policies import load_policy, policy_class  # scipy
+    from stage1_core.steps.training import load_prediction_outputs  # torch
 
     probs, raw, labels = load_prediction_outputs(ctx.layout, ctx.partition, split)
-    if ctx.cfg.exit_policy == "scrc":
-        probs = scrc_policy(ctx)[1].calibrated(probs, raw)[0]
-    return probs, labels
+    name = ctx.cfg.exit_policy
+    decisions = load_policy(name, policy_path(ctx.layout, ctx.partition, name)).decide(probs, gate_scores=raw)
+    return policy_class(name).reported_probs(decisions, probs), labels
 
 
 def val_test_outcomes(ctx: StepContext, partition: str) -> dict[str, np.ndarray]:
