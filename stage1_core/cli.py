@@ -200,7 +200,7 @@ def _configure_logging() -> None:
     logging.getLogger("stage1_core").setLevel(logging.INFO)
 
 
-@subcommand("train", "train the Stage-1 head (baseline-compatible modes)", add_train_arguments)
+@subcommand("train", "train the Stage-1 head (baseline-compatible modes), or one phase with --phase N", add_train_arguments)
 def cmd_train(args: argparse.Namespace) -> int:
     from stage1_core.training.standalone import MODES
 
@@ -208,9 +208,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "legacy_exit_threshold_for_logging" in vars(args):
         print(f"note: {EXIT_THRESHOLD_NOTE}", file=sys.stderr)
     _configure_logging()
-    result = MODES[config.mode](config, Path(args.artifacts_root), progress=not args.no_progress, device=args.device)
+    if _runs_phase_recipe(args, config):
+        from stage1_core.training.phase_run import GateFailedError, run_phase
+
+        try:
+            result = run_phase(config, progress=not args.no_progress, device=args.device)
+        except GateFailedError as exc:
+            print(f"{PROG} train: {exc}", file=sys.stderr)
+            return 1
+    else:
+        result = MODES[config.mode](config, Path(args.artifacts_root), progress=not args.no_progress, device=args.device)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _runs_phase_recipe(args: argparse.Namespace, config: Any) -> bool:
+    """Whether ``stage1 train`` runs a phase recipe (:mod:`stage1_core.training.phase_run`): when
+    ``--phase`` is given or the config's phase is not 1. Otherwise it is the baseline's phase-1
+    trainer (:mod:`stage1_core.training.standalone`), its three modes and output files unchanged."""
+    return "phase" in vars(args) or config.phase != 1
 
 
 
