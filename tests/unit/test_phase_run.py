@@ -96,7 +96,6 @@ def test_phase6_trains_with_conformal_risk_and_bundles_scrc(tmp_path, monkeypatc
     # phase 6 its passed prerequisite.
     monkeypatch.setitem(PHASES, 4, dataclasses.replace(PHASES[3], phase=4, requires=(), criteria=PHASE1_CRITERIA,
                                                        available=True))
-    monkeypatch.setitem(PHASES, 6, dataclasses.replace(PHASES[6], available=True))
     settings = {"epochs": 12, "early_stop_patience": 12}
     layout = write_feature_phase(tmp_path, phase_config(tmp_path, 4, **settings), np.random.default_rng(1),
                                  ("phase4", "phase6"))
@@ -149,3 +148,13 @@ def test_the_command_line_runs_the_phase_steps_into_the_output_directory(tmp_pat
     assert not pipeline.bundle_dir(pipeline.Layout(out), "phase1").exists()
     assert main(["train", "--phase", "1", "--device", "cpu", "--output_dir", str(out)]) == 2
     assert "--device cpu" in capsys.readouterr().err
+
+
+def test_with_a_phase_the_output_directory_is_the_artifacts_root_and_the_row_picks_the_policy(tmp_path, capsys):
+    flags = ["--phase", "2", "--output_dir", str(tmp_path / "out"), "--no_progress"]
+    assert main(["train", *flags, "--artifacts_root", str(tmp_path / "elsewhere")]) == 2
+    assert "with --phase the run's --output_dir" in capsys.readouterr().err
+    assert main(["train", "--phase", "3", "--exit_policy", "softmax", "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "certifies and bundles its row's exit policy 'gate'" in err and "phase3 refused" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "elsewhere").exists()
