@@ -6,7 +6,7 @@ import dagster as dg
 
 from stage1_assets.gate_status import latest_materialization_id, phase_check_records
 from stage1_core.gates import gate_failures
-from stage1_core.phase_state import read_skip
+from stage1_core.phase_state import prerequisite_failures, read_skip
 from stage1_core.steps.context import Layout
 from stage1_core.phases import PHASES, phase_number, previous_phases
 
@@ -45,13 +45,8 @@ def require_previous_phase_gates(instance: dg.DagsterInstance, partition: str, l
         if recipe.optional and number not in skipped
         and latest_materialization_id(instance, "checkpoint", recipe.key) is not None
     }
-    failures = []
-    for number in previous_phases(phase_number(partition), attempted):
-        key = PHASES[number].key
-        names, records = phase_check_records(instance, key)
-        lines = [f"{key}.{line}" for line in gate_failures(names, records)]
-        if lines and PHASES[number].optional:
-            lines.append(f"{key} is optional and was attempted: make its gate pass (make demo PHASE={key}), or "
-                         f"skip it explicitly: stage1 phase skip {key} --reason TEXT (or the skip_{key} job)")
-        failures.extend(lines)
+    needed = previous_phases(phase_number(partition), attempted)
+    failures = prerequisite_failures(
+        partition, attempted, {PHASES[n].key: gate_failures(*phase_check_records(instance, PHASES[n].key)) for n in needed}
+    )
     _raise_if_failing(f"{partition} refused: an earlier phase's gate has not passed", failures)

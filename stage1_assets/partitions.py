@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from stage1_core.phases import PHASE_KEYS, PHASES
+from stage1_core.phases import PHASE_KEYS, PHASES, phase_job_name
 
 phases = dg.StaticPartitionsDefinition(PHASE_KEYS)
 
@@ -10,11 +10,6 @@ phases = dg.StaticPartitionsDefinition(PHASE_KEYS)
 #: data -> features -> training -> certify (exit policy on val_calib, evaluation on val_test) -> deploy.
 GROUPS = {"data": "1_data", "features": "2_features", "training": "3_training", "certify": "4_certify",
           "deploy": "5_deploy"}
-
-
-def phase_job_name(key: str) -> str:
-    """``phase1`` -> ``phase1_train_gate_bundle``: the job that runs that phase, and the run name the UI shows."""
-    return f"{key}_train_gate_bundle"
 
 
 def phase_line(number: int) -> str:

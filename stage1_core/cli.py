@@ -12,6 +12,10 @@ the baseline: ``--exit_threshold`` sets ``legacy_exit_threshold_for_logging`` (m
 columns of the log only; the deployed exit threshold is certified on val_calib), and
 ``--target_coverage`` is refused (the only constraint is ``target_fnr_exit``).
 
+``stage1 train --phase N`` runs phase N's recipe instead (:mod:`stage1_core.training.phase_run`):
+the Dagster steps, gate and bundle, with ``--output_dir`` as the artifacts root; phases that
+adapt the backbone (4, 5) are refused with the Dagster job to run.
+
 ``stage1 import-baseline-log training.log`` reads the best validation accuracy of a log written
 by the old script, to use as ``baseline_val_accuracy``.
 """
@@ -200,7 +204,7 @@ def _configure_logging() -> None:
     logging.getLogger("stage1_core").setLevel(logging.INFO)
 
 
-@subcommand("train", "train the Stage-1 head (baseline-compatible modes)", add_train_arguments)
+@subcommand("train", "train the Stage-1 head (baseline-compatible modes), or one phase with --phase N", add_train_arguments)
 def cmd_train(args: argparse.Namespace) -> int:
     from stage1_core.training.standalone import MODES
 
@@ -208,9 +212,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "legacy_exit_threshold_for_logging" in vars(args):
         print(f"note: {EXIT_THRESHOLD_NOTE}", file=sys.stderr)
     _configure_logging()
-    result = MODES[config.mode](config, Path(args.artifacts_root), progress=not args.no_progress, device=args.device)
+    if _runs_phase_recipe(args, config):
+        from stage1_core.phases import PHASES
+        from stage1_core.training.phase_run import GateFailedError, run_phase
+
+        if Path(args.artifacts_root) != Path(DEFAULT_ARTIFACTS_ROOT):
+            raise CliError(f"--artifacts_root {args.artifacts_root}: with --phase the run's --output_dir "
+                           f"({config.output_dir}) is its artifacts root (data, backbone, features, gates, bundle); "
+                           f"leave --artifacts_root out")
+        deployed = PHASES[config.phase].overrides.get("exit_policy")
+        if "exit_policy" in vars(args) and deployed not in (None, config.exit_policy):
+            print(f"note: phase {config.phase} certifies and bundles its row's exit policy {deployed!r}, as its "
+                  f"Dagster job does; {config.exit_policy!r} is reported beside it in the evaluation", file=sys.stderr)
+        try:
+            result = run_phase(config, progress=not args.no_progress, device=args.device)
+        except GateFailedError as exc:
+            print(f"{PROG} train: {exc}", file=sys.stderr)
+            return 1
+    else:
+        result = MODES[config.mode](config, Path(args.artifacts_root), progress=not args.no_progress, device=args.device)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _runs_phase_recipe(args: argparse.Namespace, config: Any) -> bool:
+    """Whether ``stage1 train`` runs a phase recipe (:mod:`stage1_core.training.phase_run`): when
+    ``--phase`` is given or the config's phase is not 1. Otherwise it is the baseline's phase-1
+    trainer (:mod:`stage1_core.training.standalone`), its three modes and output files unchanged."""
+    return "phase" in vars(args) or config.phase != 1
 
 
 

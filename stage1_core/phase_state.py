@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import getpass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from stage1_core.artifacts import read_json, write_json
 from stage1_core.lineage import record_path
-from stage1_core.phases import PHASES, phase_number
+from stage1_core.phases import PHASES, phase_number, previous_phases
 
 STATE_DIR = "phase_state"
 
@@ -79,3 +80,64 @@ def reference_phase(layout: Any, number: int, asset: str = "evaluation") -> str 
         if record_path(layout.path(asset, key)).is_file():
             return key
     return None
+
+
+def optional_phase_hint(key: str) -> str:
+    """How out of a failed gate of an attempted optional phase: make it pass, or skip it."""
+    return (f"{key} is optional and was attempted: make its gate pass (make demo PHASE={key}), or "
+            f"skip it explicitly: stage1 phase skip {key} --reason TEXT (or the skip_{key} job)")
+
+
+def prerequisite_failures(partition: str, attempted: set[int], failures_by_phase: Mapping[str, Sequence[str]]) -> list[str]:
+    """Why ``partition`` may not train yet: the failing gate lines of every phase it builds on.
+
+    The one rule both guards apply (Dagster's over its check records, the command line's over the
+    verdicts recorded in the artifacts root). ``attempted`` holds the optional phases that were
+    attempted and not skipped; ``failures_by_phase`` maps a phase key to its gate's failure lines
+    (:func:`stage1_core.gates.gate_failures`). Pure: no file is read.
+    """
+    failures: list[str] = []
+    for number in previous_phases(phase_number(partition), attempted):
+        key = PHASES[number].key
+        lines = [f"{key}.{line}" for line in failures_by_phase.get(key, ["its gate was never evaluated"])]
+        if lines and PHASES[number].optional:
+            lines.append(optional_phase_hint(key))
+        failures.extend(lines)
+    return failures
+
+
+def attempted_optional_phases(layout: Any) -> set[int]:
+    """Optional phases attempted in this artifacts root (a checkpoint record) and not skipped."""
+    root = _root(layout)
+    return {
+        number for number, recipe in PHASES.items()
+        if recipe.optional and read_skip(root, recipe.key) is None
+        and record_path(root / "checkpoint" / recipe.key).is_file()
+    }
+
+
+def recorded_gate_failures(layout: Any, partition: str) -> list[str]:
+    """:func:`~stage1_core.gates.gate_failures` of ``partition`` from the verdicts recorded in the
+    artifacts root (``gates/<phase>/<criterion>.json``): a verdict counts only while the asset it
+    judged is still the current materialisation, as a Dagster check record does."""
+    from stage1_core.gates import CheckRecord, gate_failures
+    from stage1_core.steps.context import Layout
+    from stage1_core.store import current_id, read_verdicts
+
+    store = layout if isinstance(layout, Layout) else Layout(_root(layout))
+    records = {}
+    for name, doc in read_verdicts(store, partition, current_only=False).items():
+        asset = doc.get("asset")
+        current = current_id(store, asset, partition) if asset is not None else doc.get("judged_id")
+        records[name] = CheckRecord(name, doc.get("passed"), doc.get("message", ""), doc.get("judged_id"), current)
+    expected = [c.name for c in PHASES[phase_number(partition)].criteria]
+    return gate_failures(expected, records)
+
+
+def root_prerequisite_failures(layout: Any, partition: str) -> list[str]:
+    """:func:`prerequisite_failures` of ``partition`` over the gates recorded in the artifacts root."""
+    attempted = attempted_optional_phases(layout)
+    needed = previous_phases(phase_number(partition), attempted)
+    return prerequisite_failures(
+        partition, attempted, {PHASES[n].key: recorded_gate_failures(layout, PHASES[n].key) for n in needed}
+    )

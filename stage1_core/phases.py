@@ -232,6 +232,11 @@ def phase_number(key: str | int) -> int:
     return number
 
 
+def phase_job_name(key: str) -> str:
+    """``phase1`` -> ``phase1_train_gate_bundle``: the Dagster job that runs that phase, and the run name the UI shows."""
+    return f"{key}_train_gate_bundle"
+
+
 def get_recipe(key: str | int) -> PhaseRecipe:
     """The recipe of a phase; raises PhaseUnavailableError for phases not built yet."""
     recipe = PHASES[phase_number(key)]
