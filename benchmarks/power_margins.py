@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
+from stage1_core.acceptance.compare import paired_compare
 from stage1_core.artifacts import load_tensors
+from stage1_core.config import Stage1ProConfig
 from stage1_core.steps.context import Layout
 from stage1_core.steps.training import load_prediction_outputs
 from stage1_core.store import DECISIONS_FILE, EVALUATION_FILE
@@ -48,6 +50,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", nargs="+", type=Path, help="artifacts roots of runs on other data seeds")
     parser.add_argument("--n-val-test", type=int, default=816, help="val_test size of the config the margins are for")
+    parser.add_argument("--accuracy-margin", type=float, default=Stage1ProConfig().accuracy_margin)
+    parser.add_argument("--coverage-margin", type=float, default=Stage1ProConfig().coverage_margin)
     args = parser.parse_args()
     rows = []
     for root in args.roots:
@@ -57,10 +61,14 @@ def main() -> None:
             current, previous = phases[f"phase{k}"], phases[f"phase{k - 1}"]
             if current is None or previous is None:
                 continue
-            for what in ("correct", "exit"):
+            for what, margin in (("correct", args.accuracy_margin), ("exit", args.coverage_margin)):
                 d = float(np.mean(current[what] != previous[what]))
+                comparison, _ = paired_compare(current[what], previous[what], margin=margin,
+                                               direction="non-inferiority", n_resamples=1000, confidence=0.95, seed=0)
                 rows.append({"root": str(root), "comparison": f"phase{k} vs phase{k - 1}", "figure": what,
                              "n": int(current[what].size), "disagreement": round(d, 4),
+                             "difference": round(comparison.difference, 4),
+                             "ci": [round(v, 4) for v in comparison.ci], "margin": margin, "passes": comparison.passed,
                              "margin_90_at_n": round(margin_for_power(d, args.n_val_test), 4)})
         evaluation = layout.path("evaluation", "phase3") / EVALUATION_FILE
         if evaluation.is_file():
