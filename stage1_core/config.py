@@ -203,9 +203,9 @@ class Stage1ProConfig(BaseModel):
     #: Accuracy of the class head vs the previous phase (phases 2-6).
     accuracy_margin: float = 0.02
     #: Coverage of the deployed policy vs the previous phase's (or the ablation's) on the same images.
-    coverage_margin: float = 0.03
+    coverage_margin: float = 0.04
     #: Exit accuracy of the gate policy vs the softmax policy on the same checkpoint (phase 3).
-    exit_accuracy_margin: float = 0.01
+    exit_accuracy_margin: float = 0.015
     selection_metric: Literal["accuracy", "augrc"] = "accuracy"
     baseline_val_accuracy: float | None = None
     peft_type: Literal["none", "lora", "dora", "doran"] = "dora"

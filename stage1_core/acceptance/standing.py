@@ -57,7 +57,7 @@ declare("metrics_in_range", "evaluation",
 declare("no_regression_vs_previous_phase", "evaluation",
         "not worse than the previous phase on the same val_test images, paired per image: accuracy and "
         "the deployed policy's coverage each pass only when the paired bootstrap CI's lower end of the "
-        "difference is >= -accuracy_margin / -coverage_margin (2 / 3 points by default); the verdict "
+        "difference is >= -accuracy_margin / -coverage_margin (2 / 4 points by default); the verdict "
         "states n, the disagreement share and the power of each margin for two models of equal quality")
 
 
