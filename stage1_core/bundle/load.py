@@ -186,7 +186,13 @@ def eval_transform_from_description(text: str):
     steps = composed.group(1).split("; ") if composed else []
     names = [step.split("(", 1)[0] for step in steps]
     norm = re.search(r"Normalize\([^()]*mean=" + _NUMBERS + r"[^()]*std=" + _NUMBERS, text)
-    if names[:1] == ["ResizedCenterCrop"] and norm:
+    if names[:1] == ["SquareCropResize"] and norm:
+        from stage1_core.data.transforms import build_deploy_transform
+
+        size = _int_param(steps[0], "size")
+        build = lambda image_size, resize, mean, std: build_deploy_transform(image_size, mean=mean, std=std)  # noqa: E731
+        resize, crop = size, size * 2
+    elif names[:1] == ["ResizedCenterCrop"] and norm:
         build = build_eval_transform
         resize, crop = _int_param(steps[0], "size"), _int_param(steps[0], "crop_size")
     elif names[:2] == ["Resize", "CenterCrop"] and norm:
