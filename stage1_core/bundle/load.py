@@ -162,6 +162,19 @@ def phase_problems(phase: Any, policy_name: Any, config_phase: Any) -> list[str]
     return problems
 
 
+# ----- served probability ----------------------------------------------------------------
+
+#: The served-probability calibrator inside a bundle (stage1_core.calibration.served); absent in
+#: bundles of the clean path and in bundles made before it, which serve the policy's probability.
+SERVED_CALIBRATOR_FILE = "calibrators/served_probability.json"
+
+
+def _served_spec(directory: Path, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    if SERVED_CALIBRATOR_FILE not in manifest.get("sha256", {}):
+        return None
+    return read_json(Path(directory) / SERVED_CALIBRATOR_FILE)
+
+
 # ----- transform -------------------------------------------------------------------------
 
 _NUMBERS = r"\(([^()]*)\)"
@@ -475,7 +488,7 @@ class Stage1Bundle:
         self.config = config
         self.head = head
         self.artifacts_root = artifacts_root
-        self.predictor = Stage1Predictor(head, policy, device=device)
+        self.predictor = Stage1Predictor(head, policy, device=device, served=_served_spec(directory, manifest))
 
     @classmethod
     def load(

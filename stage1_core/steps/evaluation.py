@@ -50,7 +50,7 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     target, delta = float(certificate["target_fnr"]), float(certificate["delta"])
     logits, raw_gate = predictor.head_outputs_from_features(data.features)
     probs = predictor.probabilities(logits)
-    decisions = predictor.policy.decide(probs, gate_scores=raw_gate)
+    decisions = predictor.serve(predictor.policy.decide(probs, gate_scores=raw_gate), probs)
     if cfg.exit_policy == "scrc":
         probs = decisions.probs  # SCRC answers from its calibrated q: report what is deployed
     labels = data.labels.numpy().astype(int)
@@ -91,6 +91,13 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
         from stage1_core.steps.scrc_evaluation import scrc_comparison
 
         summary["scrc_comparison"], extra_figures = scrc_comparison(certificate, decisions, labels, cfg, out_dir)
+    # Deployment pipeline: clean row and per-level robustness report (stage1_core.steps.robustness).
+    from stage1_core.steps.robustness import robustness_report
+
+    robustness = robustness_report(cfg, layout, partition, predictor, target, delta, out_dir)
+    if robustness is not None:
+        summary["deployment"] = robustness.summary
+        extra_figures.update(robustness.figures)
     path = write_json(out_dir / EVALUATION_FILE, summary, schema="evaluation")
     confidence = probs.max(1)
     residuals = (probs.argmax(1) != labels).astype(float)
@@ -103,10 +110,15 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     if sweep.is_file():
         figures["threshold sweep (val_calib)"] = sweep
     figures.update(extra_figures)
-    record = ctx.finish("evaluation", [METRICS_FILE, DECISIONS_FILE, EVALUATION_FILE], inputs)
+    files = [METRICS_FILE, DECISIONS_FILE, EVALUATION_FILE] + (robustness.files if robustness is not None else [])
+    record = ctx.finish("evaluation", files, inputs)
     rows = [plain_row(r) for r in report.table.to_dict(orient="records")]
-    return StepResult(path, dict(summary, path=out_dir / METRICS_FILE, lineage_id=record.id),
-                      tables={"metrics": rows}, figures=figures, record=record)
+    tables = {"metrics": rows, **({"robustness (val_test per challenge level)": robustness.rows} if robustness else {})}
+    metadata = dict(summary, path=out_dir / METRICS_FILE, lineage_id=record.id)
+    if robustness is not None:
+        metadata.pop("deployment")
+        metadata.update(robustness.metadata)
+    return StepResult(path, metadata, tables=tables, figures=figures, record=record)
 
 
 def read_metrics_csv(layout: Layout, partition: str) -> list[dict[str, Any]]:

@@ -37,7 +37,9 @@ class FittedPolicy:
 Fitter = Callable[[StepContext, Path], FittedPolicy]
 POLICY_FITTERS: dict[str, Fitter] = {}
 #: Companion files a fitter may write beside its policy file (removed when a refit writes none).
-COMPANION_FILES: tuple[str, ...] = ("scrc_calibration.pt",)
+COMPANION_FILES: tuple[str, ...] = ("scrc_calibration.pt", "served_calibrator.json")
+#: The served-probability calibrator (deployment pipeline on), fit on val_select beside the policy.
+SERVED_FILE = "served_calibrator.json"
 
 
 def register_fitter(name: str) -> Callable[[Fitter], Fitter]:
@@ -101,6 +103,12 @@ def fit_exit_policy(config: Stage1ProConfig, layout: Layout, partition: str) -> 
         raise ValueError(f"exit policy {name!r} has no fitter; known: {sorted(POLICY_FITTERS)}")
     out_dir = layout.dir("exit_policy", partition)
     fitted = POLICY_FITTERS[name](ctx, out_dir)
+    # Deployment pipeline: the probability served at the deployment prior (never fit on val_calib).
+    from stage1_core.steps.deployment import deployment_enabled
+
+    if deployment_enabled(ctx.cfg):
+        fitted.files.append(SERVED_FILE)
+        fitted.metadata.update(_fit_served(ctx, out_dir / SERVED_FILE))
     cls = policy_class(name)
     for other in POLICIES.values():
         if other.policy_file != cls.policy_file:
@@ -115,6 +123,25 @@ def fit_exit_policy(config: Stage1ProConfig, layout: Layout, partition: str) -> 
     return StepResult(path, metadata, tables=fitted.tables, figures=fitted.figures, record=record)
 
 
+def _fit_served(ctx: StepContext, path: Path) -> dict[str, Any]:
+    """Fit the served-probability calibrator on val_select's (deployment-view) outputs and write it."""
+    from stage1_core.calibration.served import fit_served_calibrator
+
+    require_split("val_select", "select")
+    probs, _, labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_select")
+    spec = fit_served_calibrator(probs, labels, prior=ctx.cfg.deploy_prior, fit_split="val_select")
+    write_json(path, spec)
+    return {"served_calibrator_slope": spec["a"], "served_calibrator_intercept": spec["b"]}
+
+
+def read_served(layout: Layout, partition: str) -> dict[str, Any] | None:
+    """The phase's served-probability calibrator, or None (clean path: the policy's p is served)."""
+    from stage1_core.artifacts import read_json
+
+    path = layout.path("exit_policy", partition) / SERVED_FILE
+    return read_json(path) if path.is_file() else None
+
+
 def read_policy_document(layout: Layout, partition: str, name: str) -> dict[str, Any]:
     from stage1_core.artifacts import read_json
 
@@ -127,7 +154,8 @@ def build_predictor(config: Stage1ProConfig, layout: Layout, partition: str):
 
     ctx = StepContext(config, layout, partition)
     name = ctx.cfg.exit_policy
-    return Stage1Predictor(load_head(layout, partition), load_policy(name, policy_path(layout, partition, name)))
+    return Stage1Predictor(load_head(layout, partition), load_policy(name, policy_path(layout, partition, name)),
+                           served=read_served(layout, partition))
 
 
 @register_fitter("gate")

@@ -64,6 +64,13 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
     require_split("val_select", "select")
     train = load_split(layout, partition, "train")
     val_select = load_split(layout, partition, "val_select")
+    from stage1_core.steps.deployment import training_views
+
+    views = training_views(layout, partition)  # challenge views of each training image (pipeline on)
+    if views:
+        from stage1_core.data.views import MultiViewSplit
+
+        train = MultiViewSplit.of(train, views)
     out_dir = layout.dir("checkpoint", partition)
     loss_fn = build_loss(recipe.loss_kind, cfg, train.labels)
     with_gate = recipe.head_kind == "gated"
@@ -241,6 +248,12 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     if tuned:
         _, _, _, forward_passes = ensure_features(ctx.cfg, layout, layout.path("checkpoint", partition) / tuned["directory"],
                                                   tuned["fingerprint"], VAL_SPLITS)
+        from stage1_core.steps.deployment import deployment_enabled, ensure_deployment_features
+
+        if deployment_enabled(ctx.cfg):
+            section = ensure_deployment_features(ctx.cfg, layout, layout.path("checkpoint", partition) / tuned["directory"],
+                                                 tuned["fingerprint"], with_train=False)
+            forward_passes += int(section["forward_passes"])
     tensors: dict[str, torch.Tensor] = {}
     rows = []
     for split in VAL_SPLITS:
@@ -252,6 +265,9 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
         labels = data.labels.numpy()
         accuracy = float((logits.argmax(1) == labels).mean())
         rows.append({"split": split, "n": int(len(labels)), "accuracy": accuracy})
+    from stage1_core.steps.deployment import extra_view_outputs
+
+    tensors.update(extra_view_outputs(layout, partition, predictor))  # clean and per-level views (pipeline on)
     out_dir = layout.dir("predictions", partition)
     path = save_tensors(out_dir / PREDICTIONS_FILE, tensors)
     checkpoint_id = read_training(layout, partition)["checkpoint_id"]
