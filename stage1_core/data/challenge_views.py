@@ -68,3 +68,40 @@ class _ChallengePixels(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.parent.pipeline.pixels(self.parent.image(index)[0]), self.parent.samples[index].label
+
+
+class MixedViewDataset(Dataset):
+    """Training images for fine-tuning through the backbone: the clean view or one of K challenge views.
+
+    Each access draws the view from torch's random stream (seeded per DataLoader worker by the
+    loader's generator): index 0 is ``clean_transform`` (the training augmentation), 1..K the
+    challenge views cached-training uses too (fixed per image and view, so both training modes see
+    the same K views).
+    """
+
+    def __init__(self, samples: Sequence[Sample], shas: Sequence[str], seed: int, views: int, clean_transform: Any) -> None:
+        self.samples, self.shas = list(samples), list(shas)
+        if len(self.shas) != len(self.samples):
+            raise ValueError(f"{len(self.shas)} content hashes for {len(self.samples)} samples")
+        self.seed, self.views = int(seed), int(views)
+        self.clean_transform = clean_transform
+        self.transform = build_deploy_transform()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        image = load_rgb(sample.path)
+        view = int(torch.randint(self.views + 1, (1,)).item())
+        if view == 0:
+            return self.clean_transform(image), sample.label
+        return self.transform(challenge_view(image, self.seed, self.shas[index], view)[0]), sample.label
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [s.sample_id for s in self.samples]
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]

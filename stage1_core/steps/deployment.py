@@ -213,3 +213,16 @@ def bundle_deployment_parts(cfg: Stage1ProConfig, layout: Layout, partition: str
         raise FileNotFoundError(f"{served} not found: exit_policy[{partition}] was fit without the served-probability "
                                 f"calibrator; re-materialise exit_policy")
     return describe_transform(build_deploy_transform()), {SERVED_CALIBRATOR_FILE: served}
+
+
+def finetune_deployment(layout: Layout, partition: str) -> dict[str, Any] | None:
+    """What fine-tuning needs to apply the pipeline on the fly (None without it)."""
+    from stage1_core.steps.data import read_splits
+
+    section = deployment_section(layout, partition)
+    if section is None:
+        return None
+    splits, index = read_splits(layout)
+    ids = [*splits.ids["train"], *splits.ids["val_select"]]
+    return {"seed": int(section["seed"]), "train_views": int(section["train_views"]),
+            "sha256": {i: index.sha256[i] for i in ids}}

@@ -97,6 +97,7 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     robustness = robustness_report(cfg, layout, partition, predictor, target, delta, out_dir)
     if robustness is not None:
         summary["deployment"] = robustness.summary
+        summary.update(robustness.metadata)  # scalar mixture / clean figures: the bundle headline and summary
         extra_figures.update(robustness.figures)
     path = write_json(out_dir / EVALUATION_FILE, summary, schema="evaluation")
     confidence = probs.max(1)
@@ -117,7 +118,6 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     metadata = dict(summary, path=out_dir / METRICS_FILE, lineage_id=record.id)
     if robustness is not None:
         metadata.pop("deployment")
-        metadata.update(robustness.metadata)
     return StepResult(path, metadata, tables=tables, figures=figures, record=record)
 
 

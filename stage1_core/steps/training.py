@@ -95,10 +95,13 @@ def train_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> Step
                  "best_val_accuracy": float(result.best_val_accuracy), "epochs_run": int(result.epochs_run)}
         splits, index = read_splits(layout)
         backbone_dir = read_backbone(layout, partition)["directory"]
+        from stage1_core.steps.deployment import finetune_deployment
+
         tuned = finetune(cfg, backbone_dir, [index.by_id[i] for i in splits.ids["train"]],
                          [index.by_id[i] for i in splits.ids["val_select"]], out_dir,
                          init_head_state=load_state_dict_file(result.best_checkpoint),
-                         loss_fn=build_loss(recipe.loss_kind, cfg, train.labels))
+                         loss_fn=build_loss(recipe.loss_kind, cfg, train.labels),
+                         deployment=finetune_deployment(layout, partition))
         result = tuned.train
         _require_best(result, partition)
         extra.update({
