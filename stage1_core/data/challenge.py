@@ -182,15 +182,15 @@ _YCC_SCALE = (255.0 * 255.0 / 219.0, 255.0 * 255.0 / 224.0)
 
 def gaussian_noise_colour(pixels: np.ndarray, variance: float, rng: np.random.Generator) -> np.ndarray:
     """GNC: Gaussian noise of ``variance`` in the validator's scaled YCbCr space, clipped and truncated."""
-    x = pixels.astype(np.float64)
-    luma = x @ _LUMA.astype(np.float64)
-    cr = (x[..., 0] - luma) * 0.713
-    cb = (x[..., 2] - luma) * 0.564
+    x = pixels.astype(np.float32)
+    luma = x @ _LUMA
+    cr = (x[..., 0] - luma) * np.float32(0.713)
+    cb = (x[..., 2] - luma) * np.float32(0.564)
     std = math.sqrt(float(variance))
-    noise = rng.standard_normal((3, *luma.shape))
-    luma = luma + std * _YCC_SCALE[0] * noise[0]
-    cb = cb + std * _YCC_SCALE[1] * noise[1]
-    cr = cr + std * _YCC_SCALE[1] * noise[2]
+    noise = rng.standard_normal((3, *luma.shape), dtype=np.float32)
+    luma += np.float32(std * _YCC_SCALE[0]) * noise[0]
+    cb += np.float32(std * _YCC_SCALE[1]) * noise[1]
+    cr += np.float32(std * _YCC_SCALE[1]) * noise[2]
     rgb = np.stack([luma + 1.403 * cr, luma - 0.714 * cr - 0.344 * cb, luma + 1.773 * cb], axis=-1)
     return _truncate(rgb)
 
