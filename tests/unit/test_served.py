@@ -42,3 +42,23 @@ def test_refuses_val_calib_and_one_class():
         fit_served_calibrator(probs[:100], labels[:100])
     with pytest.raises(ValueError, match="unknown"):
         served_probability({"method": "other"}, probs)
+
+
+def test_predictor_serves_the_calibrated_probability_for_every_image():
+    import torch
+
+    from stage1_core.bundle.predictor import Stage1Predictor
+    from stage1_core.policies import SoftmaxExitPolicy
+
+    head = torch.nn.Linear(4, 2)
+    features = torch.randn(50, 4)
+    plain = Stage1Predictor(head, SoftmaxExitPolicy(0.9))
+    probs, labels = _scores(300, 100)
+    spec = fit_served_calibrator(probs, labels)
+    served = Stage1Predictor(head, SoftmaxExitPolicy(0.9), served=spec)
+    a, b = plain.decide_features(features), served.decide_features(features)
+    np.testing.assert_array_equal(a.exit, b.exit)
+    np.testing.assert_array_equal(a.label, b.label)
+    expected = served_probability(spec, plain.predict_proba_from_features(features))
+    np.testing.assert_allclose(b.p_roadwork, expected)
+    assert not np.allclose(a.p_roadwork, b.p_roadwork)
