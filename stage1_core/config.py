@@ -190,6 +190,16 @@ class Stage1ProConfig(BaseModel):
     bootstrap_samples: int = 1000
     bootstrap_confidence: float = 0.95
     deploy_prior: float = 0.5
+    #: The transform from a source image to what the deployed model receives
+    #: (stage1_core.data.challenge): "streetvision" certifies and evaluates on one recorded draw of
+    #: the subnet's challenge pipeline per val_calib / val_test image and trains on its views;
+    #: "none" keeps the clean evaluation path.
+    deploy_pipeline: Literal["none", "streetvision"] = "none"
+    #: Challenge views cached per training image beside the clean one ("streetvision" only); each
+    #: epoch samples one of the train_views + 1 per image.
+    train_views: int = 1
+    #: Seed of every challenge draw (val_calib, val_test, training views, per-level report).
+    deploy_seed: int = 0
     #: How val_test judges the certified policy: "confirm" fails only on significant evidence that
     #: FNR_on_exited > target (one-sided exact binomial test at val_test_alpha); "bound" demands a
     #: second certificate (Clopper-Pearson upper bound <= target).
@@ -373,6 +383,8 @@ class Stage1ProConfig(BaseModel):
         need(self.bootstrap_samples >= 100, "bootstrap_samples", ">= 100")
         need(0.5 <= self.bootstrap_confidence < 1.0, "bootstrap_confidence", "in [0.5, 1)")
         need(0.0 < self.deploy_prior < 1.0, "deploy_prior", "in (0, 1)")
+        need(0 <= self.train_views <= 8, "train_views", "in [0, 8] (each view costs a forward pass per training image)")
+        need(self.deploy_seed >= 0, "deploy_seed", ">= 0")
         need(
             self.baseline_val_accuracy is None or 0.0 <= self.baseline_val_accuracy <= 1.0,
             "baseline_val_accuracy",
@@ -628,6 +640,8 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
     "bootstrap_samples": {"minimum": 100},
     "bootstrap_confidence": {"minimum": 0.5, "exclusiveMaximum": 1},
     "deploy_prior": {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    "train_views": {"minimum": 0, "maximum": 8},
+    "deploy_seed": {"minimum": 0},
     "peft_r": {"minimum": 1},
     "peft_blocks": {"minimum": 0},
     "calibration_iters": {"minimum": 1},

@@ -101,6 +101,11 @@ def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) ->
     }
     policy = policy_class(manifest["active_exit_policy"])
     descriptions.update(policy.companion_descriptions(policy_doc))
+    served = "calibrators/served_probability.json" in manifest["sha256"]
+    if served:
+        descriptions["calibrators/served_probability.json"] = (
+            "served-probability calibrator (logistic map of the head's logit margin at the deployment prior), "
+            "fit on val_select")
     lines = [
         f"# Stage-1 roadwork classifier: deploy bundle (phase {manifest['phase']})",
         "",
@@ -144,6 +149,14 @@ def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) ->
         "Loading checks the manifest and policy schemas, the file set, every sha256, that no path "
         "leaves this directory and that the weights are plain tensors. `label` is set only for "
         "exited images; a deferred image has prediction set [0, 1].",
+        *([
+            "",
+            "What a miner serves: `p_roadwork` of every image, exited or deferred - the head's probability "
+            "recalibrated at the deployment prior (the validators' 50/50 labels), so the validator's "
+            "round(p) is the best 0.5 cut. `exit` is a latency hint for the miner's own cascade: the FNR "
+            "certificate holds for exited images drawn like the challenge pipeline's (one recorded draw per "
+            "val_calib image); a 224 x 224 input reaches the backbone whole (only normalised).",
+        ] if served else []),
         "",
         "## Exit policy",
         "",

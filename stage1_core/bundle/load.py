@@ -162,6 +162,19 @@ def phase_problems(phase: Any, policy_name: Any, config_phase: Any) -> list[str]
     return problems
 
 
+# ----- served probability ----------------------------------------------------------------
+
+#: The served-probability calibrator inside a bundle (stage1_core.calibration.served); absent in
+#: bundles of the clean path and in bundles made before it, which serve the policy's probability.
+SERVED_CALIBRATOR_FILE = "calibrators/served_probability.json"
+
+
+def _served_spec(directory: Path, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    if SERVED_CALIBRATOR_FILE not in manifest.get("sha256", {}):
+        return None
+    return read_json(Path(directory) / SERVED_CALIBRATOR_FILE)
+
+
 # ----- transform -------------------------------------------------------------------------
 
 _NUMBERS = r"\(([^()]*)\)"
@@ -186,7 +199,13 @@ def eval_transform_from_description(text: str):
     steps = composed.group(1).split("; ") if composed else []
     names = [step.split("(", 1)[0] for step in steps]
     norm = re.search(r"Normalize\([^()]*mean=" + _NUMBERS + r"[^()]*std=" + _NUMBERS, text)
-    if names[:1] == ["ResizedCenterCrop"] and norm:
+    if names[:1] == ["SquareCropResize"] and norm:
+        from stage1_core.data.transforms import build_deploy_transform
+
+        size = _int_param(steps[0], "size")
+        build = lambda image_size, resize, mean, std: build_deploy_transform(image_size, mean=mean, std=std)  # noqa: E731
+        resize, crop = size, size * 2
+    elif names[:1] == ["ResizedCenterCrop"] and norm:
         build = build_eval_transform
         resize, crop = _int_param(steps[0], "size"), _int_param(steps[0], "crop_size")
     elif names[:2] == ["Resize", "CenterCrop"] and norm:
@@ -469,7 +488,7 @@ class Stage1Bundle:
         self.config = config
         self.head = head
         self.artifacts_root = artifacts_root
-        self.predictor = Stage1Predictor(head, policy, device=device)
+        self.predictor = Stage1Predictor(head, policy, device=device, served=_served_spec(directory, manifest))
 
     @classmethod
     def load(

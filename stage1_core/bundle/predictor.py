@@ -78,6 +78,7 @@ class Stage1Predictor:
         backbone: nn.Module | None = None,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
         device: str | torch.device = "cpu",
+        served: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(policy, ExitPolicy):
             raise TypeError(f"policy must be an ExitPolicy, got {type(policy).__name__}")
@@ -86,6 +87,8 @@ class Stage1Predictor:
         self.policy = policy
         self.backbone = backbone
         self.transform = transform
+        #: Served-probability calibrator spec (stage1_core.calibration.served); None serves the policy's p.
+        self.served = served
 
     # ----- features ----------------------------------------------------------------------
 
@@ -142,7 +145,19 @@ class Stage1Predictor:
     def decide_features(self, features: Any) -> Decisions:
         """Exit decisions for CLS features ``[N, hidden]``: head, softmax, then the policy."""
         logits, gates = self.head_outputs_from_features(features)
-        return self.policy.decide(self.probabilities(logits), gate_scores=gates)
+        probs = self.probabilities(logits)
+        decisions = self.policy.decide(probs, gate_scores=gates)
+        return self.serve(decisions, probs)
+
+    def serve(self, decisions: Decisions, probs: np.ndarray) -> Decisions:
+        """``decisions`` with ``p_roadwork`` replaced by the served (deployment-prior) probability, if any."""
+        if self.served is None:
+            return decisions
+        import dataclasses
+
+        from stage1_core.calibration.served import served_probability
+
+        return dataclasses.replace(decisions, p_roadwork=served_probability(self.served, probs))
 
     # ----- images ------------------------------------------------------------------------
 

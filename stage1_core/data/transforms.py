@@ -88,6 +88,40 @@ class ResizedCenterCrop(v2.Transform):
         return inpt.resize((crop_w, crop_h), PIL_FILTERS[self.interpolation], box=box)
 
 
+class SquareCropResize(v2.Transform):
+    """The deployment geometry of a ``streetvision`` bundle: a ``size`` x ``size`` image passes whole.
+
+    Any other image gets the challenge pipeline's level-0 geometry: the centre square of side
+    ``min(w, h)``, resized to ``size`` (bilinear, antialiased). The subnet sends 224 x 224 JPEGs,
+    so the deployed model sees exactly the pixels it receives, never an upsampled, cropped copy.
+    """
+
+    def __init__(self, size: int = 224) -> None:
+        super().__init__()
+        if int(size) < 1:
+            raise ValueError(f"size must be >= 1, got {size!r}")
+        self.size = (int(size),)
+        self.crop_size = (int(size), int(size))
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        from stage1_core.data.challenge import square_crop_resize
+
+        if not isinstance(inpt, Image.Image):
+            raise TypeError(f"SquareCropResize takes a PIL image, got {type(inpt).__name__}")
+        if inpt.size == self.crop_size:
+            return inpt
+        return square_crop_resize(inpt, self.size[0])
+
+
+def build_deploy_transform(
+    image_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Preprocessing of a ``streetvision`` bundle: :class:`SquareCropResize`, then normalisation only."""
+    return v2.Compose([SquareCropResize(image_size), *_to_normalised_tensor(mean, std)])
+
+
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
     return [
         v2.ToImage(),
@@ -254,7 +288,7 @@ class EvalPipeline:
     @property
     def crop(self) -> tuple[int, int]:
         last = self.geometry[-1]
-        return tuple(int(c) for c in (last.crop_size if isinstance(last, ResizedCenterCrop) else last.size))
+        return tuple(int(c) for c in (last.crop_size if isinstance(last, (ResizedCenterCrop, SquareCropResize)) else last.size))
 
     def pixels(self, image: Any) -> torch.Tensor:
         """``uint8 [3, H, W]`` of a PIL RGB image after the geometric steps (no float work)."""
@@ -279,7 +313,7 @@ class EvalPipeline:
 def eval_pipeline(transform: Any) -> EvalPipeline | None:
     """The :class:`EvalPipeline` equal to ``transform``, or None when it is not an evaluation transform.
 
-    Recognised: a ``v2.Compose`` of exactly :class:`ResizedCenterCrop` (or the reference
+    Recognised: a ``v2.Compose`` of exactly :class:`ResizedCenterCrop` or :class:`SquareCropResize` (or the reference
     Resize(one size, antialias, no max_size) + CenterCrop), ToImage, ToDtype(float32,
     scale=True), Normalize - what :func:`build_eval_transform` and
     :func:`build_reference_eval_transform` build. Anything else (training augmentation, a custom
@@ -288,7 +322,7 @@ def eval_pipeline(transform: Any) -> EvalPipeline | None:
     if not isinstance(transform, v2.Compose):
         return None
     steps = list(transform.transforms)
-    if steps and type(steps[0]) is ResizedCenterCrop:
+    if steps and type(steps[0]) in (ResizedCenterCrop, SquareCropResize):
         geometry, rest = steps[:1], steps[1:]
     elif len(steps) >= 2 and type(steps[0]) is v2.Resize and type(steps[1]) is v2.CenterCrop:
         resize = steps[0]

@@ -167,12 +167,24 @@ def cache_features(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     pointer = {"store": str(store), "key": key, "fingerprint": info["fingerprint"], "reused": reused,
                "forward_passes": forward_passes, "transform": transform_desc,
                **{f"n_{name}": len(splits.ids[name]) for name in SPLIT_NAMES}}
+    # Deployment pipeline (stage1_core.steps.deployment): challenge views beside the clean features.
+    from stage1_core.steps.deployment import deployment_enabled, ensure_deployment_features
+
+    id_parts: dict[str, Any] = {"key": key}
+    if deployment_enabled(ctx.cfg):
+        pointer["deployment"] = ensure_deployment_features(ctx.cfg, layout, info["directory"], info["fingerprint"],
+                                                           with_train=True)
+        id_parts["deployment"] = {name: entry["key"] for name, entry in pointer["deployment"]["stores"].items()}
     out_dir = layout.dir("cached_features", partition)
     path = write_json(out_dir / CACHE_POINTER, pointer, schema="feature_pointer")
     from stage1_core.features import MANIFEST_NAME
 
-    record = ctx.finish("cached_features", [CACHE_POINTER, store / MANIFEST_NAME], inputs, id_parts={"key": key})
-    metadata = {**pointer, "lineage_id": record.id}
+    record = ctx.finish("cached_features", [CACHE_POINTER, store / MANIFEST_NAME], inputs, id_parts=id_parts)
+    metadata = {**{k: v for k, v in pointer.items() if k != "deployment"}, "lineage_id": record.id}
+    if "deployment" in pointer:
+        metadata.update(deploy_pipeline=pointer["deployment"]["pipeline"], deploy_seed=pointer["deployment"]["seed"],
+                        train_views=pointer["deployment"]["train_views"],
+                        deploy_forward_passes=pointer["deployment"]["forward_passes"])
     if info.get("backbone_kind", "source") != "source":
         metadata.update(probe_comparison(ctx.cfg, layout, partition))
     return StepResult(path, metadata, record=record)
@@ -211,10 +223,18 @@ def probe_comparison(cfg: Stage1ProConfig, layout: Layout, partition: str) -> di
     return out
 
 
-def load_split(layout: Layout, partition: str, split: str):
-    """One split's features (from the phase's store) with labels joined from the dataset index."""
-    from stage1_core.features import TensorSplit, load_cached_features
+def load_split(layout: Layout, partition: str, split: str, view: str = "deploy"):
+    """One split's features (from the phase's store) with labels joined from the dataset index.
 
+    ``view="deploy"``: the recorded challenge draw for val splits when the phase runs the
+    deployment pipeline (:func:`stage1_core.steps.deployment.load_view`), else the clean features.
+    """
+    from stage1_core.features import TensorSplit, load_cached_features
+    from stage1_core.steps.deployment import load_view
+
+    deployed = load_view(layout, partition, split, view)
+    if deployed is not None:
+        return deployed
     pointer = read_json(layout.path("cached_features", partition) / CACHE_POINTER, schema="feature_pointer")
     splits, index = read_splits(layout)
     ids = list(splits.ids[split])
@@ -229,7 +249,7 @@ def load_split_features(layout: Layout, partition: str, split: str) -> tuple[tor
     return data.features, data.labels
 
 
-def model_features(layout: Layout, partition: str, split: str):
+def model_features(layout: Layout, partition: str, split: str, view: str = "deploy"):
     """Features the phase's *model* sees on ``split``: its fine-tuned backbone's, else cached_features'.
 
     A checkpoint that fine-tuned its backbone (phases 4-5) has its own features, extracted by the
@@ -239,11 +259,16 @@ def model_features(layout: Layout, partition: str, split: str):
     from stage1_core.data.splits import VAL_SPLITS
     from stage1_core.features import TensorSplit, cache_key, load_cached_features
 
+    from stage1_core.steps.deployment import load_view
+
     tuned = read_training(layout, partition).get("finetuned_backbone")
     if not tuned:
-        return load_split(layout, partition, split)
+        return load_split(layout, partition, split, view)
     if split not in VAL_SPLITS:
         raise ValueError(f"{partition}: features of the fine-tuned backbone exist for {VAL_SPLITS} only, not {split!r}")
+    deployed = load_view(layout, partition, split, view, fingerprint=tuned["fingerprint"])
+    if deployed is not None:
+        return deployed
     _, transform_desc = eval_transform()
     store = layout.feature_store / cache_key(tuned["fingerprint"], transform_desc, split_content(layout, VAL_SPLITS))
     splits, index = read_splits(layout)

@@ -130,6 +130,10 @@ def export_phase_bundle(config: Stage1ProConfig, layout: Layout, partition: str,
         )
     training = read_training(layout, partition)
     _, transform_desc = eval_transform()
+    # Deployment pipeline: the bundle's own preprocessing and served-probability calibrator.
+    from stage1_core.steps.deployment import bundle_deployment_parts
+
+    transform_desc, deployment_files = bundle_deployment_parts(cfg, layout, partition, transform_desc)
     headline = _headline(cfg.exit_policy, policy_doc, evaluation)
     chain = {name: record.id for name, record in inputs.items()}
     for record in inputs.values():
@@ -159,7 +163,7 @@ def export_phase_bundle(config: Stage1ProConfig, layout: Layout, partition: str,
         splits_path=layout.path("splits") / "splits.json",
         metrics_csv_path=layout.path("evaluation", partition) / METRICS_FILE,
         backbone_info={**backbone_ref, "hidden_size": backbone_info["hidden_size"], "transform": transform_desc},
-        extra_files=backbone_files,
+        extra_files={**backbone_files, **deployment_files},
         head_info={"hidden_size": backbone_info["hidden_size"], "dropout": cfg.dropout,
                    "with_gate": training.get("head_kind") == "gated"},
         headline=headline,

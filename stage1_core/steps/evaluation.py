@@ -42,7 +42,7 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     target, delta = float(certificate["target_fnr"]), float(certificate["delta"])
     logits, raw_gate = predictor.head_outputs_from_features(data.features)
     probs = predictor.probabilities(logits)
-    decisions = predictor.policy.decide(probs, gate_scores=raw_gate)
+    decisions = predictor.serve(predictor.policy.decide(probs, gate_scores=raw_gate), probs)
     policy = policy_class(cfg.exit_policy)
     probs = policy.reported_probs(decisions, probs)
     labels = data.labels.numpy().astype(int)
@@ -75,6 +75,14 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     }
     extras, extra_figures = policy.evaluation_extras(certificate, probs, raw_gate, decisions, labels, cfg, out_dir)
     summary.update(extras)
+    # Deployment pipeline: clean row and per-level robustness report (stage1_core.steps.robustness).
+    from stage1_core.steps.robustness import robustness_report
+
+    robustness = robustness_report(cfg, layout, partition, predictor, target, delta, out_dir)
+    if robustness is not None:
+        summary["deployment"] = robustness.summary
+        summary.update(robustness.metadata)  # scalar mixture / clean figures: the bundle headline and summary
+        extra_figures.update(robustness.figures)
     path = write_json(out_dir / EVALUATION_FILE, summary, schema="evaluation")
     confidence = probs.max(1)
     residuals = (probs.argmax(1) != labels).astype(float)
@@ -91,10 +99,14 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
         figures["threshold sweep (val_calib)"] = sweep
     figures.update(extra_figures)
     # training_log.csv holds wall-clock seconds: left out of the lineage id, like the figures.
-    record = ctx.finish("evaluation", [METRICS_FILE, DECISIONS_FILE, EVALUATION_FILE], inputs)
+    files = [METRICS_FILE, DECISIONS_FILE, EVALUATION_FILE] + (robustness.files if robustness is not None else [])
+    record = ctx.finish("evaluation", files, inputs)
     rows = [jsonable(r) for r in report.table.to_dict(orient="records")]
-    return StepResult(path, dict(summary, path=out_dir / METRICS_FILE, lineage_id=record.id),
-                      tables={"metrics": rows}, figures=figures, record=record)
+    tables = {"metrics": rows, **({"robustness (val_test per challenge level)": robustness.rows} if robustness else {})}
+    metadata = dict(summary, path=out_dir / METRICS_FILE, lineage_id=record.id)
+    if robustness is not None:
+        metadata.pop("deployment")
+    return StepResult(path, metadata, tables=tables, figures=figures, record=record)
 
 
 def _plot_exit_bootstrap(decisions: Any, labels: np.ndarray, cfg: Stage1ProConfig, target: float, path: Path) -> Path:

@@ -108,11 +108,20 @@ def _exit_policy(cfg: Stage1ProConfig) -> dict[str, Any]:
     return {**_pick(cfg, POLICY_FIELDS), **_pick(cfg, policy_class(cfg.exit_policy).settings)}
 
 
+def _deployment(cfg: Stage1ProConfig) -> dict[str, Any]:
+    """The deployment pipeline's settings (nothing for ``none``, so clean-only ids stay as they were)."""
+    if cfg.deploy_pipeline == "none":
+        return {}
+    from stage1_core.data.challenge import PIPELINE_ID
+
+    return {"deploy_pipeline": PIPELINE_ID, "deploy_seed": cfg.deploy_seed, "train_views": cfg.train_views}
+
+
 PARAMS: dict[str, Callable[[Stage1ProConfig], dict[str, Any]]] = {
     "dataset_index": _dataset_index,
     "splits": lambda cfg: _pick(cfg, SPLIT_FIELDS),
     "backbone": _backbone,
-    "cached_features": lambda cfg: {},
+    "cached_features": lambda cfg: _deployment(cfg),
     "checkpoint": _checkpoint,
     "predictions": lambda cfg: {},
     "exit_policy": _exit_policy,

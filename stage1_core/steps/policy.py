@@ -9,6 +9,7 @@ file (the policy's ``policy_file``), removing any other policy file left in the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from stage1_core.artifacts import write_json
 from stage1_core.config import Stage1ProConfig
@@ -38,6 +39,10 @@ def fit_inputs(ctx: StepContext, splits: tuple[str, ...], out_dir: Path) -> FitI
     return FitInputs(outputs, ctx.cfg, out_dir, read_training(ctx.layout, ctx.partition)["checkpoint_id"])
 
 
+#: The served-probability calibrator (deployment pipeline on), fit on val_select beside the policy.
+SERVED_FILE = "served_calibrator.json"
+
+
 def fit_exit_policy(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:
     """Fit the recipe's exit policy on its splits and write its one policy file."""
     ctx = StepContext(config, layout, partition)
@@ -51,6 +56,14 @@ def fit_exit_policy(config: Stage1ProConfig, layout: Layout, partition: str) -> 
                  cls.name, partition, ctx.cfg.target_fnr_exit, ctx.cfg.fnr_confidence)
         fitted = cls.fit(fit_inputs(ctx, cls.fit_splits(ctx.cfg), out_dir))
         log_figures(log, f"{cls.name} policy", fitted.metadata)
+    # Deployment pipeline: the probability served at the deployment prior (never fit on val_calib).
+    from stage1_core.steps.deployment import deployment_enabled
+
+    if deployment_enabled(ctx.cfg):
+        fitted.files.append(SERVED_FILE)
+        fitted.metadata.update(_fit_served(ctx, out_dir / SERVED_FILE))
+    else:
+        (out_dir / SERVED_FILE).unlink(missing_ok=True)
     for other in POLICIES.values():
         if other.policy_file != cls.policy_file:
             (out_dir / other.policy_file).unlink(missing_ok=True)
@@ -65,10 +78,30 @@ def fit_exit_policy(config: Stage1ProConfig, layout: Layout, partition: str) -> 
     return StepResult(path, metadata, tables=fitted.tables, figures=fitted.figures, record=record)
 
 
+def _fit_served(ctx: StepContext, path: Path) -> dict[str, Any]:
+    """Fit the served-probability calibrator on val_select's (deployment-view) outputs and write it."""
+    from stage1_core.calibration.served import fit_served_calibrator
+
+    require_split("val_select", "select")
+    probs, _, labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_select")
+    spec = fit_served_calibrator(probs, labels, prior=ctx.cfg.deploy_prior, fit_split="val_select")
+    write_json(path, spec)
+    return {"served_calibrator_slope": spec["a"], "served_calibrator_intercept": spec["b"]}
+
+
+def read_served(layout: Layout, partition: str) -> dict[str, Any] | None:
+    """The phase's served-probability calibrator, or None (clean path: the policy's p is served)."""
+    from stage1_core.artifacts import read_json
+
+    path = layout.path("exit_policy", partition) / SERVED_FILE
+    return read_json(path) if path.is_file() else None
+
+
 def build_predictor(config: Stage1ProConfig, layout: Layout, partition: str):
     """The same predictor object the bundle uses: head + policy file (+ backbone lazily)."""
     from stage1_core.bundle.predictor import Stage1Predictor
 
     ctx = StepContext(config, layout, partition)
     name = ctx.cfg.exit_policy
-    return Stage1Predictor(load_head(layout, partition), load_policy(name, policy_path(layout, partition, name)))
+    return Stage1Predictor(load_head(layout, partition), load_policy(name, policy_path(layout, partition, name)),
+                           served=read_served(layout, partition))

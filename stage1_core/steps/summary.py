@@ -108,6 +108,12 @@ def phase_summary_lines(status: dict[str, Any]) -> list[str]:
             f"  val_test accuracy {_pct(h.get('accuracy'))}, MCC "
             + (f"{float(h['mcc']):.4f}" if h.get("mcc") is not None else "n/a"),
         ]
+        if h.get("deploy_pipeline"):
+            lines.append(f"  deployment ({h['deploy_pipeline']}) above; clean val_test beside it: coverage "
+                         f"{_pct(h.get('clean_coverage'))}, FNR on exits {_pct(h.get('clean_fnr_on_exits'))}, "
+                         f"accuracy of round(p) {_pct(h.get('clean_accuracy_round_p'))} vs "
+                         f"{_pct(h.get('mixture_accuracy_round_p'))} deployed; levels with FNR significantly "
+                         f"above target: {h.get('levels_significantly_above_target')}")
     else:
         lines.append(f"  NO CURRENT BUNDLE: {status['bundle_problems'][0]}")
     return lines
@@ -155,6 +161,7 @@ def summary_table(config: Stage1ProConfig, layout: Layout) -> list[dict[str, Any
             "calib_coverage": h.get("calib_coverage"), "test_coverage": h.get("coverage"),
             "test_coverage_deploy": h.get("coverage_at_deploy_prior"), "test_fnr": h.get("fnr_on_exited"),
             "test_fnr_bound": h.get("fnr_on_exited_cp_upper"), "accuracy": h.get("accuracy"), "mcc": h.get("mcc"),
+            "clean_coverage": h.get("clean_coverage"), "clean_fnr": h.get("clean_fnr_on_exits"),
             "bundle_id": (status["bundle_id"] or "")[:12] or None, "detail": detail,
         })
     return rows
@@ -162,12 +169,12 @@ def summary_table(config: Stage1ProConfig, layout: Layout) -> list[dict[str, Any
 
 #: Columns of :func:`format_table`, in order; ``detail`` last because it is the longest.
 TABLE_COLUMNS = ("phase", "state", "policy", "calib_coverage", "test_coverage", "test_coverage_deploy", "test_fnr",
-                 "test_fnr_bound", "accuracy", "mcc", "bundle_id", "detail")
+                 "test_fnr_bound", "accuracy", "mcc", "clean_coverage", "clean_fnr", "bundle_id", "detail")
 
 
 #: Columns shown as percentages.
 RATE_COLUMNS = frozenset({"calib_coverage", "test_coverage", "test_coverage_deploy", "test_fnr", "test_fnr_bound",
-                          "accuracy"})
+                          "accuracy", "clean_coverage", "clean_fnr"})
 
 
 def format_cell(column: str, value: Any) -> str:

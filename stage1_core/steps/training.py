@@ -127,6 +127,13 @@ def fit_phase(cfg: Stage1ProConfig, layout: Layout, partition: str) -> tuple[Any
     require_split("val_select", "select")
     train = load_split(layout, partition, "train")
     val_select = load_split(layout, partition, "val_select")
+    from stage1_core.steps.deployment import training_views
+
+    views = training_views(layout, partition)  # challenge views of each training image (pipeline on)
+    if views:
+        from stage1_core.data.views import MultiViewSplit
+
+        train = MultiViewSplit.of(train, views)
     out_dir = layout.dir("checkpoint", partition)
     loss_fn = build_loss(recipe.loss_kind, cfg, train.labels)
     with_gate = recipe.head_kind == "gated"
@@ -151,10 +158,13 @@ def fit_phase(cfg: Stage1ProConfig, layout: Layout, partition: str) -> tuple[Any
                  "best_val_accuracy": float(result.best_val_accuracy), "epochs_run": int(result.epochs_run)}
         splits, index = read_splits(layout)
         backbone_dir = read_backbone(layout, partition)["directory"]
+        from stage1_core.steps.deployment import finetune_deployment
+
         tuned = finetune(cfg, backbone_dir, [index.by_id[i] for i in splits.ids["train"]],
                          [index.by_id[i] for i in splits.ids["val_select"]], out_dir,
                          init_head_state=load_state_dict_file(result.best_checkpoint),
-                         loss_fn=build_loss(recipe.loss_kind, cfg, train.labels))
+                         loss_fn=build_loss(recipe.loss_kind, cfg, train.labels),
+                         deployment=finetune_deployment(layout, partition))
         result = tuned.train
         _require_best(result, partition)
         extra.update({
@@ -249,6 +259,12 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     if tuned:
         _, _, _, forward_passes = ensure_features(ctx.cfg, layout, layout.path("checkpoint", partition) / tuned["directory"],
                                                   tuned["fingerprint"], VAL_SPLITS)
+        from stage1_core.steps.deployment import deployment_enabled, ensure_deployment_features
+
+        if deployment_enabled(ctx.cfg):
+            section = ensure_deployment_features(ctx.cfg, layout, layout.path("checkpoint", partition) / tuned["directory"],
+                                                 tuned["fingerprint"], with_train=False)
+            forward_passes += int(section["forward_passes"])
     tensors: dict[str, torch.Tensor] = {}
     rows = []
     for split in VAL_SPLITS:
@@ -260,6 +276,9 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
         labels = data.labels.numpy()
         accuracy = float((logits.argmax(1) == labels).mean())
         rows.append({"split": split, "n": int(len(labels)), "accuracy": accuracy})
+    from stage1_core.steps.deployment import extra_view_outputs
+
+    tensors.update(extra_view_outputs(layout, partition, predictor))  # clean and per-level views (pipeline on)
     out_dir = layout.dir("predictions", partition)
     path = save_tensors(out_dir / PREDICTIONS_FILE, tensors)
     checkpoint_id = read_training(layout, partition)["checkpoint_id"]

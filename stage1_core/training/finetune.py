@@ -103,13 +103,17 @@ def finetune(
     loss_fn: Any = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    deployment: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Train adapters + gated heads on images; save the best head and the merged backbone in ``out_dir``.
 
     ``cfg`` is the phase config (``finetune_epochs`` replaces ``epochs``, the heads train at
     ``lr_head * finetune_head_lr_scale``, the adapters at ``lr_backbone``; ``finetune_max_images``
     caps the training images per run, a fixed seeded subset). ``val_select_samples`` are
-    evaluated every epoch with the deterministic evaluation transform.
+    evaluated every epoch with the deterministic evaluation transform. ``deployment``
+    (``{"seed", "train_views", "sha256": {sample id: content hash}}``, deployment pipeline on):
+    training images show their clean view or one of ``train_views`` challenge views, drawn on the
+    fly, and val_select its recorded challenge draw.
     """
     from stage1_core.data.datasets import LabelledImageDataset
     from stage1_core.data.loaders import make_dataloader, pick_batch_size
@@ -138,6 +142,14 @@ def finetune(
     chosen = _subset(train_samples, cfg.finetune_max_images, int(cfg.seed))
     train_set = LabelledImageDataset(chosen, augment=True, augmentation=cfg.augmentation)
     val_set = LabelledImageDataset(list(val_select_samples))
+    if deployment is not None:
+        from stage1_core.data.challenge_views import ChallengeViewDataset, MixedViewDataset
+
+        sha = deployment["sha256"]
+        train_set = MixedViewDataset(chosen, [sha[s.sample_id] for s in chosen], deployment["seed"],
+                                     deployment["train_views"], train_set.transform)
+        val_set = ChallengeViewDataset(list(val_select_samples), [sha[s.sample_id] for s in val_select_samples],
+                                       deployment["seed"], view=0)
     batch_size = pick_batch_size(backbone, int(cfg.max_batch_size), int(cfg.fallback_batch_size), device, backward=True)
     if env.active():
         # batch_size is the global batch: each rank takes its slice of the batches one process would draw.

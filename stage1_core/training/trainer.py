@@ -165,6 +165,9 @@ class _CachedBatches:
     def __init__(self, split: TensorSplit, batch_size: int, device: torch.device, generator: torch.Generator) -> None:
         self.features = split.features.to(device, torch.float32)
         self.labels = split.labels.to(device)
+        # Several views per image (data.views.MultiViewSplit): one drawn per image and epoch.
+        views = getattr(split, "views", None)
+        self.views = views.to(device, torch.float32) if views is not None else None
         self.batch_size = batch_size
         self.generator = generator
         self.device = device
@@ -181,9 +184,13 @@ class _CachedBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(self.labels.shape[0], generator=self.generator).to(self.device)
+        features = self.features
+        if self.views is not None:
+            pick = torch.randint(self.views.shape[0], (self.labels.shape[0],), generator=self.generator).to(self.device)
+            features = self.views[pick, torch.arange(self.labels.shape[0], device=self.device)]
         for i in range(self.num_batches):
             index = order[i * self.batch_size : (i + 1) * self.batch_size][env.rank_slice(self.batch_size)]
-            yield self.features[index], self.labels[index]
+            yield features[index], self.labels[index]
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

@@ -83,7 +83,10 @@ def demo_config(**overrides) -> dict:
     certify a 2% FNR, so a smaller set would fail the gate honestly.
     """
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
-    config.update(bootstrap_samples=200, **overrides)
+    # The clean path: the challenge pipeline's views (deploy_pipeline: streetvision) would more than
+    # double every feature extraction of these tests; its steps have their own unit tests and
+    # `make demo` runs it.
+    config.update(bootstrap_samples=200, deploy_pipeline="none", **overrides)
     return config
 
 

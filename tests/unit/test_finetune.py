@@ -104,3 +104,27 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same(tmp_pa
         assert (len(calls) > before) == flag and runs[-1].checkpointed_blocks == (2 if flag else 0)
     assert np.allclose(runs[1].train.grad_norms, runs[2].train.grad_norms, rtol=1e-5)
     assert np.allclose(runs[1].train.step_losses, runs[2].train.step_losses, rtol=1e-5)
+
+
+def test_finetune_applies_the_challenge_pipeline_on_the_fly(tmp_path, monkeypatch):
+    import stage1_core.data.challenge_views as views
+
+    calls: list[tuple[int, int | None]] = []
+    original = views.challenge_view
+
+    def counted(image, seed, sha, view=0, level=None):
+        calls.append((view, level))
+        return original(image, seed, sha, view, level)
+
+    monkeypatch.setattr(views, "challenge_view", counted)
+    source = save_small_backbone(tmp_path / "bb")
+    train = _samples(tmp_path / "train", 8, "t")
+    val = _samples(tmp_path / "val", 4, "v")
+    cfg = _config(finetune_epochs=1)
+    deployment = {"seed": 0, "train_views": 2, "sha256": {s.sample_id: f"{i:064x}" for i, s in enumerate(train + val)}}
+    torch.manual_seed(0)
+    result = finetune(cfg, source, train, val, tmp_path / "out", init_head_state=Stage1Head(32, 0.3, with_gate=True).state_dict(),
+                      progress=False, deployment=deployment)
+    assert result.train.losses_finite
+    # val_select is read through its recorded draw (view 0) every epoch; training draws views 1..K or clean
+    assert (0, None) in calls and {v for v, _ in calls} <= {0, 1, 2} and any(v > 0 for v, _ in calls)
