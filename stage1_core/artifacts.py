@@ -142,12 +142,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         if inject:
             fault_point(path, "before-rename")
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     if inject:
         fault_point(path, "after-rename")
     return path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so a rename or link swap inside it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

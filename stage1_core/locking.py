@@ -34,8 +34,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "LOCK_TIMEOUT_ENV", "AssetLockedError", "asset_lock", "default_timeout", "lock_path",
-           "path_lock", "step_locks"]
+__all__ = ["LOCK_NAME", "LOCK_TIMEOUT_ENV", "AssetLockedError", "VersionGoneError", "asset_lock", "default_timeout",
+           "lock_path", "path_lock", "step_locks", "version_hold", "version_lock_path"]
 
 LOCK_NAME = ".lock"
 POLL_SECONDS = 0.1
@@ -176,3 +176,49 @@ def step_locks(
             name, part, shared = wanted[path]
             stack.enter_context(path_lock(path, name, part, wait, shared))
         yield
+
+
+# ----- published versions: readers hold, the publisher removes only what nobody holds -------------
+
+#: Seconds a reader waits for a version's lock (the publisher holds it only while deleting).
+VERSION_HOLD_TIMEOUT = 30.0
+
+
+class VersionGoneError(FileNotFoundError):
+    """The version a reader resolved was removed before the reader's hold was taken."""
+
+
+def version_lock_path(version: str | Path) -> Path:
+    """The lock of a published version directory: ``<versions>/.<name>.lock``, beside it (not inside:
+    a bundle's file set is exact)."""
+    version = Path(version)
+    return version.parent / f".{version.name}.lock"
+
+
+@contextlib.contextmanager
+def version_hold(version: str | Path, timeout: float = VERSION_HOLD_TIMEOUT) -> Iterator[Path]:
+    """Hold a shared lock on a published version for the ``with`` block: it is not removed meanwhile.
+
+    Raises :class:`VersionGoneError` when the version was removed before the hold was taken (the
+    caller resolves its link again).
+    """
+    version = Path(version)
+    with path_lock(version_lock_path(version), f"bundle version {version.name}", timeout=timeout, shared=True):
+        if not version.is_dir():
+            raise VersionGoneError(f"{version}: removed by a newer publish before it could be read")
+        yield version
+
+
+def remove_unheld(version: str | Path) -> bool:
+    """Remove a version directory and its lock file unless a reader holds it; True when removed."""
+    import shutil
+
+    version = Path(version)
+    lock = version_lock_path(version)
+    try:
+        with path_lock(lock, f"bundle version {version.name}", timeout=0.0):
+            shutil.rmtree(version, ignore_errors=True)
+            lock.unlink(missing_ok=True)  # a reader waiting on it finds the version gone and re-resolves
+    except AssetLockedError:
+        return False
+    return not version.exists()
