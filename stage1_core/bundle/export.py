@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -19,7 +20,9 @@ from typing import Any
 
 import torch
 
-from stage1_core.artifacts import ArtifactError, atomic_write_bytes, atomic_write_text, load_tensors, read_json, sha256_file, write_json
+from stage1_core.artifacts import (
+    ArtifactError, atomic_write_bytes, atomic_write_text, fsync_dir, load_tensors, read_json, sha256_file, write_json,
+)
 from stage1_core.bundle.load import (
     MANIFEST_NAME,
     POLICY_FILE_NAMES,
@@ -261,19 +264,19 @@ def render_readme(manifest: Mapping[str, Any], policy_doc: Mapping[str, Any]) ->
 
 
 def _replace_dir(new: Path, out_dir: Path) -> None:
-    """Move the finished bundle ``new`` to ``out_dir``, replacing a previous bundle there."""
+    """Move the finished bundle ``new`` to ``out_dir`` (fsynced), replacing a previous bundle there atomically.
+
+    A new name is one rename; an existing bundle is replaced by a link flip
+    (:func:`stage1_core.dirswap.replace_dir`), so ``out_dir`` is never empty, a kill included.
+    """
+    from stage1_core.dirswap import fsync_tree, replace_dir
+
     if not out_dir.exists() and not out_dir.is_symlink():
+        fsync_tree(new)
         os.rename(new, out_dir)
+        fsync_dir(out_dir.parent)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    old.rmdir()
-    os.rename(out_dir, old)
-    try:
-        os.rename(new, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(new, out_dir)
 
 
 def export_bundle(
@@ -304,7 +307,8 @@ def export_bundle(
     out_dir = Path(out_dir)
     extra = dict(extra_files or {})
     if out_dir.exists() or out_dir.is_symlink():
-        if out_dir.is_symlink() or not out_dir.is_dir():
+        swapped = out_dir.is_symlink() and re.fullmatch(rf"\.{re.escape(out_dir.name)}\.v-[0-9a-f]{{32}}", os.readlink(out_dir))
+        if (out_dir.is_symlink() and not swapped) or not out_dir.is_dir():
             raise BundleError([f"{out_dir} exists and is not a directory; refusing to replace it"])
         if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
             raise BundleError(

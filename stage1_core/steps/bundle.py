@@ -200,7 +200,7 @@ def current_bundle_problems(config: Stage1ProConfig, layout: Layout, partition: 
     """Why the published bundle of ``partition`` is not current (empty: it is current)."""
     from stage1_core.lineage import StaleInputError
 
-    ctx = StepContext(config, layout, partition)
+    ctx = StepContext(config, layout, partition, writes=False)
     record = ctx.current(f"bundle[{partition}]")
     directory = bundle_dir(layout, partition)
     if record is None or not (directory / "bundle.json").is_file():
@@ -211,7 +211,8 @@ def current_bundle_problems(config: Stage1ProConfig, layout: Layout, partition: 
     if bundle_id(directory) != record.extra.get("bundle_id"):
         problems.append(f"{directory}/bundle.json is not the bundle the last export published")
     try:
-        ctx.require("bundle", [(name, partition) for name in BUNDLE_INPUTS])
+        with ctx:
+            ctx.require("bundle", [(name, partition) for name in BUNDLE_INPUTS])
     except (StaleInputError, FileNotFoundError) as exc:
         problems.append(str(exc))
     recorded = {name: rid for name, rid in record.chain.items()}

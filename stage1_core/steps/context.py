@@ -8,6 +8,7 @@ writes the lineage record last.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,13 +69,34 @@ def parse_name(name: str) -> tuple[str, str | None]:
 
 
 class StepContext:
-    """One step's view of the artifacts: the phase config, its inputs' records, its own record."""
+    """One step's view of the artifacts: the phase config, its inputs' records, its own record.
 
-    def __init__(self, config: Stage1ProConfig, layout: Layout, partition: str | None = None):
+    :meth:`require` also takes the step's locks, all at once in one global order: shared locks
+    on exactly the inputs it names and the exclusive lock of the asset partition the step writes
+    (a gate check, ``consumer`` ending in ``-check``, or a context made with ``writes=False``
+    writes none). They are released by :meth:`finish`, by :meth:`close` (``with StepContext(...)``)
+    or, when the step raises, by the enclosing :func:`stage1_core.locking.lock_scope`.
+    """
+
+    def __init__(self, config: Stage1ProConfig, layout: Layout, partition: str | None = None, writes: bool = True):
         self.config = config
         self.layout = layout
         self.partition = partition
         self.cfg = config_for_phase(config, partition) if partition else config
+        self.writes = writes
+        self._locks: contextlib.ExitStack | None = None
+
+    def close(self) -> None:
+        """Release the step's locks (idempotent)."""
+        if self._locks is not None:
+            self._locks.close()
+            self._locks = None
+
+    def __enter__(self) -> "StepContext":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def current(self, name: str) -> Record | None:
         """The current lineage record of an asset by name, None when it has none."""
@@ -90,8 +112,17 @@ class StepContext:
 
     def require(self, consumer: str, inputs: Iterable[tuple[str, str | None]]) -> dict[str, Record]:
         """Read and check the inputs of ``consumer``; raise StaleInputError on any stale link."""
+        from stage1_core.dirswap import clean_leftovers
+        from stage1_core.locking import hold_locks, in_scope, lock_plan
         from stage1_core.steps.params import expected_params
 
+        inputs = list(inputs)
+        if self._locks is None:  # the one place a step's locks are taken: what it reads, what it writes
+            writes = [] if consumer.endswith("-check") or not self.writes else [
+                (consumer, None if consumer in UNPARTITIONED else self.partition)]
+            self._locks = in_scope(hold_locks(lock_plan(self.layout.root, writes, inputs)))
+            for asset, partition in writes:  # ours alone now: remove what a killed writer left in it
+                clean_leftovers(self.layout.path(asset, partition))
         records = [self.record(asset, partition) for asset, partition in inputs]
         name = asset_name(consumer, self.partition if consumer not in UNPARTITIONED else None)
         check_inputs(name, records, self.current, lambda n: expected_params(n, self.config))
@@ -110,10 +141,13 @@ class StepContext:
 
         partition = None if asset in UNPARTITIONED else self.partition
         records = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
-        return make_record(
-            self.layout.dir(asset, partition), asset, partition, records,
-            params_for(asset, self.cfg), files, id_parts=id_parts, extra=extra,
-        )
+        try:
+            return make_record(
+                self.layout.dir(asset, partition), asset, partition, records,
+                params_for(asset, self.cfg), files, id_parts=id_parts, extra=extra,
+            )
+        finally:
+            self.close()
 
 
 #: Assets shared by every phase (no partition).
