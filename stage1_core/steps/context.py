@@ -73,8 +73,8 @@ class StepContext:
 
     :meth:`require` also takes the step's locks, all at once in one global order: shared locks
     on exactly the inputs it names and the exclusive lock of the asset partition the step writes
-    (a gate check, ``consumer`` ending in ``-check``, or a context made with ``writes=False``
-    writes none). They are released by :meth:`finish`, by :meth:`close` (``with StepContext(...)``)
+    (a consumer that is not an asset - a gate check, an audit - or a context made with
+    ``writes=False`` writes none). They are released by :meth:`finish`, by :meth:`close` (``with StepContext(...)``)
     or, when the step raises, by the enclosing :func:`stage1_core.locking.lock_scope`.
     """
 
@@ -114,12 +114,12 @@ class StepContext:
         """Read and check the inputs of ``consumer``; raise StaleInputError on any stale link."""
         from stage1_core.dirswap import clean_leftovers
         from stage1_core.locking import hold_locks, in_scope, lock_plan
-        from stage1_core.steps.params import expected_params
+        from stage1_core.steps.params import PARAMS, expected_params
 
         inputs = list(inputs)
         if self._locks is None:  # the one place a step's locks are taken: what it reads, what it writes
-            writes = [] if consumer.endswith("-check") or not self.writes else [
-                (consumer, None if consumer in UNPARTITIONED else self.partition)]
+            writes = [(consumer, None if consumer in UNPARTITIONED else self.partition)] if (
+                self.writes and consumer in PARAMS) else []  # a gate check or an audit writes no asset
             self._locks = in_scope(hold_locks(lock_plan(self.layout.root, writes, inputs)))
             for asset, partition in writes:  # ours alone now: remove what a killed writer left in it
                 clean_leftovers(self.layout.path(asset, partition))
