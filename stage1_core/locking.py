@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as _dt
+import errno
 import fcntl
 import os
 import re
@@ -295,7 +296,14 @@ def version_hold(version: str | Path, timeout: float = VERSION_HOLD_TIMEOUT) -> 
     caller resolves its link again).
     """
     version = Path(version)
-    with path_lock(version_lock_path(version), f"bundle version {version.name}", timeout=timeout, shared=True):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(path_lock(version_lock_path(version), f"bundle version {version.name}",
+                                          timeout=timeout, shared=True))
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # A read-only deployment: nobody can publish into it either, so there is nothing to hold.
         if not version.is_dir():
             raise VersionGoneError(f"{version}: removed by a newer publish before it could be read")
         yield version
