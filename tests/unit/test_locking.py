@@ -265,3 +265,15 @@ def test_gate_verdict_file_is_written_under_its_lock(tmp_path):
     assert not target.exists()
     record_verdict(layout, "phase1", verdict)
     assert target.is_file()
+
+
+def test_a_step_without_inputs_still_takes_its_write_lock(tmp_path, monkeypatch):
+    """backbone[phase1] (source weights) requires nothing, yet a second writer must be refused."""
+    from stage1_core.config import Stage1ProConfig
+    from stage1_core.steps.backbone import prepare_backbone
+    from stage1_core.steps.context import Layout
+
+    monkeypatch.setattr("stage1_core.model.backbone.resolve_backbone", lambda path, root: tmp_path / "weights")
+    with asset_lock(tmp_path, "backbone", "phase1"):
+        with pytest.raises(AssetLockedError, match=r"backbone\[phase1\] is being written"):
+            prepare_backbone(Stage1ProConfig(data_source="synthetic"), Layout(tmp_path), "phase1")
