@@ -203,12 +203,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         if inject:
             fault_point(path, "before-rename")
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     if inject:
         fault_point(path, "after-rename")
     return path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so a rename or link swap inside it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -233,27 +243,23 @@ def jsonable(value: Any) -> Any:
 def publish_directory(staged: str | Path, target: str | Path, replace: bool = True) -> Path:
     """Move the finished directory ``staged`` to ``target`` atomically and return ``target``.
 
-    ``staged`` must be a sibling of ``target`` (same file system). With ``replace`` an existing
-    ``target`` is swapped out (renamed aside, then removed; put back if the swap fails), so
-    ``target`` always holds the previous or the complete new content; without it an existing
-    ``target`` raises FileExistsError and ``staged`` is left for the caller.
+    ``staged`` must be a sibling of ``target`` (same file system); it is fsynced first. A new
+    ``target`` is one rename (parent fsynced); with ``replace`` an existing ``target`` is replaced
+    by a link flip (:func:`stage1_core.dirswap.replace_dir`), so the name always holds the previous
+    or the complete new content, a kill included; without it an existing ``target`` raises
+    FileExistsError and ``staged`` is left for the caller.
     """
+    from stage1_core.dirswap import fsync_tree, replace_dir
+
     staged, target = Path(staged), Path(target)
     if not target.exists() and not target.is_symlink():
+        fsync_tree(staged)
         os.rename(staged, target)
+        fsync_dir(target.parent)
         return target
     if not replace:
         raise FileExistsError(f"{target} exists; not replacing it with {staged}")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old.rmdir()
-    os.rename(target, old)
-    try:
-        os.rename(staged, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    return replace_dir(staged, target)
 
 
 def write_json(path: str | Path, data: Any, schema: str | None = None) -> Path:

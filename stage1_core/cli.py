@@ -295,6 +295,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, required=True, help="deploy bundle directory")
+    parser.add_argument("--id", dest="expected_id", default=None,
+                        help="refuse the bundle unless its id (sha256 of bundle.json) is this one; checked on the "
+                             "same files that are loaded")
     parser.add_argument("images", nargs="*", type=Path,
                         help=f"image files, or directories (their {'/'.join(IMAGE_SUFFIXES)} files, recursively, sorted)")
     parser.add_argument("--list", dest="list_file", default=None,
@@ -353,8 +356,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from stage1_core.progress import progress
 
     try:
-        bundle = Stage1Bundle.load(args.bundle, artifacts_root=args.artifacts_root)
-    except BundleError as exc:
+        bundle = Stage1Bundle.load(args.bundle, artifacts_root=args.artifacts_root, expected_id=args.expected_id)
+    except (BundleError, OSError) as exc:
         raise CliError(str(exc)) from None
     size = args.batch_size if args.batch_size is not None else bundle.config.max_batch_size
     if size < 1:
@@ -363,7 +366,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         bundle.check_transductive(len(paths), args.transductive)
         bundle.load_backbone()
-    except (ValueError, BundleError) as exc:
+    except (ValueError, BundleError, OSError) as exc:
         raise CliError(str(exc)) from None
     predictor = bundle.predictor
     bar = progress(total=len(paths), desc="predict", unit="img", disable=args.no_progress)
@@ -426,22 +429,22 @@ def add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
 @subcommand("bundle", "work with deploy bundles (stage1 bundle verify DIR [--id ID]; "
             "stage1 bundle export-miner DIR OUT --model-name --version --submitted-by)", add_bundle_arguments)
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from stage1_core.bundle.load import bundle_id, verify_bundle
+    from stage1_core.bundle.load import inspect_bundle
 
     if args.action == "export-miner":
         return _serving.cmd_export_miner(args)
     if args.out is not None:
         raise CliError(f"unexpected argument {args.out} for 'bundle verify' (OUT belongs to export-miner)")
 
-    problems = verify_bundle(args.directory, expected_id=args.expected_id)
-    if problems:
-        print(f"{args.directory}: INVALID bundle, {len(problems)} problem(s):", file=sys.stderr)
-        for problem in problems:
+    found = inspect_bundle(args.directory, expected_id=args.expected_id)
+    if found.problems:
+        print(f"{args.directory}: INVALID bundle, {len(found.problems)} problem(s):", file=sys.stderr)
+        for problem in found.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
-    manifest = json.loads((args.directory / "bundle.json").read_text(encoding="utf-8"))
+    manifest = found.manifest  # the very bytes that were verified, not a second reading
     print(
-        f"{args.directory}: valid bundle {bundle_id(args.directory)} (phase {manifest['phase']}, policy "
+        f"{args.directory}: valid bundle {found.bundle_id} (phase {manifest['phase']}, policy "
         f"{manifest['active_exit_policy']} from {manifest['policy_file']}, {len(manifest['sha256'])} files checksummed)"
     )
     return 0

@@ -299,6 +299,9 @@ class Stage1ProConfig(BaseModel):
     dirichlet_lambda: float = 1e-3
     dirichlet_mu: float = 1e-3
     scrc_variant: Literal["I", "T"] = "I"
+    #: Published bundle versions kept per phase (the current one included); an older one is removed
+    #: at a later publish, and only when no reader holds it.
+    bundle_keep_versions: int = 3
 
     # Provenance (written by save()).
     created_at: str | None = None
@@ -356,6 +359,7 @@ class Stage1ProConfig(BaseModel):
         need(self.epochs > 0, "epochs", "> 0")
         need(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", f"in [0, epochs={self.epochs})")
         need(self.max_batch_size > 0, "max_batch_size", "> 0")
+        need(self.bundle_keep_versions >= 1, "bundle_keep_versions", ">= 1")
         need(
             0 < self.fallback_batch_size <= self.max_batch_size,
             "fallback_batch_size",
@@ -673,6 +677,7 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
     "crt_batch_size": {"minimum": 2},
     "dirichlet_lambda": {"minimum": 0},
     "dirichlet_mu": {"minimum": 0},
+    "bundle_keep_versions": {"minimum": 1},
 }
 
 

@@ -376,6 +376,9 @@ def extract_split_features(
     # One writer per cache directory (phases sharing a backbone share it); a second one waits
     # (STAGE1_LOCK_TIMEOUT) or is refused, and once in, reuses what the first one wrote.
     with path_lock(directory / LOCK_NAME, f"feature cache {directory}", timeout=default_timeout()):
+        from stage1_core.dirswap import clean_leftovers
+
+        clean_leftovers(directory)  # temporary files of a writer killed in this cache
         return _extract_locked(
             backbone, datasets, directory, transform_desc, sample_ids, batch_size, device, progress,
             max_batch_size, fallback_batch_size, num_workers, store_labels,

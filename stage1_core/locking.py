@@ -26,16 +26,21 @@ Its default wait comes from ``STAGE1_LOCK_TIMEOUT`` (seconds, default 0: refuse 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
+import errno
 import fcntl
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "LOCK_TIMEOUT_ENV", "AssetLockedError", "asset_lock", "default_timeout", "lock_path",
-           "path_lock", "step_locks"]
+__all__ = ["LOCK_NAME", "LOCK_TIMEOUT_ENV", "AssetLockedError", "LockSpec", "VersionGoneError", "asset_lock",
+           "default_timeout", "hold_locks", "in_scope", "lock_path", "lock_plan", "lock_scope", "path_lock",
+           "step_locks", "version_hold", "version_lock_path"]
 
 LOCK_NAME = ".lock"
 POLL_SECONDS = 0.1
@@ -75,9 +80,27 @@ def lock_path(root: str | Path, asset: str, partition: str | None = None) -> Pat
 
 
 def _holder(handle) -> str:
-    """The exclusive holder's line ("" while only shared holders hold the lock)."""
+    """The exclusive holder's line ("" while only shared holders hold the lock).
+
+    A line naming a process of this host that no longer exists is stale (its holder was killed
+    before it could clear it; the kernel released its lock): it is not reported as the holder.
+    """
     handle.seek(0)
-    return handle.read().strip()
+    line = handle.read().strip()
+    match = re.match(r"pid (\d+) on (\S+) ", line + " ")
+    if match and match.group(2) == socket.gethostname() and not _alive(int(match.group(1))):
+        return ""
+    return line
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def default_timeout() -> float:
@@ -119,6 +142,8 @@ def path_lock(
                 if waited >= timeout:
                     raise AssetLockedError(name, partition, path, _holder(handle), waited, shared) from None
                 time.sleep(min(POLL_SECONDS, max(timeout - waited, 0.0)))
+        if shared and os.fstat(handle.fileno()).st_size:
+            handle.truncate(0)  # a holder line left by a killed writer: no writer can hold it now
         if not shared:
             handle.seek(0)
             handle.truncate()
@@ -152,6 +177,83 @@ def asset_lock(
         yield path
 
 
+@dataclass(frozen=True)
+class LockSpec:
+    """One lock a step takes: its file, what it names (for the error) and whether it is shared."""
+
+    path: Path
+    name: str
+    partition: str | None
+    shared: bool
+
+
+def lock_plan(
+    root: str | Path,
+    writes: Iterable[tuple[str, str | None]] = (),
+    reads: Iterable[tuple[str, str | None]] = (),
+) -> list[LockSpec]:
+    """Every lock a step needs, in the one global order (sorted lock paths).
+
+    Exclusive for each asset partition in ``writes``, shared for each in ``reads``; a partition
+    both written and read is locked once, exclusively (locks are not re-entrant). Taking every
+    step's locks in this order means two steps can never each hold a lock the other waits for.
+    """
+    wanted: dict[Path, LockSpec] = {}
+    for name, part in writes:
+        path = lock_path(root, name, part)
+        wanted[path] = LockSpec(path, name, part, False)
+    for name, part in reads:
+        path = lock_path(root, name, part)
+        wanted.setdefault(path, LockSpec(path, name, part, True))
+    return [wanted[path] for path in sorted(wanted)]
+
+
+def hold_locks(plan: Iterable[LockSpec], timeout: float | None = None) -> contextlib.ExitStack:
+    """Take every lock of ``plan`` in order; return the stack that releases them (``close()``).
+
+    All or nothing: when one lock is refused the ones already taken are released before
+    :class:`AssetLockedError` propagates. ``timeout=None`` reads :func:`default_timeout`.
+    """
+    wait = default_timeout() if timeout is None else timeout
+    stack = contextlib.ExitStack()
+    try:
+        for spec in plan:
+            stack.enter_context(path_lock(spec.path, spec.name, spec.partition, wait, spec.shared))
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+_SCOPE: contextvars.ContextVar[list[contextlib.ExitStack] | None] = contextvars.ContextVar("stage1_lock_scope",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def lock_scope() -> Iterator[None]:
+    """Release, at the end of the block, every lock a step took inside it (however the step ended).
+
+    A step releases its locks when it finishes; a runner (the Dagster asset wrapper, a gate
+    check) wraps the step in this scope so that a step that raises releases them at once too.
+    """
+    stacks: list[contextlib.ExitStack] = []
+    token = _SCOPE.set(stacks)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+        for stack in reversed(stacks):
+            stack.close()
+
+
+def in_scope(stack: contextlib.ExitStack) -> contextlib.ExitStack:
+    """Register ``stack`` with the innermost :func:`lock_scope` (if any), so the scope releases it."""
+    stacks = _SCOPE.get()
+    if stacks is not None:
+        stacks.append(stack)
+    return stack
+
+
 @contextlib.contextmanager
 def step_locks(
     root: str | Path,
@@ -162,17 +264,61 @@ def step_locks(
 ) -> Iterator[None]:
     """Hold the write lock of ``asset[partition]`` and read locks of ``inputs`` for the ``with`` block.
 
-    Locks are taken in one global order (sorted lock paths), so two steps waiting for each
-    other's locks cannot deadlock. ``timeout=None`` reads :func:`default_timeout`; it bounds
-    the wait for each lock.
+    Locks are taken in :func:`lock_plan`'s order. ``timeout=None`` reads :func:`default_timeout`;
+    it bounds the wait for each lock.
     """
-    wait = default_timeout() if timeout is None else timeout
-    wanted = {lock_path(root, asset, partition): (asset, partition, False)}
-    for name, part in inputs:
-        path = lock_path(root, name, part)
-        wanted.setdefault(path, (name, part, True))
-    with contextlib.ExitStack() as stack:
-        for path in sorted(wanted):
-            name, part, shared = wanted[path]
-            stack.enter_context(path_lock(path, name, part, wait, shared))
+    with hold_locks(lock_plan(root, [(asset, partition)], inputs), timeout):
         yield
+
+
+# ----- published versions: readers hold, the publisher removes only what nobody holds -------------
+
+#: Seconds a reader waits for a version's lock (the publisher holds it only while deleting).
+VERSION_HOLD_TIMEOUT = 30.0
+
+
+class VersionGoneError(FileNotFoundError):
+    """The version a reader resolved was removed before the reader's hold was taken."""
+
+
+def version_lock_path(version: str | Path) -> Path:
+    """The lock of a published version directory: ``<versions>/.<name>.lock``, beside it (not inside:
+    a bundle's file set is exact)."""
+    version = Path(version)
+    return version.parent / f".{version.name}.lock"
+
+
+@contextlib.contextmanager
+def version_hold(version: str | Path, timeout: float = VERSION_HOLD_TIMEOUT) -> Iterator[Path]:
+    """Hold a shared lock on a published version for the ``with`` block: it is not removed meanwhile.
+
+    Raises :class:`VersionGoneError` when the version was removed before the hold was taken (the
+    caller resolves its link again).
+    """
+    version = Path(version)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(path_lock(version_lock_path(version), f"bundle version {version.name}",
+                                          timeout=timeout, shared=True))
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # A read-only deployment: nobody can publish into it either, so there is nothing to hold.
+        if not version.is_dir():
+            raise VersionGoneError(f"{version}: removed by a newer publish before it could be read")
+        yield version
+
+
+def remove_unheld(version: str | Path) -> bool:
+    """Remove a version directory and its lock file unless a reader holds it; True when removed."""
+    import shutil
+
+    version = Path(version)
+    lock = version_lock_path(version)
+    try:
+        with path_lock(lock, f"bundle version {version.name}", timeout=0.0):
+            shutil.rmtree(version, ignore_errors=True)
+            lock.unlink(missing_ok=True)  # a reader waiting on it finds the version gone and re-resolves
+    except AssetLockedError:
+        return False
+    return not version.exists()

@@ -321,28 +321,23 @@ def step_result(result: Any, store: Path | None = None) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata=metadata, data_version=version)
 
 
-def run_step(context: Any, stage1: Any, asset: str, step: Any, *args: Any, reads: tuple[str, ...] = (),
-             **kwargs: Any) -> dg.MaterializeResult:
+def run_step(context: Any, stage1: Any, asset: str, step: Any, *args: Any, **kwargs: Any) -> dg.MaterializeResult:
     """Run a library step with the resource's config and layout, recording failures for the summary.
 
-    The step holds the write lock of its asset partition and read locks of its inputs
-    (:func:`stage1_core.locking.step_locks`), so a second run cannot interleave its writes.
-    ``reads`` names inputs the step reads beyond its Dagster deps (the bundle reads the whole chain
-    but depends in the graph only on what it packages).
+    The step takes its own locks (:class:`stage1_core.steps.context.StepContext`: the write lock
+    of its partition and read locks of exactly the inputs it requires); the
+    :func:`~stage1_core.locking.lock_scope` here releases them at once if the step raises.
     """
     from stage1_assets.recovery import tag_host
     from stage1_core.distributed.steps import DISTRIBUTED_ASSETS
-    from stage1_core.locking import AssetLockedError, step_locks
+    from stage1_core.locking import AssetLockedError, lock_scope
     from stage1_core.steps.context import UNPARTITIONED
 
     tag_host(context.instance, context.run_id)  # so crash recovery on another host leaves this run alone
     layout = stage1.layout()
     partition = None if asset in UNPARTITIONED else context.partition_key
-    inputs = [(key.path[-1], None if key.path[-1] in UNPARTITIONED else partition)
-              for key in context.assets_def.dependency_keys]
-    inputs += [(name, None if name in UNPARTITIONED else partition) for name in reads]
     try:
-        with step_locks(layout.root, asset, partition, inputs), as_failure(layout, asset, partition):
+        with lock_scope(), as_failure(layout, asset, partition):
             config = stage1.load_config()
             if partition and config.world_size > 1 and asset in DISTRIBUTED_ASSETS:
                 from stage1_assets.distributed import run_with_torchrun

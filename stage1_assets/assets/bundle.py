@@ -70,11 +70,8 @@ def phase_overview(stage1: Stage1Resource, partition: str) -> dict[str, dg.Table
     ),
 )
 def bundle(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
-    from stage1_core.steps.bundle import BUNDLE_INPUTS  # torch and friends load in the step, not at import
-
     require_gate_for_export(context.instance, context.partition_key)
-    result = run_step(context, stage1, "bundle", pipeline.export_phase_bundle, run_id=context.run_id,
-                      reads=(*BUNDLE_INPUTS, "splits", "dataset_index"))
+    result = run_step(context, stage1, "bundle", pipeline.export_phase_bundle, run_id=context.run_id)
     metadata = dict(result.metadata or {})
     headline = {key: metadata.pop(key) for key in HEADLINE_KEYS if key in metadata}
     metadata = {**headline, **phase_overview(stage1, context.partition_key), **metadata}

@@ -15,7 +15,7 @@ _WAITS = (
 )
 
 
-@dg.asset(group_name=GROUPS["features"], partitions_def=phases, deps=[splits], kinds={"pytorch"},
+@dg.asset(group_name=GROUPS["features"], partitions_def=phases, deps=[splits], pool="gpu", kinds={"pytorch"},
           code_version=CODE_VERSION,
           description="Which backbone weights this phase uses (builtin or a local DINOv3 directory) and their "
                       f"fingerprint.\n\n{_WAITS}\n\n{PHASES_TEXT}")

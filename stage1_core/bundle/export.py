@@ -7,6 +7,9 @@ renamed into place, so ``out_dir`` always holds either the previous bundle or th
 
 from __future__ import annotations
 
+import os
+import re
+
 import datetime as _dt
 import io
 import shutil
@@ -212,7 +215,8 @@ def export_bundle(
     out_dir = Path(out_dir)
     extra = dict(extra_files or {})
     if out_dir.exists() or out_dir.is_symlink():
-        if out_dir.is_symlink() or not out_dir.is_dir():
+        swapped = out_dir.is_symlink() and re.fullmatch(rf"\.{re.escape(out_dir.name)}\.v-[0-9a-f]{{32}}", os.readlink(out_dir))
+        if (out_dir.is_symlink() and not swapped) or not out_dir.is_dir():
             raise BundleError([f"{out_dir} exists and is not a directory; refusing to replace it"])
         if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
             raise BundleError(

@@ -9,13 +9,18 @@ its fingerprint is the one recorded at export.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import pickle
 import re
+import stat
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -24,8 +29,10 @@ import torch
 
 from stage1_core.artifacts import ArtifactError, load_schema, schema_errors, sha256_file
 from stage1_core.artifacts import read_json as _read_json_unguarded
+from stage1_core.bundle.files import MAX_BACKBONE_FILE_BYTES, MAX_FILE_BYTES, MAX_MANIFEST_BYTES, BundleFileError, BundleFiles
 from stage1_core.bundle.predictor import ImageInput, Stage1Predictor
 from stage1_core.config import POLICIES_BY_PHASE, ConfigError, Stage1ProConfig
+from stage1_core.locking import VersionGoneError, version_hold
 from stage1_core.data.transforms import build_eval_transform, build_reference_eval_transform, describe_transform
 from stage1_core.model.backbone import BUILTIN_PREFIX, BackboneError, DINOv3Backbone
 from stage1_core.model.head import HeadStateError, Stage1Head, load_head_state_dict
@@ -35,10 +42,12 @@ __all__ = [
     "MANIFEST_NAME",
     "POLICY_FILE_NAMES",
     "BundleError",
+    "BundleInspection",
     "Stage1Bundle",
     "default_artifacts_root",
     "eval_transform_from_description",
     "format_prediction",
+    "inspect_bundle",
     "manifest_pointers",
     "verify_bundle",
 ]
@@ -49,6 +58,8 @@ MANIFEST_NAME = "bundle.json"
 BUNDLED_BACKBONE_FILES = ("config.json", "model.safetensors")
 #: Every policy file a bundle may hold (exactly one of them), as the bundle schema lists them.
 POLICY_FILE_NAMES: tuple[str, ...] = tuple(load_schema("bundle")["properties"]["policy_file"]["enum"])
+#: Widest backbone a bundle may name (the schema's bound on ``hidden_size``; DINOv3 7B is 4096).
+MAX_HIDDEN_SIZE: int = load_schema("bundle")["properties"]["head"]["properties"]["hidden_size"]["maximum"]
 
 
 class BundleError(ValueError):
@@ -119,36 +130,38 @@ def pointer_problem(root: Path, value: Any) -> str | None:
         return f"{value!r} leaves the bundle directory ('..'); bundle pointers must stay inside it"
     if any(part in ("", ".") for part in value.split("/")):
         return f"{value!r} is not a normalised relative path (empty or '.' component)"
-    resolved = (root / value).resolve()
+    try:
+        resolved = (root / value).resolve()
+    except (RuntimeError, OSError) as exc:  # a symbolic link loop
+        return f"{value!r} cannot be resolved ({type(exc).__name__}: {exc}); symbolic link loop?"
     if not resolved.is_relative_to(root.resolve()):
         return f"{value!r} resolves to {resolved}, outside the bundle directory (symbolic link?)"
     return None
 
 
-def _bundle_files(root: Path) -> tuple[set[str], list[str]]:
-    """Relative POSIX paths of every file (and link) under ``root`` except the manifest, and link problems."""
-    files: set[str] = set()
-    problems: list[str] = []
-    resolved_root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        base = Path(dirpath)
-        for name in list(dirnames):
-            if (base / name).is_symlink():
-                dirnames.remove(name)
-                filenames.append(name)
-        for name in filenames:
-            path = base / name
-            rel = path.relative_to(root).as_posix()
-            if rel == MANIFEST_NAME:
-                continue
-            files.add(rel)
-            if path.is_symlink():
-                target = path.resolve()
-                if not target.is_relative_to(resolved_root):
-                    problems.append(f"{rel}: symbolic link to {target}, outside the bundle directory")
-                elif not target.is_file():
-                    problems.append(f"{rel}: symbolic link to {target}, which is not a file")
-    return files, problems
+def _bundle_files(files: BundleFiles) -> tuple[set[str], set[str], list[str]]:
+    """Every entry under the bundle except the manifest, those that are not regular files, and problems.
+
+    Listed with ``lstat`` semantics: a link, FIFO, socket or device is a problem by itself and is
+    never followed or opened.
+    """
+    entries, problems = files.listing()
+    present, irregular = set(), set()
+    for rel, mode in sorted(entries.items()):
+        if rel == MANIFEST_NAME:
+            continue
+        present.add(rel)
+        if stat.S_ISLNK(mode):
+            irregular.add(rel)
+            try:
+                target = os.readlink(files.root / rel)
+            except OSError:
+                target = "?"
+            problems.append(f"{rel}: symbolic link to {target!r}; bundle files must be regular files, not links")
+        elif not stat.S_ISREG(mode):
+            irregular.add(rel)
+            problems.append(f"{rel}: is {files.kind(rel) or 'not a regular file'}, not a regular file; refusing it")
+    return present, irregular, problems
 
 
 def phase_problems(phase: Any, policy_name: Any, config_phase: Any) -> list[str]:
@@ -239,31 +252,46 @@ def eval_transform_from_description(text: str):
 # ----- verification ----------------------------------------------------------------------
 
 
-def _weights_problems(path: Path, rel: str, head_info: Any) -> list[str]:
+def _load_weights(data: bytes, rel: str) -> tuple[Any, list[str]]:
+    """The state dict held by ``data`` (a weight file's verified bytes), or the problems refusing it."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return [
+        return None, [
             f"{rel}: refused: it holds pickled Python objects other than tensors, and loading them "
             f"could execute code (torch.load weights_only=True: {first}). Re-export the bundle "
             f"from a plain state_dict."
         ]
     except Exception as exc:  # noqa: BLE001 - weights_only=True runs no code; corrupt bytes raise anything
-        return [f"{rel}: unreadable or truncated weight file ({type(exc).__name__}: {exc})"]
+        return None, [f"{rel}: unreadable or truncated weight file ({type(exc).__name__}: {exc})"]
     if not isinstance(state, Mapping):
-        return [f"{rel}: holds a {type(state).__name__}, expected a state_dict (mapping of names to tensors)"]
+        return None, [f"{rel}: holds a {type(state).__name__}, expected a state_dict (mapping of names to tensors)"]
     bad = sorted(f"{k!r} ({type(v).__name__})" for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor)))
     if bad:
-        return [f"{rel}: must hold only tensors keyed by name; offending entries: {', '.join(bad)}"]
-    if isinstance(head_info, Mapping):
-        try:
-            head = Stage1Head(
-                int(head_info["hidden_size"]), float(head_info["dropout"]), bool(head_info["with_gate"])
-            )
+        return None, [f"{rel}: must hold only tensors keyed by name; offending entries: {', '.join(bad)}"]
+    return state, []
+
+
+def _head_fits(state: Mapping[str, torch.Tensor], rel: str, head_info: Any) -> list[str]:
+    """Whether ``state`` fits the head recorded in ``$.head``, compared on shapes only.
+
+    The head is built on the ``meta`` device (no memory), so a manifest naming an absurd hidden
+    size costs nothing; the real head is built only after this check passed.
+    """
+    if not isinstance(head_info, Mapping):
+        return []
+    hidden = head_info.get("hidden_size")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or not 1 <= hidden <= MAX_HIDDEN_SIZE:
+        return [f"{rel}: not checked against $.head: hidden_size {hidden!r} is outside 1..{MAX_HIDDEN_SIZE}"]
+    try:
+        with torch.device("meta"):
+            head = Stage1Head(hidden, float(head_info["dropout"]), bool(head_info["with_gate"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # copying into meta tensors is a no-op, by design here
             load_head_state_dict(head, state, source=rel)
-        except (HeadStateError, KeyError, TypeError, ValueError) as exc:
-            return [f"{rel}: does not fit the head recorded in bundle.json ($.head): {exc}"]
+    except (HeadStateError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        return [f"{rel}: does not fit the head recorded in bundle.json ($.head): {exc}"]
     return []
 
 
@@ -290,10 +318,11 @@ def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 def bundle_id(directory: str | Path) -> str:
     """The bundle's id: the sha256 of its bundle.json (which holds every other file's checksum)."""
-    return sha256_file(Path(directory) / MANIFEST_NAME)
+    with BundleFiles(directory) as files:
+        return hashlib.sha256(files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)).hexdigest()
 
 
-def _lineage_problems(root: Path, manifest: Mapping[str, Any], readable: set[str]) -> list[str]:
+def _lineage_problems(root: Path, manifest: Mapping[str, Any], readable: set[str], state: Any) -> list[str]:
     """The head, policy, metrics and backbone named by $.lineage belong together."""
     lineage = manifest.get("lineage")
     if not isinstance(lineage, Mapping):
@@ -317,32 +346,77 @@ def _lineage_problems(root: Path, manifest: Mapping[str, Any], readable: set[str
                 f"checkpoint {lineage.get('checkpoint_id')!r}"
             )
     model_file = manifest.get("model_file")
-    if isinstance(model_file, str) and model_file in readable:
-        try:
-            digest = state_dict_digest(torch.load(root / model_file, map_location="cpu", weights_only=True))
-        except Exception:  # noqa: BLE001 - reported by _weights_problems
-            digest = None
-        if digest is not None and digest != lineage.get("head_digest"):
-            problems.append(f"{model_file}: its weights are not the head recorded in $.lineage.head_digest")
+    if state is not None and state_dict_digest(state) != lineage.get("head_digest"):
+        problems.append(f"{model_file}: its weights are not the head recorded in $.lineage.head_digest")
     return problems
 
 
-def verify_bundle(directory: str | Path, expected_id: str | None = None) -> list[str]:
-    """Every problem of the bundle at ``directory`` (an empty list when it is valid)."""
-    root = Path(directory)
-    if not root.is_dir():
-        return [f"{root}: not a directory"]
-    manifest_path = root / MANIFEST_NAME
-    if manifest_path.is_symlink():
-        return [f"{MANIFEST_NAME}: is a symbolic link; the manifest must be a regular file"]
+def _parse_json(data: bytes, source: str) -> Any:
+    """JSON from a file's bytes; every unreadable document an :class:`ArtifactError` naming ``source``."""
     try:
-        manifest = read_json(manifest_path)
-    except ArtifactError as exc:
-        return [f"{MANIFEST_NAME}: {exc}"]
-    if not isinstance(manifest, dict):
-        return [f"{MANIFEST_NAME}: top level must be a JSON object, got {type(manifest).__name__}"]
+        return json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{source}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{source}: not UTF-8 text ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{source}: not readable JSON ({type(exc).__name__}: {exc})") from None
 
-    problems = [f"{MANIFEST_NAME}: {p}" for p in schema_errors(manifest, "bundle")]
+
+@dataclass
+class BundleInspection:
+    """What one verification pass found: problems, and the verified content it read (one reading).
+
+    ``root`` is the bundle directory resolved once (a ``bundle`` link is followed once, so every
+    read and the id refer to the same version); ``policy``, ``config`` and ``state`` are parsed
+    from the very bytes whose checksums were compared.
+    """
+
+    root: Path
+    problems: list[str]
+    manifest: dict[str, Any] | None = None
+    bundle_id: str | None = None
+    policy: ExitPolicy | None = None
+    config: Stage1ProConfig | None = None
+    state: Mapping[str, torch.Tensor] | None = None
+
+
+def inspect_bundle(directory: str | Path, expected_id: str | None = None) -> BundleInspection:
+    """Verify the bundle at ``directory`` in one pass over its files; never raises for a bad bundle.
+
+    Every file is opened once, without following links, and must be a regular file within its
+    size cap (:mod:`stage1_core.bundle.files`); what is parsed is what was checksummed.
+    """
+    if not os.path.isdir(directory):
+        return BundleInspection(Path(directory), [f"{directory}: not a directory"])
+    try:
+        files = BundleFiles(directory)
+    except BundleFileError as exc:
+        return BundleInspection(Path(directory), [str(exc)])
+    with files:
+        return _inspect(files, expected_id)
+
+
+def _inspect(files: BundleFiles, expected_id: str | None) -> BundleInspection:
+    root = files.root
+    result = BundleInspection(root, [])
+    try:
+        raw = files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    except BundleFileError as exc:
+        result.problems.append(f"{MANIFEST_NAME}: {exc}" if not str(exc).startswith(MANIFEST_NAME) else str(exc))
+        return result
+    result.bundle_id = hashlib.sha256(raw).hexdigest()
+    try:
+        manifest = _parse_json(raw, str(root / MANIFEST_NAME))
+    except ArtifactError as exc:
+        result.problems.append(f"{MANIFEST_NAME}: {exc}")
+        return result
+    if not isinstance(manifest, dict):
+        result.problems.append(f"{MANIFEST_NAME}: top level must be a JSON object, got {type(manifest).__name__}")
+        return result
+    result.manifest = manifest
+    problems = result.problems
+    problems.extend(f"{MANIFEST_NAME}: {p}" for p in schema_errors(manifest, "bundle"))
 
     # Pointers: relative, inside the directory.
     unsafe: set[str] = set()
@@ -353,13 +427,16 @@ def verify_bundle(directory: str | Path, expected_id: str | None = None) -> list
             if isinstance(value, str):
                 unsafe.add(value)
 
-    # File set: exactly the declared files, exactly one policy file.
+    # File set: exactly the declared files, each a regular file, exactly one policy file.
     sha = manifest.get("sha256") if isinstance(manifest.get("sha256"), Mapping) else {}
     declared = {k for k in sha if isinstance(k, str)}
-    present, link_problems = _bundle_files(root)
-    problems.extend(link_problems)
+    present, irregular, listing_problems = _bundle_files(files)
+    problems.extend(listing_problems)
     for rel in sorted(declared - present - unsafe):
-        problems.append(f"{rel}: listed in {MANIFEST_NAME} ($.sha256) but missing from the bundle")
+        if files.kind(rel) == "a directory":
+            problems.append(f"{rel}: is a directory where {MANIFEST_NAME} ($.sha256) declares a file")
+        else:
+            problems.append(f"{rel}: listed in {MANIFEST_NAME} ($.sha256) but missing from the bundle")
     for rel in sorted(present - declared):
         problems.append(f"{rel}: unexpected file, not listed in {MANIFEST_NAME} ($.sha256); remove it or re-export")
     for json_path, value in manifest_pointers(manifest):
@@ -367,9 +444,11 @@ def verify_bundle(directory: str | Path, expected_id: str | None = None) -> list
             problems.append(f"{MANIFEST_NAME}: {json_path} names {value!r}, which has no entry in $.sha256")
     backbone_info = manifest.get("backbone") if isinstance(manifest.get("backbone"), Mapping) else {}
     carried = backbone_info.get("directory")
+    streamed: set[str] = set()
     if isinstance(carried, str) and carried:
         inside = sorted(p for p in present | declared if p.startswith(carried.rstrip("/") + "/"))
         allowed = {f"{carried}/{name}" for name in BUNDLED_BACKBONE_FILES}
+        streamed = allowed
         for rel in inside:
             if rel not in allowed:
                 problems.append(f"{rel}: a bundled backbone holds exactly {list(BUNDLED_BACKBONE_FILES)} "
@@ -392,13 +471,19 @@ def verify_bundle(directory: str | Path, expected_id: str | None = None) -> list
                     f"{MANIFEST_NAME}: $.policy_file is {policy_name!r} but policy {active!r} is stored in {expected!r}"
                 )
 
-    # Checksums.
+    # Checksums, each file read once through the bundle's descriptor.
     readable: set[str] = set()
-    for rel in sorted(declared & present - unsafe):
-        path = root / rel
-        if not path.is_file():
+    contents: dict[str, bytes] = {}
+    for rel in sorted(declared & present - unsafe - irregular):
+        try:
+            if rel in streamed:
+                digest = files.sha256(rel, MAX_BACKBONE_FILE_BYTES)
+            else:
+                contents[rel] = files.read(rel, MAX_FILE_BYTES)
+                digest = hashlib.sha256(contents[rel]).hexdigest()
+        except BundleFileError as exc:
+            problems.append(str(exc))
             continue
-        digest = sha256_file(path)
         if digest != sha[rel]:
             problems.append(
                 f"{rel}: sha256 {digest} does not match {sha[rel]!r} recorded in {MANIFEST_NAME}: "
@@ -406,32 +491,59 @@ def verify_bundle(directory: str | Path, expected_id: str | None = None) -> list
             )
         readable.add(rel)
 
-    # Content of the files the manifest points at.
-    def target(value: Any) -> Path | None:
-        return root / value if isinstance(value, str) and value in readable else None
+    # Content of the files the manifest points at, parsed from the bytes just read.
+    with BundleFiles.snapshot({rel: contents[rel] for rel in readable if rel in contents}) as snap:
+        problems.extend(_content_problems(result, snap, manifest, readable & set(contents)))
+        problems.extend(_lineage_problems(snap, manifest, readable & set(contents), result.state))
+    if expected_id is not None and result.bundle_id != expected_id:
+        problems.append(
+            f"{MANIFEST_NAME}: bundle id {result.bundle_id} is not the expected {expected_id}: bundle.json was edited "
+            f"or this is another bundle"
+        )
+    return result
 
+
+def _content_problems(result: BundleInspection, snap: Path, manifest: Mapping[str, Any], readable: set[str]) -> list[str]:
+    """Problems of the policy, config, splits, metrics and weights, read from the snapshot ``snap``."""
+    problems: list[str] = []
+
+    def here(text: str) -> str:  # messages name the bundle, not the private snapshot
+        return text.replace(str(snap), str(result.root))
+
+    def target(value: Any) -> Path | None:
+        return snap / value if isinstance(value, str) and value in readable else None
+
+    active, policy_name = manifest.get("active_exit_policy"), manifest.get("policy_file")
     if (path := target(policy_name)) is not None and isinstance(active, str):
         try:
-            load_policy(active, path)
-        except (ArtifactError, ValueError, TypeError, KeyError, RecursionError) as exc:
-            problems.append(f"{policy_name}: {exc}")
+            result.policy = load_policy(active, path)
+        except (ArtifactError, ValueError, TypeError, KeyError, RecursionError, OSError) as exc:
+            problems.append(here(f"{policy_name}: {exc}"))
+        else:
+            if hasattr(result.policy, "source_dir"):
+                result.policy.source_dir = result.root
     files = manifest.get("files") if isinstance(manifest.get("files"), Mapping) else {}
     config_phase = None
     if (path := target(files.get("config"))) is not None:
         try:
-            config_phase = Stage1ProConfig.load(path).phase
+            result.config = Stage1ProConfig.load(path)
+            config_phase = result.config.phase
         except (ArtifactError, ConfigError, ValueError, RecursionError) as exc:
-            problems.append(f"{files['config']}: {exc}")
+            problems.append(here(f"{files['config']}: {exc}"))
     problems.extend(f"{MANIFEST_NAME}: {p}" for p in phase_problems(manifest.get("phase"), active, config_phase))
     if (path := target(files.get("splits"))) is not None:
         try:
             read_json(path, schema="splits")
         except ArtifactError as exc:
-            problems.append(f"{files['splits']}: {exc}")
+            problems.append(here(f"{files['splits']}: {exc}"))
     if (path := target(files.get("metrics"))) is not None:
         problems.extend(_metrics_problems(path, files["metrics"]))
     if (path := target(manifest.get("model_file"))) is not None:
-        problems.extend(_weights_problems(path, manifest["model_file"], manifest.get("head")))
+        rel = manifest["model_file"]
+        state, weight_problems = _load_weights(path.read_bytes(), rel)
+        weight_problems += _head_fits(state, rel, manifest.get("head")) if state is not None else []
+        problems.extend(weight_problems)
+        result.state = state if not weight_problems else None
 
     backbone, head = manifest.get("backbone"), manifest.get("head")
     if isinstance(backbone, Mapping) and isinstance(head, Mapping):
@@ -445,15 +557,17 @@ def verify_bundle(directory: str | Path, expected_id: str | None = None) -> list
             eval_transform_from_description(backbone["transform"])
         except ValueError as exc:
             problems.append(f"{MANIFEST_NAME}: $.backbone.transform: {exc}")
-    problems.extend(_lineage_problems(root, manifest, readable))
-    if expected_id is not None:
-        actual = bundle_id(root)
-        if actual != expected_id:
-            problems.append(
-                f"{MANIFEST_NAME}: bundle id {actual} is not the expected {expected_id}: bundle.json was edited "
-                f"or this is another bundle"
-            )
     return problems
+
+
+def verify_bundle(directory: str | Path, expected_id: str | None = None) -> list[str]:
+    """Every problem of the bundle at ``directory`` (an empty list when it is valid)."""
+    return inspect_bundle(directory, expected_id).problems
+
+
+def _is_published_version(root: Path) -> bool:
+    """Whether ``root`` is ``.../versions/<bundle id>``, a version ``publish()`` may later remove."""
+    return root.parent.name == "versions" and re.fullmatch(r"[0-9a-f]{64}", root.name) is not None
 
 
 # ----- loading ---------------------------------------------------------------------------
@@ -489,25 +603,66 @@ class Stage1Bundle:
         self.head = head
         self.artifacts_root = artifacts_root
         self.predictor = Stage1Predictor(head, policy, device=device, served=_served_spec(directory, manifest))
+        #: sha256 of the bundle.json that was verified and loaded (set by :meth:`load`).
+        self.bundle_id: str | None = None
+        #: The shared lock on a published version, held while the version may still be read.
+        self._hold = contextlib.ExitStack()
 
     @classmethod
     def load(
-        cls, directory: str | Path, artifacts_root: str | Path | None = None, device: str | torch.device = "cpu"
+        cls, directory: str | Path, artifacts_root: str | Path | None = None, device: str | torch.device = "cpu",
+        expected_id: str | None = None,
     ) -> "Stage1Bundle":
-        """Verify the bundle at ``directory`` and load it; raise :class:`BundleError` listing every problem."""
-        root = Path(directory)
-        problems = verify_bundle(root)
-        if problems:
-            raise BundleError(problems, root)
-        manifest = read_json(root / MANIFEST_NAME, schema="bundle")
-        policy = load_policy(manifest["active_exit_policy"], root / manifest["policy_file"])
-        config = Stage1ProConfig.load(root / manifest["files"]["config"])
-        info = manifest["head"]
-        head = Stage1Head(info["hidden_size"], info["dropout"], info["with_gate"])
-        state = torch.load(root / manifest["model_file"], map_location="cpu", weights_only=True)
-        load_head_state_dict(head, state, source=root / manifest["model_file"])
-        head.eval()
-        return cls(root, manifest, policy, config, head, None if artifacts_root is None else Path(artifacts_root), device)
+        """Verify the bundle at ``directory`` and load it; raise :class:`BundleError` listing every problem.
+
+        ``directory`` is resolved once (a ``bundle`` link is followed once): the id check
+        (``expected_id``: refuse any bundle but this one), the checks and the loading all read that
+        one version, from the same bytes.
+        """
+        for _ in range(3):
+            root = Path(os.path.realpath(directory))
+            hold = contextlib.ExitStack()
+            try:
+                if _is_published_version(root):
+                    hold.enter_context(version_hold(root))
+                found = inspect_bundle(root, expected_id)
+            except VersionGoneError:
+                hold.close()
+                continue  # a newer publish removed the version between resolving and holding: resolve again
+            except BaseException:
+                hold.close()
+                raise
+            break
+        else:
+            raise BundleError([f"{directory}: the bundle it names kept being replaced; try again"], directory)
+        try:
+            if found.problems:
+                raise BundleError(found.problems, directory)
+            manifest, info = found.manifest, found.manifest["head"]
+            head = Stage1Head(info["hidden_size"], info["dropout"], info["with_gate"])
+            load_head_state_dict(head, found.state, source=found.root / manifest["model_file"])
+            head.eval()
+        except BaseException:
+            hold.close()
+            raise
+        bundle = cls(found.root, manifest, found.policy, found.config, head,
+                     None if artifacts_root is None else Path(artifacts_root), device)
+        bundle.bundle_id = found.bundle_id
+        if manifest["backbone"].get("directory"):
+            bundle._hold = hold  # the carried backbone is read later, from this version: keep it
+        else:
+            hold.close()  # everything this bundle needs is in memory now
+        return bundle
+
+    def close(self) -> None:
+        """Release the hold on the bundle's version (a newer publish may then remove it)."""
+        self._hold.close()
+
+    def __enter__(self) -> "Stage1Bundle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def backbone_loaded(self) -> bool:
@@ -529,6 +684,8 @@ class Stage1Bundle:
             backbone = DINOv3Backbone.load(model_path, artifacts_root=root, device=self.predictor.device)
         except BackboneError as exc:
             raise BundleError([f"backbone {model_path!r} recorded in {MANIFEST_NAME}: {exc}"], self.directory) from exc
+        finally:
+            self.close()  # nothing more is read from the bundle directory
         problems = []
         if backbone.hidden_size != info["hidden_size"]:
             problems.append(

@@ -16,6 +16,7 @@ construction and sample ids stay aligned with cached features.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from collections import Counter
@@ -56,6 +57,8 @@ class Sample:
     label: int
     source: str
     line: int
+    #: sha256 of the image bytes when it was indexed; when set, decoding checks the bytes read.
+    sha256: str | None = None
 
 
 class DatasetValidationError(ValueError):
@@ -66,6 +69,18 @@ class DatasetValidationError(ValueError):
         count = len(self.problems)
         listed = "\n  ".join(self.problems)
         super().__init__(f"{count} problem{'s' if count != 1 else ''} in the labels data:\n  {listed}")
+
+
+class ImageChangedError(ValueError):
+    """An image's bytes are not the ones indexed: it was edited in place after ``dataset_index``."""
+
+    def __init__(self, path: Path, expected: str, found: str) -> None:
+        self.path, self.expected, self.found = Path(path), expected, found
+        super().__init__(
+            f"{path}: image changed since it was indexed (sha256 {found}, dataset_index recorded {expected}); "
+            f"its features would be stored under the old content key. Re-materialise dataset_index (and what "
+            f"depends on it), or restore the original file."
+        )
 
 
 class CorruptImageError(OSError):
@@ -269,19 +284,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, expected_sha256: str | None = None) -> Image.Image:
     """Decode ``path`` fully and return it as RGB; raise :class:`CorruptImageError` if it cannot.
 
-    The file is opened by us, not by PIL, so the decoded image stays valid after the file is
-    closed and :func:`to_rgb` need not copy it.
+    The bytes are read once and decoded from memory, so with ``expected_sha256`` (the hash the
+    dataset index recorded) the very bytes decoded are checked: :class:`ImageChangedError` when
+    the file was edited after indexing.
     """
     try:
         with open(path, "rb") as handle:
-            image = Image.open(handle)
-            image.load()
-            return to_rgb(image)
+            data = handle.read()
     except FileNotFoundError:
         raise
+    except OSError as exc:
+        raise CorruptImageError(Path(path), str(exc) or type(exc).__name__) from exc
+    if expected_sha256 is not None:
+        found = hashlib.sha256(data).hexdigest()
+        if found != expected_sha256:
+            raise ImageChangedError(Path(path), expected_sha256, found)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise CorruptImageError(Path(path), str(exc) or type(exc).__name__) from exc
 
@@ -349,7 +373,7 @@ class LabelledImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        return self.transform(load_rgb(sample.path)), sample.label
+        return self.transform(load_rgb(sample.path, sample.sha256)), sample.label
 
     def eval_pixels(self) -> tuple["PixelDataset", Any] | None:
         """``(dataset of (uint8 pixels, label), EvalPipeline)`` when the transform is the evaluation one.
@@ -407,7 +431,7 @@ class PixelDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        return self.pipeline.pixels(load_rgb(sample.path)), sample.label
+        return self.pipeline.pixels(load_rgb(sample.path, sample.sha256)), sample.label
 
     @property
     def sample_ids(self) -> list[str]:

@@ -30,9 +30,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -571,17 +569,18 @@ class ExPLoRATrainer:
     def merge_and_save(self, out_dir: str | Path) -> Path:
         """Save the merged backbone in Hugging Face format (safetensors) plus ``explora.json``.
 
-        The directory is written next to its final place and renamed into it, replacing an older
-        one; :meth:`DINOv3Backbone.load` (``AutoModel.from_pretrained(local_files_only=True)``)
+        The directory is staged next to its final place and swapped in atomically
+        (:func:`stage1_core.dirswap.replace_dir`), replacing an older one; :meth:`DINOv3Backbone.load` (``AutoModel.from_pretrained(local_files_only=True)``)
         reads it.
         """
+        from stage1_core.dirswap import replace_dir, staging_dir
+
         out_dir = Path(out_dir)
         if not env.is_main():  # rank 0 writes; the others wait until the directory is in place
             env.barrier()
             return out_dir
         merged = self.merged_model()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        tmp = staging_dir(out_dir)
         try:
             merged.save_pretrained(tmp, safe_serialization=True)
             metadata = {
@@ -596,13 +595,7 @@ class ExPLoRATrainer:
             }
             atomic_write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
             tmp.chmod(0o755)
-            if out_dir.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-                os.rename(out_dir, old / "previous")
-                os.rename(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, out_dir)
+            replace_dir(tmp, out_dir)  # staged, fsynced, one atomic link flip: never an empty name
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 from stage1_core.artifacts import read_json, write_json
 from stage1_core.lineage import canonical_json
+from stage1_core.locking import default_timeout, path_lock
 
 STORE_DIR = "backbone_store"
 MODEL_DIR = "model"
@@ -103,6 +104,24 @@ def adapt_with_explora(cfg: Any, source_dir: Path, root: Path, splits: Any, inde
     (per-epoch loss, held-out loss at start and end), the control run's held-out loss, the
     reconstruction gain and the trainable-parameter report.
     """
+    from stage1_core.model.backbone import DINOv3Backbone
+
+    source = DINOv3Backbone.load(source_dir)
+    settings = explora_settings(cfg)
+    pretrain, held_out, digests = pretraining_images(cfg, splits, index)
+    key = store_key(source.fingerprint(), settings, digests, len(pretrain))
+    store = root / STORE_DIR / key
+    # Phases 4 and 5 share this store: one of them adapts, the other waits (or is refused) and reuses.
+    with path_lock(root / STORE_DIR / f".{key}.lock", f"ExPLoRA backbone store {key}", timeout=default_timeout()):
+        from stage1_core.dirswap import clean_leftovers
+
+        clean_leftovers(store)  # a merge staged by a killed run
+        return _adapt_into(store, key, cfg, source, settings, pretrain, held_out)
+
+
+def _adapt_into(store: Path, key: str, cfg: Any, source: Any, settings: dict[str, Any], pretrain: list[Path],
+                held_out: list[Path]) -> dict[str, Any]:
+    """Reuse the adaptation complete in ``store``, or run ExPLoRA into it (the caller holds its lock)."""
     import torch
 
     from stage1_core.data.loaders import resolve_num_workers
@@ -115,11 +134,6 @@ def adapt_with_explora(cfg: Any, source_dir: Path, root: Path, splits: Any, inde
     from stage1_core.model.backbone import DINOv3Backbone
     from stage1_core.training.seeding import seed_everything
 
-    source = DINOv3Backbone.load(source_dir)
-    settings = explora_settings(cfg)
-    pretrain, held_out, digests = pretraining_images(cfg, splits, index)
-    key = store_key(source.fingerprint(), settings, digests, len(pretrain))
-    store = root / STORE_DIR / key
     done = read_adapted(store)
     if done is not None:
         # The margin is the gate's, read from the live config and recorded with this backbone.

@@ -40,6 +40,7 @@ def prepare_backbone(config: Stage1ProConfig, layout: Layout, partition: str) ->
     figures: dict[str, Path] = {}
     tables: dict[str, list[dict[str, Any]]] = {}
     if recipe.backbone_kind == "source":
+        ctx.require("backbone", [])  # no inputs: takes the write lock of backbone[partition]
         directory = source_dir
     elif recipe.backbone_kind == "explora":
         from stage1_core.steps.adaptation import adapt_with_explora

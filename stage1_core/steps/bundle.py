@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stage1_core.artifacts import fault_point, load_tensors, read_json
+from stage1_core.artifacts import fault_point, fsync_dir, load_tensors, read_json
 from stage1_core.config import Stage1ProConfig
 from stage1_core.phases import phase_number
 from stage1_core.policies import policy_class
@@ -85,8 +85,15 @@ def _model_backbone(layout: Layout, partition: str, backbone_info: dict[str, Any
 BUNDLED_DIR = "backbone"
 
 
-def publish(staged: Path, parent: Path, bundle_id: str) -> Path:
-    """Rename the verified ``staged`` directory to ``versions/<id>`` and point ``bundle`` at it atomically."""
+def publish(staged: Path, parent: Path, bundle_id: str, keep: int = 3) -> Path:
+    """Rename the verified ``staged`` directory to ``versions/<id>`` and point ``bundle`` at it atomically.
+
+    Then the versions beyond the ``keep`` newest (the current one always kept) are removed, each
+    only when no reader holds it (:func:`stage1_core.locking.version_hold`, taken by
+    :meth:`Stage1Bundle.load`); a held one stays until a later publish finds it free.
+    """
+    from stage1_core.locking import remove_unheld
+
     versions = parent / VERSIONS_DIR
     final = versions / bundle_id
     fault_point(final, "before-rename")
@@ -94,6 +101,7 @@ def publish(staged: Path, parent: Path, bundle_id: str) -> Path:
         shutil.rmtree(staged)
     else:
         os.rename(staged, final)
+    fsync_dir(versions)
     fault_point(final, "after-rename")
     link = parent / CURRENT_LINK
     if link.exists() and not link.is_symlink():
@@ -103,10 +111,15 @@ def publish(staged: Path, parent: Path, bundle_id: str) -> Path:
     os.symlink(Path(VERSIONS_DIR) / bundle_id, tmp_link)
     fault_point(link, "before-rename")
     os.replace(tmp_link, link)
+    fsync_dir(parent)
     fault_point(link, "after-rename")
-    for old in versions.iterdir():
-        if old.name != bundle_id:
-            shutil.rmtree(old, ignore_errors=True)
+    old = sorted((p for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != bundle_id),
+                 key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for version in old[max(keep - 1, 0):]:
+        remove_unheld(version)
+    for lock in versions.glob(".*.lock"):  # locks left by readers of versions already removed
+        if not (versions / lock.name[1:-len(".lock")]).exists():
+            remove_unheld(versions / lock.name[1:-len(".lock")])
     return link
 
 
@@ -176,7 +189,7 @@ def export_phase_bundle(config: Stage1ProConfig, layout: Layout, partition: str,
         detail = "; ".join(problems) if problems else f"{mismatched} of {compared} val_test decisions differ"
         raise ValueError(f"staged bundle failed verification, not published: {detail}")
     the_id = compute_bundle_id(staging)
-    final = publish(staging, parent, the_id)
+    final = publish(staging, parent, the_id, keep=cfg.bundle_keep_versions)
     record = ctx.finish("bundle", [final / "bundle.json"], inputs, id_parts={"bundle_id": the_id},
                         extra={"bundle_id": the_id})
     metadata = {"path": final, "bundle_id": the_id, "lineage_id": record.id, "n_compared": compared,
@@ -188,7 +201,7 @@ def current_bundle_problems(config: Stage1ProConfig, layout: Layout, partition: 
     """Why the published bundle of ``partition`` is not current (empty: it is current)."""
     from stage1_core.lineage import StaleInputError
 
-    ctx = StepContext(config, layout, partition)
+    ctx = StepContext(config, layout, partition, writes=False)
     record = ctx.current(f"bundle[{partition}]")
     directory = bundle_dir(layout, partition)
     if record is None or not (directory / "bundle.json").is_file():
@@ -199,7 +212,8 @@ def current_bundle_problems(config: Stage1ProConfig, layout: Layout, partition: 
     if bundle_id(directory) != record.extra.get("bundle_id"):
         problems.append(f"{directory}/bundle.json is not the bundle the last export published")
     try:
-        ctx.require("bundle", [(name, partition) for name in BUNDLE_INPUTS])
+        with ctx:
+            ctx.require("bundle", [(name, partition) for name in BUNDLE_INPUTS])
     except (StaleInputError, FileNotFoundError) as exc:
         problems.append(str(exc))
     recorded = {name: rid for name, rid in record.chain.items()}

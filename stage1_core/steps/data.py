@@ -113,6 +113,7 @@ def hash_unlabeled_images(directory: str | None) -> dict[str, Path]:
 def build_dataset_index(config: Stage1ProConfig, layout: Layout) -> StepResult:
     """Validate every labels file (all problems at once) and write ``dataset_index.csv``."""
     ctx = StepContext(config, layout)
+    ctx.require("dataset_index", [])  # no inputs: takes the write lock of dataset_index
     train_cfg, val_cfg, info = data_sources(config, layout)
     labels_file_of = {source: labels for source, _, labels in [*train_cfg, *val_cfg]}
     train, val = read_sources(train_cfg), read_sources(val_cfg)
@@ -189,7 +190,8 @@ def read_dataset_index(layout: Layout) -> DatasetIndex:
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             samples[row["origin"]].append(
-                Sample(row["id"], Path(row["path"]), int(row["label"]), row["source"], int(row["line"]))
+                Sample(row["id"], Path(row["path"]), int(row["label"]), row["source"], int(row["line"]),
+                       sha256=row["sha256"])
             )
             digests[row["id"]] = row["sha256"]
     return DatasetIndex(samples, digests)

@@ -19,9 +19,7 @@ peak memory.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,15 +75,17 @@ def _sample_batch(samples: Sequence[Any], n: int = 4) -> torch.Tensor:
 
 
 def _save_merged(model: torch.nn.Module, out_dir: Path) -> Path:
-    """Save a merged Hugging Face model to ``out_dir`` atomically (temp sibling + rename)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    """Save a merged Hugging Face model to ``out_dir`` atomically (staged, fsynced, one link flip).
+
+    ``out_dir`` is never empty or partial, a kill at any point included (:mod:`stage1_core.dirswap`).
+    """
+    from stage1_core.dirswap import replace_dir, staging_dir
+
+    tmp = staging_dir(out_dir)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -149,7 +149,8 @@ def reseal(bundle: Path) -> None:
     for name in list(manifest["sha256"]):
         target = bundle / name
         with contextlib.suppress(OSError, ValueError):
-            if target.is_file() and target.resolve().is_relative_to(bundle.resolve()):
+            if (target.is_file() and target.resolve().is_relative_to(bundle.resolve())
+                    and target.stat().st_size < 1 << 30):  # a sparse 64 GiB file keeps its old checksum
                 manifest["sha256"][name] = sha256_file(target)
     path.write_text(json.dumps(manifest, indent=2))
 
@@ -524,3 +525,137 @@ def test_file_set_and_name_mutations(original):
 
 def test_examples_total_at_least_2000():
     assert sum(EXAMPLES.values()) >= 2000
+
+
+# ----- hostile kinds: non-regular files, loops, oversized fields and files -------------------
+
+#: Seconds one hostile example may take (verify, load and the CLI together) before it counts as a hang.
+HOSTILE_DEADLINE_S = 20
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise TimeoutError in the main thread after ``seconds`` (interrupts a blocking open or read)."""
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError(f"hostile bundle example still running after {seconds} s (a hang)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _replace(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _bind_socket(path: Path) -> None:
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+    finally:
+        sock.close()
+
+
+def _set_manifest(bundle: Path, edit: Callable[[dict], None]) -> None:
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    edit(manifest)
+    (bundle / "bundle.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _huge_head(value: int) -> Callable[[Original, Path], None]:
+    def mutate(original: Original, bundle: Path) -> None:
+        def edit(manifest: dict) -> None:
+            manifest["head"]["hidden_size"] = value
+            manifest["backbone"]["hidden_size"] = value
+        _set_manifest(bundle, edit)
+    return mutate
+
+
+def _file_kind(kind: str, rel: str) -> Callable[[Original, Path], None]:
+    def mutate(original: Original, bundle: Path) -> None:
+        path = bundle / rel
+        if kind != "extra_fifo":
+            _replace(path)
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "extra_fifo":
+            os.mkfifo(bundle / "extra.pipe")
+        elif kind == "socket":
+            _bind_socket(path)
+        elif kind == "char_device":
+            os.mknod(path, 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 5))  # /dev/zero
+        elif kind == "link_dev_zero":
+            path.symlink_to("/dev/zero")
+        elif kind == "link_dev_urandom":
+            path.symlink_to("/dev/urandom")
+        elif kind == "directory":
+            path.mkdir()
+        elif kind == "symlink_loop":
+            path.symlink_to(path.name + ".loop")
+            (bundle / (rel + ".loop")).symlink_to(path.name)
+        elif kind == "self_loop":
+            path.symlink_to(path.name)
+        elif kind == "sparse_huge":
+            with open(path, "wb") as handle:
+                handle.truncate(64 * 1024**3)  # a sparse 64 GiB file: no disk used, no byte to read
+    return mutate
+
+
+def _loop_dir(original: Original, bundle: Path) -> None:
+    (bundle / "sub").symlink_to("sub")
+
+
+def _manifest_padded(original: Original, bundle: Path) -> None:
+    text = (bundle / "bundle.json").read_text()
+    (bundle / "bundle.json").write_text(text + " " * (16 * 1024**2))
+
+
+def _manifest_fifo(original: Original, bundle: Path) -> None:
+    (bundle / "bundle.json").unlink()
+    os.mkfifo(bundle / "bundle.json")
+
+
+HOSTILE_FILE_KINDS = ("fifo", "socket", "char_device", "link_dev_zero", "link_dev_urandom", "directory",
+                      "symlink_loop", "self_loop", "sparse_huge")
+HOSTILE_FILES = ("model_best.pth", "thresholds.json", "config.json", "splits.json", "metrics.csv", "README.md")
+
+
+def hostile_cases() -> list[tuple[str, Callable[[Original, Path], None]]]:
+    cases = [(f"{kind}:{rel}", _file_kind(kind, rel)) for kind in HOSTILE_FILE_KINDS for rel in HOSTILE_FILES]
+    cases += [("extra_fifo", _file_kind("extra_fifo", "")), ("dir_loop", _loop_dir),
+              ("manifest_padded_16MiB", _manifest_padded), ("manifest_fifo", _manifest_fifo)]
+    cases += [(f"hidden_size={v}", _huge_head(v)) for v in (0, 10**5, 10**7, 10**13, 2**63)]
+    return cases
+
+
+def test_hostile_kinds_refused_quickly_without_traceback(original):
+    """Every hostile kind, plain and resealed, is refused within the deadline by verify, load and the CLIs."""
+    counts: Counter[str] = Counter()
+    for name, mutate in hostile_cases():
+        for sealed in (False, True):
+            with working_copy(original) as bundle, deadline(HOSTILE_DEADLINE_S):
+                if sealed and name.startswith("manifest_"):
+                    reseal(bundle)  # resealing rewrites bundle.json: it comes first for the manifest's own kinds
+                mutate(original, bundle)
+                if sealed and not name.startswith("manifest_"):
+                    reseal(bundle)
+                outcome = check(original, bundle, with_cli=True)
+                assert outcome == "refused", (name, sealed, outcome)
+                stderr = io.StringIO()
+                with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+                    code = cli.main(["predict", "--bundle", str(bundle), "--no_progress", str(original.outside)])
+                assert code == 2 and "invalid deploy bundle" in stderr.getvalue(), (name, code, stderr.getvalue())
+                counts[outcome] += 1
+    print(f"\nbundle hostile kinds: {len(hostile_cases())} kinds x 2 (plain, resealed): {dict(counts)}")
+    assert counts["refused"] == 2 * len(hostile_cases())

@@ -381,3 +381,56 @@ def test_a_bundled_backbone_with_changed_weights_is_refused(tmp_path, head, tiny
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
     assert_refused(out, "backbone/model.safetensors", "does not match")
+
+
+# ----- hostile files: what is refused, and that it is said plainly -------------------------------
+
+
+def test_fifo_declared_as_weights_is_named_not_opened(bundle):
+    (bundle / "model_best.pth").unlink()
+    os.mkfifo(bundle / "model_best.pth")  # an ordinary open() of it blocks for ever
+    assert_refused(bundle, "model_best.pth: is a FIFO (named pipe), not a regular file")
+
+
+def test_symlink_loop_is_a_listed_problem(bundle):
+    (bundle / "metrics.csv").unlink()
+    (bundle / "metrics.csv").symlink_to("metrics.csv")
+    assert_refused(bundle, "metrics.csv: symbolic link", "must be regular files")
+
+
+def test_directory_where_a_file_is_declared(bundle):
+    (bundle / "splits.json").unlink()
+    (bundle / "splits.json").mkdir()
+    assert_refused(bundle, "splits.json: is a directory where bundle.json ($.sha256) declares a file")
+
+
+@pytest.mark.parametrize("hidden", [10**7, 10**13])
+def test_absurd_hidden_size_is_refused_by_the_schema_without_building_a_layer(bundle, hidden):
+    manifest = read_manifest(bundle)
+    manifest["head"]["hidden_size"] = manifest["backbone"]["hidden_size"] = hidden
+    reseal(bundle, manifest)
+    assert_refused(bundle, "$.head.hidden_size", "16384", "not checked against $.head")
+
+
+def test_oversized_manifest_is_refused_before_parsing(bundle):
+    (bundle / "bundle.json").write_text((bundle / "bundle.json").read_text() + " " * (2 << 20))
+    assert_refused(bundle, "bundle.json", "over the 1048576-byte limit")
+
+
+def test_load_with_expected_id_pins_the_bundle(bundle):
+    from stage1_core.bundle.load import bundle_id
+
+    the_id = bundle_id(bundle)
+    loaded = Stage1Bundle.load(bundle, expected_id=the_id)
+    assert loaded.bundle_id == the_id and loaded.directory == bundle.resolve()
+    with pytest.raises(BundleError, match="is not the expected"):
+        Stage1Bundle.load(bundle, expected_id="0" * 64)
+
+
+def test_load_resolves_a_link_once_and_reads_that_version(tmp_path, bundle):
+    """A consumer loading through a link gets the version the link named when it was resolved."""
+    link = tmp_path / "current"
+    link.symlink_to(bundle)
+    loaded = Stage1Bundle.load(link)
+    assert loaded.directory == bundle.resolve()
+    assert loaded.bundle_id == sha256_file(bundle / "bundle.json")

@@ -76,3 +76,18 @@ def test_predict_streams_json_lines_for_a_directory_and_reports_bad_files(
     assert rows[-1]["p_roadwork"] == pytest.approx(same_image["p_roadwork"], abs=1e-5)  # other batch, same image
     assert "zz_broken.jpg: cannot read the image" in err and "gone.jpg" in err
     assert "2 of 5 image(s) could not be read" in err
+
+
+def test_predict_with_id_refuses_another_bundle(tmp_path, capsys):
+    """``stage1 predict --id`` checks the id on the files it then loads (exit 2, no traceback)."""
+    from stage1_core import cli
+    from tests.unit.test_bundle_export import export_test_bundle
+    from tests.unit.test_predictor import make_features, make_head, median_threshold
+
+    head = make_head()
+    bundle = export_test_bundle(tmp_path, head, median_threshold(head, make_features()))
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not an image")
+    code = cli.main(["predict", "--bundle", str(bundle), "--id", "0" * 64, "--no_progress", str(image)])
+    assert code == 2
+    assert "is not the expected " + "0" * 64 in capsys.readouterr().err

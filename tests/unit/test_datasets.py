@@ -402,3 +402,33 @@ def test_eval_pixels_equal_the_dataset_output_and_only_for_the_eval_transform(tm
         assert image.dtype == torch.uint8 and label == dataset[i][1]
         assert torch.equal(pipeline.normalise(image[None])[0], dataset[i][0])
     assert LabelledImageDataset(samples, augment=True).eval_pixels() is None
+
+
+def test_an_image_edited_after_indexing_is_refused_when_decoded(tmp_path: Path) -> None:
+    """Features are keyed by the indexed sha256: an image changed since then must not be used under it."""
+    import hashlib
+
+    from stage1_core.data.datasets import ImageChangedError, LabelledImageDataset, Sample
+
+    path = _jpeg(tmp_path / "a.jpg")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    sample = Sample("a.jpg", path, 1, "natix", 2, sha256=digest)
+    dataset = LabelledImageDataset([sample])
+    pixels, _ = dataset.eval_pixels()
+    dataset[0], pixels[0]  # unchanged: decodes
+    _jpeg(path, color=(10, 220, 40))  # edited in place, same name
+    for reader in (dataset, pixels):
+        with pytest.raises(ImageChangedError, match="changed since it was indexed") as info:
+            reader[0]
+        assert str(path) in str(info.value) and digest in str(info.value)
+
+
+def test_read_dataset_index_carries_each_images_hash(tmp_path: Path) -> None:
+    from stage1_core.steps.context import Layout
+    from stage1_core.steps.data import INDEX_FILE, read_dataset_index
+
+    layout = Layout(tmp_path)
+    (layout.dir("dataset_index") / INDEX_FILE).write_text(
+        "id,path,label,source,line,origin,sha256\n" f"a.jpg,{tmp_path / 'a.jpg'},1,natix,2,train,{'ab' * 32}\n")
+    index = read_dataset_index(layout)
+    assert index.by_id["a.jpg"].sha256 == "ab" * 32

@@ -57,3 +57,11 @@ def test_the_code_location_imports_no_heavy_library():
              f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "", f"imported at code-location load: {loaded}"
+
+
+def test_gpu_steps_share_the_gpu_pool():
+    """backbone (ExPLoRA pre-training, phases 4-5), cached_features and checkpoint run one at a time."""
+    from stage1_assets.assets import model
+
+    for asset in (model.backbone, model.cached_features, model.checkpoint):
+        assert asset.op.pool == "gpu", asset.key

@@ -168,3 +168,112 @@ def test_lock_timeout_comes_from_the_environment(tmp_path, monkeypatch):
             with step_locks(tmp_path, "predictions", "phase1"):
                 pass
         assert time.monotonic() - start >= 0.3
+
+
+# ----- lock ordering, stale holders, the locks a step takes through StepContext ----------------
+
+
+def test_lock_plan_is_sorted_and_a_written_input_is_locked_once_exclusively(tmp_path):
+    from stage1_core.locking import lock_plan
+
+    plan = lock_plan(tmp_path, [("predictions", "phase1")],
+                     [("splits", None), ("checkpoint", "phase1"), ("predictions", "phase1"), ("cached_features", "phase1")])
+    assert [p.path for p in plan] == sorted(p.path for p in plan)
+    assert [(p.name, p.shared) for p in plan] == [
+        ("cached_features", True), ("checkpoint", True), ("predictions", False), ("splits", True)]
+    # Two steps with overlapping lock sets take the common locks in the same order (no deadlock cycle).
+    other = lock_plan(tmp_path, [("evaluation", "phase1")], [("predictions", "phase1"), ("checkpoint", "phase1")])
+    common = [p.path for p in plan if p.path in {q.path for q in other}]
+    assert common == [p.path for p in other if p.path in set(common)]
+
+
+def test_a_dead_writers_leftover_line_is_not_reported_as_the_holder(tmp_path):
+    """A writer killed before clearing its line leaves 'pid N' behind; a refusal must not name it."""
+    import socket
+
+    path = lock_path(tmp_path, "checkpoint", "phase1")
+    path.parent.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(f"pid {dead.stdout.strip()} on {socket.gethostname()} since 2026-01-01T00:00:00+00:00\n")
+    with asset_lock(tmp_path, "checkpoint", "phase1", shared=True):  # a reader holds it now
+        with pytest.raises(AssetLockedError) as info:
+            with asset_lock(tmp_path, "checkpoint", "phase1"):
+                pass
+    assert f"pid {dead.stdout.strip()}" not in str(info.value)
+    assert "being read" in str(info.value)
+
+
+def _context(tmp_path):
+    from stage1_core.config import Stage1ProConfig
+    from stage1_core.steps.context import Layout, StepContext
+
+    return StepContext(Stage1ProConfig(data_source="synthetic"), Layout(tmp_path), "phase1")
+
+
+def test_step_context_locks_exactly_what_require_names_and_what_the_step_writes(tmp_path):
+    """The evaluation step reads predictions, checkpoint and features: a writer of any of them is refused."""
+    ctx = _context(tmp_path)
+    needs = [("exit_policy", "phase1"), ("predictions", "phase1"), ("checkpoint", "phase1"), ("cached_features", "phase1")]
+    with asset_lock(tmp_path, "checkpoint", "phase1"):  # another run is writing the checkpoint
+        with pytest.raises(AssetLockedError, match=r"checkpoint\[phase1\] is being written"):
+            ctx.require("evaluation", needs)
+    assert ctx._locks is None, "a refused step holds none of its locks"
+    with pytest.raises(FileNotFoundError):  # locks taken, then the missing records are reported
+        ctx.require("evaluation", needs)
+    for name, part in needs:  # held shared: readers pass, writers are refused
+        with asset_lock(tmp_path, name, part, shared=True):
+            pass
+        with pytest.raises(AssetLockedError):
+            with asset_lock(tmp_path, name, part):
+                pass
+    with pytest.raises(AssetLockedError):  # its own output is held exclusively
+        with asset_lock(tmp_path, "evaluation", "phase1", shared=True):
+            pass
+    with asset_lock(tmp_path, "bundle", "phase1"):  # not named by require: not locked
+        pass
+    ctx.close()
+    with asset_lock(tmp_path, "checkpoint", "phase1"), asset_lock(tmp_path, "evaluation", "phase1"):
+        pass
+
+
+def test_lock_scope_releases_the_locks_of_a_step_that_raised(tmp_path):
+    from stage1_core.locking import lock_scope
+
+    def failing_step():
+        ctx = _context(tmp_path)
+        ctx.require("predictions", [("checkpoint", "phase1")])
+
+    with lock_scope():
+        with pytest.raises(FileNotFoundError):
+            failing_step()
+    with asset_lock(tmp_path, "predictions", "phase1"), asset_lock(tmp_path, "checkpoint", "phase1"):
+        pass
+
+
+def test_gate_verdict_file_is_written_under_its_lock(tmp_path):
+    from stage1_core.acceptance.verdicts import gate_lock_path, record_verdict
+    from stage1_core.gates import GateVerdict
+    from stage1_core.locking import path_lock
+    from stage1_core.steps.context import Layout
+
+    layout = Layout(tmp_path)
+    verdict = GateVerdict("val_test_check", True, "ok", {})
+    target = layout.dir("gates", "phase1") / "val_test_check.json"
+    with path_lock(gate_lock_path(target), "gate"):
+        with pytest.raises(AssetLockedError):
+            record_verdict(layout, "phase1", verdict)
+    assert not target.exists()
+    record_verdict(layout, "phase1", verdict)
+    assert target.is_file()
+
+
+def test_a_step_without_inputs_still_takes_its_write_lock(tmp_path, monkeypatch):
+    """backbone[phase1] (source weights) requires nothing, yet a second writer must be refused."""
+    from stage1_core.config import Stage1ProConfig
+    from stage1_core.steps.backbone import prepare_backbone
+    from stage1_core.steps.context import Layout
+
+    monkeypatch.setattr("stage1_core.model.backbone.resolve_backbone", lambda path, root: tmp_path / "weights")
+    with asset_lock(tmp_path, "backbone", "phase1"):
+        with pytest.raises(AssetLockedError, match=r"backbone\[phase1\] is being written"):
+            prepare_backbone(Stage1ProConfig(data_source="synthetic"), Layout(tmp_path), "phase1")
