@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from stage1_core.bundle.load import MANIFEST_NAME, BundleError, Stage1Bundle, bundle_id, eval_transform_from_description
+from stage1_core.bundle.load import BundleError, Stage1Bundle, eval_transform_from_description
 from stage1_core.model.backbone import BackboneError, DINOv3Backbone
 
 __all__ = ["ModelHolder", "ReloadRefused", "ServedModel", "default_device", "load_served"]
@@ -100,15 +100,9 @@ def load_served(
     """
     root = Path(directory)
     device = device or default_device()
-    # Pinned load: when Stage1Bundle.load(directory, expected_id=...) lands, pass expected_id to it
-    # below and drop this comparison (and the second one after the load).
-    found = bundle_id(root) if (root / MANIFEST_NAME).is_file() else None
-    if expected_id is not None and found is not None and found != expected_id:
-        raise BundleError([f"{MANIFEST_NAME}: bundle id {found} is not the pinned {expected_id}"], root)
-    bundle = Stage1Bundle.load(root, artifacts_root=artifacts_root, device=device)
-    loaded_id = bundle_id(root)
-    if loaded_id != found:
-        raise BundleError([f"{MANIFEST_NAME} changed while the bundle was being loaded; load it again"], root)
+    # One pinned load: the id check and every read happen on the one resolved version it holds.
+    bundle = Stage1Bundle.load(root, artifacts_root=artifacts_root, device=device, expected_id=expected_id)
+    loaded_id = bundle.bundle_id
     if bundle.transductive:
         raise BundleError(
             ["this bundle's policy is SCRC-T, which recomputes its thresholds from each batch; a prediction service "

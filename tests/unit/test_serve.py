@@ -359,7 +359,7 @@ def test_reload_switches_atomically_and_refusals_keep_the_old_bundle(tmp_path, b
 
         # A wrong pin or a broken bundle is refused with the reasons; the old bundle still answers.
         status, refused = svc.request("POST", "/reload", json.dumps({"id": "f" * 64}).encode(), "application/json")
-        assert status == 409 and refused["serving"] == id_a and any("is not the pinned" in p for p in refused["problems"])
+        assert status == 409 and refused["serving"] == id_a and any("is not the expected" in p for p in refused["problems"])
         broken = tmp_path / "broken"
         shutil.copytree(b, broken)
         (broken / "metrics.csv").write_text("metric,value\naccuracy,1.0\n")
