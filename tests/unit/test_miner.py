@@ -121,7 +121,7 @@ def test_with_backbone_copies_the_weights_and_serve_uses_them(tmp_path, bundle, 
 
     with pytest.raises(BundleError, match="but the head in this bundle was trained on"):
         load_served(out / "bundle", backbone_dir=_other_backbone(tmp_path / "other"), device="cpu")
-    with pytest.raises(BundleError, match="is not the pinned"):
+    with pytest.raises(BundleError, match="is not the expected"):
         load_served(out / "bundle", "a" * 64, device="cpu")
 
 
