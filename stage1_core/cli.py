@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stage1_core.cli_errors import CliError
 from stage1_core.serving import commands as _serving
 
 PROG = "stage1"
@@ -64,12 +65,6 @@ def subcommand(
         return run
 
     return register
-
-
-class CliError(ValueError):
-    """A user error: printed without a traceback, exit status 2."""
-
-
 
 
 #: Baseline flags -> (config field, type, help). Booleans are handled separately.

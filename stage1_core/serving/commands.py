@@ -50,7 +50,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from stage1_core.bundle.load import BundleError
-    from stage1_core.cli import CliError
+    from stage1_core.cli_errors import CliError
     from stage1_core.serving.app import ServeSettings
     from stage1_core.serving.inputs import Limits
     from stage1_core.serving.server import serve
@@ -92,7 +92,7 @@ def add_export_miner_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_export_miner(args: argparse.Namespace) -> int:
-    from stage1_core.cli import CliError
+    from stage1_core.cli_errors import CliError
     from stage1_core.serving.miner import MinerExportError, export_miner
 
     missing = [flag for flag, value in (("OUT", args.out), ("--model-name", args.model_name),

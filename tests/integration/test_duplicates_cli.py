@@ -38,6 +38,16 @@ def write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
         writer.writerows(rows)
 
 
+def csv_project(tmp_path: Path, data: Path, train_rows: list, val_rows: list) -> Project:
+    """A project on the photo folder ``data`` with these labels CSVs (the builtin backbone)."""
+    write_csv(data / "train_labels.csv", train_rows)
+    write_csv(data / "val_labels.csv", val_rows)
+    config = {"data_source": "natix", "train_image_dir": str(data / "train"),
+              "train_labels_file": str(data / "train_labels.csv"), "val_image_dir": str(data / "val"),
+              "val_labels_file": str(data / "val_labels.csv")}
+    return Project(tmp_path / "project", config)
+
+
 def test_duplicate_photos_are_reported_and_the_pipeline_runs(tmp_path):
     data = tmp_path / "photos"
     train_rows = write_images(data / "train", "t", 16, seed=1)
@@ -48,12 +58,7 @@ def test_duplicate_photos_are_reported_and_the_pipeline_runs(tmp_path):
     for k in (5, 6):
         shutil.copy(data / "train" / f"t_{k:03d}.jpg", data / "val" / f"leak_{k}.jpg")
         val_rows.append((f"leak_{k}.jpg", train_rows[k][1]))
-    write_csv(data / "train_labels.csv", train_rows)
-    write_csv(data / "val_labels.csv", val_rows)
-    config = {"data_source": "natix", "train_image_dir": str(data / "train"),
-              "train_labels_file": str(data / "train_labels.csv"), "val_image_dir": str(data / "val"),
-              "val_labels_file": str(data / "val_labels.csv")}
-    project = Project(tmp_path / "project", config)
+    project = csv_project(tmp_path, data, train_rows, val_rows)
 
     result = project.materialize("*cached_features", "phase1")
     assert result.returncode == 0, output(result)
@@ -78,12 +83,7 @@ def test_duplicate_photos_with_conflicting_labels_are_refused_naming_both_lines(
     val_rows = write_images(data / "val", "v", 6, seed=4)
     shutil.copy(data / "train" / "t_001.jpg", data / "val" / "relabelled.jpg")
     val_rows.append(("relabelled.jpg", 1 - train_rows[1][1]))
-    write_csv(data / "train_labels.csv", train_rows)
-    write_csv(data / "val_labels.csv", val_rows)
-    config = {"data_source": "natix", "train_image_dir": str(data / "train"),
-              "train_labels_file": str(data / "train_labels.csv"), "val_image_dir": str(data / "val"),
-              "val_labels_file": str(data / "val_labels.csv")}
-    project = Project(tmp_path / "project", config)
+    project = csv_project(tmp_path, data, train_rows, val_rows)
 
     result = project.materialize("dataset_index", None)
     assert result.returncode != 0
