@@ -8,6 +8,7 @@ and the feature store is keyed by image content, so relabelling reuses every fea
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -140,9 +141,11 @@ def build_dataset_index(config: Stage1ProConfig, layout: Layout) -> StepResult:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(INDEX_COLUMNS)
+    identity = hashlib.sha256()
     for origin, samples in (("train", train), ("val", val)):
         for s in samples:
             writer.writerow([s.sample_id, str(s.path), s.label, s.source, origin, s.line, digests[s.sample_id]])
+            identity.update(f"{s.sample_id},{s.label},{s.source},{origin},{s.line},{digests[s.sample_id]}\n".encode())
     directory = layout.dir("dataset_index")
     report = io.StringIO()
     report_writer = csv.DictWriter(report, fieldnames=REPORT_COLUMNS, lineterminator="\n")
@@ -150,7 +153,9 @@ def build_dataset_index(config: Stage1ProConfig, layout: Layout) -> StepResult:
     report_writer.writerows(d.row() for d in duplicates.dropped)
     atomic_write_text(directory / DUPLICATES_FILE, report.getvalue())
     path = atomic_write_text(directory / INDEX_FILE, buffer.getvalue())
-    record = ctx.finish("dataset_index", [INDEX_FILE, DUPLICATES_FILE], [])
+    # The index's identity is what the images are (ids, labels, hashes), not where they lie: a
+    # project moved to another directory keeps its lineage.
+    record = ctx.finish("dataset_index", [INDEX_FILE, DUPLICATES_FILE], [], id_parts={"rows": identity.hexdigest()})
     per_source = []
     for origin, samples in (("train", train), ("val", val)):
         for source in sorted({s.source for s in samples}):

@@ -185,7 +185,10 @@ def test_publish_directory_swaps_in_the_new_content_or_refuses_without_replace(t
         (staged / "file.txt").write_text(content)
         assert publish_directory(staged, target) == target and not staged.exists()
         assert (target / "file.txt").read_text() == content
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # A replace is a link flip: "out" plus the one version directory it points at; the old one is gone.
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[1] == "out" and target.is_symlink(), names
+    assert target.resolve().name == names[0]
     keep = tmp_path / ".staged-third"
     keep.mkdir()
     with pytest.raises(FileExistsError, match="not replacing"):

@@ -432,3 +432,26 @@ def test_read_dataset_index_carries_each_images_hash(tmp_path: Path) -> None:
         "id,path,label,source,line,origin,sha256\n" f"a.jpg,{tmp_path / 'a.jpg'},1,natix,2,train,{'ab' * 32}\n")
     index = read_dataset_index(layout)
     assert index.by_id["a.jpg"].sha256 == "ab" * 32
+
+
+def test_dataset_index_identity_is_the_images_not_where_they_lie(tmp_path: Path) -> None:
+    """A project moved to another directory keeps its index id; a changed label does not."""
+    import shutil
+
+    from stage1_core.config import Stage1ProConfig
+    from stage1_core.steps.context import Layout
+    from stage1_core.steps.data import build_dataset_index
+
+    config = Stage1ProConfig(data_source="synthetic", synthetic_n_train=12, synthetic_n_val=30)
+    first = Layout(tmp_path / "a")
+    id_here = build_dataset_index(config, first).record.id
+    shutil.copytree(first.synthetic_dir, Layout(tmp_path / "b").synthetic_dir)
+    moved = build_dataset_index(config, Layout(tmp_path / "b"))
+    assert moved.record.id == id_here
+    assert str(tmp_path / "b") in (Layout(tmp_path / "b").path("dataset_index") / "dataset_index.csv").read_text()
+    labels = Layout(tmp_path / "b").synthetic_dir / "train_labels.csv"
+    lines = labels.read_text().splitlines()
+    name, label = lines[-1].rsplit(",", 1)
+    lines[-1] = f"{name},{1 - int(label)}"
+    labels.write_text("\n".join(lines) + "\n")
+    assert build_dataset_index(config, Layout(tmp_path / "b")).record.id != id_here
