@@ -38,8 +38,9 @@ declare("gate_beats_softmax", "evaluation",
 
 declare("no_classification_regression", "evaluation",
         "not worse, paired per image on val_test: the class head's accuracy vs the previous phase's "
-        "(CI lower end of the difference >= -accuracy_margin) and the gate policy's exit accuracy vs the "
-        "softmax policy's on the same checkpoint (CI lower end >= -exit_accuracy_margin)")
+        "(CI lower end of the difference >= -accuracy_margin) and the exit accuracy of the gate's ranking vs "
+        "the softmax policy's on the same checkpoint, at the softmax policy's coverage (CI lower end >= "
+        "-exit_accuracy_margin); the gate's extra coverage is judged by gate_beats_softmax")
 
 declare("gate_calibration_improves", "evaluation",
         "on val_test the calibrated gate score has ECE and Brier <= those of the raw sigmoid")
@@ -98,7 +99,8 @@ def check_no_classification_regression(
     """Non-inferiority, paired on val_test: accuracy vs the previous phase; gate vs softmax exit accuracy.
 
     ``current`` / ``previous`` hold the per-image 0/1 ``correct`` of the two fixed class heads;
-    ``exit_accuracy_ci`` is the paired bootstrap CI of gate minus softmax exit accuracy the
+    ``gate_exit_accuracy`` is the gate ranking's exit accuracy at the softmax policy's coverage and
+    ``exit_accuracy_ci`` the paired bootstrap CI of its difference to softmax's that the
     evaluation computed on the same images. Without that CI the exit-accuracy clause fails (no
     evidence), as it does when the gate policy exits nothing.
     """
@@ -117,7 +119,7 @@ def check_no_classification_regression(
     else:
         exit_accuracy = compare(gate_exit_accuracy, softmax_exit_accuracy, margin=exit_accuracy_margin,
                                 ci=(float(exit_accuracy_ci["ci_lower"]), float(exit_accuracy_ci["ci_upper"])))
-        parts.append(("exit_accuracy", "val_test exit accuracy gate vs softmax", exit_accuracy,
+        parts.append(("exit_accuracy", "val_test exit accuracy gate vs softmax at softmax's coverage", exit_accuracy,
                       {"n": int(np.asarray(current["correct"]).size)}))
     return paired_verdict("no_classification_regression", [p for p in parts], problems, figures)
 
@@ -179,9 +181,12 @@ def _no_classification_regression(ctx: StepContext) -> GateVerdict:
     previous = ctx.reference_phase()
     if previous is None:
         return GateVerdict("no_classification_regression", False, "no earlier phase to compare with", {})
+    if "gate_at_softmax_coverage" not in c:
+        raise ValueError(f"evaluation[{ctx.partition}] predates the matched-coverage exit-accuracy comparison: "
+                         "re-materialise it")
     current, before = paired_val_test(ctx, previous)
     return check_no_classification_regression(
-        current, before, previous, c["gate"]["exit_accuracy"], c["softmax"]["exit_accuracy"],
+        current, before, previous, c["gate_at_softmax_coverage"]["exit_accuracy"], c["softmax"]["exit_accuracy"],
         c.get("exit_accuracy_difference"), float(ctx.cfg.accuracy_margin), float(ctx.cfg.exit_accuracy_margin),
         bootstrap_settings(ctx))
 

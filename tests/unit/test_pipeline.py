@@ -265,6 +265,12 @@ def test_phase3_gate_steps_certify_and_pass_the_gate_criteria(tmp_path):
     evaluation = read_json(layout.root / "evaluation" / "phase3" / "evaluation.json")
     comparison = evaluation["gate_comparison"]
     assert {"gate", "softmax", "coverage_gain", "calibration"} <= set(comparison)
+    # Exit accuracy is compared at softmax's coverage: the gate's matched exits are as many as softmax's.
+    matched, softmax = comparison["gate_at_softmax_coverage"], comparison["softmax"]
+    assert matched["coverage"] == softmax["coverage"]
+    assert comparison["exit_accuracy_difference"]["difference"] == pytest.approx(
+        matched["exit_accuracy"] - softmax["exit_accuracy"])
+    assert "exit_accuracy_difference_at_operating_points" in comparison
     for name in ("gate_trains", "gate_calibration_improves", "thresholds_certified", "bundle_verified",
                  "training_completed"):
         assert verdicts[name].passed, (name, verdicts[name].message)

@@ -192,3 +192,13 @@ def test_document_checks_its_inputs():
         gateparams_document(res, cal, "ckpt", 0.5, 0.5, other, 0.0)
     with pytest.raises(ValueError, match="checkpoint_id"):
         gateparams_document(res, cal, "", 0.5, 0.5, certify_softmax_threshold(probs, y, 0.02, 0.05), 0.0)
+
+
+def test_top_k_exits_takes_the_highest_scores_and_breaks_ties_by_the_raw_logit():
+    from stage1_core.policies.gate import top_k_exits
+
+    scores = np.array([0.9, 0.5, 0.9, 0.1, 0.5])
+    raw = np.array([2.0, 1.0, 3.0, -1.0, 1.5])
+    assert top_k_exits(scores, raw, 2).tolist() == [True, False, True, False, False]
+    assert top_k_exits(scores, raw, 3).tolist() == [True, False, True, False, True]
+    assert top_k_exits(scores, raw, 0).sum() == 0 and top_k_exits(scores, raw, 9).all()
