@@ -10,6 +10,7 @@ is ``python benchmarks/soak.py``.
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -21,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 def _soak_module():
     spec = importlib.util.spec_from_file_location("soak", REPO / "benchmarks" / "soak.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's string annotations through it
     spec.loader.exec_module(module)
     return module
 
