@@ -58,14 +58,17 @@ def main() -> None:
         layout = Layout(root)
         phases = {f"phase{k}": outcomes(layout, f"phase{k}") for k in range(1, 7)}
         for k in range(2, 7):
-            current, previous = phases[f"phase{k}"], phases[f"phase{k - 1}"]
-            if current is None or previous is None:
+            # A phase is compared with the nearest earlier phase that ran (phase 6 with 4 when 5 was skipped).
+            earlier = [j for j in range(k - 1, 0, -1) if phases[f"phase{j}"] is not None]
+            current = phases[f"phase{k}"]
+            if current is None or not earlier:
                 continue
+            previous, j = phases[f"phase{earlier[0]}"], earlier[0]
             for what, margin in (("correct", args.accuracy_margin), ("exit", args.coverage_margin)):
                 d = float(np.mean(current[what] != previous[what]))
                 comparison, _ = paired_compare(current[what], previous[what], margin=margin,
                                                direction="non-inferiority", n_resamples=1000, confidence=0.95, seed=0)
-                rows.append({"root": str(root), "comparison": f"phase{k} vs phase{k - 1}", "figure": what,
+                rows.append({"root": str(root), "comparison": f"phase{k} vs phase{j}", "figure": what,
                              "n": int(current[what].size), "disagreement": round(d, 4),
                              "difference": round(comparison.difference, 4),
                              "ci": [round(v, 4) for v in comparison.ci], "margin": margin, "passes": comparison.passed,

