@@ -216,6 +216,8 @@ class Stage1ProConfig(BaseModel):
     coverage_margin: float = 0.04
     #: Exit accuracy of the gate policy vs the softmax policy on the same checkpoint (phase 3).
     exit_accuracy_margin: float = 0.015
+    #: Brier score of the calibrated gate score vs the raw sigmoid (phase 3), in Brier units.
+    calibration_margin: float = 0.015
     selection_metric: Literal["accuracy", "augrc"] = "accuracy"
     baseline_val_accuracy: float | None = None
     peft_type: Literal["none", "lora", "dora", "doran"] = "dora"
@@ -403,7 +405,7 @@ class Stage1ProConfig(BaseModel):
         need(self.gate_correct_weight >= 0, "gate_correct_weight", ">= 0")
         need(-1.0 < self.gate_min_gain < 1.0, "gate_min_gain", "in (-1, 1)")
         need(0.0 <= self.fsam_min_gain < 1.0, "fsam_min_gain", "in [0, 1)")
-        for name in ("accuracy_margin", "coverage_margin", "exit_accuracy_margin"):
+        for name in ("accuracy_margin", "coverage_margin", "exit_accuracy_margin", "calibration_margin"):
             need(0.0 <= getattr(self, name) <= 0.2, name, "in [0, 0.2] (a share: 0.01 is one point)")
         need(0.0 < self.val_test_alpha < 0.5, "val_test_alpha", "in (0, 0.5)")
         need(self.aux_weight >= 0, "aux_weight", ">= 0")
@@ -653,6 +655,7 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
     "accuracy_margin": {"minimum": 0, "maximum": 0.2},
     "coverage_margin": {"minimum": 0, "maximum": 0.2},
     "exit_accuracy_margin": {"minimum": 0, "maximum": 0.2},
+    "calibration_margin": {"minimum": 0, "maximum": 0.2},
     "fsam_min_gain": {"minimum": 0, "exclusiveMaximum": 1},
     "explora_epochs": {"minimum": 1},
     "explora_r": {"minimum": 0},

@@ -74,7 +74,7 @@ STANDING_CRITERIA = (
     "val_test_fnr_bound", "selective_metrics_recomputed", "metrics_in_range", "no_regression_vs_previous_phase",
     "bundle_verified",
 )
-GATED_HEAD_CRITERIA = ("gate_trains", "gate_beats_softmax", "no_classification_regression", "gate_calibration_improves")
+GATED_HEAD_CRITERIA = ("gate_trains", "gate_beats_softmax", "no_classification_regression", "gate_calibration_works")
 ADAPTATION_CRITERIA = ("explora_pretraining_completed", "peft_applied_correctly", "performance_maintained",
                        "no_memory_issues")
 SHARPNESS_CRITERIA = ("training_stable", "improves_over_adamw", "no_memory_issues")

@@ -37,7 +37,7 @@ from .conformal import (
 from .deployment import check_bundle_verified
 from .gated_head import (
     check_gate_beats_softmax,
-    check_gate_calibration_improves,
+    check_gate_calibration_works,
     check_gate_trains,
     check_no_classification_regression,
 )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from collections.abc import Callable
+
 import numpy as np
 
 from stage1_core.metrics.exit import exit_metrics
 
-__all__ = ["paired_bootstrap_augrc_gain", "paired_bootstrap_difference", "paired_bootstrap_exit_accuracy_difference", "bootstrap_mean_ci",
+__all__ = ["paired_bootstrap_augrc_gain", "paired_bootstrap_difference", "paired_bootstrap_exit_accuracy_difference", "paired_bootstrap_statistic_difference", "bootstrap_mean_ci",
            "exit_summary", "brier"]
 
 
@@ -55,6 +57,26 @@ def paired_bootstrap_exit_accuracy_difference(
             "ci_upper": float(np.quantile(diffs, 1.0 - alpha)) if diffs.size else float("nan"),
             "n_resamples": int(n_resamples), "undefined_resamples": int((~defined).sum())}
 
+
+
+def paired_bootstrap_statistic_difference(
+    statistic: Callable[[np.ndarray, np.ndarray], float], scores_a: np.ndarray, scores_b: np.ndarray,
+    events: np.ndarray, n_resamples: int, confidence: float, seed: int,
+) -> dict[str, float]:
+    """Percentile CI of statistic(a) - statistic(b) over paired resamples of the images.
+
+    For statistics that are not per-image means (e.g. binned ECE): each resample draws the same
+    images for both scores and recomputes ``statistic(scores, events)`` on them.
+    """
+    a, b, e = (np.asarray(x, dtype=float) for x in (scores_a, scores_b, events))
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n_resamples)
+    for k in range(n_resamples):
+        i = rng.integers(0, e.shape[0], e.shape[0])
+        diffs[k] = statistic(a[i], e[i]) - statistic(b[i], e[i])
+    alpha = (1.0 - confidence) / 2.0
+    return {"difference": float(statistic(a, e) - statistic(b, e)), "ci_lower": float(np.quantile(diffs, alpha)),
+            "ci_upper": float(np.quantile(diffs, 1.0 - alpha)), "n_resamples": int(n_resamples)}
 
 def brier(scores: np.ndarray, events: np.ndarray) -> float:
     return float(np.mean((scores - events) ** 2))

@@ -55,7 +55,13 @@ from ..calibration.threshold_sweep import (
 )
 from ..metrics._inputs import as_labels, as_probs
 from ..metrics.exit import coverage_at_prior
-from ..metrics.paired import brier, exit_summary, paired_bootstrap_difference, paired_bootstrap_exit_accuracy_difference
+from ..metrics.paired import (
+    brier,
+    exit_summary,
+    paired_bootstrap_difference,
+    paired_bootstrap_exit_accuracy_difference,
+    paired_bootstrap_statistic_difference,
+)
 from .base import ExitPolicy, FitInputs, FittedPolicy, calib_metrics
 from .registry import register_policy
 from .softmax import SoftmaxExitPolicy
@@ -189,6 +195,11 @@ class GateExitPolicy(ExitPolicy):
             "ece_raw_sigmoid": score_ece(raw_sigmoid, events), "ece_calibrated": score_ece(calibrated, events),
             "brier_raw_sigmoid": brier(raw_sigmoid, events), "brier_calibrated": brier(calibrated, events),
             "gate_auroc": gate_auroc(raw_gate, events),
+            # Paired per image: calibrated minus raw (lower is better), the evidence of gate_calibration_works.
+            "brier_difference": {**paired_bootstrap_difference((calibrated - events) ** 2, (raw_sigmoid - events) ** 2,
+                                                               *bootstrap), "n": int(events.size)},
+            "ece_difference": paired_bootstrap_statistic_difference(score_ece, calibrated, raw_sigmoid, events,
+                                                                    *bootstrap),
         }
         figures = {
             "FNR on exits vs coverage, gate and softmax (val_test)": plot_fnr_coverage(

@@ -43,6 +43,7 @@ CRITERION_FIELDS = {
     "no_regression_vs_previous_phase": ("accuracy_margin", "coverage_margin"),
     "gate_beats_softmax": ("gate_min_gain",),
     "no_classification_regression": ("accuracy_margin", "exit_accuracy_margin"),
+    "gate_calibration_works": ("calibration_margin",),
     "performance_maintained": ("accuracy_margin", "coverage_margin"),
     "no_memory_issues": ("memory_budget_gb",),
     "training_stable": ("loss_spike_factor",),

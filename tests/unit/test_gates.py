@@ -235,10 +235,23 @@ def test_exit_accuracy_clause_passes_only_when_the_ci_lower_end_clears_the_margi
     assert close.passed and close.figures["exit_accuracy_ci_lower"] == -0.008
 
 
-def test_gate_calibration_must_not_make_ece_or_brier_worse():
-    good = {"ece_raw_sigmoid": 0.1, "ece_calibrated": 0.03, "brier_raw_sigmoid": 0.2, "brier_calibrated": 0.15}
-    assert acceptance.check_gate_calibration_improves(good).passed
-    assert not acceptance.check_gate_calibration_improves({**good, "brier_calibrated": 0.25}).passed
+def test_gate_calibration_works_is_a_paired_brier_non_inferiority_test():
+    figures = {"event": "correct", "ece_raw_sigmoid": 0.026, "ece_calibrated": 0.029, "brier_raw_sigmoid": 0.0598,
+               "brier_calibrated": 0.0476, "ece_difference": {"ci_lower": -0.012, "ci_upper": 0.015}}
+    improved = {**figures, "brier_difference": {"difference": -0.0122, "ci_lower": -0.018, "ci_upper": -0.007, "n": 792}}
+    verdict = acceptance.check_gate_calibration_works(improved, 0.015)
+    # A higher ECE whose CI spans zero does not fail it (reported, not judged); the Brier CI decides.
+    assert verdict.passed and "ECE 0.0290 vs raw 0.0260" in verdict.message and "n 792" in verdict.message
+    assert verdict.figures["brier_worst_gain"] == pytest.approx(0.007)
+    # Not worse within the margin: the CI's upper end of calibrated minus raw must be <= margin.
+    near = {**figures, "brier_difference": {"difference": 0.004, "ci_lower": -0.005, "ci_upper": 0.0149, "n": 792}}
+    assert acceptance.check_gate_calibration_works(near, 0.015).passed
+    worse = {**figures, "brier_difference": {"difference": 0.008, "ci_lower": 0.001, "ci_upper": 0.0151, "n": 792}}
+    failed = acceptance.check_gate_calibration_works(worse, 0.015)
+    assert not failed.passed and "FAILS" in failed.message
+    assert not acceptance.check_gate_calibration_works(figures, 0.015).passed  # no paired CI: no evidence
+    assert not acceptance.check_gate_calibration_works(
+        {**figures, "brier_difference": {"ci_lower": float("nan"), "ci_upper": 0.0}}, 0.015).passed
 
 
 # ----- phase 4 and 5 criteria ---------------------------------------------------------------------

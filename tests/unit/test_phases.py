@@ -46,7 +46,7 @@ def test_phase3_recipe_names_the_gated_head_its_loss_policy_and_gate_criteria():
     three = get_recipe("phase3")
     assert (three.head_kind, three.loss_kind, three.overrides["exit_policy"]) == ("gated", "selective", "gate")
     names = {c.name for c in three.criteria}
-    assert {"gate_trains", "gate_beats_softmax", "no_classification_regression", "gate_calibration_improves",
+    assert {"gate_trains", "gate_beats_softmax", "no_classification_regression", "gate_calibration_works",
             "no_regression_vs_previous_phase", "bundle_verified"} <= names
     assert config_for_phase(Stage1ProConfig(), "phase3").exit_policy == "gate"
 

@@ -271,7 +271,7 @@ def test_phase3_gate_steps_certify_and_pass_the_gate_criteria(tmp_path):
     assert comparison["exit_accuracy_difference"]["difference"] == pytest.approx(
         matched["exit_accuracy"] - softmax["exit_accuracy"])
     assert "exit_accuracy_difference_at_operating_points" in comparison
-    for name in ("gate_trains", "gate_calibration_improves", "thresholds_certified", "bundle_verified",
+    for name in ("gate_trains", "gate_calibration_works", "thresholds_certified", "bundle_verified",
                  "training_completed"):
         assert verdicts[name].passed, (name, verdicts[name].message)
     # Whether the gate beats softmax here is reported, not assumed: its verdict carries the figures.
