@@ -38,7 +38,9 @@ def project_env(project: Path) -> dict[str, str]:
 
 def new_project(project: Path, config: dict) -> None:
     (project / "home").mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "configs" / "dagster.yaml", project / "home" / "dagster.yaml")
+    # The root dagster.yaml: its instance paths are relative, so each project's runs use its home as
+    # working directory (as `make demo` uses the project root).
+    shutil.copy(REPO / "dagster.yaml", project / "home" / "dagster.yaml")
     (project / "config.yaml").write_text(yaml.safe_dump(config))
 
 
@@ -47,7 +49,8 @@ def run_phase(project: Path, partition: str) -> tuple[int, float, dict[str, floa
     from stage1_assets.demo import phase_command, step_seconds
 
     started = time.perf_counter()
-    done = subprocess.run(phase_command(partition), cwd=REPO, env=project_env(project), capture_output=True, text=True)
+    done = subprocess.run(phase_command(partition), cwd=project / "home", env=project_env(project), capture_output=True,
+                          text=True)
     wall = time.perf_counter() - started
     log = done.stdout + done.stderr
     (project / f"{partition}.log").write_text(log)
@@ -55,21 +58,12 @@ def run_phase(project: Path, partition: str) -> tuple[int, float, dict[str, floa
 
 
 def verdicts(project: Path, partition: str) -> list[tuple[str, bool | None, str]]:
-    import dagster as dg
-
     from stage1_assets.gate_status import phase_check_records
+    from stage1_assets.instance import open_instance
 
-    old = os.environ.get("DAGSTER_HOME")
-    os.environ["DAGSTER_HOME"] = str(project / "home")
-    try:
-        with dg.DagsterInstance.get() as instance:
-            names, records = phase_check_records(instance, partition)
-            return [(name, records[name].passed, records[name].description) for name in names]
-    finally:
-        if old is None:
-            os.environ.pop("DAGSTER_HOME")
-        else:
-            os.environ["DAGSTER_HOME"] = old
+    with open_instance(project / "home") as instance:
+        names, records = phase_check_records(instance, partition)
+        return [(name, records[name].passed, records[name].description) for name in names]
 
 
 def figures(project: Path) -> dict[str, object]:
