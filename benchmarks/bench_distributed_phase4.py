@@ -63,7 +63,7 @@ def verdicts(project: Path, partition: str) -> list[tuple[str, bool | None, str]
 
     with open_instance(project / "home") as instance:
         names, records = phase_check_records(instance, partition)
-        return [(name, records[name].passed, records[name].description) for name in names]
+        return [(name, records[name].passed, records[name].message) for name in names]
 
 
 def figures(project: Path) -> dict[str, object]:
