@@ -65,16 +65,21 @@ declare("no_regression_vs_previous_phase", "evaluation",
 
 
 def check_training_completed(history: Sequence[Mapping[str, Any]], best_checkpoint_exists: bool) -> GateVerdict:
-    """Training ran at least one epoch, every logged loss is finite, and a best checkpoint exists."""
-    epochs = len(history)
-    train_losses = [row.get("Train_Loss") for row in history]
+    """Training ran at least one epoch, every logged loss is finite, and a best checkpoint exists.
+
+    An epoch-0 row (the starting weights evaluated as a selection candidate) has no training loss.
+    """
+    trained = [row for row in history if int(row.get("Epoch", 1)) > 0]
+    epochs = len(trained)
+    train_losses = [row.get("Train_Loss") for row in trained]
     val_losses = [row.get("Val_Loss") for row in history]
     finite = epochs > 0 and _finite(train_losses) and _finite(val_losses)
     passed = finite and best_checkpoint_exists
     if epochs == 0:
         message = "no epoch was logged"
     elif not finite:
-        bad = [i + 1 for i, (a, b) in enumerate(zip(train_losses, val_losses)) if not _finite([a, b])]
+        bad = sorted({int(row.get("Epoch", 0)) for row in history if not _finite([row.get("Val_Loss")])}
+                     | {int(row.get("Epoch", 0)) for row in trained if not _finite([row.get("Train_Loss")])})
         message = f"non-finite loss in epoch(s) {bad}"
     elif not best_checkpoint_exists:
         message = "no best checkpoint was written"

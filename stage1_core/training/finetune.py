@@ -5,7 +5,10 @@ phase's backbone (the linear-probe stage, the caller's ordinary cached training)
 on the last ``peft_blocks`` blocks (``peft_type``: LoRA, DoRA or DoRAN, :mod:`stage1_core.model.peft`)
 and the heads train together on augmented images for ``finetune_epochs`` epochs, starting from
 that head. Starting the adapters from an untrained head would let its random gradients disturb
-the backbone first; starting from the probe's head they only move what helps.
+the backbone first; starting from the probe's head they only move what helps. The start itself
+(probe head, adapters at their identity initialisation) is evaluated on val_select as epoch 0 and
+is a selection candidate like every epoch: when no fine-tuning epoch beats it, the phase keeps the
+probe on the adapted backbone, and the training log says so.
 
 Everything else is :func:`stage1_core.training.trainer.train_head` (same loss, schedule, EMA -
 over adapters and heads - gradient clipping, AMP/TF32 on CUDA, SAM/F-SAM, exact resume);
@@ -160,7 +163,8 @@ def finetune(
                                        seed=int(cfg.seed))
     val_loader = make_dataloader(val_set, batch_size, train=False, num_workers=cfg.num_workers, device=device)
     result = train_head(ft_cfg, train_loader, val_loader, out, backbone=backbone, device=device, progress=progress,
-                        loss_fn=loss_fn, with_gate=True, init_head_state=init_head_state)
+                        loss_fn=loss_fn, with_gate=True, init_head_state=init_head_state,
+                        select_from_start=True)
     peft_final: dict[str, Any] = {}
     directory = fingerprint = None
     if result.best_adapters is not None:

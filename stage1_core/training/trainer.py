@@ -305,6 +305,7 @@ def train_head(
     loss_fn: LossFn | None = None,
     with_gate: bool = False,
     init_head_state: Any = None,
+    select_from_start: bool = False,
 ) -> TrainResult:
     """Train a :class:`~stage1_core.model.head.Stage1Head`; see the module docstring.
 
@@ -324,7 +325,10 @@ def train_head(
     parameters (adapters) trains with the head: its parameters get ``lr_backbone`` (layer-wise
     decayed), the EMA covers them too, and each best epoch also writes ``adapters_best.pth``.
     ``config.optimizer`` picks AdamW, SAM or F-SAM (two passes per step, see
-    :func:`~stage1_core.training.optimizers.sam_accumulated_step`).
+    :func:`~stage1_core.training.optimizers.sam_accumulated_step`). ``select_from_start`` makes the
+    starting weights (``init_head_state`` and the backbone as given) a selection candidate: they are
+    evaluated on val_select before the first step and logged as epoch 0, and stay the best
+    checkpoint unless an epoch beats them (fine-tuning from a linear probe may only make it worse).
     """
     metric = selection_metric or getattr(config, "selection_metric", "accuracy")
     if metric not in SELECTION_METRICS:
@@ -441,19 +445,10 @@ def train_head(
     best_adapters_path = out / BEST_ADAPTERS_FILE
     last_path = out / LAST_CHECKPOINT_FILE
     epoch_checkpoints: list[Path] = []
-    for epoch in range(state.start_epoch, int(config.epochs)):
-        if state.stopped_early or not state.losses_finite:
-            break
-        started = time.perf_counter()
-        train_stats = _train_epoch(
-            train_model, batches, train_features_of, loss_of, optimizer, scheduler, scaler, ema, clip_params,
-            accum, float(config.max_grad_norm), amp, device, progress, f"Epoch {epoch + 1}/{config.epochs} [Train]", state,
-        )
-        if not math.isfinite(train_stats["train_loss"]):
-            state.losses_finite = False
-            logger.error("epoch %d: non-finite training loss; stopping (no checkpoint is taken from this epoch)", epoch + 1)
-            break
 
+    def evaluate_and_select(epoch: int) -> tuple[dict[str, Any], float, bool]:
+        """val_select metrics of the current (EMA) weights; saves them when they are the new best."""
+        nonlocal val_cache
         model.eval()
         context = ema.applied() if ema is not None else contextlib.nullcontext()
         with context:
@@ -472,11 +467,39 @@ def train_head(
             if metric != "accuracy" and accuracy_improved and main:
                 save_state_dict(best_acc_path, head.state_dict())
         if improved:
-            state.best_metric, state.best_epoch, state.patience = float(value), epoch + 1, 0
+            state.best_metric, state.best_epoch, state.patience = float(value), epoch, 0
         else:
             state.patience += 1
         if accuracy_improved:
             state.best_accuracy = val["val_acc"]
+        return val, float(value), bool(improved)
+
+    if select_from_start and resume_checkpoint is None:
+        started = time.perf_counter()
+        val, value, _ = evaluate_and_select(0)
+        state.history.append({
+            "epoch": 0, "train_loss": None, "train_acc": None, **val, "best_val_acc": state.best_accuracy,
+            "lr": None, "selection_metric": metric, "selection_value": value, "improved": True,
+            "global_step": 0, "epoch_seconds": time.perf_counter() - started,
+        })
+        if main:
+            write_log(log_path, state.history)
+        logger.info("start (epoch 0, before any step): val_select acc %.2f%% AUGRC %.4f - a selection candidate",
+                    100 * val["val_acc"], val[f"{SELECTIVE_PREFIX}augrc"])
+    for epoch in range(state.start_epoch, int(config.epochs)):
+        if state.stopped_early or not state.losses_finite:
+            break
+        started = time.perf_counter()
+        train_stats = _train_epoch(
+            train_model, batches, train_features_of, loss_of, optimizer, scheduler, scaler, ema, clip_params,
+            accum, float(config.max_grad_norm), amp, device, progress, f"Epoch {epoch + 1}/{config.epochs} [Train]", state,
+        )
+        if not math.isfinite(train_stats["train_loss"]):
+            state.losses_finite = False
+            logger.error("epoch %d: non-finite training loss; stopping (no checkpoint is taken from this epoch)", epoch + 1)
+            break
+
+        val, value, improved = evaluate_and_select(epoch + 1)
 
         record = {
             "epoch": epoch + 1,
@@ -485,7 +508,7 @@ def train_head(
             "best_val_acc": state.best_accuracy,
             "lr": optimizer.param_groups[0]["lr"],
             "selection_metric": metric,
-            "selection_value": float(value),
+            "selection_value": value,
             "improved": bool(improved),
             "global_step": state.global_step,
             "epoch_seconds": time.perf_counter() - started,
@@ -525,7 +548,7 @@ def train_head(
     if warning:
         logger.warning(warning)
     return TrainResult(
-        best_checkpoint=best_path if (best_path.is_file() and state.best_epoch > 0) else None,
+        best_checkpoint=best_path if (best_path.is_file() and state.best_metric is not None) else None,
         last_checkpoint=last_path,
         log_csv=log_path,
         best_epoch=state.best_epoch,
@@ -533,7 +556,7 @@ def train_head(
         selection_metric=metric,
         history=state.history,
         losses_finite=state.losses_finite,
-        epochs_run=len(state.history),
+        epochs_run=sum(1 for record in state.history if record["epoch"] > 0),
         stopped_early=state.stopped_early,
         accuracy_best_checkpoint=(best_acc_path if metric != "accuracy" and best_acc_path.is_file() else None),
         best_val_accuracy=state.best_accuracy,
@@ -543,7 +566,7 @@ def train_head(
         step_losses=list(state.step_losses),
         peak_rss_gb=peak_rss,
         peak_cuda_gb=peak_cuda,
-        best_adapters=best_adapters_path if (trainable_backbone and best_adapters_path.is_file() and state.best_epoch > 0) else None,
+        best_adapters=best_adapters_path if (trainable_backbone and best_adapters_path.is_file() and state.best_metric is not None) else None,
         device_memory_gb=limit,
         memory_warning=warning,
         epoch_checkpoints=epoch_checkpoints,

@@ -23,6 +23,16 @@ def test_training_completed():
     assert not acceptance.check_training_completed(history(Train_Loss=[0.5], Val_Loss=[0.5]), False).passed
 
 
+def test_training_completed_reads_an_epoch_zero_start_row_as_evaluated_not_trained():
+    start = {"Epoch": 0, "Train_Loss": None, "Val_Loss": 0.7}
+    ok = acceptance.check_training_completed([start, *history(Train_Loss=[0.5], Val_Loss=[0.6])], True)
+    assert ok.passed and ok.figures["epochs_run"] == 1
+    assert not acceptance.check_training_completed([start], True).passed  # evaluated, never trained
+    broken = acceptance.check_training_completed([{**start, "Val_Loss": math.nan},
+                                                  *history(Train_Loss=[0.5], Val_Loss=[0.6])], True)
+    assert not broken.passed and "epoch(s) [0]" in broken.message
+
+
 def test_val_accuracy_vs_baseline_one_point_tolerance():
     assert acceptance.check_val_accuracy_vs_baseline(0.90, 0.91, "probe").passed
     failed = acceptance.check_val_accuracy_vs_baseline(0.8999, 0.91, "probe")

@@ -243,6 +243,35 @@ def test_init_head_state_warm_starts_the_head(tmp_path, data):
     assert all(torch.allclose(state[k], after[k], atol=1e-6) for k in state)
 
 
+def test_select_from_start_keeps_the_starting_head_when_no_epoch_beats_it(tmp_path, data):
+    train, val = data
+    start = load_state_dict_file(train_head(make_config(epochs=3), train, val, tmp_path / "a", progress=False).best_checkpoint)
+
+    def flipped(output, labels):  # training that can only make the head worse on val_select
+        return F.cross_entropy(output, 1 - labels)
+
+    config = make_config(epochs=2, lr_head=3e-2, use_ema=False)
+    kept = train_head(config, train, val, tmp_path / "b", progress=False, init_head_state=start, loss_fn=flipped,
+                      select_from_start=True)
+    assert kept.best_epoch == 0 and kept.epochs_run == 2 and [row["epoch"] for row in kept.history] == [0, 1, 2]
+    assert kept.history[0]["train_loss"] is None and kept.history[0]["val_acc"] > kept.history[-1]["val_acc"]
+    saved = load_state_dict_file(kept.best_checkpoint)
+    assert all(torch.equal(start[k], saved[k]) for k in start)
+    with open(kept.log_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["Epoch"] == "0" and rows[0]["Train_Loss"] == "nan" and len(rows) == 3
+
+    plain = train_head(config, train, val, tmp_path / "c", progress=False, init_head_state=start, loss_fn=flipped)
+    assert plain.best_epoch == 1 and [row["epoch"] for row in plain.history] == [1, 2]
+
+    # The epoch-0 row and the start's standing survive an interruption: resume equals one run.
+    train_head(config, train, val, tmp_path / "d", progress=False, init_head_state=start, loss_fn=flipped,
+               select_from_start=True, stop_after_epoch=1)
+    resumed = train_head(config, train, val, tmp_path / "d", progress=False, init_head_state=start, loss_fn=flipped,
+                         select_from_start=True, resume_checkpoint=tmp_path / "d" / "checkpoint_last.pth")
+    assert resumed.best_epoch == 0 and _without_time(resumed.history) == _without_time(kept.history)
+
+
 def test_fine_tuning_trains_adapters_with_the_head_saves_them_and_resumes_exactly(tmp_path):
     from stage1_core.model.peft import apply_dora, trainable_parameter_report
     from stage1_core.training.trainer import BEST_ADAPTERS_FILE
