@@ -34,8 +34,9 @@ declare("risk_training_works", "evaluation",
 
 declare("coverage_maximised", "evaluation",
         "the deployed (lambda1, lambda2) is the max-coverage certified candidate (independent "
-        "recomputation) and the SCRC val_test coverage >= the certified softmax and gate policies' on the"
-        " same checkpoint")
+        "recomputation), and SCRC's val_test coverage is not worse than the certified softmax and gate "
+        "policies' (its special cases) on the same checkpoint: the paired bootstrap CI's lower end of the "
+        "coverage difference is >= -coverage_margin (4.5 points by default)")
 
 declare("prediction_sets_valid", "evaluation",
         "prediction sets are nested in lambda2, singleton sets are exactly the exits, and the empirical "
@@ -184,14 +185,18 @@ def recompute_scrc_transductive(
             "deployed_exits": int(deployed.sum()), "deployed_is_best": bool(np.array_equal(exits, deployed))}
 
 
-def check_coverage_maximised(recomputed: Mapping[str, Any], comparison: Mapping[str, Any]) -> GateVerdict:
-    """The deployed (lambda1, lambda2) is the max-coverage certified candidate, and SCRC's val_test coverage is
-    not below the certified gate and softmax policies' (its special cases) on the same checkpoint.
+def check_coverage_maximised(recomputed: Mapping[str, Any], comparison: Mapping[str, Any],
+                             coverage_margin: float) -> GateVerdict:
+    """The deployed (lambda1, lambda2) is the max-coverage certified candidate, and SCRC's val_test
+    coverage is not worse than the certified gate and softmax policies' (its special cases) on the
+    same checkpoint.
 
     ``recomputed``: :func:`recompute_scrc_inductive` or :func:`recompute_scrc_transductive`;
-    ``comparison``: the evaluation's ``scrc_comparison``. SCRC's coverage counts as lower than a
-    special case's only when the paired bootstrap CI of the difference lies below 0 (significant
-    loss); a point estimate below it with a CI reaching 0 passes and is reported.
+    ``comparison``: the evaluation's ``scrc_comparison``. Non-inferiority with the burden of proof on
+    the claim: each paired bootstrap CI of the coverage difference (SCRC minus the special case) must
+    have its lower end >= -``coverage_margin``. A CI that merely reaches 0 is no evidence; a small
+    significant loss within the margin passes and is reported (SCRC's two-threshold search pays for
+    its multiple testing in coverage).
     """
     problems = []
     if not recomputed.get("deployed_is_best"):
@@ -201,8 +206,8 @@ def check_coverage_maximised(recomputed: Mapping[str, Any], comparison: Mapping[
         if recomputed.get(key):
             problems.append(f"{recomputed[key]} {key.replace('_', ' ')} in the recomputation")
     scrc = float(comparison["scrc"]["coverage"])
-    figures: dict[str, Any] = {"scrc_coverage": scrc, **{f"recomputed_{k}": v for k, v in recomputed.items()
-                                                           if not isinstance(v, (list, dict))}}
+    figures: dict[str, Any] = {"scrc_coverage": scrc, "coverage_margin": float(coverage_margin),
+                               **{f"recomputed_{k}": v for k, v in recomputed.items() if not isinstance(v, (list, dict))}}
     parts = []
     for name in ("gate", "softmax"):
         other = float(comparison[name]["coverage"])
@@ -210,12 +215,13 @@ def check_coverage_maximised(recomputed: Mapping[str, Any], comparison: Mapping[
         figures.update({f"{name}_coverage": other, f"gain_vs_{name}": scrc - other,
                         f"gain_vs_{name}_ci_lower": ci["ci_lower"], f"gain_vs_{name}_ci_upper": ci["ci_upper"]})
         parts.append(f"{name} {other:.4f} (gain {scrc - other:+.4f}, CI [{ci['ci_lower']:+.4f}, {ci['ci_upper']:+.4f}])")
-        if scrc < other and ci["ci_upper"] < 0:
-            problems.append(f"SCRC's val_test coverage {scrc:.4f} is significantly below the {name} policy's "
-                            f"{other:.4f} (paired bootstrap CI of the gain [{ci['ci_lower']:+.4f}, {ci['ci_upper']:+.4f}])")
+        if ci["ci_lower"] < -coverage_margin - 1e-12:
+            problems.append(f"SCRC's val_test coverage {scrc:.4f} vs the {name} policy's {other:.4f}: paired bootstrap "
+                            f"CI of the gain [{ci['ci_lower']:+.4f}, {ci['ci_upper']:+.4f}] reaches below "
+                            f"-{coverage_margin:.4f} (non-inferiority margin): not shown to be not worse")
     message = "; ".join(problems) or (
         f"deployed thresholds are the max-coverage certified candidate; val_test coverage SCRC {scrc:.4f} vs "
-        + ", ".join(parts))
+        + ", ".join(parts) + f"; non-inferiority needs each CI's lower end >= -{coverage_margin:.4f}: passes")
     return GateVerdict("coverage_maximised", not problems, message, figures)
 
 
@@ -306,7 +312,7 @@ def _coverage_maximised(ctx: StepContext) -> GateVerdict:
         q_t, g_t = policy.calibrated(t_probs, t_raw)
         exits = load_tensors(ctx.layout.path("evaluation", ctx.partition) / DECISIONS_FILE)["exit"].numpy()
         recomputed = recompute_scrc_transductive(doc, g, q, labels, g_t, q_t, exits)
-    return check_coverage_maximised(recomputed, comparison)
+    return check_coverage_maximised(recomputed, comparison, float(ctx.cfg.coverage_margin))
 
 
 @reader("prediction_sets_valid")

@@ -19,13 +19,12 @@ DISTRIBUTED_ASSETS = ("backbone", "cached_features", "checkpoint")
 
 
 def _features_worker(config: Any, layout: Any, partition: str) -> None:
-    from stage1_core.data.splits import SPLIT_NAMES
     from stage1_core.phases import config_for_phase
-    from stage1_core.steps.backbone import ensure_features
+    from stage1_core.steps.backbone import ensure_phase_features
     from stage1_core.store import read_backbone
 
-    info = read_backbone(layout, partition)
-    ensure_features(config_for_phase(config, partition), layout, info["directory"], info["fingerprint"], SPLIT_NAMES)
+    # The same call cache_features makes: clean splits and, pipeline on, the challenge views.
+    ensure_phase_features(config_for_phase(config, partition), layout, read_backbone(layout, partition))
 
 
 def _backbone_worker(config: Any, layout: Any, partition: str) -> None:

@@ -111,17 +111,21 @@ def adapt_with_explora(cfg: Any, source_dir: Path, root: Path, splits: Any, inde
     pretrain, held_out, digests = pretraining_images(cfg, splits, index)
     key = store_key(source.fingerprint(), settings, digests, len(pretrain))
     store = root / STORE_DIR / key
-    from stage1_core.distributed.env import is_main
+    from stage1_core.distributed import env
 
-    if not is_main():
+    if not env.is_main():
         # Under torchrun the other ranks follow rank 0 (their collectives keep them in step): rank 0
-        # alone holds the store's lock, cleans and writes it.
+        # alone holds the store's lock, cleans and writes it. They look at the store only once rank 0
+        # holds the lock and has cleaned it, so every rank sees the same store and decides alike
+        # (reuse or train) even when another job held the lock first and completed it meanwhile.
+        env.barrier()
         return _adapt_into(store, key, cfg, source, settings, pretrain, held_out)
     # Phases 4 and 5 share this store: one of them adapts, the other waits (or is refused) and reuses.
     with path_lock(root / STORE_DIR / f".{key}.lock", f"ExPLoRA backbone store {key}", timeout=default_timeout()):
         from stage1_core.dirswap import clean_leftovers
 
         clean_leftovers(store)  # a merge staged by a killed run
+        env.barrier()
         return _adapt_into(store, key, cfg, source, settings, pretrain, held_out)
 
 

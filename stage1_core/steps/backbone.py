@@ -156,6 +156,25 @@ def ensure_features(cfg: Stage1ProConfig, layout: Layout, backbone_dir: str | Pa
     return store, key, False, int(manifest.forward_passes)
 
 
+def ensure_phase_features(cfg: Stage1ProConfig, layout: Layout,
+                          info: dict[str, Any]) -> tuple[Path, str, bool, int, dict[str, Any] | None]:
+    """Every feature store of a phase's backbone: the clean splits, then (deployment pipeline on)
+    the challenge views (:mod:`stage1_core.steps.deployment`).
+
+    The collective part of ``cached_features``: every rank of a ``torchrun`` job calls it with the
+    same arguments, so each sharded extraction has all its ranks. Returns the clean store, its key,
+    whether it was reused, the forward passes, and the ``deployment`` section of cache.json or None.
+    """
+    from stage1_core.steps.deployment import deployment_enabled, ensure_deployment_features
+
+    store, key, reused, forward_passes = ensure_features(cfg, layout, info["directory"], info["fingerprint"],
+                                                         SPLIT_NAMES)
+    deployment = None
+    if deployment_enabled(cfg):
+        deployment = ensure_deployment_features(cfg, layout, info["directory"], info["fingerprint"], with_train=True)
+    return store, key, reused, forward_passes, deployment
+
+
 def cache_features(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:
     """CLS features of every split in a content-addressed store; reused when already there."""
     ctx = StepContext(config, layout, partition)
@@ -163,19 +182,14 @@ def cache_features(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     info = read_backbone(layout, partition)
     splits, _ = read_splits(layout)
     _, transform_desc = eval_transform()
-    store, key, reused, forward_passes = ensure_features(ctx.cfg, layout, info["directory"], info["fingerprint"],
-                                                         SPLIT_NAMES)
+    store, key, reused, forward_passes, deployment = ensure_phase_features(ctx.cfg, layout, info)
     pointer = {"store": str(store), "key": key, "fingerprint": info["fingerprint"], "reused": reused,
                "forward_passes": forward_passes, "transform": transform_desc,
                **{f"n_{name}": len(splits.ids[name]) for name in SPLIT_NAMES}}
-    # Deployment pipeline (stage1_core.steps.deployment): challenge views beside the clean features.
-    from stage1_core.steps.deployment import deployment_enabled, ensure_deployment_features
-
     id_parts: dict[str, Any] = {"key": key}
-    if deployment_enabled(ctx.cfg):
-        pointer["deployment"] = ensure_deployment_features(ctx.cfg, layout, info["directory"], info["fingerprint"],
-                                                           with_train=True)
-        id_parts["deployment"] = {name: entry["key"] for name, entry in pointer["deployment"]["stores"].items()}
+    if deployment is not None:
+        pointer["deployment"] = deployment
+        id_parts["deployment"] = {name: entry["key"] for name, entry in deployment["stores"].items()}
     out_dir = layout.dir("cached_features", partition)
     path = write_json(out_dir / CACHE_POINTER, pointer, schema="feature_pointer")
     from stage1_core.features import MANIFEST_NAME

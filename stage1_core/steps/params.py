@@ -49,6 +49,7 @@ CRITERION_FIELDS = {
     "training_stable": ("loss_spike_factor",),
     "improves_over_adamw": ("fsam_min_gain", "coverage_margin"),
     "risk_training_works": ("coverage_margin",),
+    "coverage_maximised": ("coverage_margin",),
 }
 #: SAM / F-SAM settings (only when ``optimizer`` is not AdamW).
 SAM_FIELDS = ("sam_rho", "sam_adaptive", "fsam_sigma", "fsam_lmbda")

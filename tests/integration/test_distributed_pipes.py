@@ -18,7 +18,9 @@ from stage1_core.lineage import read_record
 pytestmark = pytest.mark.slow
 
 CONFIG = {"data_source": "synthetic", "model_path": "builtin:tiny-dinov3", "synthetic_n_train": 24,
-          "synthetic_n_val": 36, "seed": 3, "max_batch_size": 8, "fallback_batch_size": 8, "num_workers": 0}
+          "synthetic_n_val": 36, "seed": 3, "max_batch_size": 8, "fallback_batch_size": 8, "num_workers": 0,
+          # The challenge views are extracted by the same sharded collective as the clean splits.
+          "deploy_pipeline": "streetvision", "train_views": 1}
 
 
 def _materialize(tmp: Path, world_size: int, instance: dg.DagsterInstance, data: bool,
@@ -48,11 +50,13 @@ def test_world_size_two_runs_torchrun_through_pipes_and_one_process_then_reuses_
     assert mat2.metadata["world_size"].value == 2 and mat2.metadata["threads_per_rank"].value == 1
     assert set(mat1.metadata) <= set(mat2.metadata), "the distributed run reports every figure the in-process one does"
     assert mat2.metadata["forward_passes"].value > 0 and mat2.metadata["reused"].value is False
+    assert mat2.metadata["deploy_forward_passes"].value > 0, "both ranks extracted the challenge views"
     assert mat2.tags.get("dagster/data_version") == record2.id
     assert record2.extra["environment"]["world_size"] == 2
     # world_size is environment: the one-process run finds the same store, the same id, nothing to extract.
     record1 = read_record(tmp_path / "artifacts" / "cached_features" / "phase1", "cached_features", "phase1")
     assert mat1.metadata["reused"].value is True and mat1.metadata["forward_passes"].value == 0
+    assert mat1.metadata["deploy_forward_passes"].value == 0
     assert record1.id == record2.id and mat1.metadata["key"].value == mat2.metadata["key"].value
     assert record1.extra["environment"]["world_size"] == 1
     # The head trained by DDP on the 2 ranks: rank 0 wrote the checkpoint, its summary and its record.

@@ -433,13 +433,13 @@ def test_recompute_inductive_finds_the_max_coverage_candidate_and_tampering():
     comparison = {"scrc": {"coverage": 0.9}, "gate": {"coverage": 0.8}, "softmax": {"coverage": 0.9},
                   "coverage_gain_vs_gate": {"ci_lower": 0.05, "ci_upper": 0.15},
                   "coverage_gain_vs_softmax": {"ci_lower": -0.01, "ci_upper": 0.01}}
-    assert acceptance.check_coverage_maximised(ok, comparison).passed
+    assert acceptance.check_coverage_maximised(ok, comparison, 0.045).passed
     # A less permissive certified pair deployed instead of the best one is caught.
     certified = [r for r in doc["sweep_results"] if r["certified"]]
     smaller = min(certified, key=lambda r: r["n_exited"])
     assert smaller["n_exited"] < max(r["n_exited"] for r in certified)
     worse = acceptance.recompute_scrc_inductive(dict(doc, lambda1=smaller["lambda1"], lambda2=smaller["lambda2"]), g, q, y)
-    verdict = acceptance.check_coverage_maximised(worse, comparison)
+    verdict = acceptance.check_coverage_maximised(worse, comparison, 0.045)
     assert not verdict.passed and "not the max-coverage" in verdict.message
     # A row claimed certified whose p-value is above the level, and edited counts, are caught.
     rows = [dict(r) for r in doc["sweep_results"]]
@@ -448,12 +448,21 @@ def test_recompute_inductive_finds_the_max_coverage_candidate_and_tampering():
     rows[0]["n_exited"] += 1
     tampered = acceptance.recompute_scrc_inductive(dict(doc, sweep_results=rows), g, q, y)
     assert tampered["rows_with_wrong_verdict"] >= 1 and tampered["rows_with_other_counts"] >= 1
-    assert not acceptance.check_coverage_maximised(tampered, comparison).passed
-    # SCRC significantly below a special case fails; below by noise only passes.
+    assert not acceptance.check_coverage_maximised(tampered, comparison, 0.045).passed
+    # Non-inferiority at the coverage margin (4.5 points): a loss beyond it fails; a small significant
+    # loss within it passes and is reported; so does noise.
     loses = dict(comparison, softmax={"coverage": 0.95}, coverage_gain_vs_softmax={"ci_lower": -0.08, "ci_upper": -0.02})
-    assert not acceptance.check_coverage_maximised(ok, loses).passed
+    assert not acceptance.check_coverage_maximised(ok, loses, 0.045).passed
+    small = dict(comparison, softmax={"coverage": 0.906}, coverage_gain_vs_softmax={"ci_lower": -0.0126, "ci_upper": -0.0013})
+    within = acceptance.check_coverage_maximised(ok, small, 0.045)
+    assert within.passed and within.figures["gain_vs_softmax_ci_upper"] < 0 and "passes" in within.message
     noise = dict(comparison, softmax={"coverage": 0.905}, coverage_gain_vs_softmax={"ci_lower": -0.02, "ci_upper": 0.01})
-    assert acceptance.check_coverage_maximised(ok, noise).passed
+    assert acceptance.check_coverage_maximised(ok, noise, 0.045).passed
+    # The old rule ("fails only when significantly below") passed a CI that reaches 0 however wide it
+    # is: no evidence that SCRC is not worse. It fails now.
+    coin_toss = dict(comparison, softmax={"coverage": 0.93}, coverage_gain_vs_softmax={"ci_lower": -0.07, "ci_upper": 0.01})
+    verdict = acceptance.check_coverage_maximised(ok, coin_toss, 0.045)
+    assert not verdict.passed and "not shown to be not worse" in verdict.message
 
 
 def test_recompute_transductive_matches_the_library():
