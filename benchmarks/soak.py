@@ -60,7 +60,8 @@ def _start(project: Project, partition: str) -> subprocess.Popen:
             "checkpoint*", "--partition", partition]
     env = dict(project.env)
     env.pop("STAGE1_FAULT_INJECT", None)
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    # The project root is the working directory: dagster.yaml's instance paths are relative to it.
+    return subprocess.Popen(args, cwd=project.home, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
 
