@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from collections.abc import Callable
-
 import numpy as np
 
 from stage1_core.metrics.exit import exit_metrics
 
-__all__ = ["paired_bootstrap_augrc_gain", "paired_bootstrap_difference", "paired_bootstrap_exit_accuracy_difference", "paired_bootstrap_statistic_difference", "bootstrap_mean_ci",
+__all__ = ["paired_bootstrap_augrc_gain", "paired_bootstrap_difference", "paired_bootstrap_exit_accuracy_difference", "paired_bootstrap_ece_difference", "bootstrap_mean_ci",
            "exit_summary", "brier"]
 
 
@@ -58,25 +56,25 @@ def paired_bootstrap_exit_accuracy_difference(
             "n_resamples": int(n_resamples), "undefined_resamples": int((~defined).sum())}
 
 
-
-def paired_bootstrap_statistic_difference(
-    statistic: Callable[[np.ndarray, np.ndarray], float], scores_a: np.ndarray, scores_b: np.ndarray,
-    events: np.ndarray, n_resamples: int, confidence: float, seed: int,
+def paired_bootstrap_ece_difference(
+    scores_a: np.ndarray, scores_b: np.ndarray, events: np.ndarray, n_resamples: int, confidence: float, seed: int,
 ) -> dict[str, float]:
-    """Percentile CI of statistic(a) - statistic(b) over paired resamples of the images.
+    """Percentile CI of ECE(a) - ECE(b) of two scores for the same binary events, paired over images.
 
-    For statistics that are not per-image means (e.g. binned ECE): each resample draws the same
-    images for both scores and recomputes ``statistic(scores, events)`` on them.
+    Binned ECE is not a per-image mean, so each resample recomputes both ECEs on the same drawn
+    images: the vectorised :mod:`stage1_core.metrics.bootstrap` machinery with
+    :func:`~stage1_core.metrics.bootstrap.ece_statistic` on probabilities ``[1 - s, s]``.
     """
-    a, b, e = (np.asarray(x, dtype=float) for x in (scores_a, scores_b, events))
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(n_resamples)
-    for k in range(n_resamples):
-        i = rng.integers(0, e.shape[0], e.shape[0])
-        diffs[k] = statistic(a[i], e[i]) - statistic(b[i], e[i])
-    alpha = (1.0 - confidence) / 2.0
-    return {"difference": float(statistic(a, e) - statistic(b, e)), "ci_lower": float(np.quantile(diffs, alpha)),
-            "ci_upper": float(np.quantile(diffs, 1.0 - alpha)), "n_resamples": int(n_resamples)}
+    from stage1_core.metrics.bootstrap import bootstrap, ece_statistic
+
+    e = np.asarray(events).astype(np.int64)
+    ece_a, ece_b = (ece_statistic(np.stack([1.0 - s, s], axis=1), e)
+                    for s in (np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)))
+    result = bootstrap(lambda w: {"difference": ece_a(w)["ece"] - ece_b(w)["ece"]}, e.shape[0],
+                       n_resamples=n_resamples, confidence=confidence, seed=seed)["difference"]
+    return {"difference": result.value, "ci_lower": result.ci_lower, "ci_upper": result.ci_upper,
+            "n_resamples": result.n_resamples}
+
 
 def brier(scores: np.ndarray, events: np.ndarray) -> float:
     return float(np.mean((scores - events) ** 2))

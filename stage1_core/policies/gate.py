@@ -59,8 +59,8 @@ from ..metrics.paired import (
     brier,
     exit_summary,
     paired_bootstrap_difference,
+    paired_bootstrap_ece_difference,
     paired_bootstrap_exit_accuracy_difference,
-    paired_bootstrap_statistic_difference,
 )
 from .base import ExitPolicy, FitInputs, FittedPolicy, calib_metrics
 from .registry import register_policy
@@ -198,8 +198,7 @@ class GateExitPolicy(ExitPolicy):
             # Paired per image: calibrated minus raw (lower is better), the evidence of gate_calibration_works.
             "brier_difference": {**paired_bootstrap_difference((calibrated - events) ** 2, (raw_sigmoid - events) ** 2,
                                                                *bootstrap), "n": int(events.size)},
-            "ece_difference": paired_bootstrap_statistic_difference(score_ece, calibrated, raw_sigmoid, events,
-                                                                    *bootstrap),
+            "ece_difference": paired_bootstrap_ece_difference(calibrated, raw_sigmoid, events, *bootstrap),
         }
         figures = {
             "FNR on exits vs coverage, gate and softmax (val_test)": plot_fnr_coverage(

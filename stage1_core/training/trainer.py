@@ -474,16 +474,21 @@ def train_head(
             state.best_accuracy = val["val_acc"]
         return val, float(value), bool(improved)
 
-    if select_from_start and resume_checkpoint is None:
-        started = time.perf_counter()
-        val, value, _ = evaluate_and_select(0)
-        state.history.append({
-            "epoch": 0, "train_loss": None, "train_acc": None, **val, "best_val_acc": state.best_accuracy,
-            "lr": None, "selection_metric": metric, "selection_value": value, "improved": True,
-            "global_step": 0, "epoch_seconds": time.perf_counter() - started,
-        })
+    def log_epoch(epoch: int, train_stats: dict[str, Any], val: dict[str, Any], value: float, improved: bool,
+                  lr: float | None, started: float) -> dict[str, Any]:
+        """Append the epoch's history record and rewrite the CSV log (rank 0)."""
+        record = {"epoch": epoch, **train_stats, **val, "best_val_acc": state.best_accuracy, "lr": lr,
+                  "selection_metric": metric, "selection_value": value, "improved": improved,
+                  "global_step": state.global_step, "epoch_seconds": time.perf_counter() - started}
+        state.history.append(record)
         if main:
             write_log(log_path, state.history)
+        return record
+
+    if select_from_start and resume_checkpoint is None:
+        started = time.perf_counter()
+        val, value, improved = evaluate_and_select(0)
+        log_epoch(0, {"train_loss": None, "train_acc": None}, val, value, improved, None, started)
         logger.info("start (epoch 0, before any step): val_select acc %.2f%% AUGRC %.4f - a selection candidate",
                     100 * val["val_acc"], val[f"{SELECTIVE_PREFIX}augrc"])
     for epoch in range(state.start_epoch, int(config.epochs)):
@@ -500,22 +505,7 @@ def train_head(
             break
 
         val, value, improved = evaluate_and_select(epoch + 1)
-
-        record = {
-            "epoch": epoch + 1,
-            **train_stats,
-            **val,
-            "best_val_acc": state.best_accuracy,
-            "lr": optimizer.param_groups[0]["lr"],
-            "selection_metric": metric,
-            "selection_value": value,
-            "improved": bool(improved),
-            "global_step": state.global_step,
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        state.history.append(record)
-        if main:
-            write_log(log_path, state.history)
+        record = log_epoch(epoch + 1, train_stats, val, value, improved, optimizer.param_groups[0]["lr"], started)
         exit_acc = "n/a (nothing exits)" if val["exit_acc"] is None else f"{100 * val['exit_acc']:.2f}%"
         logger.info(
             "epoch %d/%d: train loss %.4f acc %.2f%% | val_select loss %.4f acc %.2f%% ECE %.4f AUGRC %.4f | "

@@ -44,19 +44,22 @@ def test_coverage_difference_matches_the_mean_difference():
     assert ci["difference"] == pytest.approx(0.1) and ci["ci_lower"] <= 0.1 <= ci["ci_upper"]
 
 
-def test_statistic_difference_recomputes_the_statistic_on_paired_resamples():
-    from stage1_core.metrics.paired import paired_bootstrap_statistic_difference
+def test_ece_difference_recomputes_both_eces_on_paired_resamples():
+    from stage1_core.calibration.gate import score_ece
+    from stage1_core.metrics.paired import paired_bootstrap_ece_difference
 
     rng = np.random.default_rng(0)
     events = rng.integers(0, 2, 400).astype(float)
     good = np.clip(events * 0.8 + 0.1 + rng.normal(0, 0.05, 400), 0, 1)
     bad = np.clip(good + 0.3, 0, 1)
 
-    def mean_abs_error(scores, e):
-        return float(np.mean(np.abs(scores - e)))
-
-    ci = paired_bootstrap_statistic_difference(mean_abs_error, bad, good, events, 300, 0.95, 1)
-    assert ci["difference"] == pytest.approx(mean_abs_error(bad, events) - mean_abs_error(good, events))
+    ci = paired_bootstrap_ece_difference(bad, good, events, 300, 0.95, 1)
+    assert ci["difference"] == pytest.approx(score_ece(bad, events) - score_ece(good, events))
     assert 0 < ci["ci_lower"] <= ci["difference"] <= ci["ci_upper"] and ci["n_resamples"] == 300
-    same = paired_bootstrap_statistic_difference(mean_abs_error, good, good, events, 50, 0.95, 1)
+    # The same images in both arms of every resample: the same score differs by exactly 0.
+    same = paired_bootstrap_ece_difference(good, good, events, 50, 0.95, 1)
     assert same["ci_lower"] == same["ci_upper"] == 0.0
+    # Each resample recomputes both ECEs on one draw of the images (a per-resample loop agrees).
+    draws = np.random.default_rng(1).integers(0, 400, size=(300, 400))
+    loop = [score_ece(bad[i], events[i]) - score_ece(good[i], events[i]) for i in draws]
+    assert ci["ci_lower"] == pytest.approx(np.percentile(loop, 2.5)) and ci["ci_upper"] == pytest.approx(np.percentile(loop, 97.5))
