@@ -21,18 +21,17 @@ def class_weights(labels: np.ndarray, n_classes: int = 2) -> np.ndarray:
     return len(labels) / (n_classes * counts + 1e-6)
 
 
-def logistic_probe_accuracy(
+def logistic_probe_predictions(
     train_x: np.ndarray,
     train_y: np.ndarray,
-    val_x: np.ndarray,
-    val_y: np.ndarray,
+    x: np.ndarray,
     seed: int = 0,
     class_weighting: str = "balanced",
-) -> float:
-    """val accuracy of a logistic regression on standardised features, weighted like the head.
+) -> np.ndarray:
+    """Class predictions on ``x`` of a logistic regression on standardised features, weighted like the head.
 
-    Same features and the head's class weighting: when the MLP head cannot match this probe
-    within a point, the trainer (not the data) is at fault.
+    Same features and the head's class weighting: when the MLP head cannot match this probe,
+    the trainer (not the data) is at fault.
     """
     weights = class_weights(train_y)
     class_weight = {0: weights[0], 1: weights[1]} if class_weighting == "balanced" else None
@@ -41,7 +40,20 @@ def logistic_probe_accuracy(
         LogisticRegression(class_weight=class_weight, max_iter=5000, random_state=seed),
     )
     probe.fit(np.asarray(train_x, dtype=np.float64), np.asarray(train_y).astype(int))
-    return float((probe.predict(np.asarray(val_x, dtype=np.float64)) == np.asarray(val_y).astype(int)).mean())
+    return probe.predict(np.asarray(x, dtype=np.float64)).astype(int)
+
+
+def logistic_probe_accuracy(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    seed: int = 0,
+    class_weighting: str = "balanced",
+) -> float:
+    """Accuracy on ``(val_x, val_y)`` of :func:`logistic_probe_predictions`."""
+    predictions = logistic_probe_predictions(train_x, train_y, val_x, seed=seed, class_weighting=class_weighting)
+    return float((predictions == np.asarray(val_y).astype(int)).mean())
 
 
 def read_baseline_log(path: str | Path) -> dict[str, Any]:

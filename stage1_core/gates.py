@@ -4,21 +4,12 @@ The criteria themselves (declaration, reader, pure rule) live in :mod:`stage1_co
 this module holds what they and the Dagster guards share, so it imports nothing heavy.
 """
 
-
-
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-
-
-ACCURACY_TOLERANCE = 0.01
-
-
-COVERAGE_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)

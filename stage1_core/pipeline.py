@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
-    "baseline_accuracy": "stage1_core.acceptance.standing",
     "evaluate_criterion": "stage1_core.acceptance.verdicts",
     **dict.fromkeys(("cache_features", "load_split", "load_split_features", "prepare_backbone"),
                     "stage1_core.steps.backbone"),
@@ -60,7 +59,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static tools see the real names
-    from stage1_core.acceptance.standing import baseline_accuracy
     from stage1_core.acceptance.verdicts import evaluate_criterion
     from stage1_core.steps.backbone import cache_features, load_split, load_split_features, prepare_backbone
     from stage1_core.steps.bundle import compare_bundle_decisions, current_bundle_problems, export_phase_bundle

@@ -45,7 +45,7 @@ from .registry import CRITERIA, READERS, Criterion, declare, reader
 from .sharpness import check_improves_over_adamw, check_training_stable, loss_spikes
 from .standing import (
     augrc_closed_form,
-    baseline_accuracy,
+    accuracy_baseline,
     check_metrics_in_range,
     check_no_regression,
     check_selected_checkpoint_is_best,

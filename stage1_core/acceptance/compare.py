@@ -41,6 +41,8 @@ class Comparison:
     higher_is_better: bool = True
     #: Confidence interval of ``current - reference`` (paired bootstrap, ...), when known.
     ci: tuple[float, float] | None = None
+    #: How ``ci`` was obtained, as a verdict's message names it.
+    ci_kind: str = "paired bootstrap"
 
     @property
     def difference(self) -> float:
@@ -86,17 +88,18 @@ class Comparison:
 
     @property
     def confidence_text(self) -> str:
-        return "paired bootstrap "
+        return f"{self.ci_kind} "
 
 
 def compare(current: float, reference: float, *, margin: float, direction: Direction = "non-inferiority",
-            higher_is_better: bool = True, ci: tuple[float, float] | None = None) -> Comparison:
+            higher_is_better: bool = True, ci: tuple[float, float] | None = None,
+            ci_kind: str = "paired bootstrap") -> Comparison:
     """A :class:`Comparison`; raises ValueError for an unknown direction or a negative margin."""
     if direction not in ("non-inferiority", "superiority"):
         raise ValueError(f"direction must be 'non-inferiority' or 'superiority', got {direction!r}")
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin!r}")
-    return Comparison(float(current), float(reference), float(margin), direction, higher_is_better, ci)
+    return Comparison(float(current), float(reference), float(margin), direction, higher_is_better, ci, ci_kind)
 
 
 def paired_compare(current: np.ndarray, reference: np.ndarray, *, margin: float, direction: Direction,

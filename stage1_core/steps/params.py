@@ -39,7 +39,7 @@ FINETUNE_FIELDS = (
 #: its verdict, stale (its consumers refuse it, naming the setting) instead of loosening a passed
 #: gate silently.
 CRITERION_FIELDS = {
-    "val_accuracy_vs_baseline": ("baseline_val_accuracy",),
+    "val_accuracy_vs_baseline": ("baseline_val_accuracy", "baseline_margin"),
     "no_regression_vs_previous_phase": ("accuracy_margin", "coverage_margin"),
     "gate_beats_softmax": ("gate_min_gain",),
     "no_classification_regression": ("accuracy_margin", "exit_accuracy_margin"),

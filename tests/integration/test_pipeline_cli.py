@@ -73,17 +73,18 @@ def test_phase2_after_phase1_reuses_features(tmp_path, phase1_project):
 
 
 def test_failing_gate_stops_the_bundle_and_bundle_alone_is_refused(tmp_path, phase1_project):
-    # An old-script baseline the head cannot reach within a point: the accuracy gate fails.
+    # An old-script baseline the head cannot reach within the margin: the accuracy gate fails.
     failing = make_project(tmp_path, data_from=phase1_project, baseline_val_accuracy=0.999)
     result = failing.materialize("*bundle", "phase1")
     assert result.returncode != 0, output(result)
-    assert "vs reference 0.9990" in result.stdout + result.stderr, output(result)
+    assert "accuracy vs the baseline_val_accuracy from config" in result.stdout + result.stderr, output(result)
+    assert "vs 99.90" in result.stdout + result.stderr, output(result)
     assert not (failing.artifacts / "bundle" / "phase1" / "bundle").exists()
     cache = json.loads((failing.artifacts / "cached_features" / "phase1" / "cache.json").read_text())
     assert cache["reused"] is True, cache
     records = failing.check_records("phase1")
     assert records["val_accuracy_vs_baseline"] is False, records
-    assert records["thresholds_certified"] is None, "downstream checks must not run after a blocking failure"
+    assert records["bundle_verified"] is None, "downstream checks must not run after a blocking failure"
     alone = failing.materialize("bundle", "phase1")
     assert alone.returncode != 0, output(alone)
     text = alone.stdout + alone.stderr

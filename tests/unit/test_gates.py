@@ -33,19 +33,65 @@ def test_training_completed_reads_an_epoch_zero_start_row_as_evaluated_not_train
     assert not broken.passed and "epoch(s) [0]" in broken.message
 
 
-def test_val_accuracy_vs_baseline_one_point_tolerance():
-    assert acceptance.check_val_accuracy_vs_baseline(0.90, 0.91, "probe").passed
-    failed = acceptance.check_val_accuracy_vs_baseline(0.8999, 0.91, "probe")
-    assert not failed.passed and "0.9000" in failed.message
-    assert failed.figures["baseline_source"] == "probe"
+def _labelled_head(n: int = 800, positive_rate: float = 0.9, tpr: float = 0.95, tnr: float = 0.55, seed: int = 0):
+    """``(labels, predictions)`` of a class-weighted head: it misses some roadwork to catch half the negatives."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < positive_rate).astype(int)
+    right = np.where(labels == 1, rng.random(n) < tpr, rng.random(n) < tnr)
+    return labels, np.where(right, labels, 1 - labels)
 
 
-def test_val_accuracy_reference_is_at_least_the_majority_rate():
-    # A weak probe (0.79) must not let an always-"roadwork" head (0.88 on a 88% roadwork split) pass.
-    degenerate = acceptance.check_val_accuracy_vs_baseline(0.86, 0.79, "probe", majority_accuracy=0.88)
-    assert not degenerate.passed and "majority-class rate" in degenerate.message
-    assert degenerate.figures["reference_accuracy"] == 0.88
-    assert acceptance.check_val_accuracy_vs_baseline(0.96, 0.95, "probe", majority_accuracy=0.88).passed
+def _flip(predictions: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """A model disagreeing with ``predictions`` on ``share`` of the images."""
+    flip = np.random.default_rng(seed).random(predictions.size) < share
+    return np.where(flip, 1 - predictions, predictions)
+
+
+def test_val_accuracy_vs_baseline_is_paired_non_inferiority_against_the_probe():
+    labels, head = _labelled_head()
+    # A probe disagreeing on ~25% of images, the default's rate: the paired CI is wide, the margin has power.
+    probe = _flip(head, 0.25, seed=3)
+    verdict = acceptance.check_val_accuracy_vs_baseline(labels, head, probe, None, "probe", 0.06, BOOT)
+    assert verdict.passed, verdict.message
+    assert "val_test accuracy vs the probe" in verdict.message and "power at this margin" in verdict.message
+    assert verdict.figures["accuracy_disagreement"] == pytest.approx(np.mean(head != probe))
+    # 5 points behind the probe on ~30% disagreement: within the margin as a point estimate (a rule on the
+    # point would pass), but the CI's lower end is beyond -6 points: no evidence that it is not worse.
+    # probe wrong on images [0, 120); the head right on 100 of them and wrong on 140 the probe gets right
+    probe = labels.copy()
+    probe[:120] = 1 - labels[:120]
+    worse = labels.copy()
+    worse[100:120] = 1 - labels[100:120]
+    worse[120:260] = 1 - labels[120:260]
+    verdict = acceptance.check_val_accuracy_vs_baseline(labels, worse, probe, None, "probe", 0.06, BOOT)
+    assert verdict.figures["accuracy_difference"] == pytest.approx(-0.05)
+    assert verdict.figures["accuracy_disagreement"] == pytest.approx(0.30)
+    assert verdict.figures["accuracy_ci_lower"] < -0.06
+    assert not verdict.passed and "FAILS" in verdict.message
+
+
+def test_val_accuracy_vs_a_fixed_baseline_reads_the_ci_of_the_heads_accuracy():
+    labels, head = _labelled_head()
+    accuracy = float((head == labels).mean())
+    assert acceptance.check_val_accuracy_vs_baseline(labels, head, None, accuracy, "config", 0.06, BOOT).passed
+    failed = acceptance.check_val_accuracy_vs_baseline(labels, head, None, 0.999, "config", 0.06, BOOT)
+    assert not failed.passed and "vs 99.90" in failed.message and "bootstrap CI" in failed.message
+    assert "paired" not in failed.message
+
+
+def test_val_accuracy_needs_a_head_better_than_a_constant_answer():
+    labels, head = _labelled_head(tpr=0.91, tnr=0.5)
+    majority = float(labels.mean())
+    # The old rule (accuracy >= max(probe, majority rate) - 1 point) passed an always-"roadwork" head: its
+    # accuracy *is* the majority rate. Its balanced accuracy is 0.5 exactly: no evidence it beats a constant.
+    constant = np.ones_like(labels)
+    verdict = acceptance.check_val_accuracy_vs_baseline(labels, constant, None, majority - 0.05, "config", 0.06, BOOT)
+    assert not verdict.passed and "balanced accuracy vs a constant answer" in verdict.message
+    assert verdict.figures["balanced_accuracy_ci_lower"] == pytest.approx(0.0)
+    # A class-weighted head below the majority rate in raw accuracy but separating the classes passes.
+    informative = acceptance.check_val_accuracy_vs_baseline(labels, head, None, majority - 0.05, "config", 0.06, BOOT)
+    assert (head == labels).mean() < majority
+    assert informative.passed and informative.figures["balanced_accuracy_ci_lower"] > 0.1
 
 
 def test_thresholds_certified():
