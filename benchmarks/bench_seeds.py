@@ -6,10 +6,12 @@ the demo's Dagster runs, and reports per phase over the seeds: how many passed t
 which criterion failed where), certified coverage on val_calib, val_test coverage and FNR on exits
 (with its counts). The README's headline figures come from this benchmark, with their spread.
 
-Seeds 2001-2005 are fresh: no knob was tuned on them (tuning uses data seeds 1001-1003, and the
-default's val_select; see the README's "What was tuned where").
+No knob is tuned on the benchmark's seeds (tuning uses data seeds 1001-1003, and the default's
+val_select; see the README's "What was tuned where"). Seeds 2001-2005 were the first fresh set;
+the accuracy criterion's rule was changed after seed 2001 failed it, so 3001-3005 (the default)
+are the fresh set that rule is confirmed on.
 
-    python benchmarks/bench_seeds.py [--seeds 2001 2002 2003 2004 2005] [--phases phase1 phase2 phase3]
+    python benchmarks/bench_seeds.py [--seeds 3001 3002 3003 3004 3005] [--phases phase1 phase2 phase3]
                                      [--workdir DIR]
 
 A seed stops at its first phase that fails, except an optional phase (phase 5) whose gate fails:
@@ -31,7 +33,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-FRESH_SEEDS = (2001, 2002, 2003, 2004, 2005)
+FRESH_SEEDS = (3001, 3002, 3003, 3004, 3005)
 
 
 def seed_environment(work: Path, seed: int, base_config: Path) -> dict[str, str]:

@@ -8,7 +8,8 @@ phase's recipe (``phases.py``) names the head, loss and exit policy, and registr
 inputs (:mod:`stage1_core.lineage`) before it reads them.
 
 Split usage is enforced here: ``train`` fits weights, ``val_select`` selects checkpoints,
-``val_calib`` fits the exit policy, ``val_test`` only evaluates (``require_split``).
+``val_calib`` fits the exit policy, ``val_test`` only evaluates (``require_role`` on the rows'
+sample ids, and ``FitInputs.take`` in every policy fit).
 
 The re-exports load lazily (PEP 562 module ``__getattr__``): importing this module costs
 nothing, and a name pulls in its step module (torch, transformers, scikit-learn ...) on first

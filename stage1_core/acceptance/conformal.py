@@ -276,17 +276,15 @@ def check_prediction_sets_valid(
 
 @reader("risk_training_works")
 def _risk_training_works(ctx: StepContext) -> GateVerdict:
-    from stage1_core.policies.base import SplitOutputs
     from stage1_core.steps.backbone import previous_backbone_phase
-    from stage1_core.steps.training import load_prediction_outputs
+    from stage1_core.steps.training import load_split_outputs
 
     evaluation_record(ctx)
     training = read_training(ctx.layout, ctx.partition)
     previous = previous_backbone_phase(ctx.layout, ctx.partition)
     ctx.require("evaluation-check", [("predictions", previous), ("checkpoint", previous)])
     current = val_test_outcomes(ctx, ctx.partition)
-    outputs = {split: SplitOutputs(*load_prediction_outputs(ctx.layout, previous, split))
-               for split in ("val_select", "val_calib", "val_test")}
+    outputs = {split: load_split_outputs(ctx.layout, previous, split) for split in ("val_select", "val_calib", "val_test")}
     if not np.array_equal(outputs["val_test"].labels, current["labels"]):
         raise ValueError(f"{previous}'s val_test predictions are not of {ctx.partition}'s val_test images: "
                          f"re-materialise its predictions on the current splits")

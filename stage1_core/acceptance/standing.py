@@ -433,14 +433,17 @@ def accuracy_baseline(ctx: StepContext, split: str) -> tuple[np.ndarray | None, 
     a logistic probe fit on the train features and predicting ``split``'s features.
     """
     from stage1_core.baselines import logistic_probe_predictions
-    from stage1_core.steps.backbone import load_split_features
+    from stage1_core.data.splits import require_role
+    from stage1_core.steps.backbone import load_split
+    from stage1_core.steps.data import read_splits
 
     cfg = ctx.cfg
     if cfg.baseline_val_accuracy is not None:
         return None, float(cfg.baseline_val_accuracy), "baseline_val_accuracy from config"
-    train_x, train_y = load_split_features(ctx.layout, ctx.partition, "train")
-    x, _ = load_split_features(ctx.layout, ctx.partition, split)
-    predictions = logistic_probe_predictions(train_x.numpy(), train_y.numpy(), x.numpy(), seed=cfg.seed,
+    train = load_split(ctx.layout, ctx.partition, "train")
+    require_role(train.sample_ids, "fit", read_splits(ctx.layout)[0], "the accuracy baseline's training rows")
+    x = load_split(ctx.layout, ctx.partition, split).features
+    predictions = logistic_probe_predictions(train.features.numpy(), train.labels.numpy(), x.numpy(), seed=cfg.seed,
                                              class_weighting=cfg.class_weighting)
     weighting = "class-weighted " if cfg.class_weighting == "balanced" else ""
     return predictions, None, f"{weighting}logistic-regression probe on the cached features"

@@ -14,7 +14,8 @@ without their labels. The grid and the frontier order use the calibrated values 
 not monotone in max p (it moves the decision boundary), so calibrators fit on val_calib labels
 would let those labels shape the tested family. Both calibrators - Dirichlet for ``q`` (L-BFGS,
 ``calibration_iters`` iterations) and the gate calibrator for ``g`` - are therefore fit on
-val_select, and only the certificate uses val_calib; ``require_split`` enforces the roles.
+val_select, and only the certificate uses val_calib; the fit takes each by its role from arrays
+tagged with their split by their sample ids (``FitInputs.take``), which enforces the roles.
 val_select also chose the checkpoint, which can make the calibrators a little optimistic but
 never touches the certificate's validity. SCRC-T's conformal argument needs the same: the
 calibrators and its selection rate (:func:`choose_selection_rate`, also on val_select) are fixed

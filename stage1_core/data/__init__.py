@@ -42,8 +42,10 @@ _EXPORTS = {
         "assign_val_split",
         "load_splits",
         "make_splits",
+        "require_role",
         "require_split",
         "save_splits",
+        "split_of_ids",
     ),
     "synthetic": ("SyntheticSummary", "generate_synthetic_dataset"),
 }

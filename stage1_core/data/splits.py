@@ -6,8 +6,11 @@ ratios, so its split depends on nothing but its own id and the seed. Adding or r
 samples never moves it, and because the hash is independent of the label each class is split in
 the given ratios in expectation (stratified without consulting any other sample).
 
-Each split has one permitted role (``SPLIT_ROLES``); fitting code calls :func:`require_split`
-so using, say, val_test to fit a calibrator fails loudly instead of leaking test data.
+Each split has one permitted role (``SPLIT_ROLES``). Fitting code checks the role of the data it
+is handed by its content: :func:`split_of_ids` names the one split that holds every sample id of
+an array (a mixture, or ids in no split, are refused), and :func:`require_role` refuses an array
+whose split does not allow the role, so handing, say, val_test's rows to a calibrator fails loudly
+whatever the array was called on the way.
 """
 
 from __future__ import annotations
@@ -62,6 +65,37 @@ def require_split(name: str, role: str) -> None:
         raise SplitError(
             f"split {name!r} may not be used to {role} ({USAGE_RULES[name]}); use {permitted!r} for that"
         )
+
+
+def split_of_ids(sample_ids: Sequence[str], splits: "Splits", what: str = "the data") -> str:
+    """The one split holding every id of ``sample_ids``: the content's tag, not a caller's name.
+
+    Raises :class:`SplitError` when there are no ids, when some are in no split, or when they
+    span several splits (a mixture has no single permitted role).
+    """
+    if len(sample_ids) == 0:
+        raise SplitError(f"{what} has no sample ids, so its split cannot be told from its content")
+    owners = Counter(splits.split_of(sid) for sid in sample_ids)
+    unknown = owners.pop(None, 0)
+    if unknown:
+        first = next(sid for sid in sample_ids if splits.split_of(sid) is None)
+        raise SplitError(f"{what}: {unknown} of {len(sample_ids)} sample ids are in no split (first: {first!r}) - "
+                         f"the data do not belong to these splits; rebuild the splits or the data")
+    if len(owners) > 1:
+        mixture = ", ".join(f"{count} of {name}" for name, count in sorted(owners.items()))
+        raise SplitError(f"{what} mixes splits ({mixture}): each split has its own role, so rows of different "
+                         f"splits may not be fit together")
+    return next(iter(owners))
+
+
+def require_role(sample_ids: Sequence[str], role: str, splits: "Splits", what: str = "the data") -> str:
+    """The split of ``sample_ids`` (by content), after checking that it may be used for ``role``."""
+    name = split_of_ids(sample_ids, splits, what)
+    try:
+        require_split(name, role)
+    except SplitError as exc:
+        raise SplitError(f"{what} holds {len(sample_ids)} image(s) of {name}: {exc}") from None
+    return name
 
 
 def hash_position(sample_id: str, seed: int) -> float:

@@ -61,11 +61,14 @@ class Decisions:
 @dataclass(frozen=True)
 class SplitOutputs:
     """The selected checkpoint's outputs on one split: softmax probabilities [N, 2], raw gate logits
-    [N] (None without a gated head) and labels [N]."""
+    [N] (None without a gated head) and labels [N], tagged with ``split``: the split that holds the
+    rows' sample ids, which the loader reads from their content (``split_of_ids``), never from the
+    name the caller asked for. ``""`` is untagged, and no fit accepts it."""
 
     probs: np.ndarray
     gate_logits: np.ndarray | None
     labels: np.ndarray
+    split: str = ""
 
 
 @dataclass
@@ -78,6 +81,40 @@ class FitInputs:
     cfg: Any
     out_dir: Path
     checkpoint_id: str
+
+    def __post_init__(self) -> None:
+        from ..data.splits import SPLIT_ROLES, USAGE_RULES, SplitError
+
+        for name, outputs in self.outputs.items():
+            if not outputs.split:
+                raise SplitError(f"outputs {name!r} handed to an exit-policy fit are untagged: a fit takes only "
+                                 f"arrays whose split was read from their sample ids (steps.policy.fit_inputs)")
+            if SPLIT_ROLES.get(outputs.split) not in FIT_ROLES:
+                raise SplitError(f"outputs {name!r} handed to an exit-policy fit hold rows of {outputs.split} "
+                                 f"({USAGE_RULES.get(outputs.split, 'no split')}); a policy is fit on val_select "
+                                 f"and val_calib only")
+
+    def take(self, role: str) -> SplitOutputs:
+        """The outputs whose content tag permits ``role`` (``calibrate``: val_calib, ``select``: val_select).
+
+        Raises :class:`~stage1_core.data.splits.SplitError` when none handed in is tagged for it:
+        a fit reads its arrays through here, so rows of another split under any name are refused.
+        """
+        from ..data.splits import SPLIT_ROLES, SplitError
+
+        if role not in FIT_ROLES:
+            raise SplitError(f"an exit-policy fit may only {' or '.join(FIT_ROLES)}, not {role!r}")
+        for outputs in self.outputs.values():
+            if SPLIT_ROLES[outputs.split] == role:
+                return outputs
+        held = ", ".join(f"{name!r}: {outputs.split}" for name, outputs in self.outputs.items()) or "nothing"
+        permitted = next(split for split, r in SPLIT_ROLES.items() if r == role)
+        raise SplitError(f"the fit needs {permitted}'s outputs to {role}, and was handed {held}")
+
+
+#: What a policy fit may do with the splits handed to it (val_select selects and shapes the score,
+#: val_calib certifies); the roles are the splits' own (``stage1_core.data.splits.SPLIT_ROLES``).
+FIT_ROLES = ("select", "calibrate")
 
 
 @dataclass
@@ -127,7 +164,7 @@ class ExitPolicy(ABC):
 
     @classmethod
     def fit(cls, inputs: FitInputs) -> FittedPolicy:
-        """Certify the policy on ``inputs.outputs["val_calib"]`` and return its policy file's content."""
+        """Certify the policy on ``inputs.take("calibrate")`` (val_calib) and return its policy file's content."""
         raise TypeError(f"exit policy {cls.name!r} ({cls.__name__}) defines no fit(): it can be loaded and "
                         f"decide, but the exit_policy step cannot fit it")
 

@@ -118,14 +118,14 @@ class GateExitPolicy(ExitPolicy):
         """
         from ..reporting.figures import plot_threshold_sweep  # matplotlib
 
-        cfg, calib = inputs.cfg, inputs.outputs["val_calib"]
+        cfg, calib = inputs.cfg, inputs.take("calibrate")
         probs, raw, labels = calib.probs, calib.gate_logits, calib.labels
         if raw is None:
             raise ValueError("the checkpoint has no gate head, so the gate policy cannot be fitted")
         fit_split = "val_select" if cfg.gate_calibration == "isotonic" else "val_calib"
         fit_data = None
         if fit_split == "val_select":
-            sel = inputs.outputs["val_select"]
+            sel = inputs.take("select")
             fit_data = (sel.gate_logits, sel.probs, sel.labels)
         calibrator, result = fit_gate_policy(raw, probs, labels, cfg.target_fnr_exit, cfg.delta,
                                              calibrator_method=cfg.gate_calibration, calibrator_fit_data=fit_data)

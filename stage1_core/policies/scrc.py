@@ -237,7 +237,7 @@ class SCRCExitPolicy(ExitPolicy):
         from ..reporting.scrc_figures import plot_scrc_frontier  # matplotlib
 
         cfg, out_dir = inputs.cfg, inputs.out_dir
-        sel, calib = inputs.outputs["val_select"], inputs.outputs["val_calib"]
+        sel, calib = inputs.take("select"), inputs.take("calibrate")
         sel_probs, sel_raw, sel_labels = sel.probs, sel.gate_logits, sel.labels
         probs, raw, labels = calib.probs, calib.gate_logits, calib.labels
         if raw is None or sel_raw is None:

@@ -43,7 +43,7 @@ class SoftmaxExitPolicy(ExitPolicy):
         """Certify exit iff max(p) >= t on val_calib (never a default threshold)."""
         from ..reporting.figures import plot_threshold_sweep  # matplotlib
 
-        cfg, calib = inputs.cfg, inputs.outputs["val_calib"]
+        cfg, calib = inputs.cfg, inputs.take("calibrate")
         probs, labels = calib.probs, calib.labels
         result = certify_softmax_threshold(probs, labels, cfg.target_fnr_exit, cfg.delta)
         decisions = cls(result.exit_threshold).decide(probs)

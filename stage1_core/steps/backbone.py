@@ -244,18 +244,42 @@ def load_split(layout: Layout, partition: str, split: str, view: str = "deploy")
     ``view="deploy"``: the recorded challenge draw for val splits when the phase runs the
     deployment pipeline (:func:`stage1_core.steps.deployment.load_view`), else the clean features.
     """
-    from stage1_core.features import TensorSplit, load_cached_features
     from stage1_core.steps.deployment import load_view
 
     deployed = load_view(layout, partition, split, view)
     if deployed is not None:
         return deployed
     pointer = read_json(layout.path("cached_features", partition) / CACHE_POINTER, schema="feature_pointer")
+    return load_store_split(layout, pointer["store"], split)
+
+
+def load_store_split(layout: Layout, store: str | Path, split: str):
+    """Rows ``split`` of a feature store, tagged by content: sample ids and labels from the rows' images.
+
+    A store keys its rows by the sha256 of their images (:func:`split_content`). Each row is
+    mapped back to the sample of the splits holding that image, and
+    :func:`~stage1_core.data.splits.split_of_ids` must find every one in ``split``: a store whose
+    rows under that name are another split's images, or a mixture, is refused, and every later role
+    check reads what the rows are, not what they were called.
+    """
+    from stage1_core.data.splits import SPLIT_NAMES, SplitError, split_of_ids
+    from stage1_core.features import TensorSplit, load_cached_features, read_manifest
+
     splits, index = read_splits(layout)
-    ids = list(splits.ids[split])
-    labels = torch.as_tensor(index.labels(ids))
-    data = load_cached_features(pointer["store"], splits=[split], labels={split: labels})[split]
-    return TensorSplit(data.features, data.labels, tuple(ids), split)
+    sample_of = {index.sha256[sid]: sid for name in SPLIT_NAMES for sid in splits.ids[name]}
+    hashes = read_manifest(store).sample_ids(split)
+    strangers = [h for h in hashes if h not in sample_of]
+    if strangers:
+        raise SplitError(f"feature store {store}, rows {split!r}: {len(strangers)} of {len(hashes)} rows are images "
+                         f"in no split (first sha256 {strangers[0][:16]}...); re-materialise cached_features")
+    ids = tuple(sample_of[h] for h in hashes)
+    holder = split_of_ids(ids, splits, f"feature store {store}, rows {split!r}")
+    if holder != split:
+        raise SplitError(f"feature store {store}: the rows stored as {split!r} are images of {holder}; "
+                         f"re-materialise cached_features on the current splits")
+    labels = torch.as_tensor(index.labels(list(ids)))
+    data = load_cached_features(store, splits=[split], labels={split: labels})[split]
+    return TensorSplit(data.features, data.labels, ids, split)
 
 
 def load_split_features(layout: Layout, partition: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,8 +296,7 @@ def model_features(layout: Layout, partition: str, split: str, view: str = "depl
     (evaluation, bundle verification, gate criteria) goes through this function.
     """
     from stage1_core.data.splits import VAL_SPLITS
-    from stage1_core.features import TensorSplit, cache_key, load_cached_features
-
+    from stage1_core.features import cache_key
     from stage1_core.steps.deployment import load_view
 
     tuned = read_training(layout, partition).get("finetuned_backbone")
@@ -286,8 +309,4 @@ def model_features(layout: Layout, partition: str, split: str, view: str = "depl
         return deployed
     _, transform_desc = eval_transform()
     store = layout.feature_store / cache_key(tuned["fingerprint"], transform_desc, split_content(layout, VAL_SPLITS))
-    splits, index = read_splits(layout)
-    ids = list(splits.ids[split])
-    labels = torch.as_tensor(index.labels(ids))
-    data = load_cached_features(store, splits=[split], labels={split: labels})[split]
-    return TensorSplit(data.features, data.labels, tuple(ids), split)
+    return load_store_split(layout, store, split)

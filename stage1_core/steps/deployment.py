@@ -116,9 +116,7 @@ def load_view(layout: Layout, partition: str, split: str, view: str, fingerprint
     features. ``fingerprint`` overrides the phase's backbone (a fine-tuned backbone's stores).
     """
     from stage1_core.artifacts import read_json
-    from stage1_core.features import TensorSplit, load_cached_features
-    from stage1_core.steps.backbone import CACHE_POINTER
-    from stage1_core.steps.data import read_splits
+    from stage1_core.steps.backbone import CACHE_POINTER, load_store_split
 
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; known: {VIEWS}")
@@ -136,11 +134,7 @@ def load_view(layout: Layout, partition: str, split: str, view: str, fingerprint
         return None
     store, _, _, _ = view_store(layout, fingerprint or pointer["fingerprint"], int(section["seed"]), name,
                                 int(section.get("train_views", 0)))
-    split_ids, index = read_splits(layout)
-    ids = list(split_ids.ids[split])
-    labels = torch.as_tensor(index.labels(ids))
-    data = load_cached_features(store, splits=[split], labels={split: labels})[split]
-    return TensorSplit(data.features, data.labels, tuple(ids), split)
+    return load_store_split(layout, store, split)
 
 
 def training_views(layout: Layout, partition: str) -> list[torch.Tensor]:

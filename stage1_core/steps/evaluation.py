@@ -14,10 +14,11 @@ import torch
 
 from stage1_core.artifacts import jsonable, save_tensors, write_json
 from stage1_core.config import Stage1ProConfig
-from stage1_core.data.splits import require_split
+from stage1_core.data.splits import require_role
 from stage1_core.policies import policy_class
 from stage1_core.steps.backbone import model_features
 from stage1_core.steps.context import Layout, StepContext, StepResult
+from stage1_core.steps.data import read_splits
 from stage1_core.steps.policy import build_predictor
 from stage1_core.store import DECISIONS_FILE, EVALUATION_FILE, METRICS_FILE, read_policy_document, read_training
 
@@ -35,8 +36,8 @@ def evaluate_phase(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     inputs = ctx.require("evaluation", [("exit_policy", partition), ("predictions", partition),
                                         ("checkpoint", partition), ("cached_features", partition)])
     cfg = ctx.cfg
-    require_split("val_test", "evaluate")
     data = model_features(layout, partition, "val_test")
+    require_role(data.sample_ids, "evaluate", read_splits(layout)[0], f"{partition}'s evaluation rows")
     predictor = build_predictor(config, layout, partition)
     certificate = read_policy_document(layout, partition, cfg.exit_policy)
     target, delta = float(certificate["target_fnr"]), float(certificate["delta"])

@@ -13,14 +13,10 @@ from typing import Any
 
 from stage1_core.artifacts import write_json
 from stage1_core.config import Stage1ProConfig
-from stage1_core.data.splits import require_split
-from stage1_core.policies import POLICIES, FitInputs, SplitOutputs, load_policy, policy_class
+from stage1_core.policies import POLICIES, FitInputs, load_policy, policy_class
 from stage1_core.steps.context import Layout, StepContext, StepResult
-from stage1_core.steps.training import load_head, load_prediction_outputs
+from stage1_core.steps.training import load_head, load_split_outputs
 from stage1_core.store import policy_path, read_training
-
-#: What a policy may do with each split it asks for (``require_split`` refuses anything else).
-FIT_SPLIT_ROLES = {"val_select": "select", "val_calib": "calibrate"}
 
 
 #: The exit_policy step's own log: what calibration and certification reported (stage1_core.logfile).
@@ -28,14 +24,14 @@ POLICY_LOG_FILE = "exit_policy.log"
 
 
 def fit_inputs(ctx: StepContext, splits: tuple[str, ...], out_dir: Path) -> FitInputs:
-    """The checkpoint's outputs on ``splits``, each checked against its role first."""
+    """The checkpoint's outputs on ``splits``, each tagged with its split from its sample ids.
+
+    :class:`FitInputs` refuses outputs whose tag is not val_select or val_calib, and the fit reads
+    them by role (``inputs.take("calibrate")``), so the role check is on the rows' content.
+    """
     if "val_calib" not in splits:
         raise ValueError(f"an exit policy is certified on val_calib; fit_splits named {list(splits)}")
-    outputs = {}
-    for split in splits:
-        require_split(split, FIT_SPLIT_ROLES.get(split, "calibrate"))
-        probs, gate_logits, labels = load_prediction_outputs(ctx.layout, ctx.partition, split)
-        outputs[split] = SplitOutputs(probs, gate_logits, labels)
+    outputs = {split: load_split_outputs(ctx.layout, ctx.partition, split) for split in splits}
     return FitInputs(outputs, ctx.cfg, out_dir, read_training(ctx.layout, ctx.partition)["checkpoint_id"])
 
 
@@ -81,10 +77,11 @@ def fit_exit_policy(config: Stage1ProConfig, layout: Layout, partition: str) -> 
 def _fit_served(ctx: StepContext, path: Path) -> dict[str, Any]:
     """Fit the served-probability calibrator on val_select's (deployment-view) outputs and write it."""
     from stage1_core.calibration.served import fit_served_calibrator
+    from stage1_core.data.splits import require_split
 
-    require_split("val_select", "select")
-    probs, _, labels = load_prediction_outputs(ctx.layout, ctx.partition, "val_select")
-    spec = fit_served_calibrator(probs, labels, prior=ctx.cfg.deploy_prior, fit_split="val_select")
+    outputs = load_split_outputs(ctx.layout, ctx.partition, "val_select")
+    require_split(outputs.split, "select")  # the tag read from the rows' sample ids
+    spec = fit_served_calibrator(outputs.probs, outputs.labels, prior=ctx.cfg.deploy_prior, fit_split=outputs.split)
     write_json(path, spec)
     return {"served_calibrator_slope": spec["a"], "served_calibrator_intercept": spec["b"]}
 

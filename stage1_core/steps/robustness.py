@@ -43,19 +43,21 @@ def view_decisions(predictor: Any, features: Any) -> tuple[np.ndarray, Any]:
 def robustness_report(cfg: Stage1ProConfig, layout: Layout, partition: str, predictor: Any, target: float,
                       delta: float, out_dir: Path) -> RobustnessReport | None:
     """The per-level report of ``partition`` (None without the deployment pipeline)."""
-    from stage1_core.data.splits import require_split
+    from stage1_core.data.splits import require_role
     from stage1_core.metrics.robustness import robustness_table
     from stage1_core.reporting.robustness_figures import plot_robustness
     from stage1_core.steps.backbone import model_features
+    from stage1_core.steps.data import read_splits
     from stage1_core.steps.deployment import deployment_section
 
     section = deployment_section(layout, partition)
     if section is None:
         return None
-    require_split("val_test", "evaluate")
+    splits, _ = read_splits(layout)
     views = {}
     for name, view in ROWS:
         data = model_features(layout, partition, "val_test", view)
+        require_role(data.sample_ids, "evaluate", splits, f"{partition}'s {name} rows")
         _, decisions = view_decisions(predictor, data.features)
         views[name] = {"labels": data.labels.numpy().astype(int), "exit": np.asarray(decisions.exit, dtype=bool),
                        "exit_label": np.asarray(decisions.label, dtype=int),

@@ -15,7 +15,7 @@ import torch
 
 from stage1_core.artifacts import jsonable, load_tensors, save_tensors, sha256_file, write_json
 from stage1_core.config import Stage1ProConfig
-from stage1_core.data.splits import VAL_SPLITS, require_split
+from stage1_core.data.splits import VAL_SPLITS, require_role
 from stage1_core.distributed import env
 from stage1_core.phases import get_recipe
 from stage1_core.steps.backbone import load_split
@@ -123,10 +123,11 @@ def fit_phase(cfg: Stage1ProConfig, layout: Layout, partition: str) -> tuple[Any
         from stage1_core.steps.backbone import previous_backbone_phase
 
         warm_from = previous_backbone_phase(layout, partition)
-    require_split("train", "fit")
-    require_split("val_select", "select")
+    splits, _ = read_splits(layout)
     train = load_split(layout, partition, "train")
     val_select = load_split(layout, partition, "val_select")
+    require_role(train.sample_ids, "fit", splits, f"{partition}'s training rows")  # by content, not by name
+    require_role(val_select.sample_ids, "select", splits, f"{partition}'s checkpoint-selection rows")
     from stage1_core.steps.deployment import training_views
 
     views = training_views(layout, partition)  # challenge views of each training image (pipeline on)
@@ -275,7 +276,7 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
             tensors[f"{split}_gate"] = torch.as_tensor(gates)
         labels = data.labels.numpy()
         accuracy = float((logits.argmax(1) == labels).mean())
-        rows.append({"split": split, "n": int(len(labels)), "accuracy": accuracy})
+        rows.append({"split": split, "n": int(len(labels)), "accuracy": accuracy, "sample_ids": list(data.sample_ids)})
     from stage1_core.steps.deployment import extra_view_outputs
 
     tensors.update(extra_view_outputs(layout, partition, predictor))  # clean and per-level views (pipeline on)
@@ -288,7 +289,8 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
     metadata = {"path": path, "checkpoint_id": checkpoint_id, "lineage_id": record.id,
                 "finetuned_backbone_forward_passes": forward_passes,
                 **{f"accuracy_{r['split']}": r["accuracy"] for r in rows}}
-    return StepResult(path, metadata, tables={"per_split": rows}, record=record)
+    table = [{k: v for k, v in r.items() if k != "sample_ids"} for r in rows]
+    return StepResult(path, metadata, tables={"per_split": table}, record=record)
 
 
 def load_predictions(layout: Layout, partition: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -299,12 +301,38 @@ def load_predictions(layout: Layout, partition: str, split: str) -> tuple[np.nda
 
 def load_prediction_outputs(layout: Layout, partition: str, split: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """``(probs [N,2], raw gate logits [N] or None, labels [N])`` on ``split``."""
-    from stage1_core.bundle.predictor import Stage1Predictor
-    from stage1_core.steps.data import read_splits
+    outputs = load_split_outputs(layout, partition, split)
+    return outputs.probs, outputs.gate_logits, outputs.labels
 
-    tensors = load_tensors(layout.path("predictions", partition) / PREDICTIONS_FILE)
-    probs = Stage1Predictor.probabilities(tensors[f"{split}_logits"].numpy())
-    gate = tensors.get(f"{split}_gate")
+
+def load_split_outputs(layout: Layout, partition: str, split: str):
+    """The checkpoint's outputs on ``split`` as :class:`~stage1_core.policies.base.SplitOutputs`.
+
+    The rows' sample ids (recorded by the predictions step from the features it predicted on) tag
+    them with the split that holds them and join their labels; rows stored under ``split`` that
+    hold another split's images are refused here, and the tag is what fits check their role on.
+    """
+    from stage1_core.artifacts import read_json
+    from stage1_core.bundle.predictor import Stage1Predictor
+    from stage1_core.data.splits import SplitError, split_of_ids
+    from stage1_core.policies.base import SplitOutputs
+
+    directory = layout.path("predictions", partition)
+    rows = {row["split"]: row for row in read_json(directory / "predictions.json", schema="predictions")["splits"]}
+    if split not in rows:
+        raise SplitError(f"{directory / 'predictions.json'}: no predictions on {split!r} (it has {sorted(rows)})")
+    ids = rows[split]["sample_ids"]
+    tensors = load_tensors(directory / PREDICTIONS_FILE)
+    logits = tensors[f"{split}_logits"].numpy()
+    if len(ids) != logits.shape[0]:
+        raise SplitError(f"{directory}: {len(ids)} sample ids for {logits.shape[0]} rows of {split!r} logits; "
+                         f"re-materialise predictions[{partition}]")
     splits, index = read_splits(layout)
-    labels = index.labels(list(splits.ids[split]))
-    return probs, (gate.numpy().astype(np.float64) if gate is not None else None), labels
+    holder = split_of_ids(ids, splits, f"{partition}'s predictions on {split!r}")
+    if holder != split:
+        raise SplitError(f"{directory}: the predictions stored as {split!r} are of {holder}'s images; "
+                         f"re-materialise predictions[{partition}] on the current splits")
+    gate = tensors.get(f"{split}_gate")
+    return SplitOutputs(Stage1Predictor.probabilities(logits),
+                        gate.numpy().astype(np.float64) if gate is not None else None,
+                        np.asarray(index.labels(ids)), holder)

@@ -342,3 +342,24 @@ def test_every_lazy_export_resolves_to_its_step_module_function():
     assert set(pipeline.__all__) <= set(dir(pipeline))
     with pytest.raises(AttributeError, match="no attribute 'train_everything'"):
         pipeline.train_everything  # noqa: B018
+
+
+def test_predictions_of_val_test_stored_as_val_calib_are_refused_by_the_policy_fit(scratch, monkeypatch):
+    """A wiring slip that predicts val_test's rows under the name val_calib (the old fit, which
+    checked the literal name, certified on them): the rows' recorded sample ids tag them val_test."""
+    from stage1_core.steps import backbone
+
+    config, layout = scratch
+    original = backbone.model_features
+
+    def swapped(layout_, partition, split, view="deploy"):
+        return original(layout_, partition, "val_test" if split == "val_calib" else split, view)
+
+    monkeypatch.setattr(backbone, "model_features", swapped)
+    pipeline.predict_splits(config, layout, "phase1")
+    monkeypatch.undo()
+    rows = read_json(layout.root / "predictions" / "phase1" / "predictions.json")["splits"]
+    assert {r["split"]: r["n"] for r in rows}["val_calib"] == len(read_json(
+        layout.root / "splits" / "splits.json")["splits"]["val_test"]["sample_ids"])
+    with pytest.raises(SplitError, match="the predictions stored as 'val_calib' are of val_test's images"):
+        pipeline.fit_exit_policy(config, layout, "phase1")

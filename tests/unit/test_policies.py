@@ -128,3 +128,29 @@ def test_no_literal_threshold_in_policy_code():
             if isinstance(node, ast.Constant) and type(node.value) in (int, float)
         }
         assert numbers <= {0, 1, 2}, f"{source.name} holds numeric literals {sorted(numbers)}"
+
+
+def test_a_policy_fit_takes_its_splits_by_the_tag_of_their_content(tmp_path):
+    from stage1_core.config import Stage1ProConfig
+    from stage1_core.data.splits import SplitError
+    from stage1_core.policies import FitInputs, SplitOutputs
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(400) < 0.8).astype(int)
+    p1 = np.clip(labels * 0.9 + rng.normal(0.05, 0.05, 400), 0.01, 0.99)
+    probs = np.stack([1 - p1, p1], axis=1)
+    cfg = Stage1ProConfig()
+
+    def inputs(**outputs):
+        return FitInputs(outputs, cfg, tmp_path, "0" * 64)
+
+    fitted = SoftmaxExitPolicy.fit(inputs(val_calib=SplitOutputs(probs, None, labels, "val_calib")))
+    assert fitted.document["certified"]
+    # val_test's rows under the name val_calib: the old fit (keyed by name) certified on them
+    with pytest.raises(SplitError, match="'val_calib' handed to an exit-policy fit hold rows of val_test"):
+        inputs(val_calib=SplitOutputs(probs, None, labels, "val_test"))
+    with pytest.raises(SplitError, match="'val_calib' handed to an exit-policy fit are untagged"):
+        inputs(val_calib=SplitOutputs(probs, None, labels))
+    # val_select's rows cannot certify: the fit takes val_calib's by its role, and none is there
+    with pytest.raises(SplitError, match="needs val_calib's outputs to calibrate, and was handed 'val_calib': val_select"):
+        SoftmaxExitPolicy.fit(inputs(val_calib=SplitOutputs(probs, None, labels, "val_select")))

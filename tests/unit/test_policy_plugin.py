@@ -51,7 +51,7 @@ class MarginExitPolicy(ExitPolicy):
 
     @classmethod
     def fit(cls, inputs: FitInputs) -> FittedPolicy:
-        calib, cfg = inputs.outputs["val_calib"], inputs.cfg
+        calib, cfg = inputs.take("calibrate"), inputs.cfg
         result = certify_score_threshold(cls.score(calib.probs), calib.probs.argmax(1), calib.labels,
                                          cfg.target_fnr_exit, cfg.delta)
         doc = {"policy": NAME, "margin": result.exit_threshold, "certified": bool(result.certified),

@@ -23,8 +23,10 @@ from stage1_core.data.splits import (
     hash_position,
     load_splits,
     make_splits,
+    require_role,
     require_split,
     save_splits,
+    split_of_ids,
 )
 
 
@@ -274,3 +276,21 @@ def test_require_split_allows_only_the_permitted_role() -> None:
         require_split("test", "evaluate")
     with pytest.raises(ValueError, match="unknown role"):
         require_split("val_calib", "fit_calibrator")
+
+
+def test_a_role_is_checked_on_the_rows_ids_not_on_a_name(split_inputs) -> None:
+    splits = make_splits(*split_inputs, seed=3)
+    assert split_of_ids(splits.val_calib[:5], splits) == "val_calib"
+    assert require_role(splits.val_calib, "calibrate", splits) == "val_calib"
+    # val_test's rows handed to a calibrator: refused whatever the caller named them (the old
+    # require_split("val_calib", "calibrate") passed whatever rows came with it)
+    with pytest.raises(SplitError, match="calibrator rows holds 5 image\\(s\\) of val_test.*may not be used to calibrate"):
+        require_role(splits.val_test[:5], "calibrate", splits, "calibrator rows")
+    with pytest.raises(SplitError, match="may not be used to select"):
+        require_role(splits.train[:3], "select", splits)
+    with pytest.raises(SplitError, match=r"mixes splits \(2 of val_calib, 1 of val_test\)"):
+        split_of_ids([*splits.val_calib[:2], splits.val_test[0]], splits)
+    with pytest.raises(SplitError, match="1 of 2 sample ids are in no split \\(first: 'stranger.jpg'\\)"):
+        split_of_ids([splits.val_calib[0], "stranger.jpg"], splits)
+    with pytest.raises(SplitError, match="has no sample ids"):
+        split_of_ids([], splits)
