@@ -55,7 +55,7 @@ def test_loosened_gate_threshold_cannot_ship_under_the_old_verdict(tmp_path, pha
     result = project.materialize("bundle", "phase1")
     assert result.returncode != 0, output(result)
     text = result.stdout + result.stderr
-    assert "checkpoint[phase1] was made with" in text and "baseline_val_accuracy=None (config now 0.5)" in text, \
+    assert "evaluation[phase1] was made with" in text and "baseline_val_accuracy=None (config now 0.5)" in text, \
         output(result)
 
 
