@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TRAINING_FILE", "PREDICTIONS_FILE", "BACKBONE_FILE", "CACHE_POINTER", "EVALUATION_FILE", "METRICS_FILE",
-    "DECISIONS_FILE", "CURRENT_LINK", "read_training", "read_backbone", "read_evaluation", "read_metrics_csv",
+    "DECISIONS_FILE", "SERVED_FILE", "CURRENT_LINK", "read_training", "read_backbone", "read_evaluation", "read_metrics_csv",
     "policy_path", "read_policy_document", "bundle_dir", "current_id", "read_verdicts",
 ]
 
@@ -31,6 +31,8 @@ CACHE_POINTER = "cache.json"
 EVALUATION_FILE = "evaluation.json"
 METRICS_FILE = "metrics.csv"
 DECISIONS_FILE = "decisions.pt"
+#: The served-probability calibrator (deployment pipeline on), fit on val_select beside the policy.
+SERVED_FILE = "served_calibrator.json"
 #: The current bundle of a phase: a symbolic link to its version directory.
 CURRENT_LINK = "bundle"
 

@@ -43,6 +43,7 @@ _EXPORTS = {
         "load_splits",
         "make_splits",
         "require_role",
+        "require_stored_as",
         "require_split",
         "save_splits",
         "split_of_ids",

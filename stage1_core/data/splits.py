@@ -88,6 +88,15 @@ def split_of_ids(sample_ids: Sequence[str], splits: "Splits", what: str = "the d
     return next(iter(owners))
 
 
+def require_stored_as(sample_ids: Sequence[str], name: str, splits: "Splits", what: str, fix: str,
+                      rows: str = "rows") -> str:
+    """:func:`split_of_ids` of ``rows`` stored under split ``name``, refusing rows that are another split's."""
+    holder = split_of_ids(sample_ids, splits, what)
+    if holder != name:
+        raise SplitError(f"{what}: the {rows} stored as {name!r} are of {holder}'s images; {fix}")
+    return holder
+
+
 def require_role(sample_ids: Sequence[str], role: str, splits: "Splits", what: str = "the data") -> str:
     """The split of ``sample_ids`` (by content), after checking that it may be used for ``role``."""
     name = split_of_ids(sample_ids, splits, what)

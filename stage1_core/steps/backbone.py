@@ -18,7 +18,7 @@ from stage1_core.config import Stage1ProConfig
 from stage1_core.data.splits import SPLIT_NAMES
 from stage1_core.phases import get_recipe
 from stage1_core.steps.context import Layout, StepContext, StepResult
-from stage1_core.steps.data import read_splits
+from stage1_core.steps.data import load_store_split, read_splits
 from stage1_core.store import BACKBONE_FILE, CACHE_POINTER, read_backbone, read_training
 
 
@@ -251,35 +251,6 @@ def load_split(layout: Layout, partition: str, split: str, view: str = "deploy")
         return deployed
     pointer = read_json(layout.path("cached_features", partition) / CACHE_POINTER, schema="feature_pointer")
     return load_store_split(layout, pointer["store"], split)
-
-
-def load_store_split(layout: Layout, store: str | Path, split: str):
-    """Rows ``split`` of a feature store, tagged by content: sample ids and labels from the rows' images.
-
-    A store keys its rows by the sha256 of their images (:func:`split_content`). Each row is
-    mapped back to the sample of the splits holding that image, and
-    :func:`~stage1_core.data.splits.split_of_ids` must find every one in ``split``: a store whose
-    rows under that name are another split's images, or a mixture, is refused, and every later role
-    check reads what the rows are, not what they were called.
-    """
-    from stage1_core.data.splits import SPLIT_NAMES, SplitError, split_of_ids
-    from stage1_core.features import TensorSplit, load_cached_features, read_manifest
-
-    splits, index = read_splits(layout)
-    sample_of = {index.sha256[sid]: sid for name in SPLIT_NAMES for sid in splits.ids[name]}
-    hashes = read_manifest(store).sample_ids(split)
-    strangers = [h for h in hashes if h not in sample_of]
-    if strangers:
-        raise SplitError(f"feature store {store}, rows {split!r}: {len(strangers)} of {len(hashes)} rows are images "
-                         f"in no split (first sha256 {strangers[0][:16]}...); re-materialise cached_features")
-    ids = tuple(sample_of[h] for h in hashes)
-    holder = split_of_ids(ids, splits, f"feature store {store}, rows {split!r}")
-    if holder != split:
-        raise SplitError(f"feature store {store}: the rows stored as {split!r} are images of {holder}; "
-                         f"re-materialise cached_features on the current splits")
-    labels = torch.as_tensor(index.labels(list(ids)))
-    data = load_cached_features(store, splits=[split], labels={split: labels})[split]
-    return TensorSplit(data.features, data.labels, ids, split)
 
 
 def load_split_features(layout: Layout, partition: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:

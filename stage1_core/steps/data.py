@@ -229,3 +229,32 @@ def read_splits(layout: Layout):
     """``(Splits, DatasetIndex)``: the split ids, checked against the index."""
     index = read_dataset_index(layout)
     return load_splits(layout.path("splits") / "splits.json", known_ids=list(index.by_id)), index
+
+
+def load_store_split(layout: Layout, store: str | Path, split: str):
+    """Rows ``split`` of a feature store, tagged by content: sample ids and labels from the rows' images.
+
+    A store keys its rows by the sha256 of their images (``steps.backbone.split_content``). Each
+    row is mapped back to the sample of the splits holding that image, and every one must be in
+    ``split`` (:func:`~stage1_core.data.splits.require_stored_as`): a store whose rows under that
+    name are another split's images, or a mixture, is refused, and every later role check reads
+    what the rows are, not what they were called.
+    """
+    import torch
+
+    from stage1_core.data.splits import SplitError, require_stored_as
+    from stage1_core.features import TensorSplit, load_cached_features, read_manifest
+
+    splits, index = read_splits(layout)
+    sample_of = {index.sha256[sid]: sid for name in SPLIT_NAMES for sid in splits.ids[name]}
+    hashes = read_manifest(store).sample_ids(split)
+    strangers = [h for h in hashes if h not in sample_of]
+    if strangers:
+        raise SplitError(f"feature store {store}, rows {split!r}: {len(strangers)} of {len(hashes)} rows are images "
+                         f"in no split (first sha256 {strangers[0][:16]}...); re-materialise cached_features")
+    ids = tuple(sample_of[h] for h in hashes)
+    require_stored_as(ids, split, splits, f"feature store {store}",
+                      "re-materialise cached_features on the current splits")
+    labels = torch.as_tensor(index.labels(list(ids)))
+    data = load_cached_features(store, splits=[split], labels={split: labels})[split]
+    return TensorSplit(data.features, data.labels, ids, split)

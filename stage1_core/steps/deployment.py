@@ -116,7 +116,8 @@ def load_view(layout: Layout, partition: str, split: str, view: str, fingerprint
     features. ``fingerprint`` overrides the phase's backbone (a fine-tuned backbone's stores).
     """
     from stage1_core.artifacts import read_json
-    from stage1_core.steps.backbone import CACHE_POINTER, load_store_split
+    from stage1_core.steps.data import load_store_split
+    from stage1_core.store import CACHE_POINTER
 
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; known: {VIEWS}")
@@ -198,7 +199,7 @@ def bundle_deployment_parts(cfg: Stage1ProConfig, layout: Layout, partition: str
     """
     from stage1_core.bundle.load import SERVED_CALIBRATOR_FILE
     from stage1_core.data.transforms import build_deploy_transform, describe_transform
-    from stage1_core.steps.policy import SERVED_FILE
+    from stage1_core.store import SERVED_FILE
 
     if deployment_section(layout, partition) is None:
         return clean_transform, {}

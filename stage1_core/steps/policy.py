@@ -16,7 +16,7 @@ from stage1_core.config import Stage1ProConfig
 from stage1_core.policies import POLICIES, FitInputs, load_policy, policy_class
 from stage1_core.steps.context import Layout, StepContext, StepResult
 from stage1_core.steps.training import load_head, load_split_outputs
-from stage1_core.store import policy_path, read_training
+from stage1_core.store import SERVED_FILE, policy_path, read_training
 
 
 #: The exit_policy step's own log: what calibration and certification reported (stage1_core.logfile).
@@ -33,10 +33,6 @@ def fit_inputs(ctx: StepContext, splits: tuple[str, ...], out_dir: Path) -> FitI
         raise ValueError(f"an exit policy is certified on val_calib; fit_splits named {list(splits)}")
     outputs = {split: load_split_outputs(ctx.layout, ctx.partition, split) for split in splits}
     return FitInputs(outputs, ctx.cfg, out_dir, read_training(ctx.layout, ctx.partition)["checkpoint_id"])
-
-
-#: The served-probability calibrator (deployment pipeline on), fit on val_select beside the policy.
-SERVED_FILE = "served_calibrator.json"
 
 
 def fit_exit_policy(config: Stage1ProConfig, layout: Layout, partition: str) -> StepResult:

@@ -8,7 +8,7 @@ selects the checkpoint; predictions come from the *best* checkpoint, never the l
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from stage1_core.steps.context import Layout, StepContext, StepResult
 from stage1_core.steps.data import read_splits
 from stage1_core.store import PREDICTIONS_FILE, TRAINING_FILE, read_backbone, read_training
 
+if TYPE_CHECKING:
+    from stage1_core.policies.base import SplitOutputs
 
 
 def runtime_environment() -> dict[str, Any]:
@@ -305,7 +307,7 @@ def load_prediction_outputs(layout: Layout, partition: str, split: str) -> tuple
     return outputs.probs, outputs.gate_logits, outputs.labels
 
 
-def load_split_outputs(layout: Layout, partition: str, split: str):
+def load_split_outputs(layout: Layout, partition: str, split: str) -> "SplitOutputs":
     """The checkpoint's outputs on ``split`` as :class:`~stage1_core.policies.base.SplitOutputs`.
 
     The rows' sample ids (recorded by the predictions step from the features it predicted on) tag
@@ -314,7 +316,7 @@ def load_split_outputs(layout: Layout, partition: str, split: str):
     """
     from stage1_core.artifacts import read_json
     from stage1_core.bundle.predictor import Stage1Predictor
-    from stage1_core.data.splits import SplitError, split_of_ids
+    from stage1_core.data.splits import SplitError, require_stored_as
     from stage1_core.policies.base import SplitOutputs
 
     directory = layout.path("predictions", partition)
@@ -328,10 +330,8 @@ def load_split_outputs(layout: Layout, partition: str, split: str):
         raise SplitError(f"{directory}: {len(ids)} sample ids for {logits.shape[0]} rows of {split!r} logits; "
                          f"re-materialise predictions[{partition}]")
     splits, index = read_splits(layout)
-    holder = split_of_ids(ids, splits, f"{partition}'s predictions on {split!r}")
-    if holder != split:
-        raise SplitError(f"{directory}: the predictions stored as {split!r} are of {holder}'s images; "
-                         f"re-materialise predictions[{partition}] on the current splits")
+    holder = require_stored_as(ids, split, splits, f"{directory / 'predictions.json'}",
+                               f"re-materialise predictions[{partition}] on the current splits", rows="predictions")
     gate = tensors.get(f"{split}_gate")
     return SplitOutputs(Stage1Predictor.probabilities(logits),
                         gate.numpy().astype(np.float64) if gate is not None else None,
