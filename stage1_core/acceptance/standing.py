@@ -155,13 +155,19 @@ def check_val_accuracy_vs_baseline(
 
 
 #: Training-log column and direction of each selection metric.
-SELECTION_COLUMNS: dict[str, tuple[str, bool]] = {"accuracy": ("Val_Acc", True), "augrc": ("AUGRC", False)}
+SELECTION_COLUMNS: dict[str, tuple[str, bool]] = {
+    "accuracy": ("Val_Acc", True), "augrc": ("AUGRC", False), "certified_coverage": ("Certified_Coverage", True),
+}
 
 
 def check_selected_checkpoint_is_best(
     history: Sequence[Mapping[str, Any]], chosen_epoch: int, selection_metric: str
 ) -> GateVerdict:
-    """The chosen checkpoint is the val_select-best epoch by ``selection_metric`` (earliest on ties)."""
+    """The chosen checkpoint has the val_select-best value of ``selection_metric``.
+
+    Any epoch holding the best value passes: on ties the trainer keeps the earliest, or for
+    ``certified_coverage`` the most accurate (``training.trainer.TIES_BROKEN_BY_ACCURACY``).
+    """
     column, higher_is_better = SELECTION_COLUMNS[selection_metric]
     values = [(int(row["Epoch"]), float(row[column])) for row in history if row.get(column) not in (None, "")]
     if not values:

@@ -1,4 +1,5 @@
-"""Training curves from the per-epoch log (loss, accuracy and, when logged, AUGRC on val_select)."""
+"""Training curves from the per-epoch log (loss, accuracy and, when logged, AUGRC and the coverage
+certified on val_select)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ from stage1_core.artifacts import atomic_write_bytes  # noqa: E402
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], out_path: str | Path) -> Path:
-    """Loss and accuracy per epoch (train vs val_select); AUGRC on a third panel when present."""
+    """Loss and accuracy per epoch (train vs val_select); AUGRC and certified coverage on panels of
+    their own when logged."""
     epochs = [int(row["Epoch"]) for row in history]
-    has_augrc = any(row.get("AUGRC") is not None for row in history)
-    fig, axes = plt.subplots(1, 3 if has_augrc else 2, figsize=(12 if has_augrc else 9, 3.4))
+    extra = [(column, title, colour) for column, title, colour in (
+        ("AUGRC", "AUGRC on val_select (lower is better)", "tab:red"),
+        ("Certified_Coverage", "coverage certified on val_select", "tab:green"),
+    ) if any(row.get(column) is not None for row in history)]
+    fig, axes = plt.subplots(1, 2 + len(extra), figsize=(4.5 * (2 + len(extra)), 3.4))
     panels = [("loss", "Train_Loss", "Val_Loss"), ("accuracy", "Train_Acc", "Val_Acc")]
     for ax, (title, train_key, val_key) in zip(axes, panels):
         ax.plot(epochs, [row.get(train_key) for row in history], marker="o", label="train")
@@ -27,10 +32,9 @@ def plot_training_curves(history: Sequence[dict[str, Any]], out_path: str | Path
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    if has_augrc:
-        ax = axes[2]
-        ax.plot(epochs, [row.get("AUGRC") for row in history], marker="o", color="tab:red")
-        ax.set_title("AUGRC on val_select (lower is better)")
+    for ax, (column, title, colour) in zip(axes[2:], extra):
+        ax.plot(epochs, [row.get(column) for row in history], marker="o", color=colour)
+        ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -221,10 +221,17 @@ def _plot_grad_norms(summary: dict[str, Any], out_path: Path) -> Path:
 
 def log_row(record: dict[str, Any]) -> dict[str, Any]:
     """A trainer history record under the training-log column names, as fractions (not percent)."""
-    from stage1_core.training.logging_csv import BASELINE_FORMATS, GATE_FORMATS, SELECTIVE_PREFIX, selective_column
+    from stage1_core.training.logging_csv import (
+        BASELINE_FORMATS,
+        GATE_FORMATS,
+        OPERATING_POINT_FORMATS,
+        SELECTIVE_PREFIX,
+        selective_column,
+    )
 
     row: dict[str, Any] = {column: record.get(key) for column, (key, _, _) in BASELINE_FORMATS.items()}
-    row.update({column: record[key] for column, (key, _, _) in GATE_FORMATS.items() if key in record})
+    row.update({column: record[key] for column, (key, _, _) in {**GATE_FORMATS, **OPERATING_POINT_FORMATS}.items()
+                if key in record})
     row["Epoch"] = int(row["Epoch"])
     for key, value in record.items():
         if key.startswith(SELECTIVE_PREFIX):

@@ -9,7 +9,8 @@ deployed exit policy is certified later on val_calib). ``Exit_Acc`` is ``nan`` w
 exits (the baseline wrote 0.00, which reads like a real accuracy). ``Best_Val_Acc`` includes the
 current epoch (the baseline wrote it before updating). Extra columns: selective metrics on
 val_select (``AUGRC``, ``AURC``, ``Risk@0.5`` ... ``Coverage@0.01`` ..., raw values in [0, 1]) and
-``Epoch_Seconds``; for gated heads ``GateCoverage`` / ``GateAcc`` after the baseline columns.
+``Epoch_Seconds``; for gated heads ``GateCoverage`` / ``GateAcc`` after the baseline columns, then
+``Certified_Coverage`` (coverage certified on val_select at target_fnr_exit, a fraction).
 Once the phase's exit policy is evaluated, :func:`complete_log` writes a copy whose last row
 carries FNR on exited samples and coverage with their intervals. The file is rewritten
 atomically from the full history after every epoch, so a resumed run continues the same file
@@ -59,6 +60,11 @@ GATE_FORMATS: dict[str, tuple[str, float, str]] = {
     "GateCoverage": ("gate_coverage", 100.0, ".1f"),
     "GateAcc": ("gate_acc", 100.0, ".2f"),
 }
+#: Coverage the exit score certifies on val_select at target_fnr_exit (the ``certified_coverage``
+#: selection metric; a fraction, the certificate proper is made later on val_calib).
+OPERATING_POINT_FORMATS: dict[str, tuple[str, float, str]] = {
+    "Certified_Coverage": ("certified_coverage", 1.0, ".6f"),
+}
 #: The phase's certified exit policy on val_test, filled on the last epoch's row once it is
 #: evaluated (:func:`complete_log`): FNR on exited samples and coverage with their percentile-
 #: bootstrap intervals, plus the one-sided Clopper-Pearson bound the certificate is judged by.
@@ -90,7 +96,7 @@ def _fmt(value: Any, scale: float, spec: str) -> str:
 def columns(record: Mapping[str, Any]) -> list[str]:
     """Header for a history record: baseline columns, gate columns (gated heads), selective
     metrics, Epoch_Seconds."""
-    gate = [column for column, (key, _, _) in GATE_FORMATS.items() if key in record]
+    gate = [column for column, (key, _, _) in {**GATE_FORMATS, **OPERATING_POINT_FORMATS}.items() if key in record]
     extra = [selective_column(k[len(SELECTIVE_PREFIX):]) for k in record if k.startswith(SELECTIVE_PREFIX)]
     return [*BASELINE_HEADER, *gate, *extra, "Epoch_Seconds"]
 
@@ -98,7 +104,8 @@ def columns(record: Mapping[str, Any]) -> list[str]:
 def format_row(record: Mapping[str, Any]) -> list[str]:
     """CSV cells of one history record, in :func:`columns` order."""
     cells = [_fmt(record.get(key), scale, spec) for key, scale, spec in BASELINE_FORMATS.values()]
-    cells += [_fmt(record[key], scale, spec) for key, scale, spec in GATE_FORMATS.values() if key in record]
+    cells += [_fmt(record[key], scale, spec) for key, scale, spec in (*GATE_FORMATS.values(), *OPERATING_POINT_FORMATS.values())
+              if key in record]
     cells += [_fmt(v, 1.0, ".6f") for k, v in record.items() if k.startswith(SELECTIVE_PREFIX)]
     cells.append(_fmt(record.get("epoch_seconds"), 1.0, ".1f"))
     return cells

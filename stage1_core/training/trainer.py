@@ -18,9 +18,11 @@ carried it into the next epoch); AMP is off on CPU and uses bf16 where the GPU s
 checkpoints go to ``output_dir`` with everything an exact resume needs.
 
 Every epoch validates on ``val_select`` only, with EMA weights applied, and early-stops on the
-selection metric (``accuracy``: higher is better; ``augrc``: lower is better). Outputs in
-``output_dir``: ``model_best.pth`` (plain head state_dict = EMA weights of the best epoch),
-``model_best_accuracy.pth`` (accuracy-best, when selecting by AUGRC), ``checkpoint_last.pth``
+selection metric (``accuracy``: higher is better; ``augrc``: lower is better;
+``certified_coverage``: the coverage the exit score certifies on val_select at target_fnr_exit,
+higher is better, ties to the more accurate epoch). Outputs in ``output_dir``: ``model_best.pth`` (plain head state_dict = EMA
+weights of the best epoch), ``model_best_accuracy.pth`` (accuracy-best, when selecting by another
+metric), ``checkpoint_last.pth``
 (full checkpoint, every epoch) and the CSV log (``config.log_file``, relative to ``output_dir``).
 """
 
@@ -74,7 +76,15 @@ BEST_ADAPTERS_FILE = "adapters_best.pth"
 LAST_CHECKPOINT_FILE = "checkpoint_last.pth"
 #: Full checkpoint of every epoch (``save_every_epoch``), the baseline's checkpoint format.
 EPOCH_CHECKPOINT_FILE = "checkpoint_epoch{epoch}.pth"
-SELECTION_METRICS = {"accuracy": "max", "augrc": "min"}
+#: Selection metric -> direction. ``certified_coverage`` is the coverage the exit rule certifies
+#: on val_select at the product's operating point (FNR on exits <= target_fnr_exit with
+#: probability 1 - delta): the figure val_calib will certify, where AUGRC averages over every coverage.
+SELECTION_METRICS = {"accuracy": "max", "augrc": "min", "certified_coverage": "max"}
+#: Metrics whose ties go to the more accurate epoch: a coverage is a count over val_select, and
+#: epochs that certify the same share (often none, early in training) differ in accuracy.
+TIES_BROKEN_BY_ACCURACY = frozenset({"certified_coverage"})
+#: History key of each selection metric's value.
+SELECTION_KEYS = {"accuracy": "val_acc", "augrc": f"{SELECTIVE_PREFIX}augrc", "certified_coverage": "certified_coverage"}
 EVAL_CHUNK = 8192
 POSTFIX_EVERY = 10
 
@@ -219,6 +229,11 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
+def _selected_accuracy(state: "_State") -> float:
+    """val_select accuracy of the epoch selected so far (from the history, so a resume keeps it)."""
+    return next((float(r["val_acc"]) for r in state.history if r["epoch"] == state.best_epoch), -math.inf)
+
+
 @dataclass
 class _State:
     start_epoch: int = 0
@@ -236,7 +251,7 @@ class _State:
 
 def _validation_metrics(
     logits: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, exit_threshold: float,
-    gate: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None, operating_point: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     from stage1_core.metrics.calibration import compute_ece
     from stage1_core.metrics.selective import selective_metrics
@@ -262,7 +277,24 @@ def _validation_metrics(
         out["gate_acc"] = float((pred[accepted] == y[accepted]).mean()) if accepted.any() else None
     selective = selective_metrics(probs.max(axis=1), (pred != y).astype(np.float64))
     out.update({f"{SELECTIVE_PREFIX}{k}": float(v) for k, v in selective.items()})
+    if operating_point is not None:
+        out["certified_coverage"] = certified_coverage(probs, y, gate, *operating_point)
     return out
+
+
+def certified_coverage(
+    probs: np.ndarray, labels: np.ndarray, gate: torch.Tensor | None, target_fnr: float, delta: float
+) -> float:
+    """Coverage of "exit iff score >= t" with FNR on exits certified <= ``target_fnr`` on these rows.
+
+    The exit score is the one the phase's policy thresholds: the gate logit for a gated head (a
+    monotone calibration keeps its order), max softmax otherwise; the prediction is argmax(p).
+    0.0 when no threshold certifies. Used on val_select to select checkpoints only.
+    """
+    from stage1_core.calibration.threshold_sweep import certify_score_threshold
+
+    scores = probs.max(axis=1) if gate is None else gate.double().cpu().numpy()
+    return float(certify_score_threshold(scores, probs.argmax(axis=1), labels, target_fnr, delta).coverage)
 
 
 @torch.no_grad()
@@ -334,6 +366,9 @@ def train_head(
     if metric not in SELECTION_METRICS:
         raise TrainingError(f"selection_metric={metric!r} is not supported: use one of {sorted(SELECTION_METRICS)}")
     mode = SELECTION_METRICS[metric]
+    operating_point = (float(config.target_fnr_exit), float(config.delta)) if hasattr(config, "target_fnr_exit") else None
+    if metric == "certified_coverage" and operating_point is None:
+        raise TrainingError("selection_metric='certified_coverage' needs target_fnr_exit and delta in the config")
     device = resolve_device(device)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -456,9 +491,13 @@ def train_head(
                 val_cache = _loader_features(backbone, val_select, device, amp)  # type: ignore[arg-type]
             logits, gate = _head_logits(model, val_cache.features, amp, device)
             val = _validation_metrics(logits, val_cache.labels, criterion, float(config.legacy_exit_threshold_for_logging),
-                                      gate)
-            value = val["val_acc"] if metric == "accuracy" else val[f"{SELECTIVE_PREFIX}augrc"]
-            improved = math.isfinite(value) and _is_better(value, state.best_metric, mode)
+                                      gate, operating_point)
+            value = val[SELECTION_KEYS[metric]]
+            improved = math.isfinite(value) and (
+                _is_better(value, state.best_metric, mode)
+                or (metric in TIES_BROKEN_BY_ACCURACY and value == state.best_metric
+                    and val["val_acc"] > _selected_accuracy(state))
+            )
             accuracy_improved = val["val_acc"] > state.best_accuracy
             if improved and main:
                 save_state_dict(best_path, head.state_dict())

@@ -16,7 +16,10 @@ from stage1_core.model.backbone import DINOv3Backbone
 from stage1_core.model.head import Stage1Head, load_head_state_dict
 from stage1_core.training.checkpoints import load_checkpoint, load_state_dict_file
 from stage1_core.training.logging_csv import BASELINE_HEADER
-from stage1_core.training.trainer import TrainingError, predict_logits, train_head
+from stage1_core.acceptance.standing import check_selected_checkpoint_is_best
+from stage1_core.calibration.threshold_sweep import certify_score_threshold, certify_softmax_threshold
+from stage1_core.metrics.selective import selective_metrics
+from stage1_core.training.trainer import TrainingError, certified_coverage, predict_logits, train_head
 from tests.unit.test_backbone import save_small_backbone
 from tests.unit.test_features import TinyImages
 
@@ -139,6 +142,77 @@ def test_augrc_selection_keeps_the_accuracy_best_head_too(tmp_path, data):
     assert result.accuracy_best_checkpoint.is_file()
     with pytest.raises(TrainingError, match="selection_metric"):
         train_head(make_config(), train, val, tmp_path, progress=False, selection_metric="loss")
+
+
+def test_certified_coverage_selection_keeps_the_epoch_that_certifies_most(tmp_path, data):
+    train, val = data
+    result = train_head(make_config(epochs=3), train, val, tmp_path, progress=False, selection_metric="certified_coverage")
+    covered = [row["certified_coverage"] for row in result.history]
+    assert result.best_metric == pytest.approx(max(covered))
+    tied = [row for row in result.history if row["certified_coverage"] == max(covered)]
+    assert result.best_epoch == max(tied, key=lambda row: row["val_acc"])["epoch"]  # ties: the more accurate
+    with open(result.log_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [float(row["Certified_Coverage"]) for row in rows]
+    assert logged == pytest.approx(covered, abs=1e-6)
+    assert check_selected_checkpoint_is_best(rows, result.best_epoch, "certified_coverage").passed
+    assert not check_selected_checkpoint_is_best([{**rows[0], "Certified_Coverage": "0.5"},
+                                                  {**rows[0], "Epoch": "2", "Certified_Coverage": "0.6"}],
+                                                 1, "certified_coverage").passed
+
+
+def test_certified_coverage_ties_go_to_the_more_accurate_epoch(tmp_path, data, monkeypatch):
+    """Early epochs often certify nothing on val_select: among equal coverages the more accurate
+    epoch is kept, not the first."""
+    import stage1_core.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "certified_coverage", lambda *args: 0.0)
+    train, val = data
+    result = train_head(make_config(epochs=4), train, val, tmp_path, progress=False, selection_metric="certified_coverage")
+    accuracies = [row["val_acc"] for row in result.history]
+    assert result.best_metric == 0.0
+    assert result.best_epoch == 1 + accuracies.index(max(accuracies))
+
+
+def _two_class_probs(predictions: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    p1 = np.where(predictions == 1, confidence, 1.0 - confidence)
+    return np.stack([1.0 - p1, p1], axis=1)
+
+
+def test_certified_coverage_is_the_certificate_of_the_policys_exit_score():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 600)
+    confidence = rng.uniform(0.5, 1.0, 600)
+    predictions = np.where(rng.random(600) < 0.97, labels, 1 - labels)
+    probs = _two_class_probs(predictions, confidence)
+    softmax = certify_softmax_threshold(probs, labels, 0.02, 0.1)
+    assert certified_coverage(probs, labels, None, 0.02, 0.1) == pytest.approx(softmax.coverage)
+    gate = torch.as_tensor(rng.normal(size=600))  # a gated head is certified on its gate's order, not on max(p)
+    by_gate = certify_score_threshold(gate.numpy(), predictions, labels, 0.02, 0.1)
+    assert certified_coverage(probs, labels, gate, 0.02, 0.1) == pytest.approx(by_gate.coverage)
+
+
+def test_augrc_can_prefer_the_head_that_certifies_nothing_at_the_operating_point():
+    """Why phases 2+ select by certified coverage: AUGRC weighs every error at every coverage, the
+    promise only false negatives among exits. Head A misses 30 positives spread over its confidence
+    range; head B calls 60 confident negatives roadwork. AUGRC prefers A; at FNR on exits <= 2%
+    A certifies nothing and B everything."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 500)
+    confidence = rng.permutation(np.linspace(0.6, 0.999, 1000))
+    positives = np.flatnonzero(labels == 1)
+    positives = positives[np.argsort(confidence[positives])]
+    negatives = np.flatnonzero(labels == 0)
+    negatives = negatives[np.argsort(-confidence[negatives])]
+    head_a, head_b = labels.copy(), labels.copy()
+    head_a[positives[::17][:30]] = 0
+    head_b[negatives[:60]] = 1
+    probs_a, probs_b = _two_class_probs(head_a, confidence), _two_class_probs(head_b, confidence)
+    augrc_a = selective_metrics(probs_a.max(axis=1), (head_a != labels).astype(float))["augrc"]
+    augrc_b = selective_metrics(probs_b.max(axis=1), (head_b != labels).astype(float))["augrc"]
+    assert augrc_a < augrc_b
+    assert certified_coverage(probs_a, labels, None, 0.02, 0.1) == 0.0
+    assert certified_coverage(probs_b, labels, None, 0.02, 0.1) == 1.0
 
 
 def test_early_stopping_on_no_improvement(tmp_path, data):
