@@ -96,7 +96,7 @@ def main() -> None:
     from stage1_core.config import Stage1ProConfig
 
     default_seed = Stage1ProConfig.from_file(REPO / "configs" / "default.yaml").synthetic_seed
-    forbidden = {default_seed, *range(2001, 2006), *range(3001, 3006), *range(4001, 4006)}
+    forbidden = {default_seed, *range(2001, 2006), *range(3001, 3006), *range(4001, 4006), *range(5001, 5006)}
     if forbidden & set(args.seeds):
         raise SystemExit(f"seeds {sorted(forbidden & set(args.seeds))} are the default's or a fresh benchmark's "
                          "(their val_calib certifies what is reported): tune on others, e.g. 1001-1003")

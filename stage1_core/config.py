@@ -223,9 +223,10 @@ class Stage1ProConfig(BaseModel):
     #: probe disagree on 3-10% of val_select images (seed 1001's and the default's), so a margin with
     #: power 0.9 at ~800 images is 2.1-3.6 points (benchmarks/power_margins.py): 4 points.
     baseline_margin: float = 0.04
-    #: What picks the checkpoint on val_select: ``accuracy`` (phase 1), ``augrc``, or
-    #: ``certified_coverage`` (phases 2-6: the coverage the exit score certifies at target_fnr_exit).
-    #: Each phase's recipe sets it (stage1_core.phases).
+    #: What picks the checkpoint on val_select: ``accuracy`` (phase 1), ``augrc`` (phases 2-6), or
+    #: ``certified_coverage`` (the coverage the exit score certifies at target_fnr_exit; measured,
+    #: not a phase's default: README "Checkpoint selection at the certified operating point").
+    #: Each phase's recipe sets it (stage1_core.phases); ``stage1 train`` takes any.
     selection_metric: Literal["accuracy", "augrc", "certified_coverage"] = "accuracy"
     baseline_val_accuracy: float | None = None
     peft_type: Literal["none", "lora", "dora", "doran"] = "dora"

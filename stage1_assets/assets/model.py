@@ -40,7 +40,7 @@ def cached_features(context: dg.AssetExecutionContext, stage1: Stage1Resource) -
 def checkpoint(context: dg.AssetExecutionContext, stage1: Stage1Resource) -> dg.MaterializeResult:
     """The phase's head trained on train, the best epoch chosen on val_select (model_best.pth and the training log).
 
-    Phase 1 selects by accuracy, later phases by the coverage certified on val_select. Refused until the previous phase passed
+    Phase 1 selects by accuracy, later phases by AUGRC. Refused until the previous phase passed
     its gate. Gate checks here: training completed, accuracy against the baseline, and that the
     chosen checkpoint is the best epoch.
     """

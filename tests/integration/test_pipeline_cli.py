@@ -67,7 +67,7 @@ def test_phase2_after_phase1_reuses_features(tmp_path, phase1_project):
     phase1 = json.loads((project.artifacts / "cached_features" / "phase1" / "cache.json").read_text())
     assert cache["key"] == phase1["key"]
     training = json.loads((project.artifacts / "checkpoint" / "phase2" / "training.json").read_text())
-    assert training["selection_metric"] == "certified_coverage"
+    assert training["selection_metric"] == "augrc"
     records = project.check_records("phase2")
     assert all(records[c.name] is True for c in PHASES[2].criteria), records
 

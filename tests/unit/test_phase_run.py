@@ -59,7 +59,7 @@ def test_phase1_and_phase2_train_their_recipes_and_export_bundles(chain):
     assert_bundled(layout, "phase1", results[1], "softmax")
     assert_bundled(layout, "phase2", results[2], "softmax")
     assert pipeline.read_training(layout, "phase1")["selection_metric"] == "accuracy"
-    assert pipeline.read_training(layout, "phase2")["selection_metric"] == "certified_coverage"
+    assert pipeline.read_training(layout, "phase2")["selection_metric"] == "augrc"
     assert (layout.root / "exit_policy" / "phase2" / "thresholds.json").is_file()
 
 

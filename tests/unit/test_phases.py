@@ -14,7 +14,7 @@ def test_six_phases_in_order():
 
 def test_phase1_and_phase2_recipes():
     one, two = get_recipe("phase1"), get_recipe(2)
-    assert one.selection_metric == "accuracy" and two.selection_metric == "certified_coverage"
+    assert one.selection_metric == "accuracy" and two.selection_metric == "augrc"
     assert {c.name for c in one.criteria} >= {"training_completed", "val_accuracy_vs_baseline",
                                               "thresholds_certified", "val_test_fnr_bound", "bundle_verified"}
     assert "no_regression_vs_previous_phase" in {c.name for c in two.criteria}
@@ -61,7 +61,7 @@ def test_every_criterion_has_a_registered_function_and_every_phase_gate_is_non_e
 
 def test_config_for_phase_applies_recipe():
     cfg = config_for_phase(Stage1ProConfig(), "phase2")
-    assert cfg.phase == 2 and cfg.selection_metric == "certified_coverage" and cfg.exit_policy == "softmax"
+    assert cfg.phase == 2 and cfg.selection_metric == "augrc" and cfg.exit_policy == "softmax"
 
 
 def test_previous_phases_with_optional_phase5():
