@@ -122,3 +122,23 @@ def clean_leftovers(directory: str | Path) -> list[Path]:
             removed.append(path)
         dirs[:] = [d for d in dirs if (here / d).is_dir()]
     return removed
+
+
+def publish_directory(staged: str | Path, target: str | Path, replace: bool = True) -> Path:
+    """Move the finished directory ``staged`` to ``target`` atomically and return ``target``.
+
+    ``staged`` must be a sibling of ``target`` (same file system); it is fsynced first. A new
+    ``target`` is one rename (parent fsynced); with ``replace`` an existing ``target`` is replaced
+    by a link flip (:func:`replace_dir`), so the name always holds the previous
+    or the complete new content, a kill included; without it an existing ``target`` raises
+    FileExistsError and ``staged`` is left for the caller.
+    """
+    staged, target = Path(staged), Path(target)
+    if not target.exists() and not target.is_symlink():
+        fsync_tree(staged)
+        os.rename(staged, target)
+        fsync_dir(target.parent)
+        return target
+    if not replace:
+        raise FileExistsError(f"{target} exists; not replacing it with {staged}")
+    return replace_dir(staged, target)

@@ -121,7 +121,7 @@ def recorded_gate_failures(layout: Any, partition: str) -> list[str]:
     artifacts root (``gates/<phase>/<criterion>.json``): a verdict counts only while the asset it
     judged is still the current materialisation, as a Dagster check record does."""
     from stage1_core.gates import CheckRecord, gate_failures
-    from stage1_core.steps.context import Layout
+    from stage1_core.layout import Layout
     from stage1_core.store import current_id, read_verdicts
 
     store = layout if isinstance(layout, Layout) else Layout(_root(layout))

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol, Self, TypeVar
 
 from stage1_core import acceptance
 from stage1_core.acceptance import Criterion
 
-if TYPE_CHECKING:  # config.py reads this table (which phase may deploy which policy), not the reverse
-    from stage1_core.config import Stage1ProConfig
+
+class _PhaseConfigurable(Protocol):
+    """What :func:`config_for_phase` needs of a run config (``config.Stage1ProConfig``), named here
+    so that this table does not import the config module, which reads it."""
+
+    optimizer: str
+
+    def with_updates(self, **changes: object) -> Self: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=_PhaseConfigurable)
 
 
 class PhaseUnavailableError(RuntimeError):
@@ -248,7 +257,7 @@ def get_recipe(key: str | int) -> PhaseRecipe:
     return recipe
 
 
-def config_for_phase(config: Stage1ProConfig, key: str | int) -> Stage1ProConfig:
+def config_for_phase(config: ConfigT, key: str | int) -> ConfigT:
     """The run config with the phase's recipe applied (phase number, selection metric, exit policy,
     optimizer).
 

@@ -16,7 +16,7 @@ from stage1_core.artifacts import read_json
 from stage1_core.lineage import read_record, record_path
 
 if TYPE_CHECKING:
-    from stage1_core.steps.context import Layout
+    from stage1_core.layout import Layout
 
 __all__ = [
     "TRAINING_FILE", "PREDICTIONS_FILE", "BACKBONE_FILE", "CACHE_POINTER", "EVALUATION_FILE", "METRICS_FILE",

@@ -26,7 +26,6 @@ from stage1_core.artifacts import (
     atomic_write_bytes,
     atomic_write_text,
     load_tensors,
-    publish_directory,
     read_json,
     sha256_file,
     write_json,
@@ -40,6 +39,7 @@ from stage1_core.bundle.load import (
     verify_bundle,
 )
 from stage1_core.config import Stage1ProConfig, git_commit
+from stage1_core.dirswap import publish_directory
 from stage1_core.model.head import HeadStateError, Stage1Head, load_head_state_dict
 from stage1_core.policies import load_policy, policy_class
 from stage1_core.reporting.text import fmt

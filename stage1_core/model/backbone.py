@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stage1_core.artifacts import publish_directory
+from stage1_core.dirswap import publish_directory
 
 BUILTIN_PREFIX = "builtin:"
 TINY_DINOV3 = "tiny-dinov3"

@@ -15,35 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from stage1_core.config import Stage1ProConfig
+from stage1_core.layout import Layout
 from stage1_core.lineage import Record, asset_name, check_inputs, make_record, parse_name, read_record, record_path
 from stage1_core.phase_state import reference_phase
 from stage1_core.phases import config_for_phase, phase_number
 from stage1_core.steps.params import PARAMS, expected_params, params_for
-
-
-class Layout:
-    """Where each asset's files live: ``<root>/<asset>[/<partition>]``."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
-
-    def path(self, asset: str, partition: str | None = None) -> Path:
-        """The asset's directory (not created)."""
-        return self.root / asset / partition if partition else self.root / asset
-
-    def dir(self, asset: str, partition: str | None = None) -> Path:
-        """The asset's directory, created when missing."""
-        path = self.path(asset, partition)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    @property
-    def feature_store(self) -> Path:
-        return self.root / "feature_store"
-
-    @property
-    def synthetic_dir(self) -> Path:
-        return self.root / "data" / "synthetic"
 
 
 @dataclass

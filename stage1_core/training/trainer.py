@@ -20,10 +20,11 @@ checkpoints go to ``output_dir`` with everything an exact resume needs.
 Every epoch validates on ``val_select`` only, with EMA weights applied, and early-stops on the
 selection metric (``accuracy``: higher is better; ``augrc``: lower is better;
 ``certified_coverage``: the coverage the exit score certifies on val_select at target_fnr_exit,
-higher is better, ties to the more accurate epoch). Outputs in ``output_dir``: ``model_best.pth`` (plain head state_dict = EMA
-weights of the best epoch), ``model_best_accuracy.pth`` (accuracy-best, when selecting by another
-metric), ``checkpoint_last.pth``
-(full checkpoint, every epoch) and the CSV log (``config.log_file``, relative to ``output_dir``).
+higher is better, ties to the more accurate epoch). Outputs in ``output_dir``:
+``model_best.pth`` (plain head state_dict = EMA weights of the best epoch),
+``model_best_accuracy.pth`` (accuracy-best, when selecting by another metric),
+``checkpoint_last.pth`` (full checkpoint, every epoch) and the CSV log (``config.log_file``,
+relative to ``output_dir``).
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def test_jsonable_has_one_rule_for_numpy_and_non_finite_values():
 
 
 def test_publish_directory_swaps_in_the_new_content_or_refuses_without_replace(tmp_path):
-    from stage1_core.artifacts import publish_directory
+    from stage1_core.dirswap import publish_directory
 
     target = tmp_path / "out"
     for content in ("first", "second"):
