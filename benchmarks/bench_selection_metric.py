@@ -2,7 +2,8 @@
 
 The product certifies one operating point (FNR on exits <= target_fnr_exit), and AUGRC averages
 the selective risk over every coverage. This benchmark asks which of the two selection metrics
-gives the checkpoint that certifies more on val_calib. It reads a ``bench_seeds.py`` workdir whose
+gives the checkpoint that certifies more on val_calib, and at what cost in accuracy; certified
+coverage is also tried within accuracy bands (``selection_accuracy_tolerance``, ``--tolerances``). It reads a ``bench_seeds.py`` workdir whose
 seeds ran the phase (their feature stores and challenge views) and trains the phase's head once
 per selection metric on the same data, loss and seed. It then certifies the exit rule on
 val_calib (max softmax for phase 2, the gate logit for phase 3; a monotone calibration keeps the
@@ -29,13 +30,23 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS = ("augrc", "certified_coverage")
 
 
+def variants(tolerances: list[float]) -> list[tuple[str, float | None]]:
+    """(selection metric, accuracy tolerance) pairs: AUGRC, certified coverage, and certified
+    coverage within each accuracy band."""
+    return [(metric, None) for metric in METRICS] + [("certified_coverage", t) for t in tolerances]
+
+
+def label(metric: str, tolerance: float | None) -> str:
+    return metric if tolerance is None else f"{metric}, accuracy within {100 * tolerance:g} points"
+
+
 def use_seed(seed_dir: Path) -> None:
     """Point the layout and config resolution at one bench_seeds seed directory."""
     os.environ.update({"DAGSTER_HOME": str(seed_dir), "STAGE1_ARTIFACTS": str(seed_dir / "artifacts"),
                        "STAGE1_CONFIG": str(seed_dir / "config.yaml")})
 
 
-def compare(seed_dir: Path, partition: str, out: Path) -> list[dict[str, Any]]:
+def compare(seed_dir: Path, partition: str, out: Path, tolerances: list[float]) -> list[dict[str, Any]]:
     """One row per selection metric: selected epoch, val_select figures, val_calib certified coverage."""
     import torch
 
@@ -68,9 +79,11 @@ def compare(seed_dir: Path, partition: str, out: Path) -> list[dict[str, Any]]:
     if views:
         train = MultiViewSplit.of(train, views)
     rows = []
-    for metric in METRICS:
-        result = train_head(cfg, train, val_select, out / metric, selection_metric=metric, progress=False,
-                            loss_fn=build_loss(recipe.loss_kind, cfg, train.labels), with_gate=recipe.head_kind == "gated")
+    for metric, tolerance in variants(tolerances):
+        run_cfg = cfg.with_updates(selection_accuracy_tolerance=tolerance)
+        result = train_head(run_cfg, train, val_select, out / label(metric, tolerance), selection_metric=metric,
+                            progress=False, loss_fn=build_loss(recipe.loss_kind, cfg, train.labels),
+                            with_gate=recipe.head_kind == "gated")
         chosen = next(r for r in result.history if r["epoch"] == result.best_epoch)
         predictor = Stage1Predictor(load_head(result.best_checkpoint, result.hidden_size), SoftmaxExitPolicy(None))
         logits, gates = predictor.head_outputs_from_features(val_calib.features)
@@ -78,7 +91,7 @@ def compare(seed_dir: Path, partition: str, out: Path) -> list[dict[str, Any]]:
         scores = probs.max(axis=1) if gates is None else gates
         cert = certify_score_threshold(scores, probs.argmax(axis=1), val_calib.labels.numpy(),
                                        cfg.target_fnr_exit, cfg.delta)
-        rows.append({"seed": seed_dir.name, "phase": partition, "selection_metric": metric,
+        rows.append({"seed": seed_dir.name, "phase": partition, "selection_metric": label(metric, tolerance),
                      "epoch": int(result.best_epoch), "selected_by": float(chosen[SELECTION_KEYS[metric]]),
                      "val_select_augrc": float(chosen["sel_augrc"]),
                      "val_select_certified_coverage": float(chosen["certified_coverage"]),
@@ -92,6 +105,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True, help="a bench_seeds.py workdir")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1001, 1002, 1003])
     parser.add_argument("--phase", default="phase2")
+    parser.add_argument("--tolerances", nargs="*", type=float, default=[0.01],
+                        help="accuracy bands (fractions) for certified-coverage selection")
     args = parser.parse_args()
     from stage1_core.config import Stage1ProConfig
 
@@ -103,7 +118,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            rows += compare(args.workdir / f"seed_{seed}", args.phase, Path(tmp) / str(seed))
+            rows += compare(args.workdir / f"seed_{seed}", args.phase, Path(tmp) / str(seed), args.tolerances)
     print("| seed | selection | epoch | val_select AUGRC | val_select certified coverage | val_calib certified coverage "
           "| val_calib accuracy |")
     print("|---|---|---|---|---|---|---|")
@@ -111,9 +126,11 @@ def main() -> None:
         print(f"| {r['seed']} | {r['selection_metric']} | {r['epoch']} | {r['val_select_augrc']:.4f} | "
               f"{100 * r['val_select_certified_coverage']:.1f}% | {100 * r['val_calib_certified_coverage']:.1f}% | "
               f"{100 * r['val_calib_accuracy']:.2f}% |")
-    for metric in METRICS:
-        values = [r["val_calib_certified_coverage"] for r in rows if r["selection_metric"] == metric]
-        print(f"{metric}: mean val_calib certified coverage {100 * statistics.fmean(values):.1f}%")
+    for metric, tolerance in variants(args.tolerances):
+        group = [r for r in rows if r["selection_metric"] == label(metric, tolerance)]
+        print(f"{label(metric, tolerance)}: mean val_calib certified coverage "
+              f"{100 * statistics.fmean(r['val_calib_certified_coverage'] for r in group):.1f}%, accuracy "
+              f"{100 * statistics.fmean(r['val_calib_accuracy'] for r in group):.2f}%")
     (args.workdir / f"selection_metric_{args.phase}.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -228,6 +228,9 @@ class Stage1ProConfig(BaseModel):
     #: not a phase's default: README "Checkpoint selection at the certified operating point").
     #: Each phase's recipe sets it (stage1_core.phases); ``stage1 train`` takes any.
     selection_metric: Literal["accuracy", "augrc", "certified_coverage"] = "accuracy"
+    #: With a non-accuracy selection metric: select among the epochs whose val_select accuracy is
+    #: within this much of the run's best (coverage under an accuracy constraint); None = no band.
+    selection_accuracy_tolerance: float | None = None
     baseline_val_accuracy: float | None = None
     peft_type: Literal["none", "lora", "dora", "doran"] = "dora"
     peft_r: int = 16
@@ -404,6 +407,11 @@ class Stage1ProConfig(BaseModel):
             self.baseline_val_accuracy is None or 0.0 <= self.baseline_val_accuracy <= 1.0,
             "baseline_val_accuracy",
             "in [0, 1] (a fraction, not a percentage) or null",
+        )
+        need(
+            self.selection_accuracy_tolerance is None or 0.0 <= self.selection_accuracy_tolerance <= 0.2,
+            "selection_accuracy_tolerance",
+            "in [0, 0.2] or null",
         )
         need(self.peft_r >= 1, "peft_r", ">= 1")
         need(self.peft_blocks >= 0, "peft_blocks", ">= 0")

@@ -91,6 +91,8 @@ def _checkpoint(cfg: Stage1ProConfig) -> dict[str, Any]:
         params.update(_pick(cfg, SAM_FIELDS))
     if recipe.loss_kind == "crt":
         params.update(_pick(cfg, CRT_FIELDS))
+    if cfg.selection_accuracy_tolerance is not None:  # recorded only when set: older checkpoints stay current
+        params["selection_accuracy_tolerance"] = cfg.selection_accuracy_tolerance
     params.update(_criterion_params(cfg, "checkpoint"))
     return params
 

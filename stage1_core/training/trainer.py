@@ -20,7 +20,10 @@ checkpoints go to ``output_dir`` with everything an exact resume needs.
 Every epoch validates on ``val_select`` only, with EMA weights applied, and early-stops on the
 selection metric (``accuracy``: higher is better; ``augrc``: lower is better;
 ``certified_coverage``: the coverage the exit score certifies on val_select at target_fnr_exit,
-higher is better, ties to the more accurate epoch). Outputs in ``output_dir``:
+higher is better, ties to the more accurate epoch). With ``selection_accuracy_tolerance`` a
+non-accuracy metric is maximised among the epochs within that tolerance of the run's best val_select
+accuracy (:mod:`stage1_core.training.selection`; candidates' weights in ``selection_candidates/``,
+patience counts epochs since the kept one). Outputs in ``output_dir``:
 ``model_best.pth`` (plain head state_dict = EMA weights of the best epoch),
 ``model_best_accuracy.pth`` (accuracy-best, when selecting by another metric),
 ``checkpoint_last.pth`` (full checkpoint, every epoch) and the CSV log (``config.log_file``,
@@ -67,6 +70,7 @@ from stage1_core.training.losses import build_criterion
 from stage1_core.training.optimizers import SAM, build_training_optimizer, sam_accumulated_step
 from stage1_core.training.schedulers import build_scheduler, optimizer_steps_per_epoch
 from stage1_core.training.seeding import capture_rng_states, enable_tf32, restore_rng_states, seed_everything
+from stage1_core.training.selection import EpochScore, choose_epoch, live_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ BEST_ADAPTERS_FILE = "adapters_best.pth"
 LAST_CHECKPOINT_FILE = "checkpoint_last.pth"
 #: Full checkpoint of every epoch (``save_every_epoch``), the baseline's checkpoint format.
 EPOCH_CHECKPOINT_FILE = "checkpoint_epoch{epoch}.pth"
+#: Weights of the epochs that may still be selected under ``selection_accuracy_tolerance``.
+CANDIDATES_DIR = "selection_candidates"
 #: Selection metric -> direction. ``certified_coverage`` is the coverage the exit rule certifies
 #: on val_select at the product's operating point (FNR on exits <= target_fnr_exit with
 #: probability 1 - delta): the figure val_calib will certify, where AUGRC averages over every coverage.
@@ -230,6 +236,38 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
+def _epoch_scores(history: list[dict[str, Any]], metric: str) -> list[EpochScore]:
+    return [EpochScore(int(r["epoch"]), float(r[SELECTION_KEYS[metric]]), float(r["val_acc"])) for r in history]
+
+
+def _candidate_files(directory: Path, epoch: int) -> tuple[Path, Path]:
+    return directory / f"head_epoch{epoch}.pth", directory / f"adapters_epoch{epoch}.pth"
+
+
+def _save_candidate(directory: Path, epoch: int, head: nn.Module, backbone_model: nn.Module | None) -> None:
+    """The epoch's (EMA) head, and its adapters when the backbone trains, as a selection candidate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    head_file, adapters_file = _candidate_files(directory, epoch)
+    save_state_dict(head_file, head.state_dict())
+    if backbone_model is not None:
+        save_state_dict(adapters_file, _trainable_state(backbone_model))
+
+
+def _promote_candidate(directory: Path, epoch: int, best_path: Path, best_adapters_path: Path | None) -> None:
+    """Make the candidate of ``epoch`` the best checkpoint (atomic copies)."""
+    head_file, adapters_file = _candidate_files(directory, epoch)
+    atomic_write_bytes(best_path, head_file.read_bytes())
+    if best_adapters_path is not None:
+        atomic_write_bytes(best_adapters_path, adapters_file.read_bytes())
+
+
+def _prune_candidates(directory: Path, live: set[int]) -> None:
+    """Delete the candidates no later epoch can make the choice."""
+    for path in directory.glob("*_epoch*.pth"):
+        if int(path.stem.rsplit("epoch", 1)[1]) not in live:
+            path.unlink(missing_ok=True)
+
+
 def _selected_accuracy(state: "_State") -> float:
     """val_select accuracy of the epoch selected so far (from the history, so a resume keeps it)."""
     return next((float(r["val_acc"]) for r in state.history if r["epoch"] == state.best_epoch), -math.inf)
@@ -367,6 +405,7 @@ def train_head(
     if metric not in SELECTION_METRICS:
         raise TrainingError(f"selection_metric={metric!r} is not supported: use one of {sorted(SELECTION_METRICS)}")
     mode = SELECTION_METRICS[metric]
+    tolerance = getattr(config, "selection_accuracy_tolerance", None) if metric != "accuracy" else None
     operating_point = (float(config.target_fnr_exit), float(config.delta)) if hasattr(config, "target_fnr_exit") else None
     if metric == "certified_coverage" and operating_point is None:
         raise TrainingError("selection_metric='certified_coverage' needs target_fnr_exit and delta in the config")
@@ -435,10 +474,11 @@ def train_head(
         check_ema_horizon(ema.decay, total_steps, ema.warmup)
 
     state = _State()
+    candidates_dir = out / CANDIDATES_DIR
     if resume_checkpoint is None and env.is_main():
         # A best checkpoint left by an earlier run in the same directory is never this run's best.
         for stale in (out / BEST_FILE, out / BEST_ACCURACY_FILE, out / BEST_ADAPTERS_FILE,
-                      *out.glob(EPOCH_CHECKPOINT_FILE.format(epoch="*"))):
+                      *out.glob(EPOCH_CHECKPOINT_FILE.format(epoch="*")), *candidates_dir.glob("*.pth")):
             stale.unlink(missing_ok=True)
     if resume_checkpoint is not None:
         state = _resume(
@@ -494,19 +534,42 @@ def train_head(
             val = _validation_metrics(logits, val_cache.labels, criterion, float(config.legacy_exit_threshold_for_logging),
                                       gate, operating_point)
             value = val[SELECTION_KEYS[metric]]
-            improved = math.isfinite(value) and (
-                _is_better(value, state.best_metric, mode)
-                or (metric in TIES_BROKEN_BY_ACCURACY and value == state.best_metric
-                    and val["val_acc"] > _selected_accuracy(state))
-            )
             accuracy_improved = val["val_acc"] > state.best_accuracy
-            if improved and main:
-                save_state_dict(best_path, head.state_dict())
-                if trainable_backbone:
-                    save_state_dict(best_adapters_path, _trainable_state(backbone.model))
+            chosen: EpochScore | None = None
+            if tolerance is not None:
+                # Coverage under an accuracy band: every epoch's weights are a candidate until a
+                # more accurate, higher-ranked epoch makes them unreachable (training.selection).
+                scores = [*_epoch_scores(state.history, metric),
+                          EpochScore(epoch, float(value), float(val["val_acc"]))]
+                ties = metric in TIES_BROKEN_BY_ACCURACY
+                if main:
+                    _save_candidate(candidates_dir, epoch, head, backbone.model if trainable_backbone else None)
+                kept = choose_epoch(scores, mode == "max", tolerance, ties)
+                chosen = next((s for s in scores if s.epoch == kept), None)
+                improved = kept == epoch
+                if chosen is not None and (state.best_metric is None or chosen.epoch != state.best_epoch) and main:
+                    _promote_candidate(candidates_dir, chosen.epoch, best_path,
+                                       best_adapters_path if trainable_backbone else None)
+                if main:
+                    _prune_candidates(candidates_dir, live_candidates(scores, mode == "max", tolerance, ties))
+            else:
+                improved = math.isfinite(value) and (
+                    _is_better(value, state.best_metric, mode)
+                    or (metric in TIES_BROKEN_BY_ACCURACY and value == state.best_metric
+                        and val["val_acc"] > _selected_accuracy(state))
+                )
+                if improved and main:
+                    save_state_dict(best_path, head.state_dict())
+                    if trainable_backbone:
+                        save_state_dict(best_adapters_path, _trainable_state(backbone.model))
             if metric != "accuracy" and accuracy_improved and main:
                 save_state_dict(best_acc_path, head.state_dict())
-        if improved:
+        if tolerance is not None:
+            if chosen is not None:  # patience: epochs since the kept one
+                state.best_metric, state.best_epoch, state.patience = chosen.value, chosen.epoch, epoch - chosen.epoch
+            else:
+                state.patience += 1
+        elif improved:
             state.best_metric, state.best_epoch, state.patience = float(value), epoch, 0
         else:
             state.patience += 1

@@ -139,3 +139,10 @@ def test_yaml_file_errors_name_the_line(tmp_path):
     path.write_text("epochs: 3\n  bad: [\n")
     with pytest.raises(ConfigError, match=r"c.yaml:\d+"):
         Stage1ProConfig.from_file(path)
+
+
+def test_selection_accuracy_tolerance_is_a_small_fraction_or_null():
+    assert Stage1ProConfig().selection_accuracy_tolerance is None
+    assert Stage1ProConfig(selection_accuracy_tolerance=0.01).selection_accuracy_tolerance == 0.01
+    with pytest.raises(ConfigError, match="selection_accuracy_tolerance"):
+        Stage1ProConfig.from_dict({"selection_accuracy_tolerance": 0.5})

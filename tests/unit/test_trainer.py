@@ -174,6 +174,32 @@ def test_certified_coverage_ties_go_to_the_more_accurate_epoch(tmp_path, data, m
     assert result.best_epoch == 1 + accuracies.index(max(accuracies))
 
 
+def test_an_accuracy_band_keeps_the_best_coverage_among_accurate_epochs(tmp_path, data, monkeypatch):
+    """selection_accuracy_tolerance: the kept epoch is the one the pure rule picks from the logged
+    history, its weights are that epoch's (its val_select accuracy is reproduced from the file), and
+    only candidates a later epoch could still choose stay on disk."""
+    import itertools
+
+    import stage1_core.training.trainer as trainer
+    from stage1_core.training.selection import EpochScore, choose_epoch, live_candidates
+
+    coverages = itertools.cycle([0.9, 0.4, 0.7, 0.6, 0.8])
+    monkeypatch.setattr(trainer, "certified_coverage", lambda *args: next(coverages))
+    train, val = data
+    config = make_config(epochs=5, selection_accuracy_tolerance=0.02)
+    result = train_head(config, train, val, tmp_path, progress=False, selection_metric="certified_coverage")
+    run = [EpochScore(r["epoch"], r["certified_coverage"], r["val_acc"]) for r in result.history]
+    assert result.best_epoch == choose_epoch(run, True, 0.02, ties_by_accuracy=True)
+    chosen = next(r for r in result.history if r["epoch"] == result.best_epoch)
+    head = trainer.load_head(result.best_checkpoint, HIDDEN)
+    with torch.no_grad():
+        accuracy = (head(val.features).argmax(dim=1) == val.labels).float().mean().item()
+    assert accuracy == pytest.approx(chosen["val_acc"])
+    kept = {int(p.stem.rsplit("epoch", 1)[1]) for p in (tmp_path / "selection_candidates").glob("head_epoch*.pth")}
+    assert kept == live_candidates(run, True, 0.02, ties_by_accuracy=True)
+    assert result.best_epoch in kept
+
+
 def _two_class_probs(predictions: np.ndarray, confidence: np.ndarray) -> np.ndarray:
     p1 = np.where(predictions == 1, confidence, 1.0 - confidence)
     return np.stack([1.0 - p1, p1], axis=1)
