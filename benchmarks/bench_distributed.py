@@ -54,7 +54,7 @@ class Images(Dataset):
 def worker(args: argparse.Namespace) -> None:
     """One rank: extract, timed between barriers; rank 0 prints the result as JSON."""
     from stage1_core.distributed import env
-    from stage1_core.features import extract_split_features
+    from stage1_core.distributed.extract import extract_features
     from stage1_core.model.backbone import DINOv3Backbone
 
     torch.set_num_threads(args.threads_per_rank)
@@ -64,8 +64,8 @@ def worker(args: argparse.Namespace) -> None:
         data = {"train": Images(args.images)}
         env.barrier()
         started = time.perf_counter()
-        manifest = extract_split_features(backbone, data, args.out_dir, "bench", batch_size=args.batch_size, device="cpu",
-                                          progress=False, num_workers=0)
+        manifest = extract_features(backbone, data, args.out_dir, "bench", batch_size=args.batch_size, device="cpu",
+                                    progress=False, num_workers=0)
         env.barrier()
         seconds = time.perf_counter() - started
         if env.is_main():

@@ -365,13 +365,9 @@ def extract_split_features(
     from stage1_core.distributed import env
 
     if env.active():
-        # Inside a torchrun job every rank extracts its shard; rank 0 merges and writes the manifest.
-        from stage1_core.distributed.extract import extract_sharded
-
-        return extract_sharded(
-            backbone, datasets, directory, transform_desc, sample_ids, batch_size, device, progress,
-            max_batch_size=max_batch_size, fallback_batch_size=fallback_batch_size, num_workers=num_workers,
-            store_labels=store_labels,
+        raise FeatureCacheError(
+            f"{directory}: extract_split_features runs in one process, and this one is a rank of a torchrun "
+            "job; call stage1_core.distributed.extract.extract_features, which shards the rows over the ranks"
         )
     # One writer per cache directory (phases sharing a backbone share it); a second one waits
     # (STAGE1_LOCK_TIMEOUT) or is refused, and once in, reuses what the first one wrote.

@@ -31,12 +31,15 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset, Subset
 
 from stage1_core.distributed import env
+
+if TYPE_CHECKING:
+    from stage1_core.features import CacheManifest
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,39 @@ def _load_shard(path: Path, rows: int, hidden: int) -> dict[str, torch.Tensor] |
     ok = (isinstance(data, dict) and isinstance(data.get("features"), torch.Tensor)
           and tuple(data["features"].shape) == (rows, hidden) and tuple(data["labels"].shape) == (rows,))
     return data if ok else None
+
+
+def extract_features(
+    backbone: Any,
+    datasets: Mapping[str, Dataset],
+    out_dir: str | Path,
+    transform_desc: str,
+    sample_ids: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    *,
+    max_batch_size: int = 64,
+    fallback_batch_size: int = 32,
+    num_workers: int | None = None,
+    store_labels: bool = True,
+) -> CacheManifest:
+    """Extract into the feature store from one process or from every rank of a ``torchrun`` job.
+
+    One process: :func:`stage1_core.features.extract_split_features`. A rank of a job: each rank
+    extracts its shard and rank 0 merges and writes the manifest (:func:`extract_sharded`). Same
+    arguments and the same :class:`~stage1_core.features.CacheManifest` either way.
+    """
+    from stage1_core import features
+
+    options = dict(max_batch_size=max_batch_size, fallback_batch_size=fallback_batch_size, num_workers=num_workers,
+                   store_labels=store_labels)
+    if env.active():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return extract_sharded(backbone, datasets, Path(out_dir), transform_desc, sample_ids, batch_size, device,
+                               progress, **options)
+    return features.extract_split_features(backbone, datasets, out_dir, transform_desc, sample_ids, batch_size, device,
+                                           progress, **options)
 
 
 def extract_sharded(

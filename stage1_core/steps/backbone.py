@@ -18,7 +18,7 @@ from stage1_core.config import Stage1ProConfig
 from stage1_core.data.splits import SPLIT_NAMES
 from stage1_core.phases import get_recipe
 from stage1_core.steps.context import Layout, StepContext, StepResult
-from stage1_core.steps.data import load_store_split, read_splits
+from stage1_core.steps.data import load_store_split, read_splits, split_content
 from stage1_core.store import BACKBONE_FILE, CACHE_POINTER, read_backbone, read_training
 
 
@@ -118,12 +118,6 @@ def eval_transform():
     return transform, describe_transform(transform)
 
 
-def split_content(layout: Layout, split_names: tuple[str, ...]) -> dict[str, list[str]]:
-    """sha256 of every image of each split, in split order (the feature store's content key)."""
-    splits, index = read_splits(layout)
-    return {name: [index.sha256[i] for i in splits.ids[name]] for name in split_names}
-
-
 def ensure_features(cfg: Stage1ProConfig, layout: Layout, backbone_dir: str | Path, fingerprint: str,
                     split_names: tuple[str, ...]) -> tuple[Path, str, bool, int]:
     """The content-addressed store holding ``split_names`` for this backbone, extracted when missing.
@@ -133,6 +127,7 @@ def ensure_features(cfg: Stage1ProConfig, layout: Layout, backbone_dir: str | Pa
     """
     from stage1_core import features
     from stage1_core.data.datasets import LabelledImageDataset
+    from stage1_core.distributed.extract import extract_features
     from stage1_core.model.backbone import DINOv3Backbone
 
     splits, index = read_splits(layout)
@@ -148,7 +143,7 @@ def ensure_features(cfg: Stage1ProConfig, layout: Layout, backbone_dir: str | Pa
     if backbone.fingerprint() != fingerprint:
         raise ValueError(f"{backbone_dir}: the backbone's fingerprint is {backbone.fingerprint()}, expected "
                          f"{fingerprint}; re-materialise the asset that wrote it")
-    manifest = features.extract_split_features(
+    manifest = extract_features(
         backbone, datasets, store, transform_desc=transform_desc, sample_ids=content,
         max_batch_size=cfg.max_batch_size, fallback_batch_size=cfg.fallback_batch_size,
         num_workers=cfg.num_workers, progress=True, store_labels=False,

@@ -234,7 +234,7 @@ def read_splits(layout: Layout):
 def load_store_split(layout: Layout, store: str | Path, split: str):
     """Rows ``split`` of a feature store, tagged by content: sample ids and labels from the rows' images.
 
-    A store keys its rows by the sha256 of their images (``steps.backbone.split_content``). Each
+    A store keys its rows by the sha256 of their images (:func:`split_content`). Each
     row is mapped back to the sample of the splits holding that image, and every one must be in
     ``split`` (:func:`~stage1_core.data.splits.require_stored_as`): a store whose rows under that
     name are another split's images, or a mixture, is refused, and every later role check reads
@@ -258,3 +258,9 @@ def load_store_split(layout: Layout, store: str | Path, split: str):
     labels = torch.as_tensor(index.labels(list(ids)))
     data = load_cached_features(store, splits=[split], labels={split: labels})[split]
     return TensorSplit(data.features, data.labels, ids, split)
+
+
+def split_content(layout: Layout, split_names: tuple[str, ...]) -> dict[str, list[str]]:
+    """sha256 of every image of each split, in split order (the feature store's content key)."""
+    splits, index = read_splits(layout)
+    return {name: [index.sha256[i] for i in splits.ids[name]] for name in split_names}

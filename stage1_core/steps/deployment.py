@@ -63,7 +63,7 @@ def view_store(layout: Layout, fingerprint: str, seed: int, name: str, train_vie
     """``(store directory, key, transform text, content per split)`` of one named store."""
     from stage1_core.data.challenge_views import view_description
     from stage1_core.features import cache_key
-    from stage1_core.steps.backbone import split_content
+    from stage1_core.steps.data import split_content
 
     splits, view, level = _store_spec(name, train_views)
     text = view_description(seed, view, level)
@@ -77,6 +77,7 @@ def ensure_deployment_features(cfg: Stage1ProConfig, layout: Layout, backbone_di
     """Extract (or reuse) every deployment store of this backbone; the ``deployment`` section of cache.json."""
     from stage1_core import features
     from stage1_core.data.challenge_views import ChallengeViewDataset
+    from stage1_core.distributed.extract import extract_features
     from stage1_core.model.backbone import DINOv3Backbone
     from stage1_core.steps.data import read_splits
 
@@ -97,7 +98,7 @@ def ensure_deployment_features(cfg: Stage1ProConfig, layout: Layout, backbone_di
             split_names, view, level = _store_spec(name, cfg.train_views)
             datasets = {s: ChallengeViewDataset([index.by_id[i] for i in splits.ids[s]], content[s], cfg.deploy_seed,
                                                 view, level) for s in split_names}
-            manifest = features.extract_split_features(
+            manifest = extract_features(
                 backbone, datasets, store, transform_desc=text, sample_ids=content,
                 max_batch_size=cfg.max_batch_size, fallback_batch_size=cfg.fallback_batch_size,
                 num_workers=cfg.num_workers, progress=True, store_labels=False,
@@ -142,7 +143,7 @@ def training_views(layout: Layout, partition: str) -> list[torch.Tensor]:
     """Features of the cached challenge views of the training split (``[]`` without the pipeline)."""
     from stage1_core.artifacts import read_json
     from stage1_core.features import load_cached_features
-    from stage1_core.steps.backbone import CACHE_POINTER
+    from stage1_core.store import CACHE_POINTER
     from stage1_core.steps.data import read_splits
 
     pointer = read_json(layout.path("cached_features", partition) / CACHE_POINTER, schema="feature_pointer")
@@ -162,32 +163,10 @@ def training_views(layout: Layout, partition: str) -> list[torch.Tensor]:
 def deployment_section(layout: Layout, partition: str) -> dict[str, Any] | None:
     """The ``deployment`` section of the phase's cache.json (None: clean path only)."""
     from stage1_core.artifacts import read_json
-    from stage1_core.steps.backbone import CACHE_POINTER
+    from stage1_core.store import CACHE_POINTER
 
     pointer = read_json(layout.path("cached_features", partition) / CACHE_POINTER, schema="feature_pointer")
     return pointer.get("deployment") or None
-
-
-def extra_view_outputs(layout: Layout, partition: str, predictor: Any) -> dict[str, torch.Tensor]:
-    """Head outputs on the other views, stored beside the deployed ones in predictions.pt.
-
-    ``{split}_clean_logits`` for val_select / val_calib / val_test and ``val_test_level{L}_logits``
-    per level (and ``..._gate`` for a gated head); empty without the pipeline.
-    """
-    from stage1_core.steps.backbone import model_features
-
-    if deployment_section(layout, partition) is None:
-        return {}
-    out: dict[str, torch.Tensor] = {}
-    wanted = [(split, "clean", f"{split}_clean") for split in VAL_SPLITS]
-    wanted += [(LEVEL_SPLIT, f"level{level}", f"{LEVEL_SPLIT}_level{level}") for level in LEVELS]
-    for split, view, prefix in wanted:
-        data = model_features(layout, partition, split, view)
-        logits, gates = predictor.head_outputs_from_features(data.features)
-        out[f"{prefix}_logits"] = torch.as_tensor(logits)
-        if gates is not None:
-            out[f"{prefix}_gate"] = torch.as_tensor(gates)
-    return out
 
 
 def bundle_deployment_parts(cfg: Stage1ProConfig, layout: Layout, partition: str,

@@ -286,8 +286,6 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
         labels = data.labels.numpy()
         accuracy = float((logits.argmax(1) == labels).mean())
         rows.append({"split": split, "n": int(len(labels)), "accuracy": accuracy, "sample_ids": list(data.sample_ids)})
-    from stage1_core.steps.deployment import extra_view_outputs
-
     tensors.update(extra_view_outputs(layout, partition, predictor))  # clean and per-level views (pipeline on)
     out_dir = layout.dir("predictions", partition)
     path = save_tensors(out_dir / PREDICTIONS_FILE, tensors)
@@ -300,6 +298,30 @@ def predict_splits(config: Stage1ProConfig, layout: Layout, partition: str) -> S
                 **{f"accuracy_{r['split']}": r["accuracy"] for r in rows}}
     table = [{k: v for k, v in r.items() if k != "sample_ids"} for r in rows]
     return StepResult(path, metadata, tables={"per_split": table}, record=record)
+
+
+def extra_view_outputs(layout: Layout, partition: str, predictor: Any) -> dict[str, torch.Tensor]:
+    """Head outputs on the other views, stored beside the deployed ones in predictions.pt.
+
+    ``{split}_clean_logits`` for val_select / val_calib / val_test and ``val_test_level{L}_logits``
+    per level (and ``..._gate`` for a gated head); empty without the deployment pipeline.
+    """
+    from stage1_core.data.challenge import LEVELS
+    from stage1_core.steps.backbone import model_features
+    from stage1_core.steps.deployment import LEVEL_SPLIT, deployment_section
+
+    if deployment_section(layout, partition) is None:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    wanted = [(split, "clean", f"{split}_clean") for split in VAL_SPLITS]
+    wanted += [(LEVEL_SPLIT, f"level{level}", f"{LEVEL_SPLIT}_level{level}") for level in LEVELS]
+    for split, view, prefix in wanted:
+        data = model_features(layout, partition, split, view)
+        logits, gates = predictor.head_outputs_from_features(data.features)
+        out[f"{prefix}_logits"] = torch.as_tensor(logits)
+        if gates is not None:
+            out[f"{prefix}_gate"] = torch.as_tensor(gates)
+    return out
 
 
 def load_predictions(layout: Layout, partition: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -28,11 +28,11 @@ from stage1_core.artifacts import save_tensors, write_json
 from stage1_core.data.datasets import LabelledImageDataset, Sample, find_corrupt_images, read_labels_csv, read_sources
 from stage1_core.data.splits import VAL_SPLITS, Splits, make_splits, save_splits
 from stage1_core.data.transforms import build_reference_eval_transform, describe_transform
+from stage1_core.distributed.extract import extract_features as extract_into_store
 from stage1_core.features import (
     MANIFEST_NAME,
     FeatureCacheError,
     TensorSplit,
-    extract_split_features,
     import_legacy_cache,
     load_cached_features,
     read_manifest,
@@ -132,7 +132,7 @@ def extract_features(
     """Features of ``splits`` (eval transform) into ``cache_dir``; reused when already there."""
     datasets = {name: LabelledImageDataset(samples) for name, samples in splits.items()}
     transform = describe_transform(next(iter(datasets.values())).transform)
-    return extract_split_features(
+    return extract_into_store(
         backbone,
         datasets,
         cache_dir,

@@ -48,14 +48,14 @@ def datasets() -> dict[str, Dataset]:
 
 
 def extract(args: dict) -> None:
-    from stage1_core.features import extract_split_features
+    from stage1_core.distributed.extract import extract_features
     from stage1_core.model.backbone import DINOv3Backbone
 
     backbone = DINOv3Backbone.load(args["backbone"])
     passes = []
     for _ in range(args.get("repeat", 1)):  # a repeat must find the store complete
-        manifest = extract_split_features(backbone, datasets(), args["out"], "test-transform", batch_size=4,
-                                          device="cpu", progress=False, num_workers=0)
+        manifest = extract_features(backbone, datasets(), args["out"], "test-transform", batch_size=4,
+                                    device="cpu", progress=False, num_workers=0)
         passes.append(manifest.forward_passes)
     Path(args["out"], f"passes.rank{os.environ['RANK']}.json").write_text(json.dumps(passes))
 

@@ -98,3 +98,24 @@ def test_a_rank_killed_mid_run_leaves_no_manifest_and_the_rerun_completes(tmp_pa
         torch.testing.assert_close(torch.load(out / f"{split}_features.pt", weights_only=True),
                                    torch.load(reference.directory / f"{split}_features.pt", weights_only=True),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_one_entry_point_extracts_alone_and_the_single_process_path_refuses_a_rank(tmp_path, backbone_dir,
+                                                                                  monkeypatch):
+    """extract_features is the single-process extraction outside a job; inside one (a rank of
+    torchrun) the single-process function refuses instead of letting every rank write the store."""
+    from stage1_core.distributed import env
+    from stage1_core.distributed.extract import extract_features
+    from stage1_core.features import FeatureCacheError
+
+    backbone = DINOv3Backbone.load(backbone_dir)
+    alone = extract_features(backbone, datasets(), tmp_path / "alone", "test-transform", batch_size=4, device="cpu",
+                             progress=False, num_workers=0)
+    direct = extract_split_features(backbone, datasets(), tmp_path / "direct", "test-transform", batch_size=4,
+                                    device="cpu", progress=False, num_workers=0)
+    assert alone.forward_passes == direct.forward_passes > 0
+    assert read_manifest(tmp_path / "alone").splits.keys() == read_manifest(tmp_path / "direct").splits.keys()
+    monkeypatch.setattr(env, "active", lambda: True)
+    with pytest.raises(FeatureCacheError, match="distributed.extract.extract_features"):
+        extract_split_features(backbone, datasets(), tmp_path / "rank", "test-transform", batch_size=4, device="cpu",
+                               progress=False, num_workers=0)
