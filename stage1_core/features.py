@@ -356,7 +356,8 @@ def extract_split_features(
     ``None`` asks :func:`~stage1_core.data.loaders.pick_batch_size` (max, else fallback).
     ``store_labels=False`` writes features only: the pipeline keys its store by image content and
     joins labels from the dataset index at use, so relabelling never invalidates features and a
-    stale label can never be read from the cache.
+    stale label can never be read from the cache. One process only: a rank of a ``torchrun`` job
+    is refused; :func:`stage1_core.distributed.extract.extract_features` serves both.
     """
     from stage1_core.locking import LOCK_NAME, default_timeout, path_lock
 
