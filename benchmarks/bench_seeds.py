@@ -35,6 +35,26 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 FRESH_SEEDS = (5001, 5002, 5003, 5004, 5005)
+#: Every fresh set, spent or not: their val_calib and val_test report, so nothing is tuned on them.
+REPORTED_SEEDS = frozenset(seed for first in (2001, 3001, 4001, 5001) for seed in range(first, first + 5))
+
+
+def refuse_reported_seeds(seeds: list[int]) -> None:
+    """Exit when ``seeds`` name the embedded default's data or a fresh set: tuning uses others (1001-1003)."""
+    from stage1_core.config import Stage1ProConfig
+
+    default_seed = Stage1ProConfig.from_file(REPO / "configs" / "default.yaml").synthetic_seed
+    named = sorted({default_seed, *REPORTED_SEEDS} & set(seeds))
+    if named:
+        raise SystemExit(f"seeds {named} are the default's or a fresh benchmark's (their val_calib certifies what is "
+                         "reported): tune and measure on others, e.g. 1001-1003")
+
+
+def use_seed(seed_dir: Path) -> None:
+    """Point the layout and config resolution (``stage1_assets.demo.layout_and_config``) at a seed directory
+    this benchmark wrote."""
+    os.environ.update({"DAGSTER_HOME": str(seed_dir), "STAGE1_ARTIFACTS": str(seed_dir / "artifacts"),
+                       "STAGE1_CONFIG": str(seed_dir / "config.yaml")})
 
 
 def seed_environment(work: Path, seed: int, base_config: Path) -> dict[str, str]:

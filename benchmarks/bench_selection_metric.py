@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_seeds import refuse_reported_seeds, use_seed
+
 METRICS = ("augrc", "certified_coverage")
 
 
@@ -38,12 +38,6 @@ def variants(tolerances: list[float]) -> list[tuple[str, float | None]]:
 
 def label(metric: str, tolerance: float | None) -> str:
     return metric if tolerance is None else f"{metric}, accuracy within {100 * tolerance:g} points"
-
-
-def use_seed(seed_dir: Path) -> None:
-    """Point the layout and config resolution at one bench_seeds seed directory."""
-    os.environ.update({"DAGSTER_HOME": str(seed_dir), "STAGE1_ARTIFACTS": str(seed_dir / "artifacts"),
-                       "STAGE1_CONFIG": str(seed_dir / "config.yaml")})
 
 
 def compare(seed_dir: Path, partition: str, out: Path, tolerances: list[float]) -> list[dict[str, Any]]:
@@ -108,13 +102,7 @@ def main() -> None:
     parser.add_argument("--tolerances", nargs="*", type=float, default=[0.01],
                         help="accuracy bands (fractions) for certified-coverage selection")
     args = parser.parse_args()
-    from stage1_core.config import Stage1ProConfig
-
-    default_seed = Stage1ProConfig.from_file(REPO / "configs" / "default.yaml").synthetic_seed
-    forbidden = {default_seed, *range(2001, 2006), *range(3001, 3006), *range(4001, 4006), *range(5001, 5006)}
-    if forbidden & set(args.seeds):
-        raise SystemExit(f"seeds {sorted(forbidden & set(args.seeds))} are the default's or a fresh benchmark's "
-                         "(their val_calib certifies what is reported): tune on others, e.g. 1001-1003")
+    refuse_reported_seeds(args.seeds)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:

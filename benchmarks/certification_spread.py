@@ -22,12 +22,12 @@ than the previous one although its model is not. val_test is never read; run it 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_seeds import refuse_reported_seeds, use_seed
+
 
 
 def spread(seed_dir: Path, partition: str, draws: int, rng: np.random.Generator) -> dict[str, float] | None:
@@ -37,7 +37,7 @@ def spread(seed_dir: Path, partition: str, draws: int, rng: np.random.Generator)
     from stage1_core.phases import config_for_phase
     from stage1_core.steps.training import load_split_outputs
 
-    os.environ.update({"STAGE1_ARTIFACTS": str(seed_dir / "artifacts"), "STAGE1_CONFIG": str(seed_dir / "config.yaml")})
+    use_seed(seed_dir)
     layout, config = layout_and_config()
     if not (layout.path("predictions", partition) / "predictions.json").is_file():
         return None
@@ -69,13 +69,7 @@ def main() -> None:
     parser.add_argument("--phases", nargs="+", default=["phase1", "phase2", "phase3", "phase4"])
     parser.add_argument("--draws", type=int, default=200)
     args = parser.parse_args()
-    from stage1_core.config import Stage1ProConfig
-
-    default_seed = Stage1ProConfig.from_file(REPO / "configs" / "default.yaml").synthetic_seed
-    forbidden = {default_seed, *range(2001, 2006), *range(3001, 3006), *range(4001, 4006), *range(5001, 5006)}
-    if forbidden & set(args.seeds):
-        raise SystemExit(f"seeds {sorted(forbidden & set(args.seeds))} are the default's or a fresh benchmark's: "
-                         "measure on tuning seeds, e.g. 1001-1003")
+    refuse_reported_seeds(args.seeds)
     rng = np.random.default_rng(0)
     print("| seed | phase | exit score | certified on val_calib | resampled: mean coverage of val_select | sd | 10-90% |")
     print("|---|---|---|---|---|---|---|")

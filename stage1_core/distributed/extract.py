@@ -94,22 +94,16 @@ def extract_features(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
-    *,
-    max_batch_size: int = 64,
-    fallback_batch_size: int = 32,
-    num_workers: int | None = None,
-    store_labels: bool = True,
+    **options: Any,
 ) -> CacheManifest:
     """Extract into the feature store from one process or from every rank of a ``torchrun`` job.
 
-    One process: :func:`stage1_core.features.extract_split_features`. A rank of a job: each rank
-    extracts its shard and rank 0 merges and writes the manifest (:func:`extract_sharded`). Same
-    arguments and the same :class:`~stage1_core.features.CacheManifest` either way.
+    One process: :func:`stage1_core.features.extract_split_features`, whose arguments these are
+    (``options``: its keyword-only ones). A rank of a job: each rank extracts its shard and rank 0
+    merges and writes the manifest (:func:`extract_sharded`). The same manifest either way.
     """
     from stage1_core import features
 
-    options = dict(max_batch_size=max_batch_size, fallback_batch_size=fallback_batch_size, num_workers=num_workers,
-                   store_labels=store_labels)
     if env.active():
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         return extract_sharded(backbone, datasets, Path(out_dir), transform_desc, sample_ids, batch_size, device,

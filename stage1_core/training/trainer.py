@@ -230,12 +230,6 @@ def _train_labels(train: TensorSplit | DataLoader) -> torch.Tensor:
     return torch.as_tensor(list(labels), dtype=torch.int64)
 
 
-def _is_better(value: float, best: float | None, mode: str) -> bool:
-    if best is None:
-        return True
-    return value > best if mode == "max" else value < best
-
-
 def _epoch_scores(history: list[dict[str, Any]], metric: str) -> list[EpochScore]:
     return [EpochScore(int(r["epoch"]), float(r[SELECTION_KEYS[metric]]), float(r["val_acc"])) for r in history]
 
@@ -266,11 +260,6 @@ def _prune_candidates(directory: Path, live: set[int]) -> None:
     for path in directory.glob("*_epoch*.pth"):
         if int(path.stem.rsplit("epoch", 1)[1]) not in live:
             path.unlink(missing_ok=True)
-
-
-def _selected_accuracy(state: "_State") -> float:
-    """val_select accuracy of the epoch selected so far (from the history, so a resume keeps it)."""
-    return next((float(r["val_acc"]) for r in state.history if r["epoch"] == state.best_epoch), -math.inf)
 
 
 @dataclass
@@ -535,42 +524,29 @@ def train_head(
                                       gate, operating_point)
             value = val[SELECTION_KEYS[metric]]
             accuracy_improved = val["val_acc"] > state.best_accuracy
-            chosen: EpochScore | None = None
-            if tolerance is not None:
-                # Coverage under an accuracy band: every epoch's weights are a candidate until a
-                # more accurate, higher-ranked epoch makes them unreachable (training.selection).
-                scores = [*_epoch_scores(state.history, metric),
-                          EpochScore(epoch, float(value), float(val["val_acc"]))]
-                ties = metric in TIES_BROKEN_BY_ACCURACY
-                if main:
-                    _save_candidate(candidates_dir, epoch, head, backbone.model if trainable_backbone else None)
-                kept = choose_epoch(scores, mode == "max", tolerance, ties)
-                chosen = next((s for s in scores if s.epoch == kept), None)
-                improved = kept == epoch
-                if chosen is not None and (state.best_metric is None or chosen.epoch != state.best_epoch) and main:
-                    _promote_candidate(candidates_dir, chosen.epoch, best_path,
-                                       best_adapters_path if trainable_backbone else None)
-                if main:
-                    _prune_candidates(candidates_dir, live_candidates(scores, mode == "max", tolerance, ties))
-            else:
-                improved = math.isfinite(value) and (
-                    _is_better(value, state.best_metric, mode)
-                    or (metric in TIES_BROKEN_BY_ACCURACY and value == state.best_metric
-                        and val["val_acc"] > _selected_accuracy(state))
-                )
-                if improved and main:
+            # One rule for every run (training.selection): the best value so far, or with an accuracy
+            # band the best among the accurate epochs, whose weights stay candidates until unreachable.
+            scores = [*_epoch_scores(state.history, metric), EpochScore(epoch, float(value), float(val["val_acc"]))]
+            ties = metric in TIES_BROKEN_BY_ACCURACY
+            kept = choose_epoch(scores, mode == "max", tolerance, ties)
+            chosen = next((s for s in scores if s.epoch == kept), None)
+            improved = kept == epoch
+            if main:
+                if improved:
                     save_state_dict(best_path, head.state_dict())
                     if trainable_backbone:
                         save_state_dict(best_adapters_path, _trainable_state(backbone.model))
+                if tolerance is not None:
+                    _save_candidate(candidates_dir, epoch, head, backbone.model if trainable_backbone else None)
+                    if chosen is not None and not improved and chosen.epoch != state.best_epoch:
+                        # a more accurate epoch moved the band past the kept one: an earlier one takes over
+                        _promote_candidate(candidates_dir, chosen.epoch, best_path,
+                                           best_adapters_path if trainable_backbone else None)
+                    _prune_candidates(candidates_dir, live_candidates(scores, mode == "max", tolerance, ties))
             if metric != "accuracy" and accuracy_improved and main:
                 save_state_dict(best_acc_path, head.state_dict())
-        if tolerance is not None:
-            if chosen is not None:  # patience: epochs since the kept one
-                state.best_metric, state.best_epoch, state.patience = chosen.value, chosen.epoch, epoch - chosen.epoch
-            else:
-                state.patience += 1
-        elif improved:
-            state.best_metric, state.best_epoch, state.patience = float(value), epoch, 0
+        if chosen is not None:  # patience: epochs since the kept one
+            state.best_metric, state.best_epoch, state.patience = chosen.value, chosen.epoch, epoch - chosen.epoch
         else:
             state.patience += 1
         if accuracy_improved:
