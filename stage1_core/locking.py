@@ -129,19 +129,26 @@ def path_lock(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+", encoding="utf-8")
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    start = time.monotonic()
+    handle = open(path, "a+", encoding="utf-8")
     try:
-        start = time.monotonic()
         while True:
             try:
                 fcntl.flock(handle.fileno(), mode | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 waited = time.monotonic() - start
                 if waited >= timeout:
                     raise AssetLockedError(name, partition, path, _holder(handle), waited, shared) from None
                 time.sleep(min(POLL_SECONDS, max(timeout - waited, 0.0)))
+                continue
+            if _names_the_open_file(path, handle):
+                break
+            # The lock file was removed (remove_unheld) between our open and our flock: a lock on
+            # that orphan inode excludes nobody who opens the path now. Lock the current file.
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+            handle = open(path, "a+", encoding="utf-8")
         if shared and os.fstat(handle.fileno()).st_size:
             handle.truncate(0)  # a holder line left by a killed writer: no writer can hold it now
         if not shared:
@@ -160,6 +167,16 @@ def path_lock(
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+def _names_the_open_file(path: Path, handle) -> bool:
+    """True when ``path`` still names the file ``handle`` has open (same device and inode)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 @contextlib.contextmanager

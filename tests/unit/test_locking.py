@@ -277,3 +277,34 @@ def test_a_step_without_inputs_still_takes_its_write_lock(tmp_path, monkeypatch)
     with asset_lock(tmp_path, "backbone", "phase1"):
         with pytest.raises(AssetLockedError, match=r"backbone\[phase1\] is being written"):
             prepare_backbone(Stage1ProConfig(data_source="synthetic"), Layout(tmp_path), "phase1")
+
+
+def test_a_hold_taken_on_a_lock_file_removed_meanwhile_moves_to_the_current_file(tmp_path, monkeypatch):
+    """The race CI once hit: a reader opens a version's lock file, a publish removes the version and
+    its lock file, a later publish brings the same version back; the reader's flock on the orphan
+    inode must not count as a hold, or the next remover takes a fresh lock file and deletes the
+    version under the reader."""
+    import fcntl
+
+    from stage1_core import locking
+    from stage1_core.locking import remove_unheld, version_hold
+
+    version = tmp_path / "versions" / "abc"
+    version.mkdir(parents=True)
+    (version / "bundle.json").write_text("{}")
+    real_flock, interleaved = fcntl.flock, []
+
+    def flock_after_a_publish_interleaves(fd, op):
+        if op & fcntl.LOCK_SH and not interleaved:
+            interleaved.append(True)
+            assert remove_unheld(version)  # the old lock file is unlinked with the version
+            version.mkdir()  # a later publish of the same id brings the version back
+            (version / "bundle.json").write_text("{}")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(locking.fcntl, "flock", flock_after_a_publish_interleaves)
+    with version_hold(version):
+        assert interleaved
+        assert not remove_unheld(version), "the hold sat on an unlinked lock file: the version was removed under it"
+        assert (version / "bundle.json").is_file()
+    assert remove_unheld(version)
