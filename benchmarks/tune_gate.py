@@ -19,7 +19,7 @@ so the raw gate score stands for the calibrated one.)
 Tuning never touches the embedded default's certified splits: the script refuses an artifacts
 root whose data was generated with the default's ``synthetic_seed`` (its val_calib certifies the
 default's policies and its val_test confirms them). Tune on other data seeds (1001-1003 by
-convention; 2001-2005 to 5001-5005 are kept for ``benchmarks/bench_seeds.py``):
+convention; 2001-2005 to 6001-6005 are kept for ``benchmarks/bench_seeds.py``):
 
     STAGE1_ARTIFACTS=/tmp/tune1001 STAGE1_CONFIG=<default with synthetic_seed: 1001> make demo PHASE=phase1
     python benchmarks/tune_gate.py --artifacts /tmp/tune1001 --set synthetic_seed=1001 --field ... --values ...
