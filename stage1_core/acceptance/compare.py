@@ -127,20 +127,31 @@ def paired_compare(current: np.ndarray, reference: np.ndarray, *, margin: float,
     return comparison, evidence
 
 
-def noninferiority_power(margin: float, n: int, disagreement: float, confidence: float = 0.95) -> float:
+def noninferiority_power(margin: float, n: int, disagreement: float, confidence: float = 0.95,
+                         spread_sd: float = 0.0) -> float:
     """P(pass) of the non-inferiority rule for two models of equal quality (normal approximation).
 
     The per-image difference of two 0/1 figures is -1, 0 or +1; with equal means its variance is
     the disagreement share ``d``, so the mean difference has standard error ``s = sqrt(d / n)``
     and the rule "CI lower end >= -margin" passes with probability ``Phi(margin / s - z)``, ``z``
     the two-sided CI's quantile. ``d = 0`` (identical decisions) passes surely.
+
+    ``spread_sd`` adds what the paired test cannot see: equal models whose figures still differ
+    by a random amount before any val_test image is drawn, e.g. two policies each certified at
+    maximum coverage on val_calib, whose thresholds land apart by chance
+    (``benchmarks/certification_spread.py --pairs``). With that difference ~ N(0, spread_sd^2)
+    the rule passes with probability ``Phi((margin - z s) / sqrt(spread_sd^2 + s^2))``.
     """
     from scipy.stats import norm
 
-    if disagreement <= 0:
-        return 1.0
+    if spread_sd < 0:
+        raise ValueError(f"spread_sd must be >= 0, got {spread_sd!r}")
     z = float(norm.ppf(1.0 - (1.0 - confidence) / 2.0))
-    return float(norm.cdf(margin / math.sqrt(disagreement / n) - z))
+    s = math.sqrt(disagreement / n) if disagreement > 0 else 0.0
+    total = math.hypot(s, spread_sd)
+    if total == 0:
+        return 1.0
+    return float(norm.cdf((margin - z * s) / total))
 
 
 def images_for_power(margin: float, disagreement: float, power: float = 0.9, confidence: float = 0.95) -> int:

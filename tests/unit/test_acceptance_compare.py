@@ -87,3 +87,30 @@ def test_noninferiority_power_matches_a_simulation_of_equal_models():
     assert noninferiority_power(0.0281, 800, 0.06) == pytest.approx(0.90, abs=0.005)
     assert images_for_power(0.02, 0.06) == 1577
     assert noninferiority_power(0.02, 800, 0.0) == 1.0
+
+
+def test_noninferiority_power_with_a_spread_matches_a_simulation_and_reduces_to_the_sampling_power():
+    import numpy as np
+
+    from stage1_core.acceptance.compare import noninferiority_power
+
+    n, d, margin, spread = 2346, 0.09, 0.045, 0.03
+    predicted = noninferiority_power(margin, n, d, spread_sd=spread)
+    # Equal models whose policies differ by a random shift (two certificates' thresholds) of sd
+    # `spread`: the shift moves the difference's mean, the images add the paired sampling noise.
+    rng = np.random.default_rng(1)
+    runs, passed = 4000, 0
+    z = 1.959963984540054
+    for _ in range(runs):
+        shift = float(np.clip(rng.normal(0.0, spread), -d, d))  # a shift beyond d cannot be drawn
+        p_up = d / 2 + shift / 2
+        diff = rng.choice([-1.0, 0.0, 1.0], size=n, p=[d - p_up, 1 - d, p_up])
+        lower = diff.mean() - z * diff.std(ddof=1) / np.sqrt(n)
+        passed += lower >= -margin
+    assert abs(passed / runs - predicted) < 0.03
+    # Sampling alone gives this margin power ~1 here; the spread brings it to ~0.86.
+    assert noninferiority_power(margin, n, d) > 0.999
+    assert predicted == pytest.approx(0.86, abs=0.01)
+    assert noninferiority_power(margin, n, d, spread_sd=0.0) == noninferiority_power(margin, n, d)
+    with pytest.raises(ValueError, match="spread_sd"):
+        noninferiority_power(margin, n, d, spread_sd=-0.01)
