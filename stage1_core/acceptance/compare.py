@@ -169,7 +169,10 @@ def paired_verdict(name: str, parts: list[tuple[str, str, Comparison, dict[str, 
     """A :class:`~stage1_core.gates.GateVerdict` from paired comparisons ``(key, what, comparison, evidence)``.
 
     It passes when every comparison passes and ``problems`` is empty; the message states each
-    comparison's figures, CI, rule and power, so a failure reads with its numbers.
+    comparison's figures, CI, rule and power, so a failure reads with its numbers. The power counts
+    val_test's sampling only: for a coverage clause, two policies certified on val_calib also land
+    apart by the certificates' own spread, which it does not see (``noninferiority_power``'s
+    ``spread_sd``).
     """
     from stage1_core.gates import GateVerdict
 
@@ -178,8 +181,8 @@ def paired_verdict(name: str, parts: list[tuple[str, str, Comparison, dict[str, 
     for key, what, comparison, evidence in parts:
         power = evidence.get("power_at_margin")
         power_text = (f"; n {evidence['n']}, disagreement {100 * evidence['disagreement']:.1f}%, power at this margin "
-                      f"for equal models {power:.2f}" if comparison.direction == "non-inferiority" and power is not None
-                      else f"; n {evidence['n']}")
+                      f"for equal models {power:.2f} (val_test sampling only)"
+                      if comparison.direction == "non-inferiority" and power is not None else f"; n {evidence['n']}")
         line = comparison.describe(what) + power_text
         (lines if comparison.passed else problems).append(line)
         out.update(comparison.figures(f"{key}_"))

@@ -53,7 +53,8 @@ def test_val_accuracy_vs_baseline_is_paired_non_inferiority_against_the_probe():
     probe = _flip(head, 0.25, seed=3)
     verdict = acceptance.check_val_accuracy_vs_baseline(labels, head, probe, None, "probe", 0.06, BOOT)
     assert verdict.passed, verdict.message
-    assert "val_test accuracy vs the probe" in verdict.message and "power at this margin" in verdict.message
+    assert "val_test accuracy vs the probe" in verdict.message
+    assert "power at this margin for equal models" in verdict.message and "(val_test sampling only)" in verdict.message
     assert verdict.figures["accuracy_disagreement"] == pytest.approx(np.mean(head != probe))
     # 5 points behind the probe on ~30% disagreement: within the margin as a point estimate (a rule on the
     # point would pass), but the CI's lower end is beyond -6 points: no evidence that it is not worse.
