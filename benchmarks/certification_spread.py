@@ -46,6 +46,14 @@ def _exit_score(outputs) -> np.ndarray:
     return outputs.probs.max(axis=1) if outputs.gate_logits is None else outputs.gate_logits
 
 
+def _sample_ids(layout, partition: str, split: str) -> list[str]:
+    """The sample ids of a phase's stored predictions on ``split``, in row order."""
+    from stage1_core.artifacts import read_json
+
+    document = read_json(layout.path("predictions", partition) / "predictions.json", schema="predictions")
+    return next(row["sample_ids"] for row in document["splits"] if row["split"] == split)
+
+
 def spread(seed_dir: Path, partition: str, draws: int, rng: np.random.Generator) -> dict[str, float] | None:
     """Certified coverage on val_calib and the val_select coverage of resampled certificates."""
     from stage1_assets.demo import layout_and_config
@@ -94,9 +102,9 @@ def paired_spread(seed_dir: Path, current: str, previous: str, draws: int, rng: 
     cfg = config_for_phase(config, current)
     calib = {p: load_split_outputs(layout, p, "val_calib") for p in (current, previous)}
     select = {p: load_split_outputs(layout, p, "val_select") for p in (current, previous)}
-    for split in (calib, select):  # the same images in the same order, else the pairing means nothing
-        if not np.array_equal(split[current].labels, split[previous].labels):
-            raise SystemExit(f"{seed_dir}: {current} and {previous} predictions hold different rows")
+    for split in ("val_calib", "val_select"):  # the same images in the same order, else the pairing means nothing
+        if len({tuple(_sample_ids(layout, p, split)) for p in (current, previous)}) != 1:
+            raise SystemExit(f"{seed_dir}: {current} and {previous} predictions hold different {split} rows")
 
     def exits(partition: str, rows: np.ndarray | None) -> np.ndarray:
         outputs = calib[partition]
