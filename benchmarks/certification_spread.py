@@ -106,15 +106,16 @@ def paired_spread(seed_dir: Path, current: str, previous: str, draws: int, rng: 
         if len({tuple(_sample_ids(layout, p, split)) for p in (current, previous)}) != 1:
             raise SystemExit(f"{seed_dir}: {current} and {previous} predictions hold different {split} rows")
 
-    def exits(partition: str, rows: np.ndarray | None) -> np.ndarray:
-        outputs = calib[partition]
-        pick = slice(None) if rows is None else rows
-        result = certify_score_threshold(_exit_score(outputs)[pick], outputs.probs.argmax(axis=1)[pick],
-                                         outputs.labels[pick], cfg.target_fnr_exit, cfg.delta)
-        held_out = _exit_score(select[partition])
+    # Per phase, once: its exit score, prediction and label on val_calib, and its exit score on val_select.
+    arrays = {p: (_exit_score(calib[p]), calib[p].probs.argmax(axis=1), calib[p].labels, _exit_score(select[p]))
+              for p in (current, previous)}
+
+    def exits(partition: str, rows: np.ndarray | slice) -> np.ndarray:
+        scores, predictions, labels, held_out = arrays[partition]
+        result = certify_score_threshold(scores[rows], predictions[rows], labels[rows], cfg.target_fnr_exit, cfg.delta)
         return np.zeros_like(held_out, dtype=bool) if result.exit_threshold is None else held_out >= result.exit_threshold
 
-    full = {p: exits(p, None) for p in (current, previous)}
+    full = {p: exits(p, slice(None)) for p in (current, previous)}
     n = full[current].size
     differences = []
     for _ in range(draws):
